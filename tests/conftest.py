@@ -1,0 +1,24 @@
+"""Shared fixtures: one tiny checkpoint per kind, built once per test session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from checkpoints import MISTRAL_TOKENIZER, write_hf_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizer_path() -> Path:
+    """The real Mistral-7B-v0.2 tokenizer.model (from mistral-common's package data)."""
+    return MISTRAL_TOKENIZER
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random Mistral in the HF format (float32 safetensors, real v0.2 tokenizer)."""
+    return write_hf_checkpoint(tmp_path_factory.mktemp("tiny-hf"), seed=0)
