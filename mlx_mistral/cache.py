@@ -1,0 +1,182 @@
+"""The KV cache: one object per layer, batched from the start.
+
+Rows are left-padded so that every row writes at the same index: a row that joined the batch
+with a shorter history carries `left_padding` zeros that the attention mask hides. This keeps
+the decode step one batched forward for all rows, whatever their lengths.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import mlx.core as mx
+
+
+class KVCache(Protocol):
+    """What the attention layer needs from a cache."""
+
+    @property
+    def offset(self) -> int: ...
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]: ...
+
+    def trim(self, n: int) -> int: ...
+
+    @property
+    def state(self) -> tuple[mx.array | None, mx.array | None]: ...
+
+
+class BatchKVCache:
+    """A growing, left-padded KV cache for one layer, shape (B, kv_heads, capacity, head_dim).
+
+    Capacity grows in steps of `step` tokens, so decoding does not reallocate per token.
+    """
+
+    step = 256
+
+    def __init__(self, left_padding: Sequence[int] = (0,)):
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.left_padding = [int(p) for p in left_padding]
+        self.length = 0  # the shared write index (padding included)
+
+    # -- protocol ---------------------------------------------------------------------------
+    @property
+    def offset(self) -> int:
+        return self.length
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.left_padding)
+
+    @property
+    def state(self) -> tuple[mx.array | None, mx.array | None]:
+        if self.keys is None:
+            return None, None
+        return self.keys[..., : self.length, :], self.values[..., : self.length, :]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        start, n = self.length, keys.shape[2]
+        if self.keys is None or start + n > self.keys.shape[2]:
+            self._grow(keys, values, start + n)
+        self.keys[..., start : start + n, :] = keys
+        self.values[..., start : start + n, :] = values
+        self.length = start + n
+        return self.keys[..., : self.length, :], self.values[..., : self.length, :]
+
+    def trim(self, n: int) -> int:
+        """Drop the last `n` positions of every row; returns how many were dropped."""
+        n = max(0, min(n, self.length - max(self.left_padding, default=0)))
+        self.length -= n
+        return n
+
+    # -- positions and masks -----------------------------------------------------------------
+    def positions(self) -> int | mx.array:
+        """RoPE position of the next token: an int when rows are aligned, else an array [B]."""
+        if not any(self.left_padding):
+            return self.length
+        return mx.array([self.length - p for p in self.left_padding])
+
+    def make_mask(self, n: int, window: int | None = None) -> mx.array | str | None:
+        """The attention mask for `n` new queries: causal, padding-aware, sliding-window."""
+        total = self.length + n
+        padded = any(self.left_padding)
+        windowed = window is not None and total > window
+        if not padded and not windowed:
+            return None if n == 1 else "causal"
+        q_idx = mx.arange(self.length, total)[:, None]
+        k_idx = mx.arange(total)[None]
+        mask = q_idx >= k_idx
+        if windowed:
+            mask = mask & (q_idx - k_idx < window)
+        if padded:
+            pad = mx.array(self.left_padding)[:, None, None, None]
+            mask = mask[None, None] & (k_idx[None, None] >= pad)  # (B, 1, n, total)
+        return mask
+
+    # -- batch surgery (the engine adds and removes rows between steps) -----------------------
+    def _grow(self, keys: mx.array, values: mx.array, needed: int) -> None:
+        B, H, _, D = keys.shape
+        capacity = ((needed + self.step - 1) // self.step) * self.step
+        new_k = mx.zeros((B, H, capacity, D), keys.dtype)
+        new_v = mx.zeros((B, H, capacity, values.shape[3]), values.dtype)
+        if self.keys is not None and self.length:
+            new_k[..., : self.length, :] = self.keys[..., : self.length, :]
+            new_v[..., : self.length, :] = self.values[..., : self.length, :]
+        self.keys, self.values = new_k, new_v
+
+    def filter(self, rows: Sequence[int]) -> None:
+        """Keep only `rows` (in that order), dropping padding no row needs any more."""
+        self.left_padding = [self.left_padding[r] for r in rows]
+        if self.keys is not None:
+            index = mx.array(list(rows))
+            self.keys, self.values = self.keys[index], self.values[index]
+        shift = min(self.left_padding, default=0)
+        if shift:
+            if self.keys is not None:
+                self.keys = self.keys[..., shift:, :]
+                self.values = self.values[..., shift:, :]
+            self.length -= shift
+            self.left_padding = [p - shift for p in self.left_padding]
+
+    def extract(self, row: int) -> tuple[mx.array, mx.array]:
+        """Row `row`'s keys and values without padding, shape (1, kv_heads, tokens, head_dim)."""
+        pad = self.left_padding[row]
+        return (
+            self.keys[row : row + 1, :, pad : self.length, :],
+            self.values[row : row + 1, :, pad : self.length, :],
+        )
+
+    @classmethod
+    def from_state(cls, keys: mx.array, values: mx.array) -> "BatchKVCache":
+        """A one-row cache holding a stored prefix (e.g. from the prefix cache)."""
+        cache = cls([0])
+        cache.update_and_fetch(keys, values)
+        return cache
+
+    @classmethod
+    def merge(cls, caches: Sequence["BatchKVCache"]) -> "BatchKVCache":
+        """Stack caches row-wise, left-padding each so that all rows end at the same index."""
+        length = max(c.length for c in caches)
+        merged = cls([p + length - c.length for c in caches for p in c.left_padding])
+        parts = [c for c in caches if c.keys is not None]
+        if not parts:
+            return merged
+        ref = parts[0].keys
+        ks, vs = [], []
+        for c in caches:
+            B, pad = c.batch_size, length - c.length
+            if c.keys is None:
+                k = mx.zeros((B, ref.shape[1], length, ref.shape[3]), ref.dtype)
+                ks.append(k)
+                vs.append(mx.zeros((B, ref.shape[1], length, parts[0].values.shape[3]), ref.dtype))
+                continue
+            k, v = c.keys[..., : c.length, :], c.values[..., : c.length, :]
+            if pad:
+                k = mx.concatenate([mx.zeros((B, k.shape[1], pad, k.shape[3]), k.dtype), k], axis=2)
+                v = mx.concatenate([mx.zeros((B, v.shape[1], pad, v.shape[3]), v.dtype), v], axis=2)
+            ks.append(k)
+            vs.append(v)
+        merged.keys = mx.concatenate(ks, axis=0)
+        merged.values = mx.concatenate(vs, axis=0)
+        merged.length = length
+        return merged
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+def make_cache(num_layers: int, batch_size: int = 1) -> list[BatchKVCache]:
+    """Empty caches, one per layer."""
+    return [BatchKVCache([0] * batch_size) for _ in range(num_layers)]
+
+
+def merge_caches(per_group: Sequence[Sequence[BatchKVCache]]) -> list[BatchKVCache]:
+    """Merge several per-layer cache lists (each a group of rows) into one batch."""
+    return [BatchKVCache.merge(layer) for layer in zip(*per_group)]
+
+
+def filter_caches(caches: Sequence[BatchKVCache], rows: Sequence[int]) -> None:
+    for c in caches:
+        c.filter(rows)

@@ -1,0 +1,113 @@
+"""Read a checkpoint's weights into a Model: HF originals and the mlx-community format.
+
+Both formats keep the HF tensor names; a quantized checkpoint adds `<name>.scales` and
+`<name>.biases` next to a packed `<name>.weight`, and a `quantization` block in config.json.
+Exactly the modules whose `.scales` are present are quantized, as mlx-lm does, so checkpoints
+move between the two packages in both directions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ModelArgs, read_config
+from .device import default_compute_dtype, parse_dtype
+from .errors import ModelLoadError
+from .model import Model
+
+# Buffers some HF checkpoints carry that are recomputed here.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise ModelLoadError(f"{index} is not a valid safetensors index: {exc}") from None
+        return [path / name for name in sorted(set(weight_map.values()))]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no *.safetensors weights in {path} (PyTorch .bin checkpoints are not read)")
+    return files
+
+
+def read_weights(path: Path) -> dict[str, mx.array]:
+    weights: dict[str, mx.array] = {}
+    for file in safetensors_files(path):
+        if not file.is_file():
+            raise ModelLoadError(f"weight shard {file.name} listed in the index is missing from {path}")
+        try:
+            weights.update(mx.load(str(file)))
+        except Exception as exc:
+            raise ModelLoadError(f"cannot read {file}: {exc}") from None
+    return {k: v for k, v in weights.items() if not k.endswith(IGNORED_SUFFIXES)}
+
+
+def quantization_of(config: dict[str, Any]) -> dict[str, int] | None:
+    quant = config.get("quantization")
+    if quant is None:
+        return None
+    try:
+        return {"group_size": int(quant["group_size"]), "bits": int(quant["bits"])}
+    except (KeyError, TypeError, ValueError):
+        raise ModelLoadError(f"config.json has a malformed quantization block: {quant!r}") from None
+
+
+def check_weights(model: Model, weights: dict[str, mx.array]) -> None:
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unknown = sorted(set(weights) - set(expected))
+    if missing:
+        raise ModelLoadError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[0]}")
+    if unknown:
+        raise ModelLoadError(f"checkpoint has {len(unknown)} unexpected tensor(s), e.g. {unknown[0]}")
+    for name, param in expected.items():
+        if weights[name].shape != param.shape:
+            raise ModelLoadError(
+                f"tensor {name} has shape {tuple(weights[name].shape)}, expected {tuple(param.shape)}"
+            )
+
+
+def load_model(path: str | Path, *, dtype: str | mx.Dtype | None = None) -> Model:
+    """Build a Model from a local checkpoint directory and load its weights.
+
+    Args:
+        path: a directory with config.json and safetensors weights (HF or mlx-community format).
+        dtype: compute dtype; default float16/bfloat16 on a GPU, float32 on the CPU backend.
+
+    Raises:
+        ModelLoadError: a config or weights that do not describe a Mistral model.
+    """
+    path = Path(path)
+    config = read_config(path)
+    args = ModelArgs.from_dict(config)
+    weights = read_weights(path)
+    if args.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    model = Model(args)
+    quant = quantization_of(config)
+    if quant is not None:
+        nn.quantize(
+            model,
+            group_size=quant["group_size"],
+            bits=quant["bits"],
+            class_predicate=lambda name, module: f"{name}.scales" in weights,
+        )
+    check_weights(model, weights)
+    float_weights = [w for w in weights.values() if mx.issubdtype(w.dtype, mx.floating)]
+    compute = parse_dtype(dtype) or default_compute_dtype(float_weights[0].dtype if float_weights else None)
+    weights = {
+        k: v.astype(compute) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
+    }
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
+    model.eval()
+    return model
