@@ -1,0 +1,355 @@
+"""Continuous batching on one thread: requests join and leave a running batch between steps.
+
+`BatchGenerator.step()` is one scheduling iteration: admit waiting requests that fit the KV
+budget, prefill one chunk of the oldest admitted prompt, then decode one token for every running
+sequence in a single batched forward. The engine thread and the Python API both drive it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import mlx.core as mx
+
+from .cache import BatchKVCache, filter_caches, merge_caches
+from .errors import ContextLengthExceededError, EngineOverloadedError, InvalidRequestError
+from .model import Model
+from .prefix_cache import PrefixCache
+from .sampling import SamplerState, TokenLogprobs, sample
+from .sampling_params import SamplingParams
+from .stopping import StopMatcher
+from .tokenizer import Tokenizer
+
+
+class TokenConstraint(Protocol):
+    """A grammar that decides which tokens a sequence may take next (structured output)."""
+
+    def allowed_mask(self) -> mx.array: ...  # bool [vocab]
+
+    def advance(self, token: int) -> None: ...
+
+    def forced_finish_reason(self) -> str | None: ...  # e.g. "tool_calls" once a call is complete
+
+
+@dataclass
+class TokenEvent:
+    """What one sequence produced in one step: plain Python values only (safe across threads)."""
+
+    uid: int
+    index: int  # choice index among the request's n
+    text: str
+    token: int | None = None
+    finish_reason: str | None = None  # "stop", "length", "cancelled", or the constraint's reason
+    logprobs: TokenLogprobs | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class _Sequence:
+    uid: int
+    index: int
+    state: SamplerState
+    detokenizer: object
+    stop: StopMatcher
+    constraint: TokenConstraint | None = None
+    tokens: list[int] = field(default_factory=list)  # generated so far
+    finished: bool = False
+
+
+@dataclass
+class _Request:
+    uid: int
+    prompt: list[int]
+    params: SamplingParams
+    max_new: int
+    constraints: list[TokenConstraint | None]
+    cache: list[BatchKVCache] | None = None
+    prefilled: int = 0
+    cached_tokens: int = 0
+    cancelled: bool = False
+
+    @property
+    def reserved_tokens(self) -> int:
+        return len(self.prompt) + self.max_new
+
+
+def _final_text(seq: _Sequence) -> str:
+    """What a finishing sequence still holds back (incomplete UTF-8, a partial stop string)."""
+    text, hit = seq.stop.feed(seq.detokenizer.finalize())
+    return text if hit else text + seq.stop.flush()
+
+
+class BatchGenerator:
+    """Schedules requests over one model; not thread-safe (one thread drives it).
+
+    Args:
+        model, tokenizer: what `mlx_mistral.load` returns.
+        prefill_chunk: prompt tokens per prefill step; bounds how long a new long prompt stalls
+            the running streams.
+        kv_budget_bytes: KV memory the running batch may use; a request waits until it fits,
+            and is refused when it could never fit.
+        prefix_cache: reuse KV state of earlier sequences sharing a prompt prefix.
+        max_batch: most sequences decoded together.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        tokenizer: Tokenizer,
+        *,
+        prefill_chunk: int = 512,
+        kv_budget_bytes: int | None = None,
+        prefix_cache: PrefixCache | None = None,
+        max_batch: int = 32,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.args = model.args
+        self.prefill_chunk = prefill_chunk
+        self.max_batch = max_batch
+        dtype_bytes = model.model.norm.weight.dtype.size  # the compute dtype the cache holds
+        self.kv_bytes_per_token = (
+            2 * self.args.num_hidden_layers * self.args.num_key_value_heads * self.args.head_dim * dtype_bytes
+        )
+        self.kv_budget_bytes = kv_budget_bytes
+        self.prefix_cache = prefix_cache
+        self.context_length = self.args.max_position_embeddings
+        self._uids = itertools.count()
+        self.waiting: deque[_Request] = deque()
+        self.prefilling: deque[_Request] = deque()
+        self.running: list[_Sequence] = []
+        self.running_reserved: list[int] = []  # reserved length per running row
+        self.cache: list[BatchKVCache] | None = None
+        self._requests: dict[int, _Request] = {}
+
+    # -- submission ----------------------------------------------------------------------------
+    def check(self, prompt: Sequence[int], params: SamplingParams) -> int:
+        """Validate a request against the model; returns how many tokens it may generate.
+
+        Raises:
+            ContextLengthExceededError: the prompt (plus max_tokens) exceeds the context window.
+            EngineOverloadedError: it could never fit the KV budget.
+        """
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty", param="messages")
+        if max(prompt) >= self.args.vocab_size or min(prompt) < 0:
+            raise InvalidRequestError("the prompt has token ids outside the vocabulary", param="prompt")
+        params.validate_for_vocab(self.args.vocab_size)
+        room = self.context_length - len(prompt)
+        if room < 0 or (params.max_tokens is not None and params.max_tokens > room):
+            asked = len(prompt) + (params.max_tokens or 0)
+            raise ContextLengthExceededError(
+                f"this model's maximum context length is {self.context_length} tokens; the request "
+                f"needs {asked} ({len(prompt)} in the prompt"
+                + (f" + {params.max_tokens} max_tokens" if params.max_tokens else "")
+                + f"), {asked - self.context_length} too many",
+                param="messages" if room < 0 else "max_tokens",
+            )
+        max_new = room if params.max_tokens is None else params.max_tokens
+        if self.kv_budget_bytes is not None:
+            need = params.n * (len(prompt) + max_new) * self.kv_bytes_per_token
+            if need > self.kv_budget_bytes:
+                raise EngineOverloadedError(
+                    f"the request needs {need / 2**20:.0f} MiB of KV cache, more than the "
+                    f"{self.kv_budget_bytes / 2**20:.0f} MiB budget; lower max_tokens or n",
+                    param="max_tokens",
+                    retry_after=0,
+                )
+        return max_new
+
+    def add(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        *,
+        constraints: Sequence[TokenConstraint | None] | None = None,
+    ) -> int:
+        """Queue a request; returns its uid. Raises what `check` raises."""
+        max_new = self.check(prompt, params)
+        uid = next(self._uids)
+        request = _Request(uid, list(prompt), params, max_new, list(constraints or [None] * params.n))
+        self._requests[uid] = request
+        self.waiting.append(request)
+        return uid
+
+    def cancel(self, uid: int) -> None:
+        request = self._requests.get(uid)
+        if request is not None:
+            request.cancelled = True
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running)
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.running)
+
+    # -- the scheduling iteration ------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        events: list[TokenEvent] = []
+        self._drop_cancelled(events)
+        self._admit(events)
+        if self.prefilling:
+            events += self._prefill_chunk(self.prefilling[0])
+        if self.running:
+            events += self._decode()
+        return events
+
+    def _batch_bytes(self, extra_rows: int, extra_len: int) -> int:
+        rows = len(self.running_reserved) + sum(r.params.n for r in self.prefilling) + extra_rows
+        longest = max(self.running_reserved + [r.reserved_tokens for r in self.prefilling] + [extra_len])
+        return rows * longest * self.kv_bytes_per_token  # rows are left-padded to the longest
+
+    def _admit(self, events: list[TokenEvent]) -> None:
+        while self.waiting:
+            request = self.waiting[0]
+            if request.max_new == 0:  # nothing to generate: answer without touching the model
+                self.waiting.popleft()
+                del self._requests[request.uid]
+                for i in range(request.params.n):
+                    events.append(TokenEvent(request.uid, i, "", finish_reason="length",
+                                             prompt_tokens=len(request.prompt)))
+                continue
+            rows = len(self.running) + sum(r.params.n for r in self.prefilling)
+            if rows and rows + request.params.n > self.max_batch:
+                return
+            if self.kv_budget_bytes is not None and rows:
+                if self._batch_bytes(request.params.n, request.reserved_tokens) > self.kv_budget_bytes:
+                    return  # waits for running sequences to finish
+            self.waiting.popleft()
+            self._start_prefill(request)
+
+    def _start_prefill(self, request: _Request) -> None:
+        hit = self.prefix_cache.lookup(request.prompt) if self.prefix_cache else None
+        if hit is not None:
+            request.cache = [BatchKVCache.from_state(k, v) for k, v in hit.layers]
+            request.prefilled = request.cached_tokens = hit.length
+        else:
+            request.cache = self.model.make_cache()
+        self.prefilling.append(request)
+
+    def _prefill_chunk(self, request: _Request) -> list[TokenEvent]:
+        start = request.prefilled
+        end = min(len(request.prompt), start + self.prefill_chunk)
+        chunk = mx.array([request.prompt[start:end]])
+        h = self.model.hidden_states(chunk, request.cache)
+        request.prefilled = end
+        if end < len(request.prompt):
+            mx.eval([c.state for c in request.cache])
+            return []
+        self.prefilling.popleft()
+        logits = self.model.project(h[:, -1])  # (1, vocab)
+        if self.prefix_cache is not None:  # concurrent requests sharing this prompt reuse it
+            self.prefix_cache.store(request.prompt, [c.state for c in request.cache])
+        n = request.params.n
+        sequences = []
+        for i, state in enumerate(SamplerState.for_choices(request.params, request.prompt, self.args.vocab_size)):
+            detok = self.tokenizer.detokenizer()
+            sequences.append(_Sequence(request.uid, i, state, detok, StopMatcher(request.params.stop),
+                                       request.constraints[i]))
+        self.cache = merge_caches(([self.cache] if self.cache else []) + [request.cache] * n)
+        request.cache = None
+        self.running.extend(sequences)
+        self.running_reserved.extend([request.reserved_tokens] * n)
+        return self._sample_and_emit(mx.repeat(logits, n, axis=0), sequences)
+
+    def _decode(self) -> list[TokenEvent]:
+        tokens = mx.array([[seq.tokens[-1]] for seq in self.running])
+        h = self.model.hidden_states(tokens, self.cache)
+        return self._sample_and_emit(self.model.project(h[:, -1]), self.running)
+
+    def _sample_and_emit(self, logits: mx.array, sequences: list[_Sequence]) -> list[TokenEvent]:
+        allowed = None
+        if any(seq.constraint is not None for seq in sequences):
+            full = mx.ones((logits.shape[-1],), dtype=mx.bool_)
+            allowed = mx.stack([full if s.constraint is None else s.constraint.allowed_mask() for s in sequences])
+        out = sample(logits, [seq.state for seq in sequences], allowed)
+        events = []
+        for seq, token, lp in zip(sequences, out.tokens, out.logprobs):
+            events.append(self._emit(seq, token, lp))
+        self._retire_finished()
+        return events
+
+    def _emit(self, seq: _Sequence, token: int, logprobs: TokenLogprobs | None) -> TokenEvent:
+        request = self._requests[seq.uid]
+        seq.tokens.append(token)
+        finish = None
+        text = ""
+        if seq.constraint is not None:
+            seq.constraint.advance(token)
+        if token == self.tokenizer.eos_id:
+            finish, text = "stop", _final_text(seq)
+        else:
+            text, hit = seq.stop.feed(seq.detokenizer.add_token(token))
+            if hit:
+                finish = "stop"
+            elif seq.constraint is not None and seq.constraint.forced_finish_reason():
+                finish = seq.constraint.forced_finish_reason()
+                text += _final_text(seq)
+            elif len(seq.tokens) >= request.max_new:
+                finish = "length"
+                text += _final_text(seq)
+        seq.finished = finish is not None
+        return TokenEvent(
+            seq.uid, seq.index, text, token, finish, logprobs,
+            prompt_tokens=len(request.prompt), completion_tokens=len(seq.tokens),
+            cached_tokens=request.cached_tokens,
+        )
+
+    # -- leaving the batch ---------------------------------------------------------------------
+    def _retire_finished(self) -> None:
+        if not any(seq.finished for seq in self.running):
+            return
+        keep = [i for i, seq in enumerate(self.running) if not seq.finished]
+        for row, seq in enumerate(self.running):
+            if seq.finished and self.prefix_cache is not None and seq.index == 0:
+                request = self._requests[seq.uid]
+                fed = request.prompt + seq.tokens[:-1]  # the last token was never fed
+                self.prefix_cache.store(fed, [c.extract(row) for c in self.cache])
+        self._forget_finished_requests()
+        self.running = [self.running[i] for i in keep]
+        self.running_reserved = [self.running_reserved[i] for i in keep]
+        if keep:
+            filter_caches(self.cache, keep)
+        else:
+            self.cache = None
+
+    def _forget_finished_requests(self) -> None:
+        live = {seq.uid for seq in self.running if not seq.finished}
+        live |= {r.uid for r in self.waiting} | {r.uid for r in self.prefilling}
+        for uid in [u for u in self._requests if u not in live]:
+            del self._requests[uid]
+
+    def _drop_cancelled(self, events: list[TokenEvent]) -> None:
+        cancelled = {uid for uid, r in self._requests.items() if r.cancelled}
+        if not cancelled:
+            return
+        for queue in (self.waiting, self.prefilling):
+            for request in [r for r in queue if r.uid in cancelled]:
+                queue.remove(request)
+                request.cache = None
+        for seq in self.running:
+            if seq.uid in cancelled:
+                seq.finished = True
+        for uid in cancelled:
+            events.append(TokenEvent(uid, 0, "", finish_reason="cancelled"))
+        # Cancelled sequences leave without being stored in the prefix cache.
+        keep = [i for i, seq in enumerate(self.running) if not seq.finished]
+        self.running = [self.running[i] for i in keep]
+        self.running_reserved = [self.running_reserved[i] for i in keep]
+        if keep:
+            filter_caches(self.cache, keep)
+        else:
+            self.cache = None
+        for uid in cancelled:
+            self._requests.pop(uid, None)
+
+    @property
+    def kv_bytes_in_use(self) -> int:
+        return sum(c.nbytes for c in self.cache) if self.cache else 0

@@ -1,0 +1,311 @@
+"""The engine: one thread owns the model and all MLX work; callers submit and await events.
+
+MLX streams are per thread (a lazy array made on one thread cannot be evaluated on another), so
+the engine thread loads the model itself and hands out only plain Python values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import mlx.core as mx
+
+from .batch import BatchGenerator, TokenConstraint, TokenEvent
+from .device import on_gpu
+from .errors import EngineDeadError, EngineOverloadedError, MistralError
+from .model import Model
+from .prefix_cache import PrefixCache
+from .sampling_params import SamplingParams
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("mlx_mistral.engine")
+
+_DONE = object()
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine schedules work.
+
+    Attributes:
+        max_batch: most sequences decoded together.
+        max_queue: most requests waiting to start; more get EngineOverloadedError (503).
+        prefill_chunk: prompt tokens per prefill step (bounds the stall of running streams).
+        kv_budget_bytes: KV memory for running sequences; None derives it from free memory.
+        prefix_cache_bytes: memory kept for earlier conversations' KV; None: a quarter of the
+            KV budget; 0 turns the prefix cache off.
+    """
+
+    max_batch: int = 32
+    max_queue: int = 64
+    prefill_chunk: int = 512
+    kv_budget_bytes: int | None = None
+    prefix_cache_bytes: int | None = None
+
+
+def available_memory_bytes() -> int:
+    """Memory the KV cache may grow into, after the weights are loaded."""
+    if on_gpu() and hasattr(mx, "device_info"):
+        info = mx.device_info()
+        limit = int(info.get("max_recommended_working_set_size", info.get("memory_size", 0)))
+        return max(0, limit - mx.get_active_memory())
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+class RequestHandle:
+    """A submitted request: iterate its `TokenEvent`s (async or sync); `cancel()` to stop it."""
+
+    def __init__(self, engine: "Engine", prompt: list[int], params: SamplingParams,
+                 constraints: Sequence[TokenConstraint | None] | None,
+                 loop: asyncio.AbstractEventLoop | None):
+        self.engine = engine
+        self.prompt = prompt
+        self.params = params
+        self.constraints = constraints
+        self._loop = loop
+        self._async_queue: asyncio.Queue | None = asyncio.Queue() if loop else None
+        self._sync_queue: queue.Queue | None = None if loop else queue.Queue()
+        self.uid: int | None = None
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self._open_choices = params.n
+        self.cancelled = False
+
+    # Called on the engine thread.
+    def _deliver(self, item: TokenEvent | MistralError | object) -> None:
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._async_queue.put_nowait, item)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                self.cancel()
+        else:
+            self._sync_queue.put(item)
+
+    def _on_event(self, event: TokenEvent) -> bool:
+        """Deliver one event; returns True when the request is complete."""
+        if self.first_token_at is None and event.token is not None:
+            self.first_token_at = time.perf_counter()
+        self._deliver(event)
+        if event.finish_reason == "cancelled":
+            self._open_choices = 0
+        elif event.finish_reason is not None:
+            self._open_choices -= 1
+        if self._open_choices <= 0:
+            self._deliver(_DONE)
+            return True
+        return False
+
+    def cancel(self) -> None:
+        """Stop generating (e.g. the client went away); frees the request's cache slot."""
+        if not self.cancelled:
+            self.cancelled = True
+            self.engine._commands.put(("cancel", self))
+
+    def __aiter__(self):
+        return self._aiter()
+
+    async def _aiter(self):
+        while True:
+            item = await self._async_queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, MistralError):
+                raise item
+            yield item
+
+    def __iter__(self):
+        while True:
+            item = self._sync_queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, MistralError):
+                raise item
+            yield item
+
+
+class Engine:
+    """Owns the model on its own thread and schedules requests with continuous batching.
+
+    Args:
+        load: called on the engine thread; returns (model, tokenizer).
+        config: scheduling limits.
+
+    Example:
+        >>> import mlx_mistral
+        >>> engine = Engine(lambda: mlx_mistral.load(mlx_mistral.demo_model_path())).start()
+        >>> ids = engine.tokenizer.encode_chat([{"role": "user", "content": "Hello!"}])
+        >>> events = list(engine.submit(ids, SamplingParams(temperature=0, max_tokens=4)))
+        >>> events[-1].finish_reason in ("stop", "length")
+        True
+        >>> engine.shutdown()
+    """
+
+    def __init__(self, load: Callable[[], tuple[Model, Tokenizer]], config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+        self._load = load
+        self._commands: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="mlx-mistral-engine", daemon=True)
+        self._ready = threading.Event()
+        self._stopping = False
+        self._accepting = True
+        self.error: BaseException | None = None
+        self.model: Model | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.generator: BatchGenerator | None = None
+        self._handles: dict[int, RequestHandle] = {}
+        self._queued = 0
+        self.steps = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self, timeout: float | None = None) -> "Engine":
+        """Start the thread and wait until the model is loaded; re-raises a load error."""
+        self._thread.start()
+        self._ready.wait(timeout)
+        if self.error is not None:
+            raise self.error
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None and self._ready.is_set()
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    def shutdown(self, *, drain: bool = False, timeout: float | None = 30.0) -> None:
+        """Stop the engine: with `drain`, finish in-flight requests first."""
+        self._accepting = False
+        self._commands.put(("stop", drain))
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._handles) + self._queued
+
+    # -- submission (any thread) ------------------------------------------------------------
+    def submit(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        *,
+        constraints: Sequence[TokenConstraint | None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> RequestHandle:
+        """Queue a request. Pass the running event loop to iterate its events with `async for`.
+
+        Raises:
+            ContextLengthExceededError, InvalidRequestError: the request cannot run on this model.
+            EngineOverloadedError: the queue is full (retry after a moment).
+            EngineDeadError: the engine thread has stopped.
+        """
+        if self.error is not None or not self._thread.is_alive():
+            raise EngineDeadError("the engine has stopped; restart the server")
+        if not self._accepting:
+            raise EngineOverloadedError("the server is shutting down", retry_after=5)
+        self.generator.check(prompt, params)  # reads only immutable settings: thread-safe
+        if self._queued >= self.config.max_queue:
+            raise EngineOverloadedError(
+                f"{self._queued} requests are already waiting; retry shortly", retry_after=1
+            )
+        handle = RequestHandle(self, list(prompt), params, constraints, loop)
+        self._queued += 1
+        self._commands.put(("add", handle))
+        return handle
+
+    # -- the engine thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self.model, self.tokenizer = self._load()
+            config = self.config
+            budget = config.kv_budget_bytes
+            if budget is None:
+                budget = int(available_memory_bytes() * 0.6)
+            prefix_bytes = budget // 4 if config.prefix_cache_bytes is None else config.prefix_cache_bytes
+            self.generator = BatchGenerator(
+                self.model, self.tokenizer, prefill_chunk=config.prefill_chunk,
+                kv_budget_bytes=budget - prefix_bytes, max_batch=config.max_batch,
+                prefix_cache=PrefixCache(prefix_bytes) if prefix_bytes else None,
+            )
+        except BaseException as exc:  # surfaced by start()
+            self.error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            self._loop()
+        except BaseException as exc:
+            self.error = exc
+            log.exception("engine thread failed")
+            failure = EngineDeadError(f"the engine failed: {type(exc).__name__}: {exc}")
+            for handle in list(self._handles.values()):
+                handle._deliver(failure)
+            self._handles.clear()
+        finally:
+            self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        while True:
+            try:
+                command, payload = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command == "add":
+                payload._deliver(EngineDeadError("the engine has stopped"))
+
+    def _loop(self) -> None:
+        generator = self.generator
+        drain = False
+        while True:
+            block = not generator.has_work
+            while True:
+                try:
+                    command, payload = self._commands.get(block=block, timeout=0.5 if block else None)
+                except queue.Empty:
+                    break
+                block = False
+                if command == "add":
+                    self._queued -= 1
+                    self._add(payload)
+                elif command == "cancel" and payload.uid is not None:
+                    generator.cancel(payload.uid)
+                elif command == "stop":
+                    self._stopping, drain = True, payload
+            if self._stopping and (not drain or not generator.has_work):
+                for handle in list(self._handles.values()):
+                    handle._deliver(EngineDeadError("the server is shutting down"))
+                    handle._deliver(_DONE)
+                return
+            if not generator.has_work:
+                continue
+            for event in generator.step():
+                handle = self._handles.get(event.uid)
+                if handle is not None and handle._on_event(event):
+                    del self._handles[event.uid]
+            self.steps += 1
+
+    def _add(self, handle: RequestHandle) -> None:
+        if handle.cancelled:
+            handle._deliver(_DONE)
+            return
+        try:
+            handle.uid = self.generator.add(handle.prompt, handle.params, constraints=handle.constraints)
+        except MistralError as exc:
+            handle._deliver(exc)
+            return
+        self._handles[handle.uid] = handle

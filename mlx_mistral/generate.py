@@ -1,0 +1,162 @@
+"""Offline generation from Python: `stream_generate` -> `generate`, and `batch_generate`.
+
+All three drive the same `BatchGenerator` the server's engine uses, on the calling thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+from .batch import BatchGenerator, TokenEvent
+from .model import Model
+from .prefix_cache import PrefixCache
+from .sampling import TokenLogprobs
+from .sampling_params import SamplingParams
+from .tokenizer import Tokenizer
+
+Prompt = str | Sequence[dict[str, Any]] | Sequence[int]
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """One step of a generation: the new text, the token, and why it ended (on the last chunk)."""
+
+    text: str
+    token: int | None
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: TokenLogprobs | None = None
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
+    """Token ids of a prompt: chat messages are formatted as Mistral-Instruct; a string is raw
+    text (with the BOS token, no chat template); a list of ints is used as is."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt, bos=True)
+    prompt = list(prompt)
+    if prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    return tokenizer.encode_chat(prompt)
+
+
+def _chunk(event: TokenEvent) -> GenerationChunk:
+    return GenerationChunk(event.text, event.token, event.finish_reason, event.prompt_tokens,
+                           event.completion_tokens, event.logprobs)
+
+
+def stream_generate(
+    model: Model,
+    tokenizer: Tokenizer,
+    prompt: Prompt,
+    *,
+    max_tokens: int | None = 256,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    top_k: int = 0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop: str | Sequence[str] = (),
+    logit_bias: dict[int, float] | None = None,
+    logprobs: bool = False,
+    top_logprobs: int = 0,
+    prefill_chunk: int = 512,
+) -> Iterator[GenerationChunk]:
+    """Generate text token by token.
+
+    Args:
+        model, tokenizer: from `mlx_mistral.load`.
+        prompt: chat messages ([{"role": "user", "content": ...}]), raw text, or token ids.
+        max_tokens: most tokens to generate (None: up to the context window).
+        The sampling arguments mean what the chat API's fields mean (see `SamplingParams`).
+
+    Yields:
+        GenerationChunk: text safe to print (whole UTF-8 characters, never part of a stop
+        string); the last one carries finish_reason "stop" or "length".
+
+    Raises:
+        InvalidRequestError: a bad argument, naming it.
+        ContextLengthExceededError: the prompt does not fit the context window.
+
+    Example:
+        >>> import mlx_mistral
+        >>> model, tokenizer = mlx_mistral.load(mlx_mistral.demo_model_path())
+        >>> for chunk in stream_generate(model, tokenizer, [{"role": "user", "content": "Hello!"}],
+        ...                              max_tokens=8, temperature=0):
+        ...     print(chunk.text, end="")  # doctest: +SKIP
+    """
+    params = SamplingParams(
+        temperature=temperature, top_p=top_p, min_p=min_p, top_k=top_k, max_tokens=max_tokens,
+        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+        repetition_penalty=repetition_penalty, seed=seed, stop=stop, logit_bias=logit_bias or {},
+        logprobs=logprobs, top_logprobs=top_logprobs,
+    )
+    generator = BatchGenerator(model, tokenizer, prefill_chunk=prefill_chunk)
+    generator.add(prompt_ids(tokenizer, prompt), params)
+    while generator.has_work:
+        for event in generator.step():
+            yield _chunk(event)
+
+
+def generate(model: Model, tokenizer: Tokenizer, prompt: Prompt, **kwargs: Any) -> str:
+    """Generate and return the whole text; takes the keyword arguments of `stream_generate`.
+
+    Example:
+        >>> import mlx_mistral
+        >>> model, tokenizer = mlx_mistral.load(mlx_mistral.demo_model_path())
+        >>> text = generate(model, tokenizer, [{"role": "user", "content": "Hello!"}],
+        ...                 max_tokens=16, temperature=0)
+        >>> isinstance(text, str)
+        True
+    """
+    return "".join(chunk.text for chunk in stream_generate(model, tokenizer, prompt, **kwargs))
+
+
+def batch_generate(
+    model: Model,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Prompt],
+    *,
+    max_tokens: int | None = 256,
+    params: SamplingParams | Sequence[SamplingParams] | None = None,
+    max_batch: int = 32,
+    prefill_chunk: int = 512,
+    prefix_cache_bytes: int = 0,
+) -> list[str]:
+    """Generate for many prompts at once, decoding them together in one batch.
+
+    Args:
+        prompts: each chat messages, raw text or token ids.
+        max_tokens: used when `params` is not given.
+        params: one SamplingParams for all prompts, or one per prompt (default: greedy).
+        prefix_cache_bytes: reuse KV state across prompts that share a prefix (0: off).
+
+    Returns:
+        The generated texts, in the order of `prompts`.
+
+    Example:
+        >>> import mlx_mistral
+        >>> model, tokenizer = mlx_mistral.load(mlx_mistral.demo_model_path())
+        >>> texts = batch_generate(model, tokenizer, ["Hello", "Paris is"], max_tokens=4)
+        >>> len(texts)
+        2
+    """
+    if params is None:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    if len(per_prompt) != len(prompts):
+        raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
+    cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
+    generator = BatchGenerator(model, tokenizer, prefill_chunk=prefill_chunk, max_batch=max_batch,
+                               prefix_cache=cache)
+    uids = [generator.add(prompt_ids(tokenizer, p), sp) for p, sp in zip(prompts, per_prompt)]
+    texts = {uid: "" for uid in uids}
+    while generator.has_work:
+        for event in generator.step():
+            if event.index == 0:
+                texts[event.uid] += event.text
+    return [texts[uid] for uid in uids]

@@ -1,0 +1,38 @@
+"""`load()`: a model and its tokenizer from a local path or a Hugging Face repo id."""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+
+from .hub import resolve_model_path
+from .model import Model
+from .tokenizer import Tokenizer
+from .weights import load_model
+
+
+def load(path_or_repo: str | os.PathLike[str], *, dtype: str | mx.Dtype | None = None) -> tuple[Model, Tokenizer]:
+    """Load a Mistral checkpoint (HF original or mlx-community quantized).
+
+    Args:
+        path_or_repo: a local directory, or a repo id looked up in the HF cache (downloaded
+            unless HF_HUB_OFFLINE is set).
+        dtype: compute dtype ("float16", "bfloat16", "float32"); default float16/bfloat16 on a
+            GPU, float32 on the CPU backend.
+
+    Returns:
+        (model, tokenizer)
+
+    Raises:
+        ModelNotFoundError: the checkpoint cannot be found or fetched (one sentence saying what to run).
+        ModelLoadError: the checkpoint is not a readable Mistral model.
+
+    Example:
+        >>> import mlx_mistral
+        >>> model, tokenizer = mlx_mistral.load(mlx_mistral.demo_model_path())
+        >>> model.args.vocab_size
+        32000
+    """
+    path = resolve_model_path(path_or_repo)
+    return load_model(path, dtype=dtype), Tokenizer.from_dir(path)
