@@ -1,0 +1,364 @@
+"""Chat format: token for token against mistral-common's v1 reference, errors, and tools."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+from mlx_mistral.chat import (
+    TOOL_CALLS_PREFIX,
+    encode_chat,
+    render_chat,
+    render_tool_calls,
+)
+from mlx_mistral.errors import InvalidRequestError
+from mlx_mistral.tokenizer import Tokenizer
+
+# Texts chosen for the tokenizer's edge cases: dummy-prefix spaces, byte fallback (emoji, rare
+# CJK, math letters), newlines and tabs, SentencePiece's own "▁", and spellings of control tokens.
+SNIPPETS = [
+    "Hello", "world", "How are you?", "café au lait", "naïve façade", "😀", "👍🏽", "🇫🇷",
+    "中文字符", "日本語のテキスト", "한국어", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "مرحبا", "Ωmega", "e\u0301", " ", "  ",
+    "\n", "\n\n", "\t", "\r\n", "[INST]", "[/INST]", "</s>", "<s>", "\u2581", "x\u2581y", "42",
+    "3.14159", "{\"a\": 1}", "def f(x):\n    return x", "!!!", "—", "…", "\u00a0",
+]
+
+
+def random_text(rng: random.Random) -> str:
+    """A short text with leading/trailing whitespace, unicode, and sometimes nothing at all."""
+    if rng.random() < 0.05:
+        return rng.choice(["", " ", "\n", "  \n  "])
+    parts = [rng.choice(SNIPPETS) for _ in range(rng.randint(1, 6))]
+    text = "".join(p + rng.choice(["", " ", " ", "\n", "  "]) for p in parts)
+    return rng.choice(["", " ", "  ", "\n"]) + text if rng.random() < 0.3 else text
+
+
+def random_content(rng: random.Random) -> str | list[dict]:
+    if rng.random() < 0.2:
+        return [{"type": "text", "text": random_text(rng)} for _ in range(rng.randint(1, 3))]
+    return random_text(rng)
+
+
+def random_conversation(rng: random.Random) -> list[dict]:
+    """Multi-turn chat ending with a user turn; one system message at a random position."""
+    messages: list[dict] = []
+    if rng.random() < 0.1:
+        messages.append({"role": "assistant", "content": random_text(rng) or "a"})
+    for _ in range(rng.randint(1, 4)):
+        for _ in range(2 if rng.random() < 0.1 else 1):
+            messages.append({"role": "user", "content": random_content(rng)})
+        for _ in range(2 if rng.random() < 0.1 else 1):
+            # An empty answer is refused by the reference and by us (checked by the caller).
+            content = random_content(rng) if rng.random() < 0.97 else ""
+            messages.append({"role": "assistant", "content": content})
+    messages.append({"role": "user", "content": random_content(rng)})
+    if rng.random() < 0.8:
+        at = rng.randint(0, len(messages))
+        messages.insert(at, {"role": "system", "content": random_content(rng)})
+    return messages
+
+
+def conversations(n: int, seed: int = 1234) -> list[list[dict]]:
+    rng = random.Random(seed)
+    return [random_conversation(rng) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tok(mistral_tokenizer_path) -> Tokenizer:
+    return Tokenizer.from_file(mistral_tokenizer_path)
+
+
+@pytest.fixture(scope="module")
+def reference() -> MistralTokenizer:
+    return MistralTokenizer.v1()
+
+
+def reference_ids(reference: MistralTokenizer, messages: list[dict]) -> list[int]:
+    """mistral-common v1 (validator + normalizer + encode_instruct), system message moved first.
+
+    The hosted API allows the system message anywhere and it always becomes the system prompt;
+    the reference only accepts it before the first assistant message, so it is moved to the front.
+    """
+    system = [m for m in messages if m["role"] == "system"]
+    rest = [m for m in messages if m["role"] != "system"]
+    request = ChatCompletionRequest(messages=system + rest)
+    return reference.encode_chat_completion(request).tokens
+
+
+def joined(content: str | list[dict]) -> str:
+    return content if isinstance(content, str) else "\n\n".join(p["text"] for p in content if p["text"])
+
+
+def test_two_hundred_conversations_match_reference(tok, reference):
+    matched = refused = 0
+    for messages in conversations(260):
+        try:
+            expected = reference_ids(reference, messages)
+        except Exception:
+            # The only refusal the generator provokes: an assistant message with empty content.
+            assert any(m["role"] == "assistant" and not joined(m["content"]) for m in messages)
+            with pytest.raises(InvalidRequestError, match="neither content nor tool_calls"):
+                tok.encode_chat(messages)
+            refused += 1
+            continue
+        assert tok.encode_chat(messages) == expected, messages
+        matched += 1
+    assert matched >= 200 and refused >= 1
+
+
+def test_system_message_at_every_position_is_the_system_prompt(tok, reference):
+    turns = [
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "two"},
+        {"role": "user", "content": "three"},
+        {"role": "assistant", "content": "four"},
+        {"role": "user", "content": "five"},
+    ]
+    system = {"role": "system", "content": "Be brief."}
+    expected = reference.encode_chat_completion(
+        ChatCompletionRequest(messages=[system, *turns])
+    ).tokens
+    for at in range(len(turns) + 1):
+        assert tok.encode_chat(turns[:at] + [system] + turns[at:]) == expected
+    assert tok.decode(expected).startswith("[INST] Be brief.\n\none [/INST]")
+
+
+def test_direct_encode_instruct_agrees(tok, reference):
+    """The InstructRequest route of the reference gives the same ids for alternating turns."""
+    from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
+    from mistral_common.protocol.instruct.request import InstructRequest
+
+    request = InstructRequest(
+        messages=[UserMessage(content=" hi "), AssistantMessage(content="😀 yo"), UserMessage(content="中文")],
+        system_prompt="sys",
+    )
+    expected = reference.instruct_tokenizer.encode_instruct(request).tokens
+    messages = [
+        {"role": "user", "content": " hi "},
+        {"role": "system", "content": "sys"},
+        {"role": "assistant", "content": "😀 yo"},
+        {"role": "user", "content": "中文"},
+    ]
+    assert tok.encode_chat(messages) == expected
+
+
+def test_consecutive_users_merge_like_the_reference(tok, reference):
+    messages = [{"role": "user", "content": "a"}, {"role": "user", "content": ""}, {"role": "user", "content": "b"}]
+    assert tok.encode_chat(messages) == reference_ids(reference, messages)
+    assert tok.decode(tok.encode_chat(messages)) == "[INST] a\n\nb [/INST]"
+
+
+def test_system_between_users_does_not_split_the_turn(tok):
+    # The reference would encode two [INST] turns here; position never matters for us.
+    a = [{"role": "user", "content": "a"}, {"role": "system", "content": "S"}, {"role": "user", "content": "b"}]
+    b = [{"role": "system", "content": "S"}, {"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    assert tok.encode_chat(a) == tok.encode_chat(b)
+
+
+def test_leading_assistant_gets_an_empty_user_turn(tok):
+    messages = [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "u"}]
+    assert [t.text for t in render_chat(messages)] == ["[INST]  [/INST]", "hi", "[INST] u [/INST]"]
+
+
+def test_encode_chat_starts_with_bos_and_ends_after_inst(tok):
+    ids = encode_chat(tok, [{"role": "user", "content": "Hi"}])
+    assert ids == [tok.bos_id, *tok.encode("[INST] Hi [/INST]")]
+
+
+@pytest.mark.parametrize(
+    ("messages", "param", "match"),
+    [
+        ([], "messages", "at least one"),
+        ("hello", "messages", "must be a list"),
+        ({"role": "user", "content": "x"}, "messages", "must be a list"),
+        (["hello"], "messages[0]", "must be an object"),
+        ([{"content": "x"}], "messages[0].role", "one of"),
+        ([{"role": "developer", "content": "x"}], "messages[0].role", "'developer'"),
+        ([{"role": "user"}], "messages[0].content", "got missing"),
+        ([{"role": "user", "content": 3}], "messages[0].content", "got a int"),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+            "messages[0].content[0]",
+            "only text parts",
+        ),
+        ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content[0].text", "string"),
+        ([{"role": "user", "content": ["x"]}], "messages[0].content[0]", "object with a type"),
+        (
+            [{"role": "system", "content": "a"}, {"role": "user", "content": "x"}, {"role": "system", "content": "b"}],
+            "messages[2]",
+            r"messages\[0\] is already one",
+        ),
+        ([{"role": "system", "content": "a"}], "messages", "user message"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "messages", "end with"),
+        (
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}, {"role": "user", "content": "z"}],
+            "messages[1].content",
+            "neither content nor tool_calls",
+        ),
+        (
+            [{"role": "user", "content": "x"}, {"role": "assistant"}, {"role": "user", "content": "z"}],
+            "messages[1].content",
+            "neither content nor tool_calls",
+        ),
+        (
+            [{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "nope", "content": "r"}],
+            "messages[1].tool_call_id",
+            "'nope' does not match",
+        ),
+        ([{"role": "user", "content": "x"}, {"role": "tool", "content": "r"}], "messages[1].tool_call_id", "non-empty"),
+    ],
+)
+def test_invalid_messages(tok, messages, param, match):
+    with pytest.raises(InvalidRequestError, match=match) as info:
+        tok.encode_chat(messages)
+    assert info.value.param == param
+    assert info.value.status == 400
+
+
+# --- tools -------------------------------------------------------------------------------------
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Zürich"}'}}
+TOOLS_TEXT = (
+    '[AVAILABLE_TOOLS] [{"name": "get_weather", "description": "Current weather in a city", '
+    '"parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}] '
+    "[/AVAILABLE_TOOLS]"
+)
+CALL_TEXT = '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Zürich"}, "id": "call_1"}]'
+
+
+def test_tools_append_to_system_prompt(tok):
+    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Weather?"}]
+    expected = [tok.bos_id, *tok.encode(f"[INST] Be kind.\n\n{TOOLS_TEXT}\n\nWeather? [/INST]")]
+    assert tok.encode_chat(messages, tools=[WEATHER_TOOL]) == expected
+
+
+def test_tools_without_system_are_the_system_prompt(tok):
+    messages = [{"role": "user", "content": "Weather?"}]
+    expected = [tok.bos_id, *tok.encode(f"[INST] {TOOLS_TEXT}\n\nWeather? [/INST]")]
+    assert tok.encode_chat(messages, tools=[WEATHER_TOOL]) == expected
+
+
+def test_tool_call_and_results_round(tok):
+    messages = [
+        {"role": "user", "content": "Weather in Zürich and Bern?"},
+        {"role": "assistant", "content": None, "tool_calls": [CALL, {**CALL, "id": "call_2", "function": {"name": "get_weather", "arguments": '{"city": "Bern"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "21°C"},
+        {"role": "tool", "tool_call_id": "call_2", "content": [{"type": "text", "text": '{"t": 19}'}]},
+        {"role": "user", "content": "Thanks!"},
+    ]
+    expected = (
+        [tok.bos_id]
+        + tok.encode(f"[INST] {TOOLS_TEXT}\n\nWeather in Zürich and Bern? [/INST]")
+        + tok.encode(
+            '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Zürich"}, "id": "call_1"}, '
+            '{"name": "get_weather", "arguments": {"city": "Bern"}, "id": "call_2"}]'
+        )
+        + [tok.eos_id]
+        + tok.encode(
+            '[INST] [TOOL_RESULTS] {"call_id": "call_1", "content": "21°C"} [/TOOL_RESULTS]\n\n'
+            '[TOOL_RESULTS] {"call_id": "call_2", "content": "{\\"t\\": 19}"} [/TOOL_RESULTS]\n\n'
+            "Thanks! [/INST]"
+        )
+    )
+    assert tok.encode_chat(messages, tools=[WEATHER_TOOL]) == expected
+
+
+def test_tool_turn_can_end_the_conversation_and_content_precedes_calls(tok):
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "Let me check.", "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    expected = (
+        [tok.bos_id]
+        + tok.encode("[INST] Weather? [/INST]")
+        + tok.encode(f"Let me check. {CALL_TEXT}")
+        + [tok.eos_id]
+        + tok.encode('[INST] [TOOL_RESULTS] {"call_id": "call_1", "content": "sunny"} [/TOOL_RESULTS] [/INST]')
+    )
+    assert tok.encode_chat(messages) == expected
+
+
+def test_render_tool_calls_is_the_answer_format():
+    assert render_tool_calls([CALL]) == CALL_TEXT
+    assert render_tool_calls([CALL]).startswith(TOOL_CALLS_PREFIX + " ")
+    # Arguments given as an object are accepted and render the same.
+    as_object = {**CALL, "function": {"name": "get_weather", "arguments": {"city": "Zürich"}}}
+    assert render_tool_calls([as_object]) == CALL_TEXT
+    payload = json.loads(CALL_TEXT[len(TOOL_CALLS_PREFIX) :])
+    assert payload == [{"name": "get_weather", "arguments": {"city": "Zürich"}, "id": "call_1"}]
+
+
+def test_prompt_prefix_is_stable_across_turns_with_tools(tok):
+    first = [{"role": "system", "content": "S"}, {"role": "user", "content": "Weather?"}]
+    second = first + [
+        {"role": "assistant", "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    a = tok.encode_chat(first, tools=[WEATHER_TOOL])
+    b = tok.encode_chat(second, tools=[WEATHER_TOOL])
+    assert b[: len(a)] == a
+
+
+@pytest.mark.parametrize(
+    ("tools", "param"),
+    [
+        ([], "tools"),
+        ([{"type": "retrieval"}], "tools[0].type"),
+        ([{"type": "function"}], "tools[0].function"),
+        ([{"type": "function", "function": {"description": "x"}}], "tools[0].function.name"),
+        ([{"type": "function", "function": {"name": "f", "parameters": "x"}}], "tools[0].function.parameters"),
+        ([{"type": "function", "function": {"name": "f", "description": 1}}], "tools[0].function.description"),
+    ],
+)
+def test_invalid_tools(tok, tools, param):
+    with pytest.raises(InvalidRequestError) as info:
+        tok.encode_chat([{"role": "user", "content": "x"}], tools=tools)
+    assert info.value.param == param
+
+
+@pytest.mark.parametrize(
+    ("call", "param"),
+    [
+        ("x", "messages[1].tool_calls[0]"),
+        ({**CALL, "id": ""}, "messages[1].tool_calls[0].id"),
+        ({**CALL, "type": "code"}, "messages[1].tool_calls[0].type"),
+        ({"id": "c", "function": "f"}, "messages[1].tool_calls[0].function"),
+        ({"id": "c", "function": {"arguments": "{}"}}, "messages[1].tool_calls[0].function.name"),
+        ({"id": "c", "function": {"name": "f", "arguments": "{oops"}}, "messages[1].tool_calls[0].function.arguments"),
+        ({"id": "c", "function": {"name": "f", "arguments": "[1]"}}, "messages[1].tool_calls[0].function.arguments"),
+    ],
+)
+def test_invalid_tool_calls(tok, call, param):
+    messages = [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "user", "content": "y"},
+    ]
+    with pytest.raises(InvalidRequestError) as info:
+        tok.encode_chat(messages)
+    assert info.value.param == param
+
+
+def test_tool_result_must_follow_its_call(tok):
+    messages = [
+        {"role": "user", "content": "x"},
+        {"role": "tool", "tool_call_id": "call_1", "content": "early"},
+        {"role": "assistant", "tool_calls": [CALL]},
+        {"role": "user", "content": "y"},
+    ]
+    with pytest.raises(InvalidRequestError, match="'call_1'") as info:
+        tok.encode_chat(messages)
+    assert info.value.param == "messages[1].tool_call_id"
