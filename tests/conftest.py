@@ -22,3 +22,11 @@ def mistral_tokenizer_path() -> Path:
 def tiny_hf_checkpoint(tmp_path_factory) -> Path:
     """A tiny random Mistral in the HF format (float32 safetensors, real v0.2 tokenizer)."""
     return write_hf_checkpoint(tmp_path_factory.mktemp("tiny-hf"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_hf_checkpoint):
+    """(model, tokenizer) of `tiny_hf_checkpoint`, loaded once."""
+    import mlx_mistral
+
+    return mlx_mistral.load(tiny_hf_checkpoint)

@@ -1,0 +1,142 @@
+"""The `mlx-mistral` command: serve, convert, generate, chat.
+
+The CLI is the one place that stitches the layers together, so it imports the server and the
+converter lazily (inside their subcommands); the library itself never imports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from .errors import MistralError
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def _model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="local checkpoint directory or Hugging Face repo id (default: Mistral-7B-Instruct-v0.2 "
+        "if its weights are on this machine, else the bundled demo model)",
+    )
+
+
+def _load(name: str | None):
+    from .demo import default_model
+    from .loader import load
+
+    if name is None:
+        name, is_demo = default_model()
+        if is_demo:
+            print("mlx-mistral: Mistral-7B-Instruct-v0.2 not found locally; using the bundled demo model",
+                  file=sys.stderr)
+    return load(name)
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                seed=args.seed)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .generate import stream_generate
+
+    model, tokenizer = _load(args.model)
+    prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
+    if args.system and not args.raw:
+        prompt.insert(0, {"role": "system", "content": args.system})
+    for chunk in stream_generate(model, tokenizer, prompt, **_sampling_kwargs(args)):
+        print(chunk.text, end="", flush=True)
+    print()
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from .generate import stream_generate
+
+    model, tokenizer = _load(args.model)
+    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    print("Type a message; an empty line or Ctrl-D quits, /reset starts over.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return 0
+        if not line.strip():
+            return 0
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        answer = []
+        for chunk in stream_generate(model, tokenizer, messages, **_sampling_kwargs(args)):
+            print(chunk.text, end="", flush=True)
+            answer.append(chunk.text)
+        print()
+        messages.append({"role": "assistant", "content": "".join(answer).strip()})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlx-mistral", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible chat API")
+    from mlx_mistral.server.cli import add_arguments as add_serve_arguments
+
+    add_serve_arguments(serve)
+
+    convert = sub.add_parser("convert", help="convert a Hugging Face checkpoint to MLX weights")
+    from mlx_mistral.convert.cli import add_arguments as add_convert_arguments
+
+    add_convert_arguments(convert)
+
+    gen = sub.add_parser("generate", help="generate an answer to one prompt")
+    _model_argument(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--system", default=None, help="a system message")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as raw text, no chat format")
+    _add_sampling_arguments(gen)
+
+    chat = sub.add_parser("chat", help="chat in the terminal (multi-turn)")
+    _model_argument(chat)
+    chat.add_argument("--system", default=None, help="a system message")
+    _add_sampling_arguments(chat)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            from mlx_mistral.server.cli import run as run_serve  # lazy: see module docstring
+
+            return run_serve(args)
+        if args.command == "convert":
+            from mlx_mistral.convert.cli import run as run_convert
+
+            return run_convert(args)
+        if args.command == "generate":
+            return run_generate(args)
+        return run_chat(args)
+    except MistralError as exc:
+        print(f"mlx-mistral: error: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

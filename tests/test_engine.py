@@ -1,0 +1,218 @@
+"""Continuous batching, the prefix cache, cancellation and the engine thread."""
+
+from __future__ import annotations
+
+import threading
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_mistral import Engine, EngineConfig, SamplingParams
+from mlx_mistral.batch import BatchGenerator
+from mlx_mistral.cache import BatchKVCache
+from mlx_mistral.errors import ContextLengthExceededError, EngineOverloadedError
+from mlx_mistral.prefix_cache import PrefixCache
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
+
+
+def prompts(tokenizer, n):
+    questions = ["Hello!", "What is the capital of France?", "2+2?", "Tell me a story about a cat.",
+                 "Convert 5 km to miles", "¿Qué tal? 你好 👋"]
+    return [tokenizer.encode_chat([{"role": "user", "content": q}]) for q in questions[:n]]
+
+
+def run(generator: BatchGenerator, steps_before: dict[int, list] | None = None) -> dict[int, list[int]]:
+    tokens: dict[int, list[int]] = {}
+    while generator.has_work:
+        for event in generator.step():
+            if event.token is not None:
+                tokens.setdefault(event.uid, []).append(event.token)
+    return tokens
+
+
+def alone(model, tokenizer, prompt, params=GREEDY):
+    generator = BatchGenerator(model, tokenizer)
+    uid = generator.add(prompt, params)
+    return run(generator)[uid]
+
+
+def test_batched_greedy_equals_alone(tiny_model):
+    model, tokenizer = tiny_model
+    ps = prompts(tokenizer, 5)
+    generator = BatchGenerator(model, tokenizer)
+    uids = [generator.add(p, GREEDY) for p in ps]
+    batched = run(generator)
+    for uid, p in zip(uids, ps):
+        assert batched[uid] == alone(model, tokenizer, p)
+
+
+def test_joining_and_leaving_mid_batch_leaves_others_unchanged(tiny_model):
+    model, tokenizer = tiny_model
+    ps = prompts(tokenizer, 4)
+    generator = BatchGenerator(model, tokenizer, prefill_chunk=4)  # chunked prefill too
+    params = [SamplingParams(temperature=0, max_tokens=m) for m in (16, 3, 9, 12)]
+    tokens: dict[int, list[int]] = {}
+    uids = [generator.add(ps[0], params[0])]
+    for step in range(40):
+        if step == 5:
+            uids.append(generator.add(ps[1], params[1]))  # short: leaves early
+        if step == 8:
+            uids += [generator.add(ps[2], params[2]), generator.add(ps[3], params[3])]
+        for event in generator.step():
+            if event.token is not None:
+                tokens.setdefault(event.uid, []).append(event.token)
+        if step > 8 and not generator.has_work:
+            break
+    for uid, p, sp in zip(uids, ps, params):
+        assert tokens[uid] == alone(model, tokenizer, p, sp)
+
+
+def test_seeded_requests_reproducible_inside_a_batch(tiny_model):
+    model, tokenizer = tiny_model
+    ps = prompts(tokenizer, 3)
+    seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=10)
+    generator = BatchGenerator(model, tokenizer)
+    others = [generator.add(p, SamplingParams(temperature=0.8, top_p=0.9, max_tokens=14)) for p in ps[1:]]
+    uid = generator.add(ps[0], seeded)
+    in_batch = run(generator)[uid]
+    assert in_batch == alone(model, tokenizer, ps[0], seeded)
+    other_seed = alone(model, tokenizer, ps[0], SamplingParams(temperature=1.0, seed=99, max_tokens=10))
+    assert other_seed != in_batch
+    assert others
+
+
+def test_prefix_cache_hit_gives_cold_logits(tiny_model):
+    model, tokenizer = tiny_model
+    history = [{"role": "system", "content": "You are a careful assistant who answers briefly. " * 3},
+               {"role": "user", "content": "What is the capital of France?"}]
+    first = tokenizer.encode_chat(history)
+    cache = PrefixCache(1 << 30)
+    generator = BatchGenerator(model, tokenizer, prefix_cache=cache)
+    uid = generator.add(first, GREEDY)
+    answer = run(generator)[uid]
+    turn2 = history + [{"role": "assistant", "content": tokenizer.decode(answer)},
+                       {"role": "user", "content": "And of Italy?"}]
+    second = tokenizer.encode_chat(turn2)
+    hit = cache.lookup(second)
+    assert hit is not None and hit.length >= len(first)
+    warm = [BatchKVCache.from_state(k, v) for k, v in hit.layers]
+    warm_logits = model(mx.array([second[hit.length:]]), warm)[0, -1]
+    cold_logits = model(mx.array([second]))[0, -1]
+    assert np.abs(np.array(warm_logits) - np.array(cold_logits)).max() < 1e-4
+    # Through the generator: the same tokens, and the usage reports the cached prompt tokens.
+    generator = BatchGenerator(model, tokenizer, prefix_cache=cache)
+    uid = generator.add(second, GREEDY)
+    events = []
+    while generator.has_work:
+        events += generator.step()
+    assert events[-1].cached_tokens == hit.length
+    assert [e.token for e in events] == alone(model, tokenizer, second)
+
+
+def test_cancel_frees_the_cache_slot(tiny_model):
+    model, tokenizer = tiny_model
+    ps = prompts(tokenizer, 2)
+    generator = BatchGenerator(model, tokenizer)
+    keep = generator.add(ps[0], SamplingParams(temperature=0, max_tokens=50))
+    drop = generator.add(ps[1], SamplingParams(temperature=0, max_tokens=50))
+    for _ in range(4):
+        generator.step()
+    assert generator.num_sequences == 2
+    before = generator.kv_bytes_in_use
+    generator.cancel(drop)
+    events = generator.step()
+    assert any(e.uid == drop and e.finish_reason == "cancelled" for e in events)
+    assert generator.num_sequences == 1 and generator.cache[0].batch_size == 1
+    assert generator.kv_bytes_in_use < before
+    assert keep in {e.uid for e in events}
+
+
+def test_context_and_budget_limits(tiny_model):
+    model, tokenizer = tiny_model
+    generator = BatchGenerator(model, tokenizer, kv_budget_bytes=64 * generator_bytes(model))
+    with pytest.raises(ContextLengthExceededError) as err:
+        generator.add([1] * (model.args.max_position_embeddings + 1), GREEDY)
+    assert err.value.code == "context_length_exceeded" and "too many" in err.value.message
+    with pytest.raises(ContextLengthExceededError):
+        generator.add([1, 2, 3], SamplingParams(max_tokens=model.args.max_position_embeddings))
+    with pytest.raises(EngineOverloadedError):  # could never fit the budget
+        generator.add([1] * 60, SamplingParams(max_tokens=10))
+    # Two that fit only one at a time: the second waits for the first, then runs.
+    a = generator.add([1] * 20, SamplingParams(temperature=0, max_tokens=30))
+    b = generator.add([1] * 20, SamplingParams(temperature=0, max_tokens=30))
+    generator.step()
+    assert generator.num_sequences == 1 and len(generator.waiting) == 1
+    finished = {e.uid for e in _drain(generator) if e.finish_reason}
+    assert finished == {a, b}
+
+
+def generator_bytes(model) -> int:
+    a = model.args
+    return 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * model.model.norm.weight.dtype.size
+
+
+def _drain(generator):
+    events = []
+    while generator.has_work:
+        events += generator.step()
+    return events
+
+
+def test_engine_thread_serves_other_threads(tiny_hf_checkpoint):
+    """The engine thread loads the model itself; callers on other threads only see plain values."""
+    import mlx_mistral
+
+    engine = Engine(lambda: mlx_mistral.load(tiny_hf_checkpoint), EngineConfig(max_batch=8)).start()
+    try:
+        tokenizer = engine.tokenizer
+        ps = prompts(tokenizer, 4)
+        results: dict[int, list] = {}
+
+        def client(i):
+            results[i] = list(engine.submit(ps[i], GREEDY))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for i, events in results.items():
+            assert events[-1].finish_reason in ("stop", "length")
+            assert all(isinstance(e.token, int) for e in events)
+            assert not any(isinstance(v, mx.array) for e in events for v in vars(e).values())
+        assert len(results) == 4
+        # A cancelled request ends at once and frees its slot.
+        handle = engine.submit(ps[0], SamplingParams(temperature=0, max_tokens=500))
+        first = next(iter(handle))
+        handle.cancel()
+        rest = list(handle)
+        assert first.token is not None and rest[-1].finish_reason == "cancelled"
+        assert engine.generator.num_sequences == 0
+    finally:
+        engine.shutdown()
+
+
+def test_lazy_arrays_do_not_cross_threads():
+    """Pins the MLX behaviour the engine's design rests on (mlx >= 0.31.2: streams per thread)."""
+    lazy = mx.arange(4) * 2
+    errors = []
+
+    def evaluate():
+        try:
+            mx.eval(lazy)
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    t = threading.Thread(target=evaluate)
+    t.start()
+    t.join()
+    evaluated = mx.arange(3) + 1
+    mx.eval(evaluated)
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(evaluated.tolist()))
+    t.start()
+    t.join()
+    assert seen == [[1, 2, 3]]
+    assert errors and "Stream" in errors[0]
