@@ -1,0 +1,523 @@
+"""The sampler: logits ``[batch, vocab]`` of every active sequence -> one token per sequence.
+
+Each sequence has its own :class:`SamplingParams`, token history and seeded RNG
+(:class:`SamplerState`); one call to :func:`sample` serves the whole batch in one vectorized pass
+(per-sequence parameters become ``[B, 1]`` arrays; nothing loops over the vocabulary).
+
+Order of operations (vLLM's documented order); :func:`sample` composes :func:`process_logits`
+(steps 1-3) and the draw (steps 4-8):
+
+1. penalties, on the raw logits (float32):
+   a. repetition_penalty (HF/CTRL, multiplicative) over tokens of the prompt *and* the
+      generated text: a positive logit is divided by the penalty, any other multiplied by it;
+   b. presence_penalty (OpenAI, additive): ``- presence_penalty * [count > 0]``;
+   c. frequency_penalty (OpenAI, additive): ``- frequency_penalty * count``;
+   where ``count`` is how often the token was *generated* so far (every token, no window);
+2. logit_bias, added;
+3. the grammar mask ``allowed`` (False -> -inf).
+   -> These are the *processed logits*. Reported logprobs are ``log_softmax`` of them: the
+      model's distribution as this request shaped it, before temperature and truncation, so a
+      logprob means the same at any temperature (and is defined at temperature 0).
+4. temperature: logits / T (rows with T = 0 take the exact argmax of the processed logits and
+   skip everything below);
+5. top_k: keep tokens whose logit is at least the k-th largest (ties at the edge are kept);
+6. top_p: on the distribution left by top_k, keep the most likely tokens until their mass reaches
+   top_p (a token is kept if the mass strictly before it is < top_p; top_p = 1 keeps all);
+7. min_p: keep tokens with ``p >= min_p * p_max`` under the temperature-scaled distribution;
+   (5-7 each keep the tokens above a per-row logit floor, so they combine into one floor, found
+   on the sorted head of each row, see :func:`truncation_floor`);
+8. draw: Gumbel-max, ``argmax(logits + Gumbel noise)``, the noise drawn from the row's own key.
+
+Reproducibility: a row's noise comes only from its own key (split once per step), and every other
+op works row by row, so a seeded sequence yields the same tokens alone or in any batch.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from mlx_mistral.sampling_params import MAX_N, SamplingParams
+
+__all__ = [
+    "MAX_N",
+    "PREFIX",
+    "SampleOutput",
+    "SamplerState",
+    "SamplingParams",
+    "TokenLogprobs",
+    "apply_allowed",
+    "apply_floor",
+    "apply_logit_bias",
+    "apply_min_p",
+    "apply_penalties",
+    "apply_temperature",
+    "apply_top_k",
+    "apply_top_p",
+    "min_p_floor",
+    "process_logits",
+    "sample",
+    "top_k_floor",
+    "top_p_floor",
+    "truncation_floor",
+]
+
+_NEG_INF = float("-inf")
+
+
+# ----------------------------------------------------------------------------- pure filters
+PREFIX = 1024
+"""Width of the sorted head of each row. top_k < 1000 always fits; top_p and min_p use it when
+the tokens they keep fit (checked per row), so a full sort of the vocabulary is rare."""
+
+
+def apply_penalties(
+    logits: mx.array,
+    counts: mx.array,
+    seen: mx.array,
+    presence: mx.array,
+    frequency: mx.array,
+    repetition: mx.array,
+) -> mx.array:
+    """Apply repetition, then presence and frequency penalties.
+
+    Args:
+        logits: ``[B, V]`` float32.
+        counts: ``[B, V]`` float32, times each token was generated.
+        seen: ``[B, V]`` bool, token occurs in the prompt or the generated tokens.
+        presence, frequency, repetition: ``[B, 1]`` float32 (0, 0, 1 leave a row unchanged).
+
+    Returns:
+        ``[B, V]`` penalised logits.
+    """
+    penalised = mx.where(logits > 0, logits / repetition, logits * repetition)
+    logits = mx.where(seen, penalised, logits)
+    return logits - presence * (counts > 0) - frequency * counts
+
+
+def apply_logit_bias(logits: mx.array, bias: mx.array) -> mx.array:
+    """Add a dense ``[B, V]`` bias (zero where the request set none)."""
+    return logits + bias
+
+
+def apply_allowed(logits: mx.array, allowed: mx.array) -> mx.array:
+    """Send tokens a grammar forbids (``allowed`` False, ``[B, V]`` bool) to -inf."""
+    return mx.where(allowed, logits, _NEG_INF)
+
+
+def apply_temperature(logits: mx.array, temperature: mx.array) -> mx.array:
+    """Divide by ``[B, 1]`` temperatures (callers put 1 on greedy rows, which never sample)."""
+    return logits / temperature
+
+
+def apply_floor(logits: mx.array, floor: mx.array) -> mx.array:
+    """Send logits below the row's ``floor`` (``[B, 1]``) to -inf.
+
+    Every truncation filter keeps the tokens above a per-row logit floor, so the three of them
+    compose into one floor (their maximum) and one masking pass.
+    """
+    return mx.where(logits >= floor, logits, _NEG_INF)
+
+
+def top_k_floor(sorted_desc: mx.array, top_k: mx.array) -> mx.array:
+    """The k-th largest logit per row (``top_k`` ``[B, 1]`` int32; 0 -> -inf, keep all).
+
+    ``sorted_desc`` holds at least the row's ``top_k`` largest logits, sorted descending.
+    Tokens tied with the k-th are kept too.
+    """
+    width = sorted_desc.shape[-1]
+    kth = mx.take_along_axis(sorted_desc, mx.clip(top_k, 1, width) - 1, axis=-1)
+    return mx.where(top_k > 0, kth, _NEG_INF)
+
+
+def top_p_floor(
+    sorted_desc: mx.array, log_norm: mx.array, top_p: mx.array
+) -> tuple[mx.array, mx.array]:
+    """Nucleus floor: the least likely token still needed for the mass to reach ``top_p``.
+
+    A token is kept when the mass of the tokens more likely than it is below ``top_p``.
+
+    Args:
+        sorted_desc: ``[B, W]`` the row's largest logits (already top_k-filtered), descending.
+        log_norm: ``[B, 1]`` logsumexp of the whole (top_k-filtered) row.
+        top_p: ``[B, 1]``; 1 keeps all.
+
+    Returns:
+        ``(floor, exact)``: the floor, and per row whether ``sorted_desc`` held enough mass to
+        place it (always true for top_p = 1 or a full sort).
+    """
+    probs = mx.exp(sorted_desc - log_norm)
+    mass = mx.cumsum(probs, axis=-1)
+    n_keep = mx.sum(mass - probs < top_p, axis=-1, keepdims=True)
+    edge = mx.take_along_axis(sorted_desc, mx.maximum(n_keep, 1) - 1, axis=-1)
+    # Rounding can push the running mass to 1 before the tail ends: top_p = 1 must keep all.
+    whole = top_p >= 1.0
+    exact = whole | (mass[:, -1:] >= top_p)
+    return mx.where(whole, _NEG_INF, edge), exact
+
+
+def min_p_floor(logits: mx.array, min_p: mx.array) -> mx.array:
+    """``p >= min_p * p_max`` in log space: ``logit >= max_logit + log(min_p)`` (0 -> -inf)."""
+    return mx.max(logits, axis=-1, keepdims=True) + mx.log(min_p)
+
+
+def _sorted_head(logits: mx.array, width: int) -> tuple[mx.array, mx.array]:
+    """The ``width`` largest logits of each row and their ids, sorted descending."""
+    if width >= logits.shape[-1]:
+        ids = mx.argsort(-logits, axis=-1)
+    else:
+        ids = mx.argpartition(-logits, width - 1, axis=-1)[:, :width]
+        vals = mx.take_along_axis(logits, ids, axis=-1)
+        ids = mx.take_along_axis(ids, mx.argsort(-vals, axis=-1), axis=-1)
+    return mx.take_along_axis(logits, ids, axis=-1), ids
+
+
+def truncation_floor(
+    scaled: mx.array,
+    head: mx.array,
+    top_k: mx.array,
+    top_p: mx.array,
+    min_p: mx.array,
+    *,
+    full_norm: bool = True,
+) -> tuple[mx.array, mx.array]:
+    """top_k, then top_p on what top_k left, then min_p, as one ``[B, 1]`` floor.
+
+    Args:
+        scaled: ``[B, V]`` temperature-scaled logits.
+        head: ``[B, W]`` the largest of them, descending (W >= 1000, or W = V for a full sort).
+        top_k, top_p, min_p: ``[B, 1]`` per-row parameters.
+        full_norm: False when no row has top_p < 1 without top_k (no row-wide softmax needed).
+
+    Returns:
+        ``(floor, exact)``: the floor and, per row, whether it is exact (False only where top_p
+        needs more tokens than ``head`` holds; a full sort then settles it).
+    """
+    k_floor = top_k_floor(head, top_k)
+    head = apply_floor(head, k_floor)
+    # With top_k on, the survivors all sit in the head; otherwise normalise over the whole row
+    # (an exp over [B, V]: skipped when no row needs it, which changes no row's result).
+    log_norm = mx.logsumexp(head, axis=-1, keepdims=True)
+    if full_norm:
+        log_norm = mx.where(top_k > 0, log_norm, mx.logsumexp(scaled, axis=-1, keepdims=True))
+    p_floor, exact = top_p_floor(head, log_norm, top_p)
+    floor = mx.maximum(mx.maximum(k_floor, p_floor), min_p_floor(scaled, min_p))
+    return floor, exact
+
+
+def apply_top_k(logits: mx.array, top_k: mx.array) -> mx.array:
+    """Keep the ``top_k`` (``[B, 1]`` int32, 0 = off) most likely tokens of each row."""
+    return apply_floor(logits, top_k_floor(_sorted_head(logits, logits.shape[-1])[0], top_k))
+
+
+def apply_top_p(logits: mx.array, top_p: mx.array) -> mx.array:
+    """Keep each row's nucleus of mass ``top_p`` (``[B, 1]``)."""
+    head = _sorted_head(logits, logits.shape[-1])[0]
+    log_norm = mx.logsumexp(logits, axis=-1, keepdims=True)
+    return apply_floor(logits, top_p_floor(head, log_norm, top_p)[0])
+
+
+def apply_min_p(logits: mx.array, min_p: mx.array) -> mx.array:
+    """Keep tokens with ``p >= min_p * p_max`` (``min_p`` ``[B, 1]``; 0 keeps all)."""
+    return apply_floor(logits, min_p_floor(logits, min_p))
+
+
+@dataclass(frozen=True)
+class _BatchParams:
+    """Per-row parameters as ``[B, 1]`` arrays, plus host-side flags to skip unused work."""
+
+    temperature: mx.array
+    top_k: mx.array
+    top_p: mx.array
+    min_p: mx.array
+    greedy: mx.array
+    any_sampled: bool
+    any_truncated: bool
+    full_norm: bool
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams]) -> _BatchParams:
+        def col(values: list, dtype: mx.Dtype) -> mx.array:
+            return mx.array(values, dtype=dtype)[:, None]
+
+        sampled = [p for p in params if not p.greedy]
+        return cls(
+            temperature=col(
+                [p.temperature if p.temperature > 0 else 1.0 for p in params], mx.float32
+            ),
+            top_k=col([p.top_k for p in params], mx.int32),
+            top_p=col([p.top_p for p in params], mx.float32),
+            min_p=col([p.min_p for p in params], mx.float32),
+            greedy=col([p.greedy for p in params], mx.bool_),
+            any_sampled=bool(sampled),
+            any_truncated=any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in sampled),
+            full_norm=any(p.top_k == 0 and p.top_p < 1.0 for p in sampled),
+        )
+
+
+def process_logits(
+    logits: mx.array,
+    *,
+    counts: mx.array | None = None,
+    seen: mx.array | None = None,
+    penalties: tuple[mx.array, mx.array, mx.array] | None = None,
+    bias: mx.array | None = None,
+    allowed: mx.array | None = None,
+) -> mx.array:
+    """Steps 1-3 of the module docstring: penalties, logit_bias, grammar mask.
+
+    Args:
+        logits: ``[B, V]`` model output (any float dtype; computed in float32).
+        counts, seen, penalties: penalty state and ``(presence, frequency, repetition)`` ``[B, 1]``;
+            None when no row uses penalties.
+        bias: dense ``[B, V]`` logit_bias, or None.
+        allowed: ``[B, V]`` bool grammar mask, or None.
+
+    Returns:
+        The processed logits ``[B, V]`` float32 (logprobs and greedy rows use them as they are).
+    """
+    logits = logits.astype(mx.float32)
+    if penalties is not None:
+        logits = apply_penalties(logits, counts, seen, *penalties)
+    if bias is not None:
+        logits = apply_logit_bias(logits, bias)
+    if allowed is not None:
+        logits = apply_allowed(logits, allowed)
+    return logits
+
+
+def _draw(
+    processed: mx.array, batch: _BatchParams, keys: mx.array
+) -> tuple[mx.array, mx.array, mx.array | None]:
+    """Steps 4-8: temperature, truncation floor, Gumbel-max draw from each row's own key.
+
+    A row whose kept tokens all lie in its sorted head draws over the head only (``PREFIX`` noise
+    values instead of ``V``); the choice depends on the row alone, so seeded rows stay
+    reproducible in any batch. Returns the drawn tokens ``[B]``, the next keys ``[B, 2]`` and the
+    head ids ``[B, W]`` (None when no row truncates).
+    """
+    vocab = processed.shape[-1]
+    scaled = apply_temperature(processed, batch.temperature)
+    floor = mx.full((processed.shape[0], 1), _NEG_INF)
+    head = head_ids = None
+    in_head = mx.zeros((processed.shape[0],), dtype=mx.bool_)
+    if batch.any_truncated:
+        head, head_ids = _sorted_head(scaled, min(PREFIX, vocab))
+        floor, exact = truncation_floor(
+            scaled, head, batch.top_k, batch.top_p, batch.min_p, full_norm=batch.full_norm
+        )
+        mx.eval(floor, exact, head, head_ids)  # one sync: is a full sort needed?
+        if not mx.all(exact | batch.greedy).item():
+            full, _ = _sorted_head(scaled, vocab)
+            floor, _ = truncation_floor(scaled, full, batch.top_k, batch.top_p, batch.min_p)
+        in_head = ((floor > head[:, -1:]) | batch.greedy)[:, 0]
+    split = mx.vmap(mx.random.split)(keys)  # [B, 2, 2]: next key, this step's key
+    step_keys = split[:, 1]
+    tokens = None
+    if head is not None:
+        noise = mx.vmap(lambda k: mx.random.gumbel((head.shape[-1],), key=k))(step_keys)
+        pick = mx.argmax(apply_floor(head, floor) + noise, axis=-1, keepdims=True)
+        tokens = mx.take_along_axis(head_ids, pick, axis=-1)[:, 0]
+    if head is None or not mx.all(in_head).item():
+        noise = mx.vmap(lambda k: mx.random.gumbel((vocab,), key=k))(step_keys)
+        full_draw = mx.argmax(apply_floor(scaled, floor) + noise, axis=-1)
+        tokens = full_draw if tokens is None else mx.where(in_head, tokens, full_draw)
+    return tokens, split[:, 0], head_ids
+
+
+# ----------------------------------------------------------------------------- per-sequence state
+def _choice_seed(seed: int, index: int) -> int:
+    """Seed of choice ``index`` of a seeded request: choice 0 keeps the seed itself, so n=1 and
+    the first of n choices agree; the others get well-mixed, distinct seeds (splitmix64)."""
+    if index == 0:
+        return seed
+    z = (seed + index * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & (2**63 - 1)
+
+
+class SamplerState:
+    """One sequence's sampling state: params, RNG key and token history, kept as MLX arrays.
+
+    Args:
+        params: the request's validated parameters.
+        prompt_ids: the prompt's token ids (for repetition_penalty).
+        vocab_size: the model's vocabulary size (logits width).
+        choice: index of this sequence among the request's ``n`` choices; seeded requests get
+            distinct, reproducible streams per choice.
+
+    Raises:
+        InvalidRequestError: a logit_bias id is not in the vocabulary.
+        ValueError: a prompt id is outside ``[0, vocab_size)`` or ``choice`` outside ``[0, n)``.
+
+    Example:
+        >>> state = SamplerState(SamplingParams(seed=7), [1, 733], vocab_size=32000)
+        >>> state.seed
+        7
+    """
+
+    def __init__(
+        self, params: SamplingParams, prompt_ids: Sequence[int], vocab_size: int, *, choice: int = 0
+    ):
+        params.validate_for_vocab(vocab_size)
+        if not 0 <= choice < params.n:
+            raise ValueError(f"choice must be in [0, {params.n - 1}], got {choice}.")
+        if prompt_ids and not (0 <= min(prompt_ids) and max(prompt_ids) < vocab_size):
+            raise ValueError(f"prompt token ids must be in [0, {vocab_size - 1}].")
+        self.params = params
+        self.vocab_size = vocab_size
+        self.choice = choice
+        # An unseeded request still gets its own stream; the drawn seed is kept for logs/replay.
+        base = params.seed if params.seed is not None else secrets.randbits(63)
+        self.seed = _choice_seed(base, choice) if params.seed is not None else base
+        self.key = mx.random.key(self.seed)
+        self.num_generated = 0
+        self.counts: mx.array | None = None
+        self.prompt_mask: mx.array | None = None
+        if params.uses_penalties:
+            self.counts = mx.zeros((vocab_size,), dtype=mx.float32)
+            mask = mx.zeros((vocab_size,), dtype=mx.bool_)
+            if prompt_ids:
+                mask[mx.array(list(prompt_ids), dtype=mx.int32)] = True
+            self.prompt_mask = mask
+        self.bias: mx.array | None = None
+        if params.logit_bias:
+            ids, values = zip(*params.logit_bias)
+            bias = mx.zeros((vocab_size,), dtype=mx.float32)
+            bias[mx.array(ids, dtype=mx.int32)] = mx.array(values, dtype=mx.float32)
+            self.bias = bias
+
+    @classmethod
+    def for_choices(
+        cls, params: SamplingParams, prompt_ids: Sequence[int], vocab_size: int
+    ) -> list[SamplerState]:
+        """The ``params.n`` states of one request, choice 0 first."""
+        return [cls(params, prompt_ids, vocab_size, choice=i) for i in range(params.n)]
+
+    def record(self, token: int) -> None:
+        """Add a token that entered the sequence without :func:`sample` (e.g. forced by a grammar).
+
+        :func:`sample` records the tokens it chooses itself; do not record those again.
+        """
+        self.num_generated += 1
+        if self.counts is not None:
+            self.counts = self.counts + (mx.arange(self.vocab_size) == token)
+
+
+# ----------------------------------------------------------------------------- batched sampling
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """The chosen token's logprob and the most likely alternatives (most likely first)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class SampleOutput:
+    """What one step gives back: plain Python values, safe to hand to another thread.
+
+    Attributes:
+        tokens: one token id per row.
+        logprobs: per row, :class:`TokenLogprobs` if its request asked for logprobs, else None.
+    """
+
+    tokens: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+def _stack_rows(rows: list[mx.array | None], vocab: int, dtype: mx.Dtype) -> mx.array:
+    zeros = mx.zeros((vocab,), dtype=dtype)
+    return mx.stack([zeros if r is None else r for r in rows])
+
+
+def sample(
+    logits: mx.array, states: Sequence[SamplerState], allowed: mx.array | None = None
+) -> SampleOutput:
+    """Choose the next token of every sequence in one vectorized pass.
+
+    Advances each state's RNG key and records the chosen token in its history (counts for the
+    penalties), so the caller must not :meth:`SamplerState.record` it again.
+
+    Args:
+        logits: ``[B, V]`` last-position logits, row ``i`` belonging to ``states[i]``.
+        states: one :class:`SamplerState` per row.
+        allowed: optional ``[B, V]`` bool mask from a grammar (True = allowed), applied after
+            logit_bias and before temperature. Each row must allow at least one token.
+
+    Returns:
+        A :class:`SampleOutput` (evaluated; plain ints and floats).
+
+    Example:
+        >>> state = SamplerState(SamplingParams(temperature=0), [], vocab_size=4)
+        >>> sample(mx.array([[0.1, 2.0, 0.3, -1.0]]), [state]).tokens
+        [1]
+    """
+    params = [s.params for s in states]
+    vocab = logits.shape[-1]
+    batch = _BatchParams.of(params)
+    penalised = [i for i, p in enumerate(params) if p.uses_penalties]
+    counts = seen = penalties = None
+    if penalised:
+        counts = _stack_rows([s.counts for s in states], vocab, mx.float32)
+        prompt = _stack_rows([s.prompt_mask for s in states], vocab, mx.bool_)
+        seen = prompt | (counts > 0)
+        penalties = tuple(
+            mx.array([getattr(p, name) for p in params], dtype=mx.float32)[:, None]
+            for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")
+        )
+    bias = None
+    if any(s.bias is not None for s in states):
+        bias = _stack_rows([s.bias for s in states], vocab, mx.float32)
+
+    processed = process_logits(
+        logits, counts=counts, seen=seen, penalties=penalties, bias=bias, allowed=allowed
+    )
+    tokens = mx.argmax(processed, axis=-1)
+    to_eval = [tokens]
+    head_ids = None
+    if batch.any_sampled:
+        drawn, keys, head_ids = _draw(processed, batch, mx.stack([s.key for s in states]))
+        tokens = mx.where(batch.greedy[:, 0], tokens, drawn)
+        to_eval = [tokens, keys]
+    if penalised:
+        counts = counts + (mx.arange(vocab)[None, :] == tokens[:, None])
+        to_eval.append(counts)
+
+    want = [i for i, p in enumerate(params) if p.logprobs]
+    k = max((params[i].top_logprobs for i in want), default=0)
+    if want:
+        logprobs = processed - mx.logsumexp(processed, axis=-1, keepdims=True)
+        chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+        to_eval.append(chosen)
+        if k:
+            # Temperature keeps the order, so the sorted head (when there is one) is the answer.
+            if head_ids is None:
+                head_ids = _sorted_head(processed, min(k, vocab))[1]
+            top_ids = head_ids[:, :k]
+            top_lp = mx.take_along_axis(logprobs, top_ids, axis=-1)
+            to_eval += [top_ids, top_lp]
+    mx.eval(*to_eval)
+
+    for i, state in enumerate(states):
+        state.num_generated += 1
+        if batch.any_sampled:
+            state.key = keys[i]
+        if state.counts is not None:
+            state.counts = counts[i]
+    token_list = tokens.tolist()
+    out_lp: list[TokenLogprobs | None] = [None] * len(states)
+    if want:
+        chosen_list = chosen.tolist()
+        ids_list = top_ids.tolist() if k else None
+        lp_list = top_lp.tolist() if k else None
+        for i in want:
+            n_top = params[i].top_logprobs
+            top = tuple(zip(ids_list[i][:n_top], lp_list[i][:n_top])) if n_top else ()
+            out_lp[i] = TokenLogprobs(token_list[i], chosen_list[i], top)
+    return SampleOutput(token_list, out_lp)
