@@ -1,0 +1,37 @@
+"""The wheel installs server/ and convert/ inside the package, never at the top level."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_layout(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+    )
+    (wheel,) = tmp_path.glob("mlx_mistral-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {n.split("/")[0] for n in names}
+    assert top_level <= {"mlx_mistral", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
+    assert "mlx_mistral/server/app.py" in names
+    assert "mlx_mistral/convert/cli.py" in names
+    assert "mlx_mistral/demo_model/config.json" in names
+    assert not any(n.startswith(("server/", "convert/", "tests/")) for n in names)
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "mlx-mistral = mlx_mistral.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_console_script_reports_bad_input_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "mlx_mistral.cli", "generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "nope" in result.stderr
