@@ -39,21 +39,52 @@ def parse_size(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the converter's arguments to `parser` (the `convert` subcommand or `-m` entry)."""
     parser.add_argument("src", metavar="SRC", help="local Hugging Face checkpoint or repo id")
-    parser.add_argument("--out", "-o", required=True, type=Path, metavar="DIR",
-                        help="output directory (must not exist unless --force)")
-    parser.add_argument("--dtype", default="float16", metavar="|".join(DTYPES),
-                        help="dtype of float weights, scales and biases (default: float16)")
-    parser.add_argument("-q", "--quantize", action="store_true",
-                        help="quantize Linear and Embedding weights (mlx-lm's affine format)")
-    parser.add_argument("--bits", type=int, default=None, metavar="4|8",
-                        help="bits per quantized weight (default: 4; needs -q)")
-    parser.add_argument("--group-size", type=int, default=None,
-                        metavar="|".join(map(str, SUPPORTED_GROUP_SIZES)),
-                        help="weights per quantization group (default: 64; needs -q)")
-    parser.add_argument("--force", action="store_true",
-                        help="replace DIR if it exists (only once the new output is complete)")
-    parser.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES,
-                        metavar="SIZE", help="largest safetensors shard (default: 5GiB)")
+    parser.add_argument(
+        "--out",
+        "-o",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="output directory (must not exist unless --force)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float16",
+        metavar="|".join(DTYPES),
+        help="dtype of float weights, scales and biases (default: float16)",
+    )
+    parser.add_argument(
+        "-q",
+        "--quantize",
+        action="store_true",
+        help="quantize Linear and Embedding weights (mlx-lm's affine format)",
+    )
+    parser.add_argument(
+        "--bits",
+        type=int,
+        default=None,
+        metavar="4|8",
+        help="bits per quantized weight (default: 4; needs -q)",
+    )
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        metavar="|".join(map(str, SUPPORTED_GROUP_SIZES)),
+        help="weights per quantization group (default: 64; needs -q)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace DIR if it exists (only once the new output is complete)",
+    )
+    parser.add_argument(
+        "--max-shard-size",
+        type=parse_size,
+        default=DEFAULT_MAX_SHARD_BYTES,
+        metavar="SIZE",
+        help="largest safetensors shard (default: 5GiB)",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bar")  # fmt: skip
 

@@ -112,7 +112,9 @@ def _write_weights(
                         try:
                             mx.eval([a for _, a in produced])
                         except (RuntimeError, ValueError) as exc:
-                            raise ConversionError(f"cannot convert tensor {spec.name}: {exc}") from None
+                            raise ConversionError(
+                                f"cannot convert tensor {spec.name}: {exc}"
+                            ) from None
                         bar.update(1)
                     name, array = produced.pop(0)
                     writer.write(name, array)
@@ -185,14 +187,15 @@ def convert(
 
     Example:
         >>> from mlx_mistral.convert import convert
-        >>> convert("mistralai/Mistral-7B-Instruct-v0.2", "mistral-4bit", quantize=True)  # doctest: +SKIP
-        PosixPath('mistral-4bit')
+        >>> path = convert("mistralai/Mistral-7B-Instruct-v0.2", "mistral-4bit", quantize=True)  # doctest: +SKIP
     """
     target = parse_dtype(dtype)
     quant_settings = QuantConfig(bits=bits, group_size=group_size)
     quant = quant_settings if quantize else None
     if not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
-        raise ConversionError(f"max shard size must be a positive number of bytes, got {max_shard_bytes!r}")
+        raise ConversionError(
+            f"max shard size must be a positive number of bytes, got {max_shard_bytes!r}"
+        )
     out = Path(out).expanduser().absolute()
     if (out.exists() or out.is_symlink()) and not force:
         # Cheap and common: refuse before resolving (perhaps downloading) the source.
@@ -202,14 +205,16 @@ def convert(
     _check_out(out, root, force)
     source = SourceCheckpoint(root)
     if not (root / REQUIRED_TOKENIZER_FILE).is_file():
-        raise ConversionError(f"{root} has no {REQUIRED_TOKENIZER_FILE} (the tokenizer is required)")
+        raise ConversionError(
+            f"{root} has no {REQUIRED_TOKENIZER_FILE} (the tokenizer is required)"
+        )
     specs = check_source(source.args, source.shapes)
 
     created = _make_parents(out.parent)
     # os.mkdir honours the umask (mkdtemp would leave the final directory private).
     tmp = _sibling(out, "tmp")
-    os.mkdir(tmp)
     try:
+        os.mkdir(tmp)
         _write_weights(tmp, source, specs, target, quant, max_shard_bytes, progress)
         config = output_config(source.config, source.args, dtype, quant)
         (tmp / "config.json").write_text(_dumps(config), encoding="utf-8")

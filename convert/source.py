@@ -101,7 +101,9 @@ def _weight_files(root: Path) -> list[Path]:
     others = sorted(p.name for p in root.glob("*.safetensors")) + sorted(
         p.name for p in root.glob("*.bin")
     )
-    hint = f" (found {', '.join(others[:3])}: not Hugging Face model*.safetensors)" if others else ""
+    hint = (
+        f" (found {', '.join(others[:3])}: not Hugging Face model*.safetensors)" if others else ""
+    )
     raise ConversionError(f"no model*.safetensors weights in {root}{hint}")
 
 

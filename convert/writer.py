@@ -95,7 +95,8 @@ class ShardWriter:
         self.path = directory / shard.filename
         self.shard = shard
         self._next = 0
-        self._file: BinaryIO = open(self.path, "wb")
+        # Held open across calls (closed by close/__exit__): tensors arrive one by one.
+        self._file: BinaryIO = open(self.path, "wb")  # noqa: SIM115
         self._file.write(_header(shard))
 
     def write(self, name: str, array: mx.array) -> None:
@@ -123,7 +124,7 @@ class ShardWriter:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(

@@ -3,6 +3,7 @@ and our loader, quantization error bounds, peak memory, refusals, and nothing le
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import shutil
@@ -16,14 +17,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from checkpoints import MISTRAL_TOKENIZER, write_hf_checkpoint
+from mlx_mistral.convert import convert, expected_tensors
+from mlx_mistral.convert.cli import parse_size
+from mlx_mistral.convert.source import read_header
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import mlx_mistral
 from mlx_mistral.config import ModelArgs
-from mlx_mistral.convert import convert, expected_tensors
-from mlx_mistral.convert.cli import parse_size
-from mlx_mistral.convert.source import read_header
 
 TOKENS = mx.array([[1, 415, 2936, 9060, 285, 1142, 28705, 28740, 28734, 28723, 13, 2, 733, 16289,
                     28793, 32, 100, 2000, 31999, 5]])  # fmt: skip
@@ -46,7 +47,8 @@ def read_tensors(path: Path) -> dict[str, mx.array]:
 
 def run_cli(*args: str, preexec_fn=None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "mlx_mistral.convert", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=preexec_fn)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=preexec_fn,
+                          check=False)  # fmt: skip
 
 
 def leftovers(parent: Path) -> list[str]:
@@ -134,7 +136,9 @@ def test_shards_and_index(hf_f32, tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert files == sorted(p.name for p in out.glob("*.safetensors"))
-    assert files == [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+    assert files == [
+        f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)
+    ]
     sizes, firsts, total = [], [], 0
     for name in files:
         with safe_open(out / name, framework="numpy") as f:  # the reference reader accepts ours
@@ -215,7 +219,9 @@ BOUND_8BIT, BOUND_4BIT = 0.02, 0.30
 def test_quantized_logits_stay_within_bounds_of_float(hf_f32, converted):
     ref = mlx_lm_logits(hf_f32)
     err = {
-        bits: rel_rms(mlx_lm_logits(converted("hf_f32", dtype="float32", quantize=True, bits=bits)), ref)
+        bits: rel_rms(
+            mlx_lm_logits(converted("hf_f32", dtype="float32", quantize=True, bits=bits)), ref
+        )
         for bits in (4, 8)
     }
     assert err[8] < BOUND_8BIT and err[4] < BOUND_4BIT
@@ -223,11 +229,11 @@ def test_quantized_logits_stay_within_bounds_of_float(hf_f32, converted):
     assert err[8] > 0  # the quantization actually happened
 
 
-@pytest.mark.parametrize("options", [dict(), dict(quantize=True, bits=4), dict(quantize=True, bits=8)],
+@pytest.mark.parametrize("options", [{}, {"quantize": True, "bits": 4}, {"quantize": True, "bits": 8}],
                          ids=["float", "4bit", "8bit"])  # fmt: skip
 def test_our_loader_matches_mlx_lm_on_converted_output(converted, options):
     out = converted("hf_f32", dtype="float32", **options)
-    model, tokenizer = mlx_mistral.load(out, dtype="float32")
+    model, _tokenizer = mlx_mistral.load(out, dtype="float32")
     diff = mx.abs(model(TOKENS).astype(mx.float32) - mlx_lm_logits(out)).max().item()
     assert diff <= 1e-4
 
@@ -275,7 +281,10 @@ def _bad_source(kind: str, hf_f32: Path, tmp: Path) -> Path:
     elif kind == "missing":
         _edit_tensors(src, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
     elif kind == "unknown":
-        _edit_tensors(src, lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": np.zeros(64, np.float32)}))
+        _edit_tensors(
+            src,
+            lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": np.zeros(64, np.float32)}),
+        )
     elif kind == "misshapen":
         _edit_tensors(src, lambda t: t.update({"model.norm.weight": np.ones(65, np.float32)}))
     elif kind == "no-tokenizer":
@@ -357,5 +366,89 @@ def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("4GiB") == 4 * 2**30
     assert parse_size("1.5 MB") == 1_500_000 and parse_size("1024") == 1024
     for bad in ("", "0", "5XB", "-1GB"):
-        with pytest.raises(Exception):
+        with pytest.raises(argparse.ArgumentTypeError):
             parse_size(bad)
+
+
+# ---- a checkpoint big enough to measure: ~200 MB float32 in 5 shards, written with numpy -------
+
+BIG_CONFIG = {
+    "model_type": "mistral", "architectures": ["MistralForCausalLM"], "vocab_size": 4096,
+    "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 16,
+    "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64,
+    "rope_theta": ROPE_THETA, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def big_checkpoint(tmp_path_factory) -> Path:
+    """Like 7B's proportions (no tensor over 2% of the file); random float32, sharded at 48 MB."""
+    out = tmp_path_factory.mktemp("big")
+    rng = np.random.default_rng(0)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    for spec in expected_tensors(ModelArgs.from_dict(BIG_CONFIG)):
+        if sum(a.nbytes for a in shards[-1].values()) + np.prod(spec.shape) * 4 > 48 * 2**20:
+            shards.append({})
+        shards[-1][spec.name] = rng.standard_normal(spec.shape, dtype=np.float32) * 0.02
+    weight_map = {}
+    for i, tensors in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, out / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (out / "config.json").write_text(json.dumps(BIG_CONFIG))
+    shutil.copy(MISTRAL_TOKENIZER, out / "tokenizer.model")
+    return out
+
+
+# VmHWM, not ru_maxrss: a child's ru_maxrss keeps the high-water mark of the process it was
+# forked from (here pytest, which just held the whole checkpoint), even across exec.
+RSS_CHILD = """
+import json, sys
+from mlx_mistral.convert import convert
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
+base = status("VmRSS")
+convert(sys.argv[1], sys.argv[2], quantize=sys.argv[3] == "q", max_shard_bytes=40 * 2**20,
+        progress=False)
+print(json.dumps({"growth": status("VmHWM") - base}))
+"""
+# Measured here: peak RSS grows by 14-16 MB (0.07-0.08x) converting the 200 MB checkpoint to
+# float16 or 4-bit. Holding one 40 MB output shard, let alone the model, would break the bound.
+RSS_FRACTION = 0.15
+
+
+@pytest.mark.parametrize("mode", ["float16", "q4"])
+def test_peak_memory_is_a_small_fraction_of_the_checkpoint(big_checkpoint, tmp_path, mode):
+    size = sum(p.stat().st_size for p in big_checkpoint.glob("*.safetensors"))
+    assert size > 190 * 2**20 and len(list(big_checkpoint.glob("*.safetensors"))) >= 4
+    child = subprocess.run([sys.executable, "-c", RSS_CHILD, big_checkpoint, tmp_path / "out", mode],
+                           capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
+    growth = json.loads(child.stdout)["growth"]
+    assert growth < RSS_FRACTION * size, f"peak RSS grew {growth / 2**20:.1f} MiB"
+    assert len(list((tmp_path / "out").glob("*.safetensors"))) >= 2
+
+
+def test_interrupt_mid_way_leaves_nothing(big_checkpoint, tmp_path):
+    for _attempt in range(5):  # if the conversion wins the race and finishes, try again
+        out = tmp_path / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, "-m", "mlx_mistral.convert", big_checkpoint, "--out", out,
+               "-q", "--max-shard-size", "40MB", "--no-progress"]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            tmp = [p for p in tmp_path.glob(".out.tmp-*") if any(p.glob("*.safetensors"))]
+            if tmp:
+                proc.send_signal(signal.SIGINT)
+                break
+            time.sleep(0.001)
+        _, stderr = proc.communicate(timeout=60)
+        if proc.returncode == 0:
+            continue
+        assert proc.returncode == 130, stderr
+        assert stderr.strip() == "error: interrupted; no output was written"
+        assert not out.exists() and leftovers(tmp_path) == []
+        return
+    pytest.fail("the conversion finished before it could be interrupted, five times")
