@@ -10,6 +10,10 @@ table and writes it, with the machine described, to docs/benchmarks-sampler.md.
 
 from __future__ import annotations
 
+# First: the package preloads an optimized system BLAS, which only works before mlx.core loads.
+import mlx_mistral
+
+# isort: split
 import argparse
 import os
 import platform
@@ -113,6 +117,7 @@ def bench_mlx_lm(logits: mx.array, steps: int) -> float:
 
 
 def machine() -> str:
+    blas = mlx_mistral._blas.loaded or "the mlx wheel's reference BLAS"
     cpu = "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -124,7 +129,7 @@ def machine() -> str:
     return (
         f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, "
         f"Python {platform.python_version()}, mlx {mx.__version__} "
-        f"(default device: {mx.default_device()})"
+        f"(default device: {mx.default_device()}), BLAS: {blas}"
     )
 
 
