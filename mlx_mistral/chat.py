@@ -150,7 +150,8 @@ def render_chat(
         role = msg.get("role")
         if role not in ROLES:
             raise InvalidRequestError(
-                f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}", param=f"{where}.role"
+                f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}",
+                param=f"{where}.role",
             )
         if role == "system":
             if system_at is not None:
@@ -172,7 +173,8 @@ def render_chat(
             call_id = msg.get("tool_call_id")
             if not isinstance(call_id, str) or not call_id:
                 raise InvalidRequestError(
-                    f"{where}.tool_call_id must be a non-empty string", param=f"{where}.tool_call_id"
+                    f"{where}.tool_call_id must be a non-empty string",
+                    param=f"{where}.tool_call_id",
                 )
             if call_id not in call_ids:
                 raise InvalidRequestError(
@@ -287,11 +289,14 @@ def render_available_tools(tools: Sequence[dict[str, Any]]) -> str:
             )
         fn = tool.get("function")
         if not isinstance(fn, dict):
-            raise InvalidRequestError(f"{where}.function must be an object", param=f"{where}.function")
+            raise InvalidRequestError(
+                f"{where}.function must be an object", param=f"{where}.function"
+            )
         _check_name(fn.get("name"), f"{where}.function.name")
         if not isinstance(fn.get("description", ""), str):
             raise InvalidRequestError(
-                f"{where}.function.description must be a string", param=f"{where}.function.description"
+                f"{where}.function.description must be a string",
+                param=f"{where}.function.description",
             )
         if not isinstance(fn.get("parameters", {}), dict):
             raise InvalidRequestError(
@@ -341,7 +346,9 @@ def _tool_calls(raw: Any, param: str) -> list[dict[str, Any]]:
             raise InvalidRequestError(f"{where}.id must be a non-empty string", param=f"{where}.id")
         fn = call.get("function")
         if not isinstance(fn, dict):
-            raise InvalidRequestError(f"{where}.function must be an object", param=f"{where}.function")
+            raise InvalidRequestError(
+                f"{where}.function must be an object", param=f"{where}.function"
+            )
         _check_name(fn.get("name"), f"{where}.function.name")
         arguments = fn.get("arguments")
         if isinstance(arguments, str):

@@ -225,7 +225,9 @@ class Tokenizer:
 
     def _check_id(self, token_id: int) -> int:
         if not 0 <= token_id < len(self._pieces):
-            raise ValueError(f"token id {token_id} is outside the vocabulary [0, {len(self._pieces)})")
+            raise ValueError(
+                f"token id {token_id} is outside the vocabulary [0, {len(self._pieces)})"
+            )
         return token_id
 
 
