@@ -1,0 +1,311 @@
+"""The Starlette application: routes, the engine's lifetime, the access log.
+
+Request flow (one direction): guard middleware (`security`) -> body -> typed request
+(`schemas`) -> prompt ids (the tokenizer's chat format) -> `engine.submit` -> one JSON body, or
+an event stream (`streaming`). Every error is rendered by `errors`; the server never touches an
+MLX array (the engine's thread owns them all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mlx_mistral.engine import Engine, EngineConfig
+from mlx_mistral.errors import (EngineDeadError, EngineOverloadedError, InvalidRequestError,
+                                MistralError, ModelNotFoundError)
+from mlx_mistral.sampling_params import SamplingParams
+
+from .config import ServerConfig
+from .errors import EXCEPTION_HANDLERS, error_response, handle_unexpected
+from .schemas import (ChatCompletionRequest, CompletionRequest, LogprobFormatter,
+                      check_content_type, parse_body)
+from .security import build_middleware
+from .streaming import EventStreamResponse, ResponseWriter, wait_for_disconnect, with_keepalive
+
+log = logging.getLogger("mlx_mistral.server")
+access_log = logging.getLogger("mlx_mistral.server.access")
+
+STATS_KEY = "mlx_mistral.stats"
+
+
+@dataclasses.dataclass
+class ServerState:
+    """What the handlers share: the settings, the engine, and whether the server is draining."""
+
+    config: ServerConfig
+    engine: Engine | None = None
+    started: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    draining: bool = False
+    formatter: LogprobFormatter | None = None
+
+    def live_engine(self) -> Engine:
+        if self.draining:
+            raise EngineOverloadedError("the server is shutting down", retry_after=5)
+        if self.engine is None or not self.engine.alive:
+            raise EngineDeadError("the engine is not running; restart the server")
+        return self.engine
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.config.accepted_model_names:
+            raise ModelNotFoundError(
+                f"the model {model[:200]!r} is not served here; this server serves "
+                f"{self.config.model_name!r}", param="model")
+
+    def fit_max_tokens(self, params: SamplingParams, given: bool, prompt_len: int) -> SamplingParams:
+        """Apply the server's default max_tokens to a request that set none, within the context
+        left (a default must never turn a fitting prompt into a context-length error)."""
+        default = self.config.default_max_tokens
+        if given or default is None or self.engine is None or self.engine.generator is None:
+            return params
+        room = self.engine.generator.context_length - prompt_len
+        if room <= 0:
+            return params  # the engine answers context_length_exceeded, naming the prompt
+        return dataclasses.replace(params, max_tokens=min(default, room))
+
+    def model_card(self) -> dict[str, Any]:
+        card = {"id": self.config.model_name, "object": "model", "created": self.started,
+                "owned_by": "mlx-mistral", "demo": self.config.is_demo}
+        if self.engine is not None and self.engine.generator is not None:
+            card["context_length"] = self.engine.generator.context_length
+        return card
+
+
+def begin_drain(app: Starlette) -> None:
+    """Refuse new generations (503 + Retry-After) while in-flight ones finish."""
+    state: ServerState = app.state.server
+    state.draining = True
+    if state.engine is not None:
+        state.engine.stop_accepting()
+
+
+# -- handlers ---------------------------------------------------------------------------------
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def guarded(handler: Handler) -> Handler:
+    """Render any error of a handler as an OpenAI error body (never a traceback)."""
+
+    @functools.wraps(handler)
+    async def route(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except MistralError as exc:
+            return error_response(exc)
+        except ClientDisconnect:  # left while sending its body: nobody reads the answer
+            return Response(status_code=400)
+        except Exception as exc:
+            return await handle_unexpected(request, exc)
+
+    return route
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def _stats(request: Request) -> dict[str, Any]:
+    return request.scope.setdefault(STATS_KEY, {"start": time.perf_counter()})
+
+
+async def _read_json(request: Request) -> dict[str, Any]:
+    check_content_type(request.headers.get("content-type"))
+    return parse_body(await request.body())
+
+
+async def _generate(request: Request, state: ServerState, engine: Engine, prompt: list[int],
+                    req: ChatCompletionRequest | CompletionRequest, *, chat: bool) -> Response:
+    params = state.fit_max_tokens(req.params, req.max_tokens_given, len(prompt))
+    handle = engine.submit(prompt, params, loop=asyncio.get_running_loop())
+    stats = _stats(request)
+    config = state.config
+    writer = ResponseWriter(
+        chat=chat, model=config.model_name, n=params.n, logprobs=params.logprobs,
+        include_usage=req.include_usage, formatter=state.formatter, stats=stats,
+        prices=(config.prompt_price, config.completion_price))
+    if req.stream:
+        events = with_keepalive(handle, config.keepalive_seconds)
+        return EventStreamResponse(writer.sse(events), cancel=handle.cancel,  # type: ignore[return-value]
+                                   send_timeout=config.send_timeout_seconds, stats=stats)
+    watcher = asyncio.create_task(wait_for_disconnect(request.receive))
+    watcher.add_done_callback(lambda task: task.cancelled() or handle.cancel())
+    try:
+        return JSONResponse(await writer.collect(handle))
+    finally:
+        watcher.cancel()
+
+
+@guarded
+async def chat_completions(request: Request) -> Response:
+    state = _state(request)
+    req = ChatCompletionRequest.from_json(await _read_json(request))
+    state.check_model(req.model)
+    # Structured output (tools, tool_choice, response_format) plugs in here: build the prompt
+    # with `tools` and pass the grammar constraints to `engine.submit`. Until then such a
+    # request is refused, never answered as if the field were absent.
+    field = req.structured_field()
+    if field is not None:
+        raise InvalidRequestError(f"{field} is not supported yet by this server", param=field)
+    engine = state.live_engine()
+    prompt = await asyncio.to_thread(engine.tokenizer.encode_chat, req.messages)
+    return await _generate(request, state, engine, prompt, req, chat=True)
+
+
+@guarded
+async def completions(request: Request) -> Response:
+    state = _state(request)
+    req = CompletionRequest.from_json(await _read_json(request))
+    state.check_model(req.model)
+    engine = state.live_engine()
+    if isinstance(req.prompt, str):
+        prompt = await asyncio.to_thread(engine.tokenizer.encode, req.prompt, bos=True)
+    else:
+        prompt = req.prompt  # token ids; the engine checks they are in the vocabulary
+    return await _generate(request, state, engine, prompt, req, chat=False)
+
+
+@guarded
+async def list_models(request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": [_state(request).model_card()]})
+
+
+@guarded
+async def get_model(request: Request) -> Response:
+    state = _state(request)
+    state.check_model(request.path_params["model"])
+    return JSONResponse(state.model_card())
+
+
+@guarded
+async def health(request: Request) -> Response:
+    state = _state(request)
+    engine = state.engine
+    if state.draining:
+        return JSONResponse({"status": "shutting_down"}, status_code=503,
+                            headers={"Retry-After": "5"})
+    if engine is None or not engine.alive:
+        return JSONResponse({"status": "unavailable"}, status_code=503)
+    return JSONResponse({"status": "ok", "model": state.config.model_name,
+                         "active": engine.num_active})
+
+
+# -- access log -------------------------------------------------------------------------------
+class AccessLog:
+    """One line per request: client, method, path, status, tokens, time to first token, total.
+
+    It wraps everything (the guards too, so refusals are logged) and writes the line when the
+    response is over, which for a stream is when its last event was sent.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        stats = scope.setdefault(STATS_KEY, {"start": time.perf_counter()})
+        status: int | None = None
+
+        async def record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            parts = [f'{client[0]}:{client[1]} "{scope["method"]} {scope["path"]}"',
+                     str(status or "-")]
+            if "prompt_tokens" in stats:
+                parts.append(f"prompt={stats['prompt_tokens']} "
+                             f"completion={stats.get('completion_tokens', 0)}")
+            if "ttft" in stats:
+                parts.append(f"ttft={stats['ttft']:.3f}s")
+            parts.append(f"total={time.perf_counter() - stats['start']:.3f}s")
+            if stats.get("disconnected"):
+                parts.append("client-disconnected")
+            access_log.info(" ".join(parts))
+
+
+# -- the application --------------------------------------------------------------------------
+def _lifespan(state: ServerState, load: Callable[[], Any] | None):
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        config = state.config
+        if state.engine is None:
+            if load is None:
+                from mlx_mistral.loader import load as load_checkpoint
+
+                load = functools.partial(load_checkpoint, config.model)
+            state.engine = await asyncio.to_thread(start_engine, config, load)
+        state.formatter = LogprobFormatter(state.engine.tokenizer.token_bytes())
+        yield
+        begin_drain(app)
+        log.info("shutting down: finishing %d in-flight request(s)", state.engine.num_active)
+        await asyncio.to_thread(state.engine.shutdown, drain=True,
+                                timeout=config.drain_timeout_seconds)
+
+    return lifespan
+
+
+def start_engine(config: ServerConfig, load: Callable[[], Any]) -> Engine:
+    """Load the model on a new engine thread and wait for it (logs progress).
+
+    Raises:
+        ModelNotFoundError, ModelLoadError: the checkpoint cannot be loaded.
+    """
+    log.info("loading %s%s ...", config.model, " (demo model)" if config.is_demo else "")
+    started = time.perf_counter()
+    engine = Engine(load, EngineConfig(max_batch=config.max_batch, max_queue=config.max_queue))
+    engine.start()
+    log.info("model %s loaded in %.1fs", config.model_name, time.perf_counter() - started)
+    return engine
+
+
+def create_app(config: ServerConfig, *, engine: Engine | None = None,
+               load: Callable[[], Any] | None = None) -> Starlette:
+    """Build the application.
+
+    Args:
+        config: the server settings.
+        engine: an engine already started (its model loaded); else the app starts one at
+            start-up with `load` (default: `mlx_mistral.load(config.model)`).
+        load: returns (model, tokenizer); runs on the engine thread.
+
+    Returns:
+        The Starlette app; its lifespan drains and stops the engine at shutdown.
+
+    Example:
+        >>> app = create_app(ServerConfig(model="path/to/ckpt", model_name="ckpt"))
+        >>> # uvicorn.run(app, host="127.0.0.1", port=8000)
+    """
+    state = ServerState(config, engine=engine)
+    chat = ["/v1/chat/completions", "/v1/openai/chat/completions"]
+    text = ["/v1/completions", "/v1/openai/completions"]
+    routes = [Route(p, chat_completions, methods=["POST"]) for p in chat]
+    routes += [Route(p, completions, methods=["POST"]) for p in text]
+    routes += [Route("/v1/models", list_models, methods=["GET"]),
+               Route("/v1/openai/models", list_models, methods=["GET"]),
+               Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+               Route("/health", health, methods=["GET"])]
+    middleware = [Middleware(AccessLog), *build_middleware(config)]
+    app = Starlette(routes=routes, middleware=middleware, lifespan=_lifespan(state, load),
+                    exception_handlers=EXCEPTION_HANDLERS)  # type: ignore[arg-type]
+    app.state.server = state
+    return app

@@ -1,0 +1,323 @@
+"""Request bodies -> typed, validated requests; and the response objects of the API.
+
+Body rules (one place, so every endpoint answers the same):
+- The Content-Type must be JSON (`application/json`, or any `*/*+json`), else 415. A browser
+  can send `text/plain` or form bodies cross-origin without a CORS preflight; insisting on JSON
+  means a hostile web page cannot make a local server generate for it.
+- The body must be UTF-8 JSON holding one object; anything else (invalid UTF-8, NaN, nesting too
+  deep for the parser, a list) is a 400 saying what was wrong.
+- A field set to null counts as not given. An unknown field is a 400 naming it (as OpenAI
+  answers), so a field that would change the output is never silently ignored; fields that
+  change nothing here (`user`, `metadata`, ...) are accepted and dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from mlx_mistral.errors import InvalidRequestError
+from mlx_mistral.sampling import TokenLogprobs
+from mlx_mistral.sampling_params import SamplingParams
+
+from .errors import UnsupportedMediaTypeError
+
+IGNORED_FIELDS = frozenset({"user", "metadata", "service_tier", "store", "safety_identifier",
+                            "prompt_cache_key"})
+"""Fields that only tag or route a request on a hosted service; they change no output."""
+
+_SAMPLING_FIELDS = ("temperature", "top_p", "min_p", "top_k", "max_tokens", "presence_penalty",
+                    "frequency_penalty", "repetition_penalty", "seed", "stop", "logit_bias", "n")
+_ALIASES = {"max_completion_tokens": "max_tokens", "repeat_penalty": "repetition_penalty"}
+_STRUCTURED_FIELDS = ("tools", "tool_choice", "response_format", "parallel_tool_calls")
+_CHAT_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "logprobs",
+                          "top_logprobs", *_SAMPLING_FIELDS, *_ALIASES, *_STRUCTURED_FIELDS})
+_COMPLETION_FIELDS = frozenset({"model", "prompt", "stream", "stream_options", "logprobs", "echo",
+                                "best_of", "suffix", *_SAMPLING_FIELDS, *_ALIASES})
+
+
+# -- body parsing ---------------------------------------------------------------------------
+def check_content_type(content_type: str | None) -> None:
+    """Raise UnsupportedMediaTypeError unless the body is declared as JSON."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise UnsupportedMediaTypeError(
+            f"the body must be JSON sent with 'Content-Type: application/json', got "
+            f"{(content_type or '(none)')[:100]!r}")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise InvalidRequestError(f"the request body is not valid JSON: {name} is not a JSON number")
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """Decode a request body into a JSON object.
+
+    Raises:
+        InvalidRequestError: empty, not UTF-8, not JSON, too deeply nested, or not an object.
+    """
+    if not raw.strip():
+        raise InvalidRequestError("the request body is empty; send a JSON object")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(
+            f"the request body is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        body = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise InvalidRequestError("the request body is nested too deeply to parse") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(
+            f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column "
+            f"{exc.colno}") from None
+    except ValueError as exc:  # e.g. an integer literal with more digits than Python allows
+        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError(
+            f"the request body must be a JSON object, got a JSON {_json_type(body)}")
+    return body
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
+
+
+# -- typed requests ---------------------------------------------------------------------------
+def _fields(body: dict[str, Any], known: frozenset[str]) -> dict[str, Any]:
+    """The body without nulls and ignored fields; an unknown field is a 400 naming it."""
+    out = {}
+    for key, value in body.items():
+        if key in IGNORED_FIELDS or value is None:
+            continue
+        if key not in known:
+            raise InvalidRequestError(f"unrecognized request argument: {key[:100]!r}",
+                                      param=key[:100], code="unknown_parameter")
+        out[key] = value
+    return out
+
+
+def _merge_aliases(fields: dict[str, Any]) -> None:
+    for alias, name in _ALIASES.items():
+        if alias in fields:
+            value = fields.pop(alias)
+            if name in fields and fields[name] != value:
+                raise InvalidRequestError(
+                    f"{alias} is another name for {name}; give one of them, not both with "
+                    "different values", param=alias)
+            fields[name] = value
+
+
+def _bool(fields: dict[str, Any], name: str) -> bool:
+    value = fields.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidRequestError(f"{name} must be a boolean, got {value!r:.100}", param=name)
+    return value
+
+
+def _model(fields: dict[str, Any]) -> str | None:
+    model = fields.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequestError(f"model must be a string, got {model!r:.100}", param="model")
+    return model
+
+
+def _include_usage(fields: dict[str, Any]) -> bool:
+    options = fields.get("stream_options", {})
+    if not isinstance(options, dict):
+        raise InvalidRequestError("stream_options must be an object", param="stream_options")
+    value = options.get("include_usage", False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidRequestError(f"stream_options.include_usage must be a boolean, got "
+                                  f"{value!r:.100}", param="stream_options.include_usage")
+    return value  # other options (continuous_usage_stats, ...) change no generated token
+
+
+def _sampling(fields: dict[str, Any], **extra: Any) -> SamplingParams:
+    kwargs = {name: fields[name] for name in _SAMPLING_FIELDS if name in fields}
+    return SamplingParams(**kwargs, **extra)
+
+
+@dataclass(frozen=True)
+class ChatCompletionRequest:
+    """A validated POST /v1/chat/completions body.
+
+    `messages` is kept as sent: the chat encoder validates it against the model's format and
+    names the bad field. `tools` ... `parallel_tool_calls` are kept as sent for the structured
+    output layer.
+    """
+
+    messages: Any
+    params: SamplingParams
+    model: str | None = None
+    stream: bool = False
+    include_usage: bool = False
+    tools: Any = None
+    tool_choice: Any = None
+    response_format: Any = None
+    parallel_tool_calls: Any = None
+    max_tokens_given: bool = False
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> ChatCompletionRequest:
+        """Raises InvalidRequestError naming the first bad field."""
+        fields = _fields(body, _CHAT_FIELDS)
+        _merge_aliases(fields)
+        if "messages" not in fields:
+            raise InvalidRequestError("messages is required", param="messages")
+        params = _sampling(fields, logprobs=_bool(fields, "logprobs"),
+                           top_logprobs=fields.get("top_logprobs", 0))
+        return cls(
+            messages=fields["messages"], params=params, model=_model(fields),
+            stream=_bool(fields, "stream"), include_usage=_include_usage(fields),
+            max_tokens_given="max_tokens" in fields,
+            **{name: fields.get(name) for name in _STRUCTURED_FIELDS},
+        )
+
+    def structured_field(self) -> str | None:
+        """The first field asking for tools or a response format, if any; values that ask for
+        nothing (no tools, tool_choice "none", response_format text) do not count."""
+        if self.tools not in (None, []):
+            return "tools"
+        if self.tool_choice not in (None, "none", "auto"):
+            return "tool_choice"
+        if self.response_format is not None and self.response_format != {"type": "text"}:
+            return "response_format"
+        return None
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """A validated POST /v1/completions body: raw text in, raw text out (no chat template).
+
+    `prompt` is a string (encoded with `<s>` first) or a list of token ids (used as given).
+    """
+
+    prompt: str | list[int]
+    params: SamplingParams
+    model: str | None = None
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens_given: bool = False
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> CompletionRequest:
+        """Raises InvalidRequestError naming the first bad field."""
+        fields = _fields(body, _COMPLETION_FIELDS)
+        _merge_aliases(fields)
+        for name, neutral in (("echo", False), ("best_of", 1), ("suffix", "")):
+            if name in fields and fields[name] != neutral:
+                raise InvalidRequestError(
+                    f"{name}={fields[name]!r:.100} is not supported; leave it out", param=name)
+        logprobs = fields.get("logprobs", 0)
+        if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= 5:
+            raise InvalidRequestError(f"logprobs must be an integer in [0, 5] (alternatives per "
+                                      f"token), got {logprobs!r:.100}", param="logprobs")
+        params = _sampling(fields, logprobs="logprobs" in fields, top_logprobs=logprobs)
+        return cls(prompt=_prompt(fields.get("prompt")), params=params, model=_model(fields),
+                   stream=_bool(fields, "stream"), include_usage=_include_usage(fields),
+                   max_tokens_given="max_tokens" in fields)
+
+
+def _prompt(prompt: Any) -> str | list[int]:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
+        return prompt
+    if (isinstance(prompt, list) and prompt
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+        return prompt
+    raise InvalidRequestError(
+        "prompt must be a non-empty string, a list of one string, or a list of token ids "
+        "(one prompt per request)", param="prompt")
+
+
+# -- responses --------------------------------------------------------------------------------
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int, *, prompt_price: float,
+          completion_price: float) -> dict[str, Any]:
+    """The usage object of the hosted API: token counts and the estimated cost in dollars."""
+    cost = prompt_tokens * prompt_price + completion_tokens * completion_price
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "estimated_cost": round(cost, 12)}
+
+
+class LogprobFormatter:
+    """Turns engine `TokenLogprobs` into OpenAI's shapes (chat and legacy completions)."""
+
+    def __init__(self, token_bytes: list[bytes]):
+        self.token_bytes = token_bytes
+
+    def _text(self, token: int) -> str:
+        return self.token_bytes[token].decode("utf-8", errors="replace")
+
+    def _entry(self, token: int, logprob: float) -> dict[str, Any]:
+        return {"token": self._text(token), "logprob": logprob,
+                "bytes": list(self.token_bytes[token])}
+
+    def chat(self, lp: TokenLogprobs) -> dict[str, Any]:
+        """One `choices[i].logprobs.content[j]` entry."""
+        return {**self._entry(lp.token, lp.logprob),
+                "top_logprobs": [self._entry(t, v) for t, v in lp.top]}
+
+    def completion(self, lps: list[TokenLogprobs], *, offset: int = 0) -> dict[str, Any]:
+        """A completions `choices[i].logprobs` object for consecutive tokens."""
+        tokens = [self._text(lp.token) for lp in lps]
+        offsets = []
+        for text in tokens:
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+                "top_logprobs": [{self._text(t): v for t, v in lp.top} for lp in lps],
+                "text_offset": offsets}
+
+
+def chat_choice(index: int, text: str, finish_reason: str | None,
+                logprobs: list[dict[str, Any]] | None) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": index,
+                              "message": {"role": "assistant", "content": text}}
+    if logprobs is not None:
+        choice["logprobs"] = {"content": logprobs}
+    choice["finish_reason"] = finish_reason
+    return choice
+
+
+def chunk_choice(index: int, delta: dict[str, Any], finish_reason: str | None,
+                 logprobs: Any = None) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": index, "delta": delta}
+    if logprobs is not None:
+        choice["logprobs"] = logprobs
+    choice["finish_reason"] = finish_reason
+    return choice
+
+
+def completion_choice(index: int, text: str, finish_reason: str | None,
+                      logprobs: dict[str, Any] | None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def envelope(object_type: str, response_id: str, created: int, model: str,
+             choices: list[dict[str, Any]], usage_: dict[str, Any] | None = None,
+             ) -> dict[str, Any]:
+    """The common outer object: {id, object, created, model, choices[, usage]}."""
+    out: dict[str, Any] = {"id": response_id, "object": object_type, "created": created,
+                           "model": model, "choices": choices}
+    if usage_ is not None:
+        out["usage"] = usage_
+    return out

@@ -1,0 +1,133 @@
+"""Pure ASGI middleware that guards a local server: Host allow-list, API key, body size.
+
+Order, outermost first (see `build_middleware`): Host check, then CORS (only when origins are
+configured: a browser's preflight carries no key), then the API key, then the body limit. Each
+refusal is an OpenAI error body sent before any handler runs.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mlx_mistral.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
+
+from .config import ServerConfig, host_name
+from .errors import PayloadTooLargeError, send_error
+
+UNAUTHENTICATED_PATHS = frozenset({"/health"})
+"""Paths served without a key: liveness probes carry none, and /health reveals nothing."""
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value
+    return None
+
+
+class HostFilter:
+    """403 to any Host header not on the allow-list (DNS rebinding: a hostile page whose name
+    resolves to 127.0.0.1 still sends its own name as Host)."""
+
+    def __init__(self, app: ASGIApp, *, allowed: frozenset[str]):
+        self.app = app
+        self.allowed = allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or "*" in self.allowed:
+            await self.app(scope, receive, send)
+            return
+        raw = _header(scope, b"host")
+        host = raw.decode("latin-1") if raw is not None else ""
+        if host_name(host) not in self.allowed:
+            shown = host if host else "(none)"
+            await send_error(send, PermissionDeniedError(
+                f"Host {shown[:100]!r} is not allowed; start the server with "
+                "--allowed-hosts to accept it", code="host_not_allowed"))
+            return
+        await self.app(scope, receive, send)
+
+
+class ApiKeyAuth:
+    """401 unless the request carries `Authorization: Bearer <key>` (compared in constant time).
+
+    With no key configured every request passes, whatever token it carries (clients such as the
+    openai package always send one).
+    """
+
+    def __init__(self, app: ASGIApp, *, api_key: str | None):
+        self.app = app
+        self.key = api_key.encode() if api_key is not None else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.key is None or scope["path"] in UNAUTHENTICATED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        header = _header(scope, b"authorization")
+        if header is None:
+            message = "missing API key: send 'Authorization: Bearer <key>'"
+        else:
+            scheme, _, token = header.partition(b" ")
+            if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+                await self.app(scope, receive, send)
+                return
+            message = "invalid API key"
+        await send_error(send, AuthenticationError(message), {"WWW-Authenticate": "Bearer"})
+
+
+class BodyLimit:
+    """413 for a body over `max_bytes`: refused up front by Content-Length, and counted as it
+    streams in (a chunked body has no length to check)."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> PayloadTooLargeError:
+        return PayloadTooLargeError(
+            f"the request body is larger than the server's limit of {self.max_bytes} bytes")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = _header(scope, b"content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                await send_error(send, InvalidRequestError(
+                    "the Content-Length header is not a number"))
+                return
+            if declared > self.max_bytes:
+                await send_error(send, self._too_large(), {"Connection": "close"})
+                return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._too_large()  # rendered by the handler reading the body
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def build_middleware(config: ServerConfig) -> list[Middleware]:
+    """The guard stack for `config`, outermost first."""
+    stack = [Middleware(HostFilter, allowed=config.host_allow_list)]
+    if config.cors_origins:
+        stack.append(Middleware(
+            CORSMiddleware, allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"], max_age=600))
+    stack.append(Middleware(ApiKeyAuth, api_key=config.api_key))
+    stack.append(Middleware(BodyLimit, max_bytes=config.max_body_bytes))
+    return stack

@@ -1,0 +1,99 @@
+"""Run a real `python -m mlx_mistral.server` process for tests (port chosen by the OS)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+_LISTENING = re.compile(r"serving .+ on http://(\S+?):(\d+)/v1")
+
+
+class ServerProcess:
+    """A server subprocess on a free port; use as a context manager.
+
+    Args:
+        model: the checkpoint directory to serve.
+        args: more `serve` flags.
+        timeout: seconds to wait for /health to answer 200.
+
+    Example:
+        >>> with ServerProcess(ckpt, "--api-key", "k") as server:
+        ...     httpx.get(server.url("/health"))
+    """
+
+    def __init__(self, model: str | Path, *args: str, timeout: float = 60.0):
+        self.argv = [sys.executable, "-m", "mlx_mistral.server", "--model", str(model),
+                     "--port", "0", *args]
+        self.timeout = timeout
+        self.port: int | None = None
+        self._log = tempfile.NamedTemporaryFile("w+", prefix="mlx-mistral-server-", suffix=".log",
+                                                delete=False)
+        self.proc: subprocess.Popen | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> ServerProcess:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("MLX_MISTRAL_API_KEY", None)
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True)
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            match = _LISTENING.search(self.log())
+            if match and self._healthy(int(match.group(2))):
+                self.port = int(match.group(2))
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"server did not become healthy in {self.timeout}s:\n{self.log()}")
+
+    def _healthy(self, port: int) -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, wait, and return the exit status (SIGKILL if it hangs)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self._log.close()
+        os.unlink(self._log.name)
+
+    # -- helpers -------------------------------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def log(self) -> str:
+        with open(self._log.name, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
