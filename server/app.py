@@ -25,14 +25,24 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlx_mistral.engine import Engine, EngineConfig
-from mlx_mistral.errors import (EngineDeadError, EngineOverloadedError, InvalidRequestError,
-                                MistralError, ModelNotFoundError)
+from mlx_mistral.errors import (
+    EngineDeadError,
+    EngineOverloadedError,
+    InvalidRequestError,
+    MistralError,
+    ModelNotFoundError,
+)
 from mlx_mistral.sampling_params import SamplingParams
 
 from .config import ServerConfig
 from .errors import EXCEPTION_HANDLERS, error_response, handle_unexpected
-from .schemas import (ChatCompletionRequest, CompletionRequest, LogprobFormatter,
-                      check_content_type, parse_body)
+from .schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    LogprobFormatter,
+    check_content_type,
+    parse_body,
+)
 from .security import build_middleware
 from .streaming import EventStreamResponse, ResponseWriter, wait_for_disconnect, with_keepalive
 
@@ -107,7 +117,7 @@ def guarded(handler: Handler) -> Handler:
             return error_response(exc)
         except ClientDisconnect:  # left while sending its body: nobody reads the answer
             return Response(status_code=400)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a bug must not reach the client as a traceback
             return await handle_unexpected(request, exc)
 
     return route
@@ -249,11 +259,12 @@ def _lifespan(state: ServerState, load: Callable[[], Any] | None):
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         config = state.config
         if state.engine is None:
-            if load is None:
+            loader = load
+            if loader is None:
                 from mlx_mistral.loader import load as load_checkpoint
 
-                load = functools.partial(load_checkpoint, config.model)
-            state.engine = await asyncio.to_thread(start_engine, config, load)
+                loader = functools.partial(load_checkpoint, config.model)
+            state.engine = await asyncio.to_thread(start_engine, config, loader)
         state.formatter = LogprobFormatter(state.engine.tokenizer.token_bytes())
         yield
         begin_drain(app)

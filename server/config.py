@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,7 +106,7 @@ class ServerConfig:
         need(self.max_queue >= 0, "--max-queue", f"must be at least 0, got {self.max_queue}")
         for flag, price in (("--prompt-price", self.prompt_price),
                             ("--completion-price", self.completion_price)):
-            need(price >= 0 and price == price and price != float("inf"), flag,
+            need(math.isfinite(price) and price >= 0, flag,
                  f"must be a finite price >= 0, got {price}")
         if self.default_max_tokens is not None:
             need(self.default_max_tokens >= 1, "--default-max-tokens",

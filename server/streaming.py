@@ -21,8 +21,16 @@ from mlx_mistral.batch import TokenEvent
 from mlx_mistral.errors import MistralError
 
 from .errors import InternalServerError, error_event
-from .schemas import (LogprobFormatter, chat_choice, chunk_choice, completion_choice, envelope,
-                      new_id, now, usage)
+from .schemas import (
+    LogprobFormatter,
+    chat_choice,
+    chunk_choice,
+    completion_choice,
+    envelope,
+    new_id,
+    now,
+    usage,
+)
 
 log = logging.getLogger("mlx_mistral.server")
 
@@ -238,14 +246,14 @@ class EventStreamResponse:
         except asyncio.TimeoutError:
             self.stats["disconnected"] = True
             log.warning("client stopped reading for %.0fs; generation cancelled", self.send_timeout)
-        except Exception:  # a bug: end the stream in a well-formed way, log the details
+        except Exception:
             log.exception("stream failed")
             try:
                 await send({"type": "http.response.body", "more_body": False,
                             "body": error_event(InternalServerError(
                                 "the server hit an internal error; see its log")) + DONE})
-            except Exception:
-                pass
+            except OSError as exc:
+                log.warning("could not report the failure to the client: %s", exc)
         finally:
             watcher.cancel()
             if not finished:

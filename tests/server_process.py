@@ -34,8 +34,8 @@ class ServerProcess:
                      "--port", "0", *args]
         self.timeout = timeout
         self.port: int | None = None
-        self._log = tempfile.NamedTemporaryFile("w+", prefix="mlx-mistral-server-", suffix=".log",
-                                                delete=False)
+        fd, self._log_path = tempfile.mkstemp(prefix="mlx-mistral-server-", suffix=".log")
+        self._log = os.fdopen(fd, "w+")
         self.proc: subprocess.Popen | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -74,13 +74,13 @@ class ServerProcess:
             self.proc.wait()
             raise
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self) -> ServerProcess:  # noqa: PYI034
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
         self._log.close()
-        os.unlink(self._log.name)
+        os.unlink(self._log_path)
 
     # -- helpers -------------------------------------------------------------------------------
     @property
@@ -91,7 +91,7 @@ class ServerProcess:
         return self.base_url + path
 
     def log(self) -> str:
-        with open(self._log.name, encoding="utf-8", errors="replace") as f:
+        with open(self._log_path, encoding="utf-8", errors="replace") as f:
             return f.read()
 
     @property
