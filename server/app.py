@@ -150,8 +150,13 @@ async def _generate(request: Request, state: ServerState, engine: Engine, prompt
         events = with_keepalive(handle, config.keepalive_seconds)
         return EventStreamResponse(writer.sse(events), cancel=handle.cancel,  # type: ignore[return-value]
                                    send_timeout=config.send_timeout_seconds, stats=stats)
+    def on_disconnect(task: asyncio.Task) -> None:
+        if not task.cancelled():
+            stats["disconnected"] = True
+            handle.cancel()
+
     watcher = asyncio.create_task(wait_for_disconnect(request.receive))
-    watcher.add_done_callback(lambda task: task.cancelled() or handle.cancel())
+    watcher.add_done_callback(on_disconnect)
     try:
         return JSONResponse(await writer.collect(handle))
     finally:

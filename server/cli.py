@@ -137,6 +137,11 @@ def run(args: argparse.Namespace) -> int:
         sock.close()
         print(f"mlx-mistral serve: error: {exc.message}", file=sys.stderr)
         return 1
+    except Exception as exc:  # noqa: BLE001 - e.g. an unreadable file: one line, not a traceback
+        sock.close()
+        print(f"mlx-mistral serve: error: cannot load {config.model}: {type(exc).__name__}: "
+              f"{exc}", file=sys.stderr)
+        return 1
     app = create_app(config, engine=engine)
 
     class Server(uvicorn.Server):

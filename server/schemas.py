@@ -14,6 +14,7 @@ Body rules (one place, so every endpoint answers the same):
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -79,7 +80,37 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequestError(
             f"the request body must be a JSON object, got a JSON {_json_type(body)}")
+    if _SURROGATE_ESCAPE.search(text):
+        _refuse_lone_surrogates(body)
     return body
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _refuse_lone_surrogates(body: dict[str, Any]) -> None:
+    """JSON may escape half of a UTF-16 pair ("\\ud800"): Python keeps it as a lone surrogate,
+    which is not text and which the tokenizer cannot encode. Name the field that has one."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            items: list[tuple[str, Any]] = []
+        elif isinstance(value, dict):
+            items = [(f"{path}.{k}" if path else str(k), v) for k, v in value.items()]
+            items += [(path or "body", k) for k in value]
+        elif isinstance(value, list):
+            items = [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+        else:
+            continue
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequestError(
+                    f"{path[:100]} holds a lone UTF-16 surrogate escape (such as \\ud800), "
+                    "which is not valid text", param=path[:100]) from None
+        stack.extend(items)
 
 
 def _json_type(value: Any) -> str:

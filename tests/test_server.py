@@ -16,7 +16,10 @@ import time
 import httpx
 import openai
 import pytest
+from mlx_mistral.server import ServerConfig, create_app
+from mlx_mistral.server.streaming import with_keepalive
 from server_process import ServerProcess
+from starlette.testclient import TestClient
 
 import mlx_mistral
 
@@ -336,8 +339,6 @@ def test_sigterm_lets_streams_finish_then_exits_cleanly(tiny_hf_checkpoint):
 
 
 def test_keepalive_while_waiting_for_the_first_token():
-    from mlx_mistral.server.streaming import with_keepalive
-
     async def slow_then_fast():
         await asyncio.sleep(0.25)  # a long prefill
         yield "a"
@@ -351,10 +352,6 @@ def test_keepalive_while_waiting_for_the_first_token():
 
 
 def test_create_app_loads_the_model_in_its_lifespan(tiny_hf_checkpoint):
-    from starlette.testclient import TestClient
-
-    from mlx_mistral.server import ServerConfig, create_app
-
     config = ServerConfig(model=str(tiny_hf_checkpoint), model_name="tiny",
                           allowed_hosts=("testserver",))
     app = create_app(config)
@@ -364,3 +361,23 @@ def test_create_app_loads_the_model_in_its_lifespan(tiny_hf_checkpoint):
         assert answer.status_code == 200 and answer.json()["model"] == "tiny"
         assert http.get("/health", headers={"Host": "evil.example"}).status_code == 403
     assert not app.state.server.engine.alive  # stopped by the lifespan
+
+
+def test_engine_stopping_mid_stream_sends_an_error_event_then_done(tiny_hf_checkpoint):
+    config = ServerConfig(model=str(tiny_hf_checkpoint), model_name="tiny",
+                          allowed_hosts=("testserver",))
+    app = create_app(config)
+    body = {"messages": MESSAGES, "stream": True, "max_tokens": 1500}
+    with TestClient(app) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data: {"))
+            app.state.server.engine.shutdown(drain=False)  # the engine goes away mid-stream
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        error = json.loads(rest[-2].removeprefix("data: "))["error"]
+        assert error["type"] == "server_error" and error["code"] == "engine_dead"
+        health = http.get("/health")
+        assert health.status_code == 503 and health.json() == {"status": "unavailable"}
+        failed = http.post("/v1/chat/completions", json={"messages": MESSAGES})
+        assert failed.status_code == 503 and failed.json()["error"]["code"] == "engine_dead"

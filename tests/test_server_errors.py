@@ -269,3 +269,13 @@ def test_refused_at_start_up(tiny_hf_checkpoint, args, words):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mlx-mistral serve: error:"), result.stderr
     assert words in lines[0]
+
+
+@pytest.mark.parametrize("path, body, param", [
+    (CHAT, b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "messages[0].content"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "a"}], "stop": ["\\udfff"]}', "stop[0]"),
+    ("/v1/completions", b'{"prompt": "\\udc00"}', "prompt"),
+])
+def test_lone_surrogate_escapes_are_400_naming_the_field(http, path, body, param):
+    error = error_of(post_raw(http, body, path), 400)
+    assert error["param"] == param and "surrogate" in error["message"]
