@@ -19,9 +19,9 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    import mlx.core as mx
+    from mlx_mistral import _blas  # first: its BLAS preload must precede mlx
 
-    from mlx_mistral import _blas
+    import mlx.core as mx
 
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     load = os.getloadavg()[0]

@@ -13,7 +13,9 @@ DEFAULT_REPO = "mistralai/Mistral-7B-Instruct-v0.2"
 # README images) is skipped so a download fetches only what we read.
 CHECKPOINT_PATTERNS = [
     "config.json",
-    "*.safetensors",
+    # model*.safetensors, not *.safetensors: some Mistral repos also ship the same weights as
+    # consolidated.safetensors (Mistral's own format), which would double the download.
+    "model*.safetensors",
     "model.safetensors.index.json",
     "tokenizer.model",
     "tokenizer.json",

@@ -33,7 +33,9 @@ def safetensors_files(path: Path) -> list[Path]:
         except (json.JSONDecodeError, KeyError) as exc:
             raise ModelLoadError(f"{index} is not a valid safetensors index: {exc}") from None
         return [path / name for name in sorted(set(weight_map.values()))]
-    files = sorted(path.glob("*.safetensors"))
+    # Prefer HF's model*.safetensors: a repo may also carry consolidated.safetensors (the same
+    # weights under Mistral's own tensor names).
+    files = sorted(path.glob("model*.safetensors")) or sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"no *.safetensors weights in {path} (PyTorch .bin checkpoints are not read)")
     return files
