@@ -1,0 +1,340 @@
+"""Grammar-constrained decoding: tool calls and JSON answers that are well-formed by construction.
+
+`make_constraints(spec, tokenizer, n)` turns a validated `StructuredRequest` (see
+`mlx_mistral.tool_calls`) into one `TokenConstraint` per choice for `BatchGenerator.add`. Each
+holds an llguidance matcher (the engine was chosen by measurement: docs/benchmarks-grammar.md)
+over a Lark grammar with inline JSON schemas; every step it yields the bool mask of tokens the
+grammar allows, and it is told every token the sequence takes.
+
+The grammars work on the bytes of the generated tokens, and the first generated token usually
+carries SentencePiece's dummy-prefix space ("▁[" is " ["): so every grammar accepts one optional
+leading space, which the detokenizer drops from the text.
+
+- A call (`tool_choice` "required" or a named function) is exactly the text `mlx_mistral.chat`
+  renders for an assistant call, so the conversation round-trips into the next prompt:
+
+      [TOOL_CALLS] [{"name": "get_weather", "arguments": {...}, "id": "call_AbC123xyz"}]
+
+  The name is one of the tools (the named one only, for a named choice); `arguments` is JSON
+  valid against that tool's `parameters` schema, written with the separators chat.py uses
+  (", " and ": ", no other whitespace). With `parallel_tool_calls` up to `MAX_PARALLEL_CALLS`
+  calls follow one another (", " between them), otherwise exactly one. The ids are chosen here
+  (`new_call_id`) and written into the grammar as literals: the model never invents or copies an
+  id, and `constraint.call_ids[i]` is known before the i-th call is generated (for streaming).
+  Once `]` closes the array the constraint finishes the sequence with "tool_calls".
+- `tool_choice` "auto": the answer is either free text that never contains `[TOOL_CALLS]`, or
+  optional text, one space, then a call array as above (what chat.py renders for an assistant
+  message with both content and calls). Text is unconstrained until the marker appears; from
+  there on the call is constrained. With a JSON `response_format`, the answer is JSON instead of
+  free text.
+- `tool_choice` "none" with tools: free text that never contains `[TOOL_CALLS]` (or the JSON
+  answer), so a model that has seen calls in the conversation cannot start one.
+- `response_format` json_object / json_schema without tools: the whole answer is the JSON value;
+  EOS is allowed exactly when the value is complete, and once nothing but EOS can follow, the
+  constraint ends the sequence with "stop".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import string
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import llguidance
+import mlx.core as mx
+import numpy as np
+
+from .chat import TOOL_CALLS_PREFIX
+from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .tool_calls import StructuredRequest
+
+MAX_PARALLEL_CALLS = 8  # most calls in one answer when parallel_tool_calls is true
+CALL_ID_CHARS = 9  # "call_" + 9 alphanumerics: ~62 bits; 24 would cost ~12 more forced tokens per call
+_ALPHANUM = string.ascii_letters + string.digits
+_BYTE_PIECE = re.compile(r"^<0x[0-9A-F]{2}>$")
+
+# JSON as mlx_mistral.chat writes it (json.dumps, separators ", " and ": ", ensure_ascii=False),
+# so a generated call re-renders byte for byte into the next prompt: no free whitespace (which also
+# keeps a sampled model from spinning on blank lines) and only the escapes json.dumps writes for
+# characters it does not leave raw ("\uXXXX" would be a second spelling of a raw character; the
+# control characters that json.dumps writes as "\u00XX" are left out). Number spellings are not
+# canonicalised ("1.50" re-renders as "1.5").
+JSON_OPTIONS: dict[str, Any] = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+    "json_allowed_escapes": '"\\bfnrt',
+}
+
+# Text that never contains the call marker (llguidance regex intersection and negation).
+_MARKER_RE = "\\[" + TOOL_CALLS_PREFIX[1:-1] + "\\]"
+_TEXT_RULES = f"""
+TEXT: /(?s:.*)/ & ~/(?s:.*){_MARKER_RE}(?s:.*)/
+"""
+
+_llg_tokenizers: weakref.WeakKeyDictionary[Tokenizer, llguidance.LLTokenizer] = weakref.WeakKeyDictionary()
+
+
+def new_call_id() -> str:
+    """A fresh tool-call id: "call_" and `CALL_ID_CHARS` random letters and digits."""
+    return "call_" + "".join(secrets.choice(_ALPHANUM) for _ in range(CALL_ID_CHARS))
+
+
+def schema_grammar(schema: Mapping[str, Any]) -> str:
+    """The llguidance grammar (JSON form) of one JSON schema with the package's JSON options.
+
+    Used to check at request time that the engine can compile a schema (`check_schema_compiles`).
+    """
+    return llguidance.LLMatcher.grammar_from_json_schema(dict(schema), overrides=JSON_OPTIONS)
+
+
+def check_schema_compiles(schema: Mapping[str, Any]) -> str | None:
+    """Why the grammar engine cannot compile `schema`, or None if it can.
+
+    Args:
+        schema: A JSON schema (already checked against the JSON Schema meta-schema).
+
+    Returns:
+        The engine's error message (e.g. an unsupported keyword), or None.
+    """
+    try:
+        error = llguidance.LLMatcher.validate_grammar(schema_grammar(schema))
+    except ValueError as exc:
+        return str(exc)
+    return error or None
+
+
+def make_llg_tokenizer(tokenizer: Tokenizer) -> llguidance.LLTokenizer:
+    """The llguidance view of our SentencePiece vocabulary (built once per tokenizer, ~0.1 s).
+
+    Token bytes come from `Tokenizer.token_bytes()` ("▁" as a space, byte-fallback pieces as
+    their byte); `<unk>`, `<s>`, `</s>` are declared special, so no grammar text can produce them
+    and EOS is allowed only where the grammar accepts.
+    """
+    cached = _llg_tokenizers.get(tokenizer)
+    if cached is None:
+        cached = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_VocabView(tokenizer)))
+        _llg_tokenizers[tokenizer] = cached
+    return cached
+
+
+class _VocabView:
+    """What `llguidance.TokenizerWrapper` reads from a tokenizer."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.eos_token_id = tokenizer.eos_id
+        self.bos_token_id = tokenizer.bos_id
+        self.tokens = list(tokenizer.token_bytes())
+        self.special_token_ids = sorted(tokenizer.special_ids | _redundant_byte_tokens(tokenizer))
+        self._tokenizer = tokenizer
+
+    def __call__(self, text: str | bytes) -> list[int]:
+        # llguidance tokenizes bytes the grammar forces mid-answer, so no dummy-prefix space:
+        # encoding "\n" + text gives "▁", "<0x0A>", then text's own pieces (none spans "\n").
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        return self._tokenizer.encode("\n" + text)[2:]
+
+
+def _redundant_byte_tokens(tokenizer: Tokenizer) -> set[int]:
+    """Byte-fallback tokens SentencePiece never emits, because a normal piece spells that byte.
+
+    Declared special (so no grammar allows them): `<0x20>` as the first token would spell the
+    answer's leading space in a way the detokenizer keeps (it drops only a "▁"), and the others
+    are second spellings of plain ASCII. Bytes without such a piece (newline, UTF-8 parts) stay.
+    """
+    table = tokenizer.token_bytes()
+    is_byte = [_BYTE_PIECE.match(tokenizer.id_to_piece(i)) is not None for i in range(len(table))]
+    single = {b for i, b in enumerate(table) if len(b) == 1 and not is_byte[i]} - {
+        table[i] for i in tokenizer.special_ids}
+    return {i for i, b in enumerate(table) if is_byte[i] and b in single}
+
+
+def bitmask_to_mlx(bitmask: bytes, vocab_size: int) -> mx.array:
+    """llguidance's packed bitmask (bit i of little-endian words = token i) as bool [vocab]."""
+    bits = np.unpackbits(np.frombuffer(bitmask, dtype=np.uint8), bitorder="little")
+    return mx.array(bits[:vocab_size].view(np.bool_))
+
+
+# -- grammars ------------------------------------------------------------------------------------
+def _lit(text: str) -> str:
+    """A Lark string literal (JSON string syntax is what llguidance's Lark reads)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _json_rule(name: str, schema: Mapping[str, Any]) -> str:
+    merged = {**schema, "x-guidance": {**schema.get("x-guidance", {}), **JSON_OPTIONS}}
+    return f"{name}: %json {json.dumps(merged, ensure_ascii=False)}\n"
+
+
+def arguments_schema(parameters: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The schema a call's `arguments` must satisfy: the tool's parameters, always an object.
+
+    No parameters means a function without arguments (`{}`), as in the OpenAI API.
+    """
+    if parameters is None:
+        return {"type": "object", "properties": {}, "additionalProperties": False}
+    schema = dict(parameters)
+    schema.setdefault("type", "object")
+    return schema
+
+
+def calls_rules(tools: Sequence[tuple[str, Mapping[str, Any] | None]], call_ids: Sequence[str]) -> str:
+    """Rules `calls` (the array body between "[" and "]") for the given (name, parameters)."""
+    rules = []
+    names = []
+    for k, (name, parameters) in enumerate(tools):
+        rules.append(f"fn_{k}: {_lit(json.dumps(name) + ', ' + json.dumps('arguments') + ': ')} args_{k}\n")
+        rules.append(_json_rule(f"args_{k}", arguments_schema(parameters)))
+        names.append(f"fn_{k}")
+    rules.append(f"fn: {' | '.join(names)}\n")
+    for i, call_id in enumerate(call_ids):
+        close = _lit(", " + json.dumps("id") + ": " + json.dumps(call_id) + "}")
+        rules.append(f"call_{i}: {_lit('{' + json.dumps('name') + ': ')} fn {close}\n")
+    # call_0 (", " call_1 (", " call_2 ...)?)?
+    body = f"call_{len(call_ids) - 1}"
+    for i in range(len(call_ids) - 2, -1, -1):
+        body = f'call_{i} (", " {body})?'
+    rules.append(f"calls: {body}\n")
+    return "".join(rules)
+
+
+def build_grammar(spec: StructuredRequest, call_ids: Sequence[str]) -> str | None:
+    """The Lark grammar of one choice's answer, or None when the answer is unconstrained.
+
+    Args:
+        spec: The validated request.
+        call_ids: The ids written into the calls, one per possible call.
+
+    Returns:
+        llguidance Lark text, or None (plain text with no tools, or with `tool_choice` "none"
+        and no tools).
+    """
+    fmt = spec.response_format
+    answer = None  # rule name of the non-call answer, if constrained
+    rules = ["%llguidance {}\n"]
+    if fmt.type == "json_object":
+        rules.append(_json_rule("json_answer", {"type": "object"}))
+        answer = '" "? json_answer'
+    elif fmt.type == "json_schema":
+        rules.append(_json_rule("json_answer", fmt.schema or {}))
+        answer = '" "? json_answer'
+
+    choice = spec.tool_choice
+    if not spec.tools or choice == "none":
+        if spec.tools:  # tools known to the conversation: text must not start a call
+            rules.append(_TEXT_RULES)
+            answer = answer or "TEXT"
+        if answer is None:
+            return None
+        rules.append(f"start: {answer}\n")
+        return "".join(rules)
+
+    tools = [(t.name, t.parameters) for t in spec.tools]
+    if choice == "function":
+        tools = [t for t in tools if t[0] == spec.function_name]
+    rules.append(calls_rules(tools, call_ids))
+    array = f'"[" calls "]"'
+    if choice in ("required", "function"):
+        rules.append(f'start: " "? {_lit(TOOL_CALLS_PREFIX + " ")} {array}\n')
+    elif answer is None:  # auto, free text: optional text, one space, then the marker
+        rules.append(_TEXT_RULES)
+        rules.append(f'CALL_HEAD: (TEXT " ")? {_lit(TOOL_CALLS_PREFIX + " ")}\n')
+        rules.append("call_head[lazy]: CALL_HEAD\n")
+        rules.append(f"start: TEXT | call_head {array}\n")
+    else:  # auto with a JSON answer: the JSON value, or the calls
+        rules.append(f'start: {answer} | " "? {_lit(TOOL_CALLS_PREFIX + " ")} {array}\n')
+    return "".join(rules)
+
+
+# -- the constraint ------------------------------------------------------------------------------
+class GrammarConstraint:
+    """One sequence's grammar state (implements `mlx_mistral.batch.TokenConstraint`).
+
+    Attributes:
+        call_ids: The ids of the calls this answer may make, in order (empty without tools).
+        grammar: The Lark grammar text.
+    """
+
+    def __init__(self, grammar: str, tokenizer: Tokenizer, *, call_ids: Sequence[str] = ()):
+        """Compile `grammar` for `tokenizer`.
+
+        Raises:
+            ValueError: If llguidance refuses the grammar (request validation should have
+                caught every case first).
+        """
+        self.grammar = grammar
+        self.call_ids = tuple(call_ids)
+        self._vocab_size = tokenizer.vocab_size
+        self._eos = tokenizer.eos_id
+        self._token_bytes = tokenizer.token_bytes()
+        self._matcher = llguidance.LLMatcher(make_llg_tokenizer(tokenizer), grammar, log_level=0)
+        if self._matcher.is_error():
+            raise ValueError(f"grammar does not compile: {self._matcher.get_error()}")
+        self._tail = b""  # the last bytes generated, to see the call marker appear
+        self._in_calls = False
+        self._eos_only = mx.array(np.arange(self._vocab_size) == self._eos)
+
+    @property
+    def error(self) -> str | None:
+        """Why the matcher stopped accepting tokens (None while it is well)."""
+        return self._matcher.get_error() if self._matcher.is_error() else None
+
+    @property
+    def in_calls(self) -> bool:
+        """Whether the answer has begun a call array."""
+        return self._in_calls
+
+    def allowed_mask(self) -> mx.array:
+        """bool [vocab]: the tokens the grammar allows next (EOS only where it accepts)."""
+        if self._matcher.is_error():
+            return self._eos_only  # end the sequence rather than sample from an empty set
+        return bitmask_to_mlx(self._matcher.compute_bitmask(), self._vocab_size)
+
+    def advance(self, token: int) -> None:
+        """Consume the token the sequence took."""
+        self._matcher.consume_token(token)
+        if not self._in_calls and self.call_ids and token != self._eos:
+            self._tail = (self._tail + self._token_bytes[token])[-64:]
+            self._in_calls = TOOL_CALLS_PREFIX.encode() in self._tail
+
+    def forced_finish_reason(self) -> str | None:
+        """"tool_calls" once the call array is closed; "stop" once a JSON answer is complete."""
+        if self._matcher.is_error() or not self._matcher.is_stopped():
+            return None
+        return "tool_calls" if self._in_calls else "stop"
+
+
+def make_constraints(
+    spec: StructuredRequest, tokenizer: Tokenizer, n: int
+) -> list[GrammarConstraint] | None:
+    """One constraint per choice for `BatchGenerator.add(..., constraints=...)`.
+
+    Args:
+        spec: The validated request (`mlx_mistral.tool_calls.parse_structured_request`).
+        tokenizer: The model's tokenizer.
+        n: Number of choices.
+
+    Returns:
+        `n` fresh constraints (each with its own call ids), or None when nothing is constrained.
+
+    Example:
+        >>> spec = parse_structured_request(tools=tools, tool_choice="required")  # doctest: +SKIP
+        >>> gen.add(prompt, params, constraints=make_constraints(spec, tokenizer, params.n))  # doctest: +SKIP
+    """
+    max_calls = MAX_PARALLEL_CALLS if spec.parallel_tool_calls else 1
+    constraints = []
+    for _ in range(n):
+        calls = spec.tools and spec.tool_choice != "none"
+        call_ids = [new_call_id() for _ in range(max_calls)] if calls else []
+        grammar = build_grammar(spec, call_ids)
+        if grammar is None:
+            return None
+        constraints.append(GrammarConstraint(grammar, tokenizer, call_ids=call_ids))
+    return constraints
