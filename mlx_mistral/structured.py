@@ -36,7 +36,9 @@ leading space, which the detokenizer drops from the text.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import re
 import secrets
 import string
@@ -81,9 +83,14 @@ TEXT: /(?s:.*)/ & ~/(?s:.*){_MARKER_RE}(?s:.*)/
 _llg_tokenizers: weakref.WeakKeyDictionary[Tokenizer, llguidance.LLTokenizer] = weakref.WeakKeyDictionary()
 
 
-def new_call_id() -> str:
-    """A fresh tool-call id: "call_" and `CALL_ID_CHARS` random letters and digits."""
-    return "call_" + "".join(secrets.choice(_ALPHANUM) for _ in range(CALL_ID_CHARS))
+def new_call_id(rng: random.Random | None = None) -> str:
+    """A tool-call id: "call_" and `CALL_ID_CHARS` random letters and digits.
+
+    Args:
+        rng: Where the randomness comes from (default: the OS's secure source).
+    """
+    choose = rng.choice if rng is not None else secrets.choice
+    return "call_" + "".join(choose(_ALPHANUM) for _ in range(CALL_ID_CHARS))
 
 
 def schema_grammar(schema: Mapping[str, Any]) -> str:
@@ -240,7 +247,7 @@ def build_grammar(spec: StructuredRequest, call_ids: Sequence[str]) -> str | Non
     if choice == "function":
         tools = [t for t in tools if t[0] == spec.function_name]
     rules.append(calls_rules(tools, call_ids))
-    array = f'"[" calls "]"'
+    array = '"[" calls "]"'
     if choice in ("required", "function"):
         rules.append(f'start: " "? {_lit(TOOL_CALLS_PREFIX + " ")} {array}\n')
     elif answer is None:  # auto, free text: optional text, one space, then the marker
@@ -312,7 +319,12 @@ class GrammarConstraint:
 
 
 def make_constraints(
-    spec: StructuredRequest, tokenizer: Tokenizer, n: int
+    spec: StructuredRequest,
+    tokenizer: Tokenizer,
+    n: int,
+    *,
+    seed: int | None = None,
+    prompt: Sequence[int] = (),
 ) -> list[GrammarConstraint] | None:
     """One constraint per choice for `BatchGenerator.add(..., constraints=...)`.
 
@@ -320,6 +332,11 @@ def make_constraints(
         spec: The validated request (`mlx_mistral.tool_calls.parse_structured_request`).
         tokenizer: The model's tokenizer.
         n: Number of choices.
+        seed: The request's seed. The call ids are forced tokens, so they are part of the
+            output: with a seed they are derived from it and the prompt, and a seeded request
+            is reproducible (the next turn's prompt differs, so its ids do too). Without, they
+            are fresh random ids.
+        prompt: The prompt token ids (only read with a seed).
 
     Returns:
         `n` fresh constraints (each with its own call ids), or None when nothing is constrained.
@@ -329,10 +346,14 @@ def make_constraints(
         >>> gen.add(prompt, params, constraints=make_constraints(spec, tokenizer, params.n))  # doctest: +SKIP
     """
     max_calls = MAX_PARALLEL_CALLS if spec.parallel_tool_calls else 1
+    calls = bool(spec.tools) and spec.tool_choice != "none"
     constraints = []
-    for _ in range(n):
-        calls = spec.tools and spec.tool_choice != "none"
-        call_ids = [new_call_id() for _ in range(max_calls)] if calls else []
+    for choice in range(n):
+        rng = None
+        if seed is not None:
+            digest = hashlib.sha256(repr((seed, choice, list(prompt))).encode()).digest()
+            rng = random.Random(digest)
+        call_ids = [new_call_id(rng) for _ in range(max_calls)] if calls else []
         grammar = build_grammar(spec, call_ids)
         if grammar is None:
             return None

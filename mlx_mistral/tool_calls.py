@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -302,7 +302,7 @@ def split_tool_calls(text: str) -> tuple[str, list[dict[str, Any]] | None]:
     if at < 0:
         return text, None
     content = text[:at]
-    content = content[:-1] if content.endswith(" ") else content
+    content = content.removesuffix(" ")
     calls = _parse_call_array(text, at + len(TOOL_CALLS_PREFIX))
     return (text, None) if calls is None else (content, calls)
 
@@ -457,7 +457,7 @@ class ToolCallStreamer:
         if at >= 0:
             content = text[:at]
             self._held, self._calls = content, text[at + len(TOOL_CALLS_PREFIX):]
-            return StreamDelta(content[:-1] if content.endswith(" ") else content, tuple(self._read()))
+            return StreamDelta(content.removesuffix(" "), tuple(self._read()))
         keep = max((k for k in range(1, min(len(text), len(_MARKER_HOLD[0])) + 1)
                     if any(m.startswith(text[-k:]) for m in _MARKER_HOLD)), default=0)
         self._held = text[len(text) - keep:]

@@ -66,7 +66,7 @@ def run_batch(model_tok, spec, *, max_tokens, seeds=SEEDS, logit_bias=None):
     gen = BatchGenerator(model, tok, max_batch=seeds)
     runs = {}
     for seed in range(seeds):
-        constraints = make_constraints(spec, tok, 1)
+        constraints = make_constraints(spec, tok, 1, seed=seed, prompt=prompt)
         params = SamplingParams(temperature=1.0, seed=seed, max_tokens=max_tokens, logit_bias=logit_bias)
         uid = gen.add(prompt, params, constraints=constraints)
         streamer = ToolCallStreamer(call_ids=constraints[0].call_ids if spec.tools else None)
@@ -132,7 +132,7 @@ def test_named_choice_always_calls_that_function(model_tok):
 
 def test_parallel_calls_each_valid_with_their_own_ids(model_tok):
     spec = parse_structured_request(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}})
-    runs = run_batch(model_tok, spec, max_tokens=260, seeds=30)  # 8 calls of ~28 tokens fit
+    runs = run_batch(model_tok, spec, max_tokens=320, seeds=30)  # 8 calls of <= 36 tokens fit
     counts = Counter(len(check_calls(run, {"get_time"})) for run in runs)
     assert min(counts) == 1 and max(counts) > 2 and max(counts) <= 8  # at most MAX_PARALLEL_CALLS
 
@@ -156,7 +156,7 @@ def test_json_schema_answers_parse_and_validate(model_tok):
 
 
 def test_json_object_answers_are_objects(model_tok):
-    model, tok = model_tok
+    _, tok = model_tok
     # Random weights would never close a free-form key; a bias towards closing tokens ends them.
     closing = [i for i in range(tok.vocab_size) if tok.id_to_piece(i) in ('"', '}', '"}', '",', '"]', ']', '▁}')]
     spec = parse_structured_request(response_format={"type": "json_object"})
@@ -172,7 +172,7 @@ def test_json_object_answers_are_objects(model_tok):
 def test_auto_answers_text_or_a_valid_call(model_tok):
     spec = parse_structured_request(tools=TOOLS)  # tool_choice defaults to "auto"
     for run in run_batch(model_tok, spec, max_tokens=16):
-        content, calls = split_tool_calls(run["text"])
+        _, calls = split_tool_calls(run["text"])
         if calls is None:
             assert run["finish"] in ("stop", "length") and "[TOOL_CALLS]" not in run["text"]
             assert assemble(run["deltas"]) == (run["text"], None)
@@ -254,6 +254,19 @@ def test_each_choice_gets_its_own_call_ids(model_tok):
     assert all(i.startswith("call_") and len(i) == 14 and i[5:].isalnum() for i in ids)
     assert len(make_constraints(parse_structured_request(tools=TOOLS, tool_choice="required",
                                                          parallel_tool_calls=False), tok, 1)[0].call_ids) == 1
+
+
+def test_seeded_call_ids_are_reproducible_per_prompt(model_tok):
+    _, tok = model_tok
+    spec = parse_structured_request(tools=TOOLS)
+
+    def ids(seed, prompt):
+        return [c.call_ids for c in make_constraints(spec, tok, 2, seed=seed, prompt=prompt)]
+
+    assert ids(7, [1, 2, 3]) == ids(7, [1, 2, 3])
+    assert ids(7, [1, 2, 3])[0] != ids(7, [1, 2, 3])[1]  # each choice its own
+    assert ids(7, [1, 2, 3]) != ids(7, [1, 2, 4]) and ids(7, [1, 2, 3]) != ids(8, [1, 2, 3])
+    assert ids(None, [1]) != ids(None, [1])
 
 
 def test_bitmask_conversion_matches_the_engine(model_tok):
