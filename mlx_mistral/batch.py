@@ -15,7 +15,7 @@ from typing import Protocol, Sequence
 import mlx.core as mx
 
 from .cache import BatchKVCache, filter_caches, merge_caches
-from .errors import ContextLengthExceededError, EngineOverloadedError, InvalidRequestError
+from .errors import ContextLengthExceededError, InvalidRequestError
 from .model import Model
 from .prefix_cache import PrefixCache
 from .sampling import SamplerState, TokenLogprobs, sample
@@ -133,7 +133,7 @@ class BatchGenerator:
 
         Raises:
             ContextLengthExceededError: the prompt (plus max_tokens) exceeds the context window.
-            EngineOverloadedError: it could never fit the KV budget.
+            InvalidRequestError: it could never fit the KV budget, or a bad token id.
         """
         if not prompt:
             raise InvalidRequestError("the prompt is empty", param="messages")
@@ -153,12 +153,12 @@ class BatchGenerator:
         max_new = room if params.max_tokens is None else params.max_tokens
         if self.kv_budget_bytes is not None:
             need = params.n * (len(prompt) + max_new) * self.kv_bytes_per_token
-            if need > self.kv_budget_bytes:
-                raise EngineOverloadedError(
-                    f"the request needs {need / 2**20:.0f} MiB of KV cache, more than the "
-                    f"{self.kv_budget_bytes / 2**20:.0f} MiB budget; lower max_tokens or n",
+            if need > self.kv_budget_bytes:  # retrying cannot help: a 400, not a 503
+                raise InvalidRequestError(
+                    f"the request needs {need / 2**20:.0f} MiB of KV cache for its prompt plus "
+                    f"max_tokens, more than this server's {self.kv_budget_bytes / 2**20:.0f} MiB; "
+                    f"lower max_tokens or n",
                     param="max_tokens",
-                    retry_after=0,
                 )
         return max_new
 

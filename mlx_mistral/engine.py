@@ -219,9 +219,12 @@ class Engine:
         if not self._accepting:
             raise EngineOverloadedError("the server is shutting down", retry_after=5)
         self.generator.check(prompt, params)  # reads only immutable settings: thread-safe
-        if self._queued >= self.config.max_queue:
+        # Waiting = handed to the engine thread but not yet picked up, plus admitted-pending
+        # requests held for KV memory or batch room (len() of a deque is atomic in CPython).
+        waiting = self._queued + len(self.generator.waiting)
+        if waiting >= self.config.max_queue:
             raise EngineOverloadedError(
-                f"{self._queued} requests are already waiting; retry shortly", retry_after=1
+                f"{waiting} requests are already waiting; retry shortly", retry_after=1
             )
         handle = RequestHandle(self, list(prompt), params, constraints, loop)
         self._queued += 1
@@ -280,8 +283,8 @@ class Engine:
                     break
                 block = False
                 if command == "add":
-                    self._queued -= 1
                     self._add(payload)
+                    self._queued -= 1  # after _add: a concurrent count errs high, never low
                 elif command == "cancel" and payload.uid is not None:
                     generator.cancel(payload.uid)
                 elif command == "stop":

@@ -11,7 +11,7 @@ import pytest
 from mlx_mistral import Engine, EngineConfig, SamplingParams
 from mlx_mistral.batch import BatchGenerator
 from mlx_mistral.cache import BatchKVCache
-from mlx_mistral.errors import ContextLengthExceededError, EngineOverloadedError
+from mlx_mistral.errors import ContextLengthExceededError, EngineOverloadedError, InvalidRequestError
 from mlx_mistral.prefix_cache import PrefixCache
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
@@ -137,8 +137,9 @@ def test_context_and_budget_limits(tiny_model):
     assert err.value.code == "context_length_exceeded" and "too many" in err.value.message
     with pytest.raises(ContextLengthExceededError):
         generator.add([1, 2, 3], SamplingParams(max_tokens=model.args.max_position_embeddings))
-    with pytest.raises(EngineOverloadedError):  # could never fit the budget
+    with pytest.raises(InvalidRequestError, match="KV cache") as err:  # could never fit
         generator.add([1] * 60, SamplingParams(max_tokens=10))
+    assert err.value.param == "max_tokens"
     # Two that fit only one at a time: the second waits for the first, then runs.
     a = generator.add([1] * 20, SamplingParams(temperature=0, max_tokens=30))
     b = generator.add([1] * 20, SamplingParams(temperature=0, max_tokens=30))
@@ -216,3 +217,22 @@ def test_lazy_arrays_do_not_cross_threads():
     t.join()
     assert seen == [[1, 2, 3]]
     assert errors and "Stream" in errors[0]
+
+
+def test_engine_queue_limit_counts_requests_waiting_for_room(tiny_hf_checkpoint):
+    import mlx_mistral
+
+    config = EngineConfig(max_batch=1, max_queue=2)
+    engine = Engine(lambda: mlx_mistral.load(tiny_hf_checkpoint), config).start()
+    try:
+        long = SamplingParams(temperature=0, max_tokens=400, logit_bias={2: -100})
+        running = engine.submit([1, 2, 3], long)
+        next(iter(running))  # the first request is decoding; max_batch=1 keeps the rest waiting
+        waiting = [engine.submit([1, 2, 3], long) for _ in range(2)]
+        with pytest.raises(EngineOverloadedError) as err:
+            engine.submit([1, 2, 3], long)
+        assert err.value.retry_after > 0
+        for handle in [running, *waiting]:
+            handle.cancel()
+    finally:
+        engine.shutdown()
