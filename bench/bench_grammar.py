@@ -8,7 +8,7 @@ median, p90, max). For llguidance (the engine the package uses) we also time the
 its bitmask into the MLX bool array the sampler takes, and the package's own grammars (a forced
 tool call; free text in `tool_choice: "auto"`).
 
-Run:  python bench/bench_grammar.py            (prints the table, rewrites docs/benchmarks-grammar.md)
+Run:  python bench/bench_grammar.py            (prints the table, rewrites the `grammar` section of docs/benchmarks.md)
       python bench/bench_grammar.py --no-write (prints only)
 
 xgrammar and outlines-core are not dependencies of the package: install them to compare
@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
@@ -34,7 +35,6 @@ import numpy as np
 from mlx_mistral.tokenizer import Tokenizer
 
 TOKENIZER = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks-grammar.md"
 REPEATS = 5  # walks of the answer per engine; the statistics pool every step of every walk
 
 SCHEMA: dict[str, Any] = {
@@ -274,9 +274,11 @@ def main() -> None:
           f"max {conv[3]:.0f} µs\n")
     print(pkg_table)
     if not args.no_write:
-        DOC.parent.mkdir(parents=True, exist_ok=True)
-        DOC.write_text(render_doc(machine_text, len(ids), table, conv, pkg_table))
-        print(f"\nwrote {DOC}")
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from report import write_section
+
+        write_section("grammar", render_doc(machine_text, len(ids), table, conv, pkg_table))
+        print("\nwrote the grammar section of docs/benchmarks.md")
 
 
 def render_doc(machine_text: str, n_ids: int, table: str, conv: tuple[float, ...], pkg_table: str) -> str:
@@ -285,7 +287,7 @@ def render_doc(machine_text: str, n_ids: int, table: str, conv: tuple[float, ...
                                pkg_table=pkg_table, schema=json.dumps(SCHEMA, indent=2))
 
 
-DOC_TEMPLATE = """# Grammar engine: per-token mask cost at vocab 32000
+DOC_TEMPLATE = """## Grammar engine: per-token mask cost at vocab 32000
 
 Written by `python bench/bench_grammar.py` (numbers below are from its last run).
 
@@ -312,7 +314,7 @@ The package's own grammars through its `TokenConstraint` (mask computation + con
 
 {pkg_table}
 
-## Decision: llguidance
+### Decision: llguidance
 
 - Per-token cost does not separate the three: each computes a 32000-token mask in microseconds
   (tens at worst) on this CPU, and the conversion to an MLX array costs about as much again. A

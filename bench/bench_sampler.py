@@ -3,9 +3,9 @@
 Times one full `sample()` call (penalties, filters, draw, host transfer of the tokens) per step
 for batch 1 and 16, beside one decode forward of the tiny test model (hidden 64, 2 layers,
 vocab 32000, lm_head included). Prints a markdown
-table and writes it, with the machine described, to docs/benchmarks-sampler.md.
+table and writes it, with the machine described, to the `sampler` section of docs/benchmarks.md.
 
-    python bench/bench_sampler.py [--steps 30] [--out docs/benchmarks-sampler.md]
+    python bench/bench_sampler.py [--steps 30]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -136,7 +137,6 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="timed steps per figure")
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks-sampler.md"))
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
@@ -176,8 +176,10 @@ def main() -> None:
         lines.append(f"| {batch} | {name} | {kind} | {ms:.2f} | {fwd:.2f} | {ms / fwd:.2f} |")
     table = "\n".join(lines)
     print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table + "\n")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from report import write_section
+
+    write_section("sampler", table)
 
 
 if __name__ == "__main__":
