@@ -2,7 +2,7 @@
 
 `make_constraints(spec, tokenizer, n)` turns a validated `StructuredRequest` (see
 `mlx_mistral.tool_calls`) into one `TokenConstraint` per choice for `BatchGenerator.add`. Each
-holds an llguidance matcher (the engine was chosen by measurement: docs/benchmarks-grammar.md)
+holds an llguidance matcher (the engine was chosen by measurement: docs/benchmarks.md, "Grammar engine")
 over a Lark grammar with inline JSON schemas; every step it yields the bool mask of tokens the
 grammar allows, and it is told every token the sequence takes.
 
