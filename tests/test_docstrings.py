@@ -1,0 +1,26 @@
+"""The examples in the public API's docstrings run (on the bundled demo model)."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "mlx_mistral",
+    "mlx_mistral.loader",
+    "mlx_mistral.generate",
+    "mlx_mistral.engine",
+    "mlx_mistral.model",
+    "mlx_mistral.sampling",
+    "mlx_mistral.sampling_params",
+    "mlx_mistral.stopping",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples_run(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
