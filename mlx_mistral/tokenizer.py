@@ -37,10 +37,16 @@ class Tokenizer:
     """The Mistral v0.2 SentencePiece tokenizer.
 
     Example:
-        >>> tok = Tokenizer.from_file("tokenizer.model")  # doctest: +SKIP
-        >>> ids = tok.encode("Hello world", bos=True)  # doctest: +SKIP
-        >>> tok.decode(ids)  # doctest: +SKIP
+        >>> from mlx_mistral import demo_model_path
+        >>> tok = Tokenizer.from_dir(demo_model_path())
+        >>> ids = tok.encode("Hello world", bos=True)
+        >>> tok.decode(ids)
         'Hello world'
+        >>> ids = tok.encode_chat([{"role": "user", "content": "Hello!"}])
+        >>> tok.decode(ids)
+        '[INST] Hello! [/INST]'
+        >>> ids[:2] == [tok.bos_id, tok.encode("[INST]")[0]]
+        True
     """
 
     def __init__(self, processor: SentencePieceProcessor, *, path: Path | None = None):

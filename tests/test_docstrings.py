@@ -16,6 +16,7 @@ MODULES = [
     "mlx_mistral.sampling",
     "mlx_mistral.sampling_params",
     "mlx_mistral.stopping",
+    "mlx_mistral.tokenizer",
 ]
 
 
