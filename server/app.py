@@ -43,6 +43,7 @@ from .schemas import (
     check_content_type,
     parse_body,
 )
+from .openapi import openapi_json
 from .security import build_middleware
 from .streaming import EventStreamResponse, ResponseWriter, wait_for_disconnect, with_keepalive
 
@@ -319,7 +320,8 @@ def create_app(config: ServerConfig, *, engine: Engine | None = None,
     routes += [Route("/v1/models", list_models, methods=["GET"]),
                Route("/v1/openai/models", list_models, methods=["GET"]),
                Route("/v1/models/{model:path}", get_model, methods=["GET"]),
-               Route("/health", health, methods=["GET"])]
+               Route("/health", health, methods=["GET"]),
+               Route("/openapi.json", openapi_json, methods=["GET"])]
     middleware = [Middleware(AccessLog), *build_middleware(config)]
     app = Starlette(routes=routes, middleware=middleware, lifespan=_lifespan(state, load),
                     exception_handlers=EXCEPTION_HANDLERS)  # type: ignore[arg-type]
