@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -28,11 +28,12 @@ from mlx_mistral.engine import Engine, EngineConfig
 from mlx_mistral.errors import (
     EngineDeadError,
     EngineOverloadedError,
-    InvalidRequestError,
     MistralError,
     ModelNotFoundError,
 )
 from mlx_mistral.sampling_params import SamplingParams
+from mlx_mistral.structured import GrammarConstraint, make_constraints
+from mlx_mistral.tokenizer import Tokenizer
 
 from .config import ServerConfig
 from .errors import EXCEPTION_HANDLERS, error_response, handle_unexpected
@@ -137,16 +138,41 @@ async def _read_json(request: Request) -> dict[str, Any]:
     return parse_body(await request.body())
 
 
+def chat_prompt(tokenizer: Tokenizer, req: ChatCompletionRequest,
+                ) -> tuple[list[int], list[GrammarConstraint] | None]:
+    """The prompt ids of a chat request and, for tools or a JSON response_format, one grammar
+    constraint per choice.
+
+    Runs off the event loop: a first grammar builds the vocabulary's grammar view (~0.1 s).
+    The constraints hold no lazy MLX array (only arrays made from data, which any thread may
+    evaluate), so the engine thread can use them.
+
+    Raises:
+        InvalidRequestError: a message or tool that the chat format refuses, naming it.
+    """
+    spec = req.structured
+    prompt = tokenizer.encode_chat(req.messages, tools=spec.prompt_tools)
+    if not spec.constrained:
+        return prompt, None
+    params = req.params
+    return prompt, make_constraints(spec, tokenizer, params.n, seed=params.seed, prompt=prompt)
+
+
 async def _generate(request: Request, state: ServerState, engine: Engine, prompt: list[int],
-                    req: ChatCompletionRequest | CompletionRequest, *, chat: bool) -> Response:
+                    req: ChatCompletionRequest | CompletionRequest, *, chat: bool,
+                    constraints: Sequence[GrammarConstraint] | None = None) -> Response:
     params = state.fit_max_tokens(req.params, req.max_tokens_given, len(prompt))
-    handle = engine.submit(prompt, params, loop=asyncio.get_running_loop())
+    handle = engine.submit(prompt, params, constraints=constraints,
+                           loop=asyncio.get_running_loop())
     stats = _stats(request)
     config = state.config
+    call_ids = None
+    if isinstance(req, ChatCompletionRequest) and req.parses_tool_calls and constraints:
+        call_ids = [c.call_ids for c in constraints]
     writer = ResponseWriter(
         chat=chat, model=config.model_name, n=params.n, logprobs=params.logprobs,
         include_usage=req.include_usage, formatter=state.formatter, stats=stats,
-        prices=(config.prompt_price, config.completion_price))
+        prices=(config.prompt_price, config.completion_price), call_ids=call_ids)
     if req.stream:
         events = with_keepalive(handle, config.keepalive_seconds)
         return EventStreamResponse(writer.sse(events), cancel=handle.cancel,  # type: ignore[return-value]
@@ -169,15 +195,10 @@ async def chat_completions(request: Request) -> Response:
     state = _state(request)
     req = ChatCompletionRequest.from_json(await _read_json(request))
     state.check_model(req.model)
-    # Structured output (tools, tool_choice, response_format) plugs in here: build the prompt
-    # with `tools` and pass the grammar constraints to `engine.submit`. Until then such a
-    # request is refused, never answered as if the field were absent.
-    field = req.structured_field()
-    if field is not None:
-        raise InvalidRequestError(f"{field} is not supported yet by this server", param=field)
     engine = state.live_engine()
-    prompt = await asyncio.to_thread(engine.tokenizer.encode_chat, req.messages)
-    return await _generate(request, state, engine, prompt, req, chat=True)
+    prompt, constraints = await asyncio.to_thread(chat_prompt, engine.tokenizer, req)
+    return await _generate(request, state, engine, prompt, req, chat=True,
+                           constraints=constraints)
 
 
 @guarded

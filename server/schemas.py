@@ -17,12 +17,13 @@ import json
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mlx_mistral.errors import InvalidRequestError
 from mlx_mistral.sampling import TokenLogprobs
 from mlx_mistral.sampling_params import SamplingParams
+from mlx_mistral.tool_calls import StructuredRequest, parse_structured_request
 
 from .errors import UnsupportedMediaTypeError
 
@@ -180,8 +181,8 @@ class ChatCompletionRequest:
     """A validated POST /v1/chat/completions body.
 
     `messages` is kept as sent: the chat encoder validates it against the model's format and
-    names the bad field. `tools` ... `parallel_tool_calls` are kept as sent for the structured
-    output layer.
+    names the bad field. `tools`, `tool_choice`, `parallel_tool_calls` and `response_format`
+    are validated here, into `structured` (`mlx_mistral.tool_calls`).
     """
 
     messages: Any
@@ -189,10 +190,7 @@ class ChatCompletionRequest:
     model: str | None = None
     stream: bool = False
     include_usage: bool = False
-    tools: Any = None
-    tool_choice: Any = None
-    response_format: Any = None
-    parallel_tool_calls: Any = None
+    structured: StructuredRequest = field(default_factory=StructuredRequest)
     max_tokens_given: bool = False
 
     @classmethod
@@ -204,23 +202,18 @@ class ChatCompletionRequest:
             raise InvalidRequestError("messages is required", param="messages")
         params = _sampling(fields, logprobs=_bool(fields, "logprobs"),
                            top_logprobs=fields.get("top_logprobs", 0))
+        structured = parse_structured_request(**{name: fields.get(name)
+                                                 for name in _STRUCTURED_FIELDS})
         return cls(
             messages=fields["messages"], params=params, model=_model(fields),
             stream=_bool(fields, "stream"), include_usage=_include_usage(fields),
-            max_tokens_given="max_tokens" in fields,
-            **{name: fields.get(name) for name in _STRUCTURED_FIELDS},
+            structured=structured, max_tokens_given="max_tokens" in fields,
         )
 
-    def structured_field(self) -> str | None:
-        """The first field asking for tools or a response format, if any; values that ask for
-        nothing (no tools, tool_choice "none", response_format text) do not count."""
-        if self.tools not in (None, []):
-            return "tools"
-        if self.tool_choice not in (None, "none", "auto"):
-            return "tool_choice"
-        if self.response_format is not None and self.response_format != {"type": "text"}:
-            return "response_format"
-        return None
+    @property
+    def parses_tool_calls(self) -> bool:
+        """Whether answers may hold tool calls (tools given and `tool_choice` is not "none")."""
+        return bool(self.structured.tools) and self.structured.tool_choice != "none"
 
 
 @dataclass(frozen=True)
@@ -320,9 +313,14 @@ class LogprobFormatter:
 
 
 def chat_choice(index: int, text: str, finish_reason: str | None,
-                logprobs: list[dict[str, Any]] | None) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": index,
-                              "message": {"role": "assistant", "content": text}}
+                logprobs: list[dict[str, Any]] | None,
+                tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One `choices[i]` of a chat.completion; with tool calls, an empty content is null."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["content"] = text or None
+        message["tool_calls"] = tool_calls
+    choice: dict[str, Any] = {"index": index, "message": message}
     if logprobs is not None:
         choice["logprobs"] = {"content": logprobs}
     choice["finish_reason"] = finish_reason

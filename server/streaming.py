@@ -1,7 +1,8 @@
 """Engine events -> one JSON response, or a text/event-stream of chunks ending in `data: [DONE]`.
 
 `ResponseWriter` turns the `TokenEvent`s of one request into either shape (chat or legacy
-completions). `EventStreamResponse` is the ASGI response that sends the stream: it listens for
+completions); for a chat request with tools it reads the calls out of the text (`split_tool_calls`
+for one body, a `ToolCallStreamer` per choice for a stream). `EventStreamResponse` is the ASGI response that sends the stream: it listens for
 the client going away and cancels the generation at once (the engine drops the sequence at its
 next step), and it gives up on a client that stops reading for `send_timeout` seconds.
 """
@@ -19,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from mlx_mistral.batch import TokenEvent
 from mlx_mistral.errors import MistralError
+from mlx_mistral.tool_calls import StreamDelta, ToolCallStreamer, split_tool_calls
 
 from .errors import InternalServerError, error_event
 from .schemas import (
@@ -85,11 +87,13 @@ class ResponseWriter:
         prices: (per prompt token, per completion token) for usage.estimated_cost.
         formatter: renders logprobs.
         stats: the request's access-log record (token counts, time to first token).
+        call_ids: chat with tools: per choice, the ids its grammar forces into its calls
+            (`GrammarConstraint.call_ids`); None when answers hold no tool calls.
     """
 
     def __init__(self, *, chat: bool, model: str, n: int, logprobs: bool, include_usage: bool,
                  prices: tuple[float, float], formatter: LogprobFormatter,
-                 stats: dict[str, Any]):
+                 stats: dict[str, Any], call_ids: list[tuple[str, ...]] | None = None):
         self.chat = chat
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.created = now()
@@ -103,6 +107,7 @@ class ResponseWriter:
         self.prompt_tokens = 0
         self.completion_tokens = [0] * n
         self.text_offsets = [0] * n  # completions logprobs count characters per choice
+        self.call_ids = call_ids
 
     def _record(self, event: TokenEvent) -> None:
         self.prompt_tokens = max(self.prompt_tokens, event.prompt_tokens)
@@ -149,7 +154,12 @@ class ResponseWriter:
         for i in range(self.n):
             text = "".join(texts[i])
             if self.chat:
-                choices.append(chat_choice(i, text, finish[i], entries[i] if self.logprobs else None))
+                calls = None
+                if self.call_ids is not None:
+                    text, calls = split_tool_calls(text)
+                reason = "tool_calls" if calls and finish[i] == "stop" else finish[i]
+                choices.append(chat_choice(i, text, reason, entries[i] if self.logprobs else None,
+                                           calls))
             else:
                 lp = self.formatter.completion(entries[i]) if self.logprobs else None
                 choices.append(completion_choice(i, text, finish[i], lp))
@@ -160,14 +170,21 @@ class ResponseWriter:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return sse_data(envelope(kind, self.id, self.created, self.model, choices))
 
-    def _delta(self, index: int, text: str, finish: str | None, logprobs: Any) -> bytes:
+    def _delta(self, index: int, text: str, finish: str | None, logprobs: Any,
+               tool_calls: tuple[dict[str, Any], ...] = ()) -> bytes:
         if self.chat:
-            delta = {"content": text} if finish is None else {}
+            delta: dict[str, Any] = {}
+            if finish is None and (text or not tool_calls):
+                delta["content"] = text
+            if tool_calls:
+                delta["tool_calls"] = list(tool_calls)
             return self._chunk([chunk_choice(index, delta, finish, logprobs)])
         return self._chunk([completion_choice(index, text, finish, logprobs)])
 
     async def sse(self, events: AsyncIterator[TokenEvent | None]) -> AsyncIterator[bytes]:
         """The event stream; None items (see `with_keepalive`) become SSE comments."""
+        streamers = [ToolCallStreamer(call_ids=ids) for ids in self.call_ids or ()]
+        called = [False] * self.n
         if self.chat:
             for i in range(self.n):
                 yield self._chunk([chunk_choice(i, {"role": "assistant", "content": ""}, None)])
@@ -180,11 +197,23 @@ class ResponseWriter:
                     continue
                 self._record(event)
                 logprobs = self._token_logprobs(event)
-                if event.text or logprobs is not None:
-                    yield self._delta(event.index, event.text, None, logprobs)
+                text, calls = event.text, ()
+                if streamers:  # call text becomes tool_calls deltas, never content
+                    delta = streamers[event.index].feed(text)
+                    if event.finish_reason is not None:
+                        last = streamers[event.index].finish()
+                        delta = StreamDelta(delta.content + last.content,
+                                            delta.tool_calls + last.tool_calls)
+                    text, calls = delta.content, delta.tool_calls
+                    called[event.index] |= bool(calls)
+                if text or calls or logprobs is not None:
+                    yield self._delta(event.index, text, None, logprobs, calls)
                 self.text_offsets[event.index] += len(event.text)
                 if event.finish_reason is not None:
-                    yield self._delta(event.index, "", event.finish_reason, None)
+                    reason = event.finish_reason
+                    if called[event.index] and reason == "stop":
+                        reason = "tool_calls"
+                    yield self._delta(event.index, "", reason, None)
         except MistralError as exc:
             log.warning("stream %s failed: %s", self.id, exc.message)
             yield error_event(exc)

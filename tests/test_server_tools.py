@@ -1,0 +1,328 @@
+"""Tools and structured output end to end: the openai client against a real server process.
+
+The tiny checkpoint has random weights, so every guarantee here comes from constrained decoding,
+not from the model: a call that is required or named always names a tool and carries arguments
+valid against its schema, a json_schema answer always parses and validates. Each is checked over
+100 seeds sent as concurrent requests (the engine decodes them as one batch). Schemas bound their
+strings (maxLength, enum), as a random model would rarely close a free string within max_tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections import Counter
+
+import jsonschema
+import openai
+import pytest
+from server_process import ServerProcess
+
+from mlx_mistral.tokenizer import Tokenizer
+
+SEEDS = 100
+
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 14},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TIME = {
+    "type": "object",
+    "properties": {"tz": {"enum": ["UTC", "CET", "PST"]}},
+    "required": ["tz"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather",
+                                      "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "parameters": TIME}},
+    {"type": "function", "function": {"name": "ping"}},  # no parameters: arguments must be {}
+]
+SCHEMAS = {"get_weather": WEATHER, "get_time": TIME,
+           "ping": {"type": "object", "maxProperties": 0}}
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
+PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+NAMED_TIME = {"type": "function", "function": {"name": "get_time"}}
+CALL_ID = re.compile(r"call_[A-Za-z0-9]{9}")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_hf_checkpoint):
+    with ServerProcess(tiny_hf_checkpoint, "--max-batch", str(SEEDS), "--max-queue",
+                       str(2 * SEEDS)) as proc:
+        yield proc
+        assert "Traceback" not in proc.log(), proc.log()
+
+
+@pytest.fixture(scope="module")
+def name(tiny_hf_checkpoint):
+    return tiny_hf_checkpoint.name
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url("/v1"), api_key="k", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_hf_checkpoint):
+    return Tokenizer.from_file(tiny_hf_checkpoint / "tokenizer.model")
+
+
+def create_many(server, name: str, requests: list[dict]) -> list:
+    """Send all requests at once (AsyncOpenAI); streamed ones come back accumulated."""
+
+    async def one(aclient: openai.AsyncOpenAI, body: dict):
+        if not body.get("stream"):
+            return await aclient.chat.completions.create(model=name, **body)
+        stream = await aclient.chat.completions.create(model=name, **body)
+        return accumulate([chunk async for chunk in stream])
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=server.url("/v1"), api_key="k", max_retries=0,
+                                      timeout=120) as aclient:
+            return await asyncio.gather(*(one(aclient, body) for body in requests))
+
+    return asyncio.run(run())
+
+
+def accumulate(chunks) -> list[dict]:
+    """Stream chunks -> per choice {content, tool_calls, finish_reason}, as a client adds up
+    OpenAI deltas (a call's first delta has its id, type and name; later ones only arguments)."""
+    out: dict[int, dict] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            acc = out.setdefault(choice.index, {"content": "", "tool_calls": {}, "finish_reason": None})
+            delta = choice.delta
+            acc["content"] += delta.content or ""
+            for part in delta.tool_calls or []:
+                if part.id is not None:
+                    assert part.index not in acc["tool_calls"] and part.type == "function"
+                    assert part.function.arguments == ""
+                    acc["tool_calls"][part.index] = {"id": part.id, "type": "function", "function": {
+                        "name": part.function.name, "arguments": ""}}
+                else:
+                    assert part.function.name is None
+                    acc["tool_calls"][part.index]["function"]["arguments"] += part.function.arguments
+            if choice.finish_reason is not None:
+                acc["finish_reason"] = choice.finish_reason
+    return [{**acc, "tool_calls": [acc["tool_calls"][i] for i in sorted(acc["tool_calls"])] or None}
+            for _, acc in sorted(out.items())]
+
+
+def as_dicts(answer) -> list[dict]:
+    """A non-streamed answer in the shape of `accumulate`."""
+    out = []
+    for choice in answer.choices:
+        calls = choice.message.tool_calls
+        out.append({"content": choice.message.content or "", "finish_reason": choice.finish_reason,
+                    "tool_calls": [c.model_dump() for c in calls] if calls else None})
+    return out
+
+
+def check_calls(choice, allowed: set[str]) -> list:
+    """A finished call answer: no content, named tools, schema-valid arguments, fresh ids."""
+    assert choice.finish_reason == "tool_calls", choice
+    assert choice.message.content is None and choice.message.tool_calls, choice
+    for call in choice.message.tool_calls:
+        assert call.type == "function" and CALL_ID.fullmatch(call.id)
+        assert call.function.name in allowed
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    return choice.message.tool_calls
+
+
+# -- a whole conversation ------------------------------------------------------------------------
+def test_round_trip_call_result_answer(name, client, tokenizer):
+    first = client.chat.completions.create(model=name, messages=ASK, tools=TOOLS, seed=3,
+                                           tool_choice="required", parallel_tool_calls=False,
+                                           max_tokens=120)
+    (choice,) = first.choices
+    (call,) = check_calls(choice, set(SCHEMAS))
+    assert first.usage.prompt_tokens == len(tokenizer.encode_chat(ASK, tools=TOOLS))
+
+    # The client sends the call back as it got it, then the tool's result for that call id.
+    conversation = [*ASK, choice.message.model_dump(exclude_none=True),
+                    {"role": "tool", "tool_call_id": call.id, "content": "18 degrees, sunny"}]
+    answer = client.chat.completions.create(model=name, messages=conversation, tools=TOOLS,
+                                            tool_choice="none", max_tokens=12, seed=4)
+    (final,) = answer.choices
+    assert final.finish_reason in ("stop", "length") and final.message.tool_calls is None
+    assert isinstance(final.message.content, str) and "[TOOL_CALLS]" not in final.message.content
+    # "none" shows the model no tools: the prompt is the conversation alone.
+    assert answer.usage.prompt_tokens == len(tokenizer.encode_chat(conversation))
+
+    answer = client.chat.completions.create(model=name, messages=conversation, tools=TOOLS,
+                                            max_tokens=12, seed=4)  # tool_choice "auto"
+    assert answer.usage.prompt_tokens == len(tokenizer.encode_chat(conversation, tools=TOOLS))
+    (final,) = answer.choices
+    if final.message.tool_calls:
+        check_calls(final, set(SCHEMAS))
+    else:
+        assert final.finish_reason in ("stop", "length")
+        assert "[TOOL_CALLS]" not in final.message.content
+
+
+def test_tool_messages_render_as_the_library_renders_them(name, client, tokenizer):
+    calls = [{"id": "call_abc123XYZ", "type": "function",
+              "function": {"name": "get_time", "arguments": '{"tz": "CET"}'}}]
+    conversation = [*ASK, {"role": "assistant", "content": None, "tool_calls": calls},
+                    {"role": "tool", "tool_call_id": "call_abc123XYZ", "content": "12:00"},
+                    {"role": "user", "content": "And in Tokyo?"}]
+    answer = client.chat.completions.create(model=name, messages=conversation, tools=TOOLS,
+                                            max_tokens=1)
+    assert answer.usage.prompt_tokens == len(tokenizer.encode_chat(conversation, tools=TOOLS))
+
+
+# -- guarantees over 100 seeds -------------------------------------------------------------------
+@pytest.mark.parametrize("tool_choice, allowed, max_tokens", [
+    ("required", set(SCHEMAS), 120),
+    (NAMED_TIME, {"get_time"}, 60),
+])
+def test_required_and_named_calls_are_always_valid(name, server, tool_choice, allowed, max_tokens):
+    answers = create_many(server, name, [
+        {"messages": ASK, "tools": TOOLS, "tool_choice": tool_choice, "seed": seed,
+         "parallel_tool_calls": False, "max_tokens": max_tokens, "temperature": 1.0}
+        for seed in range(SEEDS)])
+    names = Counter()
+    ids = set()
+    for answer in answers:
+        (call,) = check_calls(answer.choices[0], allowed)
+        names[call.function.name] += 1
+        ids.add(call.id)
+    assert set(names) == allowed  # the model picks among all the allowed tools
+    assert len(ids) == SEEDS  # every answer its own call id
+
+
+def test_parallel_calls_are_each_valid(name, server):
+    answers = create_many(server, name, [
+        {"messages": ASK, "tools": TOOLS, "tool_choice": NAMED_TIME, "seed": seed,
+         "max_tokens": 320} for seed in range(20)])  # 8 calls of <= 36 tokens fit
+    counts = Counter(len(check_calls(a.choices[0], {"get_time"})) for a in answers)
+    assert max(counts) > 1  # parallel_tool_calls defaults to true
+
+
+def test_json_schema_answers_always_parse_and_validate(name, server):
+    answers = create_many(server, name, [
+        {"messages": ASK, "response_format": PERSON_FORMAT, "seed": seed, "max_tokens": 60}
+        for seed in range(SEEDS)])
+    for answer in answers:
+        (choice,) = answer.choices
+        assert choice.finish_reason == "stop" and choice.message.tool_calls is None, choice
+        jsonschema.validate(json.loads(choice.message.content), PERSON)
+
+
+def test_auto_with_a_json_answer_gives_json_or_a_valid_call(name, server):
+    # With a JSON response_format, "auto" lets the model choose between the JSON answer and a
+    # call right from the first token, so a random model takes both ways.
+    answers = create_many(server, name, [
+        {"messages": ASK, "tools": TOOLS, "response_format": PERSON_FORMAT, "seed": seed,
+         "parallel_tool_calls": False, "max_tokens": 120} for seed in range(40)])
+    kinds = Counter()
+    for answer in answers:
+        (choice,) = answer.choices
+        if choice.message.tool_calls:
+            check_calls(choice, set(SCHEMAS))
+            kinds["call"] += 1
+        else:
+            assert choice.finish_reason == "stop", choice
+            jsonschema.validate(json.loads(choice.message.content), PERSON)
+            kinds["json"] += 1
+    assert kinds["call"] and kinds["json"]
+
+
+# -- streaming -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("body", [
+    {"tool_choice": "required", "parallel_tool_calls": False, "max_tokens": 120},
+    {"tool_choice": NAMED_TIME, "max_tokens": 320},  # several calls in one answer
+    {"response_format": PERSON_FORMAT, "parallel_tool_calls": False, "max_tokens": 120},  # auto
+    {"tool_choice": "required", "parallel_tool_calls": False, "max_tokens": 120, "n": 3},
+], ids=["required", "parallel", "auto-json", "n3"])
+def test_streaming_gives_the_same_calls(name, server, body):
+    seeds = range(8)
+    requests = [{"messages": ASK, "tools": TOOLS, "seed": seed, "stream": stream, **body}
+                for stream in (False, True) for seed in seeds]
+    answers = create_many(server, name, requests)
+    plain, streamed = answers[:len(seeds)], answers[len(seeds):]
+    for answer, chunks in zip(plain, streamed):
+        assert chunks == as_dicts(answer)
+        assert any(c["tool_calls"] for c in chunks) or body.get("response_format")
+        for choice in chunks:
+            if choice["tool_calls"]:
+                assert choice["content"] == "" and choice["finish_reason"] == "tool_calls"
+
+
+def test_stream_deltas_follow_openai(name, server):
+    events = []
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=server.url("/v1"), api_key="k",
+                                      max_retries=0) as aclient:
+            stream = await aclient.chat.completions.create(
+                model=name, messages=ASK, tools=TOOLS, tool_choice=NAMED_TIME, seed=5,
+                parallel_tool_calls=False, max_tokens=60, stream=True)
+            events.extend([c async for c in stream])
+
+    asyncio.run(run())
+    deltas = [c.choices[0].delta for c in events if c.choices]
+    assert deltas[0].role == "assistant"
+    parts = [p for d in deltas for p in d.tool_calls or []]
+    head, *arguments = parts
+    assert (head.index, head.type, head.function.name) == (0, "function", "get_time")
+    assert CALL_ID.fullmatch(head.id) and head.function.arguments == ""
+    assert len(arguments) > 1  # arguments stream as they are generated, not in one piece
+    assert all(p.index == 0 and p.id is None and p.function.name is None for p in arguments)
+    assert json.loads("".join(p.function.arguments for p in arguments))["tz"] in TIME[
+        "properties"]["tz"]["enum"]
+    assert not any(d.content for d in deltas)  # no call text leaks as content
+    assert events[-1].choices[0].finish_reason == "tool_calls"
+
+
+# -- bad input -----------------------------------------------------------------------------------
+def tool(name: str, parameters: dict | None = None) -> dict:
+    fn = {"name": name} if parameters is None else {"name": name, "parameters": parameters}
+    return {"type": "function", "function": fn}
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"tools": [tool("f", {"type": "object", "properties": {"a": {"type": "nonsense"}}})]},
+     "tools[0].function.parameters", "not a valid JSON Schema"),
+    ({"tools": [tool("f", {"type": "string"})]}, "tools[0].function.parameters", "object"),
+    ({"tools": [tool("f")], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+     "tool_choice.function.name", "'g'"),
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"tools": [tool("f")], "parallel_tool_calls": "yes"}, "parallel_tool_calls", "boolean"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": {
+        "type": "object", "minProperties": "two"}}}}, "response_format.json_schema.schema",
+     "not a valid JSON Schema"),
+    ({"response_format": {"type": "yaml"}}, "response_format", "'yaml'"),
+    ({"messages": [*ASK, {"role": "tool", "tool_call_id": "call_nobody00", "content": "1"}]},
+     "messages[1].tool_call_id", "call_nobody00"),
+    ({"messages": [*ASK, {"role": "assistant", "tool_calls": [
+        {"id": "call_a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_b", "content": "1"}]},
+     "messages[2].tool_call_id", "call_b"),
+])
+def test_bad_tool_fields_are_400_naming_them(name, client, body, param, words):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(**{"model": name, "messages": ASK, "max_tokens": 1,
+                                          **body})
+    error = caught.value
+    assert error.param == param and words in error.message, error.body
