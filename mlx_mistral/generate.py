@@ -1,19 +1,25 @@
 """Offline generation from Python: `stream_generate` -> `generate`, and `batch_generate`.
 
 All three drive the same `BatchGenerator` the server's engine uses, on the calling thread.
+`stream_generate` and `generate` take the chat API's `tools`, `tool_choice`,
+`parallel_tool_calls` and `response_format` too, enforced by the same grammars as in the server.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from .batch import BatchGenerator, TokenEvent
+from .errors import InvalidRequestError
 from .model import Model
 from .prefix_cache import PrefixCache
 from .sampling import TokenLogprobs
 from .sampling_params import SamplingParams
+from .structured import make_constraints
 from .tokenizer import Tokenizer
+from .tool_calls import parse_structured_request
 
 Prompt = str | Sequence[dict[str, Any]] | Sequence[int]
 
@@ -30,15 +36,27 @@ class GenerationChunk:
     logprobs: TokenLogprobs | None = None
 
 
-def prompt_ids(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
-    """Token ids of a prompt: chat messages are formatted as Mistral-Instruct; a string is raw
-    text (with the BOS token, no chat template); a list of ints is used as is."""
+def prompt_ids(tokenizer: Tokenizer, prompt: Prompt, *,
+               tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+    """Token ids of a prompt: chat messages are formatted as Mistral-Instruct (with `tools`
+    rendered in); a string is raw text (with the BOS token, no chat template); a list of ints
+    is used as is.
+
+    Raises:
+        InvalidRequestError: a bad message, or `tools` with a prompt that is not chat messages
+            (only the chat format shows the model its tools).
+    """
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt, bos=True)
-    prompt = list(prompt)
-    if prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return prompt
-    return tokenizer.encode_chat(prompt)
+        ids = tokenizer.encode(prompt, bos=True)
+    else:
+        ids = list(prompt)
+        if not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            return tokenizer.encode_chat(ids, tools=tools)
+    if tools:
+        raise InvalidRequestError(
+            "tools need a chat prompt (a list of messages), which shows the model the tools; "
+            "this prompt is raw text or token ids", param="tools")
+    return ids
 
 
 def _chunk(event: TokenEvent) -> GenerationChunk:
@@ -65,6 +83,10 @@ def stream_generate(
     logprobs: bool = False,
     top_logprobs: int = 0,
     prefill_chunk: int = 512,
+    tools: Sequence[dict[str, Any]] | None = None,
+    tool_choice: str | dict[str, Any] | None = None,
+    parallel_tool_calls: bool | None = None,
+    response_format: dict[str, Any] | None = None,
 ) -> Iterator[GenerationChunk]:
     """Generate text token by token.
 
@@ -73,10 +95,14 @@ def stream_generate(
         prompt: chat messages ([{"role": "user", "content": ...}]), raw text, or token ids.
         max_tokens: most tokens to generate (None: up to the context window).
         The sampling arguments mean what the chat API's fields mean (see `SamplingParams`).
+        tools, tool_choice, parallel_tool_calls, response_format: as in the chat API (see
+            `mlx_mistral.tool_calls.parse_structured_request`); tools need chat messages. A
+            call is written as `[TOOL_CALLS] [...]` in the text:
+            `mlx_mistral.tool_calls.split_tool_calls(text)` reads it into OpenAI tool calls.
 
     Yields:
         GenerationChunk: text safe to print (whole UTF-8 characters, never part of a stop
-        string); the last one carries finish_reason "stop" or "length".
+        string); the last one carries finish_reason "stop", "length" or "tool_calls".
 
     Raises:
         InvalidRequestError: a bad argument, naming it.
@@ -95,8 +121,13 @@ def stream_generate(
         repetition_penalty=repetition_penalty, seed=seed, stop=stop, logit_bias=logit_bias or {},
         logprobs=logprobs, top_logprobs=top_logprobs,
     )
+    spec = parse_structured_request(
+        tools=None if tools is None else list(tools), tool_choice=tool_choice,
+        parallel_tool_calls=parallel_tool_calls, response_format=response_format)
+    ids = prompt_ids(tokenizer, prompt, tools=spec.prompt_tools)
+    constraints = make_constraints(spec, tokenizer, 1, seed=seed, prompt=ids)
     generator = BatchGenerator(model, tokenizer, prefill_chunk=prefill_chunk)
-    generator.add(prompt_ids(tokenizer, prompt), params)
+    generator.add(ids, params, constraints=constraints)
     while generator.has_work:
         for event in generator.step():
             yield _chunk(event)
@@ -112,6 +143,17 @@ def generate(model: Model, tokenizer: Tokenizer, prompt: Prompt, **kwargs: Any) 
         ...                 max_tokens=16, temperature=0)
         >>> isinstance(text, str)
         True
+
+    Example (a call forced by `tool_choice`; `split_tool_calls` reads it):
+        >>> from mlx_mistral.tool_calls import split_tool_calls
+        >>> tz = {"type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}},
+        ...       "required": ["tz"], "additionalProperties": False}
+        >>> tools = [{"type": "function", "function": {"name": "get_time", "parameters": tz}}]
+        >>> text = generate(model, tokenizer, [{"role": "user", "content": "Time?"}], tools=tools,
+        ...                 tool_choice="required", parallel_tool_calls=False, max_tokens=64)
+        >>> content, calls = split_tool_calls(text)
+        >>> calls[0]["function"]["name"], calls[0]["function"]["arguments"] in ('{"tz": "UTC"}', '{"tz": "CET"}')
+        ('get_time', True)
     """
     return "".join(chunk.text for chunk in stream_generate(model, tokenizer, prompt, **kwargs))
 

@@ -19,7 +19,10 @@ import openai
 import pytest
 from server_process import ServerProcess
 
+import mlx_mistral
+from mlx_mistral.errors import InvalidRequestError
 from mlx_mistral.tokenizer import Tokenizer
+from mlx_mistral.tool_calls import split_tool_calls
 
 SEEDS = 100
 
@@ -293,6 +296,31 @@ def test_stream_deltas_follow_openai(name, server):
         "properties"]["tz"]["enum"]
     assert not any(d.content for d in deltas)  # no call text leaks as content
     assert events[-1].choices[0].finish_reason == "tool_calls"
+
+
+# -- the Python API gives what the server gives ---------------------------------------------------
+@pytest.mark.parametrize("fields", [
+    {"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False, "max_tokens": 120},
+    {"response_format": PERSON_FORMAT, "max_tokens": 60},
+], ids=["call", "json"])
+def test_library_generate_matches_the_server(name, client, tiny_model, fields):
+    model, tokenizer = tiny_model
+    answer = client.chat.completions.create(model=name, messages=ASK, seed=11, **fields)
+    text = mlx_mistral.generate(model, tokenizer, ASK, seed=11, **fields)
+    content, calls = split_tool_calls(text)
+    assert calls or "response_format" in fields
+    assert as_dicts(answer)[0]["tool_calls"] == calls
+    assert (answer.choices[0].message.content or "") == (content if calls else text)
+
+
+def test_library_refuses_tools_without_chat_messages(tiny_model):
+    model, tokenizer = tiny_model
+    with pytest.raises(InvalidRequestError) as caught:
+        mlx_mistral.generate(model, tokenizer, "raw text", tools=TOOLS, max_tokens=2)
+    assert caught.value.param == "tools"
+    with pytest.raises(InvalidRequestError) as caught:
+        mlx_mistral.generate(model, tokenizer, ASK, tool_choice="maybe", max_tokens=2)
+    assert caught.value.param == "tool_choice"
 
 
 # -- bad input -----------------------------------------------------------------------------------
