@@ -311,19 +311,20 @@ def test_sigterm_lets_streams_finish_then_exits_cleanly(tiny_hf_checkpoint):
 
         async def run() -> list[list[str]]:
             async with httpx.AsyncClient(timeout=60) as http:
-                started = asyncio.Event()
+                started = [asyncio.Event() for _ in range(3)]
 
-                async def one() -> list[str]:
+                async def one(i: int) -> list[str]:
                     events = []
                     async with http.stream("POST", url, json=body) as response:
                         async for line in response.aiter_lines():
                             if line.startswith("data: "):
                                 events.append(line)
-                                started.set()
+                                started[i].set()
                     return events
 
-                tasks = [asyncio.create_task(one()) for _ in range(3)]
-                await started.wait()
+                tasks = [asyncio.create_task(one(i)) for i in range(3)]
+                for event in started:  # every stream is in flight before the signal
+                    await event.wait()
                 server.proc.send_signal(signal.SIGTERM)
                 return await asyncio.gather(*tasks)
 
