@@ -12,11 +12,15 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 from collections import Counter
 
 import jsonschema
+import mlx.core as mx
 import openai
 import pytest
+from mlx_mistral.server.app import chat_prompt
+from mlx_mistral.server.schemas import ChatCompletionRequest
 from server_process import ServerProcess
 
 import mlx_mistral
@@ -321,6 +325,31 @@ def test_library_refuses_tools_without_chat_messages(tiny_model):
     with pytest.raises(InvalidRequestError) as caught:
         mlx_mistral.generate(model, tokenizer, ASK, tool_choice="maybe", max_tokens=2)
     assert caught.value.param == "tool_choice"
+
+
+def test_constraints_built_off_the_engine_thread_work_on_it(tokenizer):
+    # The server builds constraints on a worker thread and the engine thread computes masks
+    # from them: nothing in them may be a lazy MLX array of the building thread.
+    req = ChatCompletionRequest.from_json({"messages": ASK, "tools": TOOLS, "n": 2,
+                                           "tool_choice": "required"})
+    built = []
+    worker = threading.Thread(target=lambda: built.append(chat_prompt(tokenizer, req)))
+    worker.start()
+    worker.join()
+    (prompt, constraints), = built
+    assert prompt == tokenizer.encode_chat(ASK, tools=TOOLS) and len(constraints) == 2
+    masks = []
+
+    def engine_side():
+        stacked = mx.stack([c.allowed_mask() for c in constraints] + [constraints[0]._eos_only])
+        masks.append(stacked.sum(axis=-1).tolist())
+
+    engine = threading.Thread(target=engine_side)
+    engine.start()
+    engine.join()
+    (counts,) = masks
+    assert counts[2] == 1  # EOS alone
+    assert 0 < counts[0] == counts[1] <= 3  # only spellings of the marker's start: "▁[", "[", "▁"
 
 
 # -- bad input -----------------------------------------------------------------------------------
