@@ -1,0 +1,292 @@
+"""Hostile input against a real server process: each is a 4xx in OpenAI's error shape naming
+what was wrong, and the process keeps serving.
+
+tests/test_server_errors.py already covers the basics (each numeric field with -1, 2^63, "x",
+true, a list and an object; malformed bodies; the body limit at 64 KiB). Here: every numeric
+field of both endpoints crossed with {-1, 0, 2^63, NaN, Infinity, -Infinity, "x", true, null},
+hostile logit_bias keys and values, token ids out of the vocabulary, 100,000-deep nesting in
+every position, invalid UTF-8 of every kind, a 50 MB body (declared and chunked), prompts over
+the context, max_tokens 10^9 and a 7 MB prompt.
+
+Body-level refusals (the body is not UTF-8, not JSON, nested too deeply, not an object) have
+`param` null: there is no field yet to name. Field-level refusals name the field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import select
+import socket
+import time
+
+import httpx
+import pytest
+from server_process import ServerProcess
+
+CHAT = "/v1/chat/completions"
+TEXT = "/v1/completions"
+MESSAGES = [{"role": "user", "content": "Hi"}]
+BASES = {CHAT: {"messages": MESSAGES}, TEXT: {"prompt": "Hi"}}
+CONTEXT = 2048  # the tiny checkpoint's window
+
+
+@pytest.fixture(scope="module")
+def server(tiny_hf_checkpoint):
+    with ServerProcess(tiny_hf_checkpoint, "--default-max-tokens", "2") as proc:
+        yield proc
+        assert proc.alive
+        log = proc.log()
+        assert "Traceback" not in log and not re.search(r'" 5\d\d ', log), log[-3000:]
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.base_url, timeout=60) as client:
+        yield client
+
+
+def error_of(response: httpx.Response, status: int = 400) -> dict:
+    assert response.status_code == status, response.text[:500]
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"] and body["error"]["type"] == "invalid_request_error"
+    return body["error"]
+
+
+def post_raw(http: httpx.Client, path: str, raw: bytes) -> httpx.Response:
+    return http.post(path, content=raw, headers={"Content-Type": "application/json"})
+
+
+def post(http: httpx.Client, path: str, body: dict) -> httpx.Response:
+    return post_raw(http, path, json.dumps(body, allow_nan=True).encode())
+
+
+# -- every numeric field x hostile values -----------------------------------------------------
+# (field, low, high, integer): the ranges the server documents (top_p excludes 0).
+NUMERIC = [
+    ("temperature", 0, 2, False), ("top_p", 0, 1, False), ("min_p", 0, 1, False),
+    ("top_k", 0, 999, True), ("max_tokens", 0, 1_000_000, True),
+    ("max_completion_tokens", 0, 1_000_000, True), ("presence_penalty", -2, 2, False),
+    ("frequency_penalty", -2, 2, False), ("repetition_penalty", 0.01, 5, False),
+    ("repeat_penalty", 0.01, 5, False), ("seed", 0, 2**63 - 1, True), ("n", 1, 16, True),
+]
+CHAT_ONLY = [("top_logprobs", 0, 20, True)]
+TEXT_ONLY = [("logprobs", 0, 5, True)]
+HOSTILE = [-1, 0, 2**63, float("nan"), float("inf"), float("-inf"), "x", True, None]
+ALIAS_OF = {"max_completion_tokens": "max_tokens", "repeat_penalty": "repetition_penalty"}
+
+
+def _cases():
+    for path, extra in ((CHAT, CHAT_ONLY), (TEXT, TEXT_ONLY)):
+        for spec in NUMERIC + extra:
+            for value in HOSTILE:
+                yield pytest.param(path, spec, value, id=f"{path.split('/')[-1]}-{spec[0]}-{value!r}")
+
+
+def _valid(name: str, value, low, high, integer) -> bool:
+    if value is None:
+        return True  # null counts as not given
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        return False
+    if integer and not isinstance(value, int):
+        return False
+    if name == "top_p" and value == low:
+        return False  # top_p is in (0, 1]
+    return low <= value <= high
+
+
+@pytest.mark.parametrize("path, spec, value", list(_cases()))
+def test_numeric_field_crossed_with_hostile_values(http, server, path, spec, value):
+    name, low, high, integer = spec
+    body = {**BASES[path], name: value}
+    if name == "top_logprobs":
+        body["logprobs"] = True
+    response = post(http, path, body)
+    if isinstance(value, float) and value != value or value in (float("inf"), float("-inf")):
+        # A bare NaN/Infinity is not JSON: the body as a whole is refused.
+        error = error_of(response)
+        word = "NaN" if value != value else "Infinity"
+        assert word in error["message"] and error["param"] is None
+    elif _valid(name, value, low, high, integer):
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+        assert choice["finish_reason"] == "length"
+    else:
+        error = error_of(response)
+        assert error["param"] == ALIAS_OF.get(name, name) or error["param"] == name, error
+        assert name in error["message"] or ALIAS_OF.get(name, "-") in error["message"]
+    assert server.alive
+
+
+@pytest.mark.parametrize("bias", [
+    {"32000": 1}, {"99999999999999999999": 1}, {str(2**63): 1}, {"-1": 1}, {"abc": 1},
+    {"1.5": 1}, {"": 1}, {"1": 101}, {"1": -101}, {"1": "x"}, {"1": True}, {"1": [1]},
+    {"1": {"a": 1}}, {"1": 2**63},
+], ids=lambda b: repr(b)[:30])
+@pytest.mark.parametrize("path", [CHAT, TEXT], ids=["chat", "completions"])
+def test_logit_bias_hostile_keys_and_values(http, path, bias):
+    error = error_of(post(http, path, {**BASES[path], "logit_bias": bias}))
+    assert error["param"] == "logit_bias", error
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_logit_bias_nan_value_is_refused_as_json(http, value):
+    error = error_of(post(http, CHAT, {**BASES[CHAT], "logit_bias": {"1": value}}))
+    assert "not a JSON number" in error["message"]
+
+
+@pytest.mark.parametrize("prompt", [[32000], [1, 2**63], [-1], [2**70], [1, 2, 31999, 32000]],
+                         ids=["vocab", "2^63", "negative", "2^70", "last+1"])
+def test_prompt_token_ids_outside_the_vocabulary(http, prompt):
+    error = error_of(post(http, TEXT, {"prompt": prompt}))
+    assert error["param"] == "prompt" and "vocabulary" in error["message"]
+
+
+# -- body-level hostility ---------------------------------------------------------------------
+@pytest.mark.parametrize("raw, words", [
+    (b"1", "got a JSON number"), (b"true", "got a JSON boolean"), (b"null", "got a JSON null"),
+    (b'"x"', "got a JSON string"), (b"[]", "got a JSON array"), (b"  ", "empty"),
+])
+@pytest.mark.parametrize("path", [CHAT, TEXT], ids=["chat", "completions"])
+def test_non_object_bodies(http, path, raw, words):
+    error = error_of(post_raw(http, path, raw))
+    assert words in error["message"] and error["param"] is None
+
+
+DEPTH = 100_000
+
+
+def _deep(kind: str) -> bytes:
+    if kind == "list":
+        return b"[" * DEPTH + b"]" * DEPTH
+    return b'{"a":' * DEPTH + b"1" + b"}" * DEPTH
+
+
+@pytest.mark.parametrize("field", ["messages", "stop", "logit_bias", "metadata", "tools",
+                                   "prompt", "unknown"])
+@pytest.mark.parametrize("kind", ["list", "object"])
+def test_nesting_100000_deep_in_any_field(http, field, kind):
+    path = TEXT if field == "prompt" else CHAT
+    raw = b'{"' + field.encode() + b'": ' + _deep(kind) + b"}"
+    error = error_of(post_raw(http, path, raw))
+    assert "nested too deeply" in error["message"]
+
+
+@pytest.mark.parametrize("bad", [b"\xff", b"\xc3\x28", b"\x80", b"\xc0\xaf", b"\xed\xa0\x80",
+                                 b"\xe2\x82", b"\xf4\x90\x80\x80", b"\xf8\x88\x80\x80\x80"],
+                         ids=["ff", "bad-continuation", "lone-continuation", "overlong",
+                              "utf8-surrogate", "truncated", "above-u10ffff", "5-byte"])
+def test_invalid_utf8_inside_a_string(http, bad):
+    raw = b'{"messages": [{"role": "user", "content": "ok ' + bad + b' ok"}]}'
+    error = error_of(post_raw(http, CHAT, raw))
+    assert "UTF-8" in error["message"] and error["param"] is None
+
+
+def _raw_request(port: int, head: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(head)
+    return sock
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_50mb_body_declared_is_refused_before_it_is_sent(server):
+    """The server answers 413 from the Content-Length alone, without waiting for 50 MB."""
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 52428800\r\n\r\n")
+    started = time.monotonic()
+    with _raw_request(server.port, head) as sock:
+        answer = _read_response(sock)
+    assert time.monotonic() - started < 5
+    status, _, rest = answer.partition(b"\r\n")
+    assert b" 413 " in status, answer[:300]
+    body = json.loads(rest.split(b"\r\n\r\n", 1)[1])
+    assert body["error"]["code"] == "request_too_large"
+
+
+def test_50mb_body_chunked_is_cut_off_at_the_limit(server):
+    """No Content-Length: the server counts, answers 413 past its 8 MiB limit and stops reading
+    (it never buffers 50 MB)."""
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+    block = b"a" * 65536
+    chunk = b"%x\r\n" % len(block) + block + b"\r\n"
+    sent = 0
+    answer = b""
+    with _raw_request(server.port, head) as sock:
+        sock.sendall(b'1b\r\n{"messages": [{"content": "\r\n')
+        sock.settimeout(5)
+        while sent < 50 * 2**20:
+            if select.select([sock], [], [], 0)[0]:
+                break  # the server answered (or closed) before the body ended
+            try:
+                sock.sendall(chunk)  # blocks, then times out, once the server stops reading
+            except (TimeoutError, BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(block)
+        try:
+            answer = _read_response(sock)
+        except (ConnectionResetError, TimeoutError):
+            pass
+    assert sent < 50 * 2**20, "the server read the whole 50 MB"
+    assert b" 413 " in answer.partition(b"\r\n")[0], answer[:300]
+    assert httpx.get(server.url("/health")).status_code == 200
+
+
+# -- sizes against the context window ---------------------------------------------------------
+# BatchGenerator.check names "messages" for any prompt over the window; a completions request
+# has no messages (its field is "prompt"). Fixed when these pass (strict: they then fail).
+PROMPT_PARAM_BUG = pytest.mark.xfail(
+    strict=True, reason="context_length_exceeded names 'messages' on /v1/completions")
+
+
+@pytest.mark.parametrize("path, body, param", [
+    (CHAT, {"messages": [{"role": "user", "content": "hello " * 2100}]}, "messages"),
+    pytest.param(TEXT, {"prompt": "hello " * 2100}, "prompt", marks=PROMPT_PARAM_BUG),
+    pytest.param(TEXT, {"prompt": [1] * (CONTEXT + 1)}, "prompt", marks=PROMPT_PARAM_BUG),
+    (CHAT, {"messages": MESSAGES, "max_tokens": 10**9}, "max_tokens"),
+    (TEXT, {"prompt": "Hi", "max_tokens": 10**9}, "max_tokens"),
+    (TEXT, {"prompt": "Hi", "max_tokens": CONTEXT}, "max_tokens"),
+], ids=["chat-prompt", "text-prompt", "token-prompt", "chat-max_tokens", "text-max_tokens",
+        "text-max_tokens-context"])
+def test_over_the_context_names_the_field(http, path, body, param):
+    error = error_of(post(http, path, body))
+    assert error["param"] == param, error
+    if "max_tokens" not in body or body["max_tokens"] <= 1_000_000:
+        assert error["code"] == "context_length_exceeded" and str(CONTEXT) in error["message"]
+
+
+def test_7mb_prompt_is_refused_quickly_and_others_keep_being_served(server, http):
+    """A body just under the 8 MiB limit: tokenizing it runs off the event loop, so a
+    concurrent small request is still answered at once."""
+    import threading
+
+    big = {"messages": [{"role": "user", "content": "lorem ipsum " * 600_000}]}
+    results: dict[str, object] = {}
+
+    def send_big() -> None:
+        with httpx.Client(base_url=server.base_url, timeout=120) as other:
+            started = time.monotonic()
+            results["big"] = post(other, CHAT, big)
+            results["big_seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=send_big)
+    thread.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    assert http.get("/health").status_code == 200
+    results["health_seconds"] = time.monotonic() - started
+    thread.join(120)
+    error = error_of(results["big"])
+    assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    assert results["health_seconds"] < 2, results
+    assert results["big_seconds"] < 60, results

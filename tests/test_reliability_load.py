@@ -1,0 +1,467 @@
+"""Clients and load: disconnect storms, frozen readers, concurrency, engine death, SIGTERM, and
+the one-thread rule for MLX.
+
+Real servers throughout: a `python -m mlx_mistral.server` subprocess where the process itself
+is what is measured (its RSS, its exit), and uvicorn on a thread of this process where the
+engine must be watched from inside (the tokens it makes after a cancel, the threads that call
+MLX, a fault injected into the model the engine runs). tests/test_server.py already covers one
+disconnect, 32 streams that all fit, a clean engine stop mid-stream and SIGTERM with 3 streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import mlx.core as mx
+import pytest
+import uvicorn
+from mlx_mistral.server import ServerConfig, create_app
+from server_process import ServerProcess
+
+import mlx_mistral
+
+CHAT = "/v1/chat/completions"
+MESSAGES = [{"role": "user", "content": "Tell me a story about a cat."}]
+ENGINE_THREAD = "mlx-mistral-engine"
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def active(base_url: str) -> int:
+    return httpx.get(base_url + "/health", timeout=10).json()["active"]
+
+
+def stream_request(body: dict[str, Any], port: int) -> bytes:
+    raw = json.dumps({"stream": True, **body}).encode()
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(raw)) + raw
+
+
+def read_one_chunk_and_close(port: int, request: bytes) -> None:
+    """Open a connection, send a streaming chat request, read until the first chunk with
+    generated text (after the role chunk), close: the generation is under way when the client
+    leaves."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        data = b""
+        while data.count(b"data: ") < 2:
+            chunk = sock.recv(4096)
+            assert chunk, data
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200"), data[:200]
+
+
+class ThreadServer:
+    """uvicorn serving `app` on a thread of this process (real sockets on 127.0.0.1)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
+                                timeout_graceful_shutdown=10)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="uvicorn", daemon=True)
+
+    def __enter__(self) -> ThreadServer:
+        self.thread.start()
+        wait_for(lambda: self.server.started, 60, "the server to start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+        assert not self.thread.is_alive(), "the server did not stop"
+
+    @property
+    def engine(self) -> mlx_mistral.Engine:
+        return self.app.state.server.engine
+
+
+def tiny_config(checkpoint, **kwargs: Any) -> ServerConfig:
+    return ServerConfig(model=str(checkpoint), model_name="tiny", **kwargs)
+
+
+# -- disconnect storm ---------------------------------------------------------------------
+STORM_CYCLES = 1000
+
+
+def test_disconnect_storm_1000_cycles(tiny_hf_checkpoint):
+    """1,000 times: a streaming request, one SSE chunk read, the connection closed. The engine
+    ends up idle, the next request is served, and RSS comes back within 5% of its baseline."""
+    body = {"messages": MESSAGES, "max_tokens": 1500, "temperature": 0}
+    with ServerProcess(tiny_hf_checkpoint) as server:
+        request = stream_request(body, server.port)
+        pid = server.proc.pid
+
+        def settle() -> int:
+            wait_for(lambda: active(server.base_url) == 0, 10, "the engine to go idle")
+            return rss_kib(pid)
+
+        for _ in range(50):  # warm-up: allocator pools, caches, the prefix cache entry
+            read_one_chunk_and_close(server.port, request)
+        baseline = settle()
+        started = time.monotonic()
+        for _ in range(STORM_CYCLES):
+            read_one_chunk_and_close(server.port, request)
+        storm_seconds = time.monotonic() - started
+        after = settle()
+        answer = httpx.post(server.url(CHAT), json={**body, "max_tokens": 4}, timeout=30)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
+        wait_for(lambda: server.log().count("client-disconnected") >= STORM_CYCLES + 50, 10,
+                 "the access log")
+        log = server.log()
+        generated = [int(m) for m in re.findall(r"completion=(\d+) .*client-disconnected", log)]
+        print(f"storm: {STORM_CYCLES} cycles in {storm_seconds:.1f}s; RSS {baseline} KiB -> "
+              f"{after} KiB ({100 * (after - baseline) / baseline:+.1f}%); tokens made per "
+              f"disconnected request: max {max(generated)}, mean "
+              f"{sum(generated) / len(generated):.1f}")
+        assert len(generated) >= STORM_CYCLES
+        assert max(generated) < 100  # of 1500 asked: each stopped right after the disconnect
+        assert after <= baseline * 1.05, (baseline, after)
+        assert "Traceback" not in log and " ERROR " not in log
+
+
+def test_each_disconnect_stops_generation_within_one_decode_step(tiny_hf_checkpoint):
+    """Watched from inside: after the server cancels a request (its client went away), the
+    engine makes at most one more token for it (the step already running)."""
+    app = create_app(tiny_config(tiny_hf_checkpoint))
+    made: dict[int, int] = {}  # request number -> tokens delivered so far
+    at_cancel: dict[int, int] = {}
+    finished: dict[int, int] = {}
+    lock = threading.Lock()
+
+    with ThreadServer(app) as server:
+        engine = server.engine
+        submit = engine.submit
+
+        def watched_submit(*args: Any, **kwargs: Any) -> Any:
+            handle = submit(*args, **kwargs)
+            with lock:
+                key = len(made)
+                made[key] = 0
+            on_event, cancel = handle._on_event, handle.cancel
+
+            def count(event: Any) -> bool:  # engine thread
+                with lock:
+                    if event.token is not None:
+                        made[key] += 1
+                    if event.finish_reason is not None:
+                        finished[key] = made[key]
+                return on_event(event)
+
+            def cancel_and_note() -> None:  # event-loop thread
+                with lock:
+                    at_cancel.setdefault(key, made[key])
+                cancel()
+
+            handle._on_event, handle.cancel = count, cancel_and_note
+            return handle
+
+        engine.submit = watched_submit
+        request = stream_request({"messages": MESSAGES, "max_tokens": 1500, "temperature": 0},
+                                 server.port)
+        for _ in range(300):
+            read_one_chunk_and_close(server.port, request)
+        wait_for(lambda: engine.num_active == 0, 20, "the engine to go idle")
+    # A request cancelled before the engine picked it up ends without any event (0 tokens).
+    extra = [made[k] - at_cancel[k] for k in at_cancel]
+    print(f"tokens made after the cancel: max {max(extra)}, histogram "
+          f"{ {n: extra.count(n) for n in sorted(set(extra))} }")
+    assert len(at_cancel) == 300 and min(at_cancel.values()) >= 1
+    assert max(extra) <= 1
+    assert max(made.values()) < 1500
+
+
+# -- a client that stops reading -----------------------------------------------------------
+def test_frozen_reader_is_cut_off_by_the_send_timeout(tiny_hf_checkpoint):
+    """A client that never reads (tiny receive buffer, no recv): once the socket buffers fill,
+    a send waits --send-timeout seconds, then the generation is cancelled and its slot freed
+    while the connection is still open."""
+    body = {"messages": MESSAGES, "max_tokens": 2000, "n": 16, "temperature": 1.0, "seed": 1,
+            "logprobs": True, "top_logprobs": 20}
+    with ServerProcess(tiny_hf_checkpoint, "--send-timeout", "1") as server:
+        frozen = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        frozen.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        frozen.connect(("127.0.0.1", server.port))
+        try:
+            started = time.monotonic()
+            frozen.sendall(stream_request(body, server.port))
+            wait_for(lambda: "client stopped reading" in server.log(), 60, "the send timeout")
+            cut_after = time.monotonic() - started
+            wait_for(lambda: active(server.base_url) == 0, 5, "the slot to be freed")
+            line = next(ln for ln in server.log().splitlines()
+                        if "client-disconnected" in ln and "completion=" in ln)
+            generated = int(re.search(r"completion=(\d+)", line).group(1))
+            print(f"frozen reader cut off after {cut_after:.1f}s, {generated} of "
+                  f"{16 * 2000} tokens made")
+            assert generated < 16 * 2000
+            answer = httpx.post(server.url(CHAT), json={"messages": MESSAGES, "max_tokens": 3})
+            assert answer.status_code == 200
+        finally:
+            frozen.close()
+        assert "Traceback" not in server.log()
+
+
+# -- concurrency --------------------------------------------------------------------------
+def _prompt(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"Request {i}: say something about the number {i * 7}."}]
+
+
+async def _stream_until_served(http: httpx.AsyncClient, i: int, counts: dict[str, int]) -> str:
+    """One stream; on 503 it waits Retry-After seconds and tries again (as the openai client
+    does with 5xx answers)."""
+    body = {"messages": _prompt(i), "stream": True, "temperature": 0, "max_tokens": 6 + i % 5}
+    while True:
+        async with http.stream("POST", CHAT, json=body) as response:
+            if response.status_code == 503:
+                counts["503"] += 1
+                error = json.loads(await response.aread())["error"]
+                assert error["code"] == "engine_overloaded"
+                await asyncio.sleep(int(response.headers["retry-after"]))
+                continue
+            assert response.status_code == 200
+            events = [line async for line in response.aiter_lines() if line.startswith("data: ")]
+        counts["200"] += 1
+        assert events[-1] == "data: [DONE]"
+        chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+        return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+
+
+@pytest.fixture(scope="module")
+def small_server(tiny_hf_checkpoint):
+    """Room for 4 running sequences and 4 waiting requests: more concurrent requests get 503."""
+    with ServerProcess(tiny_hf_checkpoint, "--max-batch", "4", "--max-queue", "4") as proc:
+        yield proc
+        assert proc.alive and "Traceback" not in proc.log()
+
+
+@pytest.mark.parametrize("streams", [8, 16, 32])
+def test_concurrent_streams_complete_or_get_503_and_never_mix(small_server, tiny_model,
+                                                              streams):
+    counts = {"200": 0, "503": 0}
+
+    async def run() -> list[str]:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=small_server.base_url, timeout=120,
+                                     limits=limits) as http:
+            return await asyncio.gather(*(_stream_until_served(http, i, counts)
+                                          for i in range(streams)))
+
+    texts = asyncio.run(run())
+    model, tokenizer = tiny_model
+    alone = [mlx_mistral.generate(model, tokenizer, _prompt(i), temperature=0,
+                                  max_tokens=6 + i % 5) for i in range(streams)]
+    print(f"{streams} streams: {counts['503']} answers were 503 + Retry-After, then retried")
+    assert counts["200"] == streams
+    assert texts == alone  # each equals the same request run alone: no cross-talk
+    assert active(small_server.base_url) == 0
+
+
+# -- the engine thread dies ---------------------------------------------------------------
+class FaultyModel:
+    """The real model, except that once armed its k-th forward raises (a stand-in for a Metal
+    error or an OOM inside MLX). Injected through `create_app(load=...)`."""
+
+    def __init__(self, model: Any, k: int):
+        self._model = model
+        self.k = k
+        self.armed = False
+        self.calls = 0
+
+    def hidden_states(self, *args: Any, **kwargs: Any) -> Any:
+        if self.armed:
+            self.calls += 1
+            if self.calls >= self.k:
+                raise RuntimeError("injected fault in the forward pass")
+        return self._model.hidden_states(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+def test_engine_thread_death_ends_every_request_and_health_turns_unhealthy(tiny_hf_checkpoint):
+    holder: dict[str, FaultyModel] = {}
+
+    def load() -> tuple[Any, Any]:
+        model, tokenizer = mlx_mistral.load(tiny_hf_checkpoint)
+        holder["model"] = FaultyModel(model, k=20)
+        return holder["model"], tokenizer
+
+    app = create_app(tiny_config(tiny_hf_checkpoint, max_batch=2), load=load)
+    long = {"messages": MESSAGES, "max_tokens": 1500, "temperature": 0}
+    with ThreadServer(app) as server:
+        url = server.base_url
+
+        async def run() -> tuple[list[list[str]], list[httpx.Response]]:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+                first = asyncio.Event()
+
+                async def stream() -> list[str]:
+                    events = []
+                    async with http.stream("POST", CHAT, json={**long, "stream": True}) as r:
+                        assert r.status_code == 200
+                        async for line in r.aiter_lines():
+                            if line.startswith("data: "):
+                                events.append(line)
+                                if '"content": ""' not in line:
+                                    first.set()
+                    return events
+
+                # Two stream in the batch, two wait for room (max_batch 2), two non-streaming.
+                streams = [asyncio.create_task(stream()) for _ in range(4)]
+                plain = [asyncio.create_task(http.post(CHAT, json=long)) for _ in range(2)]
+                await first.wait()
+                holder["model"].armed = True
+                done = await asyncio.wait_for(asyncio.gather(*streams), 30)
+                return done, await asyncio.wait_for(asyncio.gather(*plain), 30)
+
+        started = time.monotonic()
+        streamed, plain = asyncio.run(run())
+        ended_in = time.monotonic() - started
+        for events in streamed:
+            assert events[-1] == "data: [DONE]", events[-3:]
+            error = json.loads(events[-2].removeprefix("data: "))["error"]
+            assert error["code"] == "engine_dead" and "injected fault" in error["message"]
+        for response in plain:
+            assert response.status_code == 503
+            assert response.json()["error"]["code"] == "engine_dead"
+        health = httpx.get(url + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "unavailable"
+        again = httpx.post(url + CHAT, json=long, timeout=10)
+        assert again.status_code == 503 and again.json()["error"]["code"] == "engine_dead"
+        assert ended_in < 30
+    assert not server.engine.alive and isinstance(server.engine.error, RuntimeError)
+
+
+# -- SIGTERM ------------------------------------------------------------------------------
+def test_sigterm_during_10_streams_refuses_new_requests_finishes_the_rest(tiny_hf_checkpoint):
+    body = {"messages": MESSAGES, "stream": True, "max_tokens": 400, "temperature": 0}
+    with ServerProcess(tiny_hf_checkpoint) as server:
+        url = server.base_url
+
+        async def run() -> tuple[list[list[str]], Any]:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+                started = [asyncio.Event() for _ in range(10)]
+
+                async def one(i: int) -> list[str]:
+                    events = []
+                    async with http.stream("POST", CHAT, json=body) as response:
+                        async for line in response.aiter_lines():
+                            if line.startswith("data: "):
+                                events.append(line)
+                                if '"content": ""' not in line:
+                                    started[i].set()
+                    return events
+
+                tasks = [asyncio.create_task(one(i)) for i in range(10)]
+                await asyncio.gather(*(e.wait() for e in started))
+                server.proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.05)
+                async with httpx.AsyncClient(base_url=url, timeout=10) as fresh:
+                    try:
+                        late: Any = await fresh.post(CHAT, json={**body, "stream": False})
+                    except httpx.ConnectError as exc:
+                        late = exc
+                return await asyncio.gather(*tasks), late
+
+        streams, late = asyncio.run(run())
+        if isinstance(late, httpx.Response):  # got in before the listening socket closed
+            assert late.status_code == 503 and int(late.headers["retry-after"]) >= 1
+            assert late.json()["error"]["code"] == "engine_overloaded"
+        for events in streams:
+            assert events[-1] == "data: [DONE]"
+            last = json.loads(events[-2].removeprefix("data: "))
+            assert last["choices"][0]["finish_reason"] == "length"
+        assert server.proc.wait(30) == 0
+        log = server.log()
+        assert "Traceback" not in log and "shutting down" in log
+
+
+# -- all MLX work on the engine thread ----------------------------------------------------
+@contextmanager
+def mlx_calls_by_thread() -> Iterator[dict[str, int]]:
+    """Wrap every function of mlx.core (and mlx.core.fast, .random, .linalg) to count calls per
+    thread name. Arrays' methods and operators are not seen; the functions the model, the cache
+    and the sampler call (matmul, rope, attention, eval, ...) are."""
+    seen: dict[str, int] = {}
+    lock = threading.Lock()
+    patched: list[tuple[Any, str, Any]] = []
+
+    def wrap(fn: Any) -> Any:
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            name = threading.current_thread().name
+            with lock:
+                seen[name] = seen.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return spy
+
+    for module in (mx, mx.fast, mx.random, mx.linalg):
+        for attr in dir(module):
+            fn = getattr(module, attr)
+            if attr.startswith("_") or isinstance(fn, type) or not callable(fn):
+                continue
+            patched.append((module, attr, fn))
+            setattr(module, attr, wrap(fn))
+    try:
+        yield seen
+    finally:
+        for module, attr, fn in patched:
+            setattr(module, attr, fn)
+
+
+def test_all_mlx_work_happens_on_the_engine_thread(tiny_hf_checkpoint):
+    app = create_app(tiny_config(tiny_hf_checkpoint))
+    with mlx_calls_by_thread() as seen:
+        with ThreadServer(app) as server:  # the model loads inside, on the engine thread
+            url = server.base_url
+            with httpx.Client(base_url=url, timeout=60) as http:
+                assert http.post(CHAT, json={"messages": MESSAGES, "max_tokens": 4}).is_success
+                assert http.post(CHAT, json={"messages": MESSAGES, "max_tokens": 4, "n": 3,
+                                             "logprobs": True, "top_logprobs": 2,
+                                             "temperature": 0.7, "seed": 1,
+                                             "presence_penalty": 1}).is_success
+                streamed = http.post(CHAT, json={"messages": MESSAGES, "max_tokens": 4,
+                                                 "stream": True})
+                assert streamed.text.endswith("data: [DONE]\n\n")
+                assert http.post("/v1/completions", json={"prompt": [1, 415, 2936],
+                                                          "max_tokens": 3,
+                                                          "logprobs": 2}).is_success
+            request = stream_request({"messages": MESSAGES, "max_tokens": 500}, server.port)
+            read_one_chunk_and_close(server.port, request)  # a cancel
+            wait_for(lambda: server.engine.num_active == 0, 10, "the cancel")
+        probe = threading.Thread(target=lambda: mx.eval(mx.zeros((1,))), name="probe")
+        probe.start()
+        probe.join()
+    assert seen.pop("probe") >= 2  # the spy sees calls from any thread
+    print(f"MLX calls by thread: {seen}")
+    assert set(seen) == {ENGINE_THREAD} and seen[ENGINE_THREAD] > 100
