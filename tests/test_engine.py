@@ -236,3 +236,21 @@ def test_engine_queue_limit_counts_requests_waiting_for_room(tiny_hf_checkpoint)
             handle.cancel()
     finally:
         engine.shutdown()
+
+
+def test_long_prompt_prefills_in_chunks_while_others_decode(tiny_model):
+    model, tokenizer = tiny_model
+    generator = BatchGenerator(model, tokenizer, prefill_chunk=32)
+    running = generator.add(prompts(tokenizer, 1)[0], SamplingParams(temperature=0, max_tokens=40))
+    generator.step()
+    long_prompt = tokenizer.encode("word " * 300, bos=True)
+    newcomer = generator.add(long_prompt, SamplingParams(temperature=0, max_tokens=2))
+    steps_until_first_token = 0
+    while True:
+        events = generator.step()
+        steps_until_first_token += 1
+        # The running stream gets a token on every step of the newcomer's prefill.
+        assert any(e.uid == running and e.token is not None for e in events)
+        if any(e.uid == newcomer for e in events):
+            break
+    assert steps_until_first_token == -(-len(long_prompt) // 32)
