@@ -306,13 +306,16 @@ class BatchGenerator:
     def _retire_finished(self) -> None:
         if not any(seq.finished for seq in self.running):
             return
-        keep = [i for i, seq in enumerate(self.running) if not seq.finished]
         for row, seq in enumerate(self.running):
             if seq.finished and self.prefix_cache is not None and seq.index == 0:
                 request = self._requests[seq.uid]
                 fed = request.prompt + seq.tokens[:-1]  # the last token was never fed
                 self.prefix_cache.store(fed, [c.extract(row) for c in self.cache])
         self._forget_finished_requests()
+        self._remove_finished_rows()
+
+    def _remove_finished_rows(self) -> None:
+        keep = [i for i, seq in enumerate(self.running) if not seq.finished]
         self.running = [self.running[i] for i in keep]
         self.running_reserved = [self.running_reserved[i] for i in keep]
         if keep:
@@ -339,14 +342,7 @@ class BatchGenerator:
                 seq.finished = True
         for uid in cancelled:
             events.append(TokenEvent(uid, 0, "", finish_reason="cancelled"))
-        # Cancelled sequences leave without being stored in the prefix cache.
-        keep = [i for i, seq in enumerate(self.running) if not seq.finished]
-        self.running = [self.running[i] for i in keep]
-        self.running_reserved = [self.running_reserved[i] for i in keep]
-        if keep:
-            filter_caches(self.cache, keep)
-        else:
-            self.cache = None
+        self._remove_finished_rows()  # cancelled rows are not stored in the prefix cache
         for uid in cancelled:
             self._requests.pop(uid, None)
 

@@ -10,7 +10,6 @@ import asyncio
 import logging
 import os
 import queue
-import sys
 import threading
 import time
 from dataclasses import dataclass

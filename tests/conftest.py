@@ -29,6 +29,4 @@ def tiny_hf_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_hf_checkpoint):
     """(model, tokenizer) of `tiny_hf_checkpoint`, loaded once."""
-    import mlx_mistral
-
     return mlx_mistral.load(tiny_hf_checkpoint)
