@@ -37,6 +37,7 @@ from mlx_mistral.tokenizer import Tokenizer
 
 from .config import ServerConfig
 from .errors import EXCEPTION_HANDLERS, error_response, handle_unexpected
+from .openapi import openapi_json
 from .schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -44,7 +45,6 @@ from .schemas import (
     check_content_type,
     parse_body,
 )
-from .openapi import openapi_json
 from .security import build_middleware
 from .streaming import EventStreamResponse, ResponseWriter, wait_for_disconnect, with_keepalive
 
