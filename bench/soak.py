@@ -37,8 +37,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-WORDS = ("the cat sat on a warm mat while rain fell over quiet hills and old stone bridges "
-         "carried travellers towards distant markets full of spices bread wool and copper").split()
+WORDS = ["the", "cat", "sat", "on", "a", "warm", "mat", "while", "rain", "fell", "over", "quiet", "hills", "and", "old", "stone", "bridges", "carried", "travellers", "towards", "distant", "markets", "full", "of", "spices", "bread", "wool", "and", "copper"]
 
 
 # -- the child: a server that samples its own memory ---------------------------------------
@@ -54,11 +53,11 @@ def run_child(argv: list[str]) -> int:
     """Serve like `mlx-mistral serve` and write memory samples to $SOAK_SAMPLES."""
     import mlx.core as mx
     import uvicorn
+    from mlx_mistral.server.app import begin_drain, create_app
+    from mlx_mistral.server.cli import add_arguments, bind_socket, build_config
 
     from mlx_mistral.engine import Engine, EngineConfig
     from mlx_mistral.loader import load
-    from mlx_mistral.server.app import begin_drain, create_app
-    from mlx_mistral.server.cli import add_arguments, bind_socket, build_config
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -73,7 +72,7 @@ def run_child(argv: list[str]) -> int:
         max_batch=config.max_batch, max_queue=config.max_queue, prefix_cache_bytes=prefix))
     engine.start()
     app = create_app(config, engine=engine)
-    samples = open(os.environ["SOAK_SAMPLES"], "w", buffering=1)
+    samples = open(os.environ["SOAK_SAMPLES"], "w", buffering=1)  # noqa: SIM115 - lives as long as the process
     started = time.monotonic()
 
     def sample() -> None:
@@ -122,7 +121,7 @@ def _history(rng: random.Random, words: int) -> list[dict[str, str]]:
     return messages
 
 
-def one_request(http, rng: random.Random, context: int) -> str:  # noqa: ANN001 - httpx.Client
+def one_request(http, rng: random.Random, context: int) -> str:
     """Send one request of the mix; returns a label for the tally."""
     kind = rng.choices(["long", "stream", "drop", "n", "text", "invalid", "short"],
                        weights=[30, 20, 10, 10, 10, 10, 10])[0]
@@ -208,8 +207,8 @@ def report(samples: list[dict], tally: Counter, minutes: float, model: str,
            concurrency: int) -> str:
     ts = [s["t"] for s in samples]
     half = [i for i, t in enumerate(ts) if t >= ts[-1] / 2]
-    out = [f"Soak: {minutes:g} min, model {model}, {concurrency} client threads, "
-           f"{sum(tally.values())} requests, {len(samples)} samples.", "",
+    out = [(f"Soak: {minutes:g} min, model {model}, {concurrency} client threads, "
+            f"{sum(tally.values())} requests, {len(samples)} samples."), "",
            "Requests by kind:status: " + ", ".join(f"{k} {v}" for k, v in sorted(tally.items())),
            "", "| series | first | last | max | slope, 2nd half |", "|---|---|---|---|---|"]
     series = {"RSS (MiB)": [s["rss_kib"] / 1024 for s in samples],
@@ -246,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     samples_path = Path(tempfile.mkstemp(prefix="soak-", suffix=".jsonl")[1])
-    log = tempfile.NamedTemporaryFile("w+", prefix="soak-server-", suffix=".log", delete=False)
+    log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - kept for the report
+        "w+", prefix="soak-server-", suffix=".log", delete=False)
     child = [sys.executable, __file__, "--child", "--port", "0", "--log-level", "warning",
              "--interval", str(args.interval)]
     if args.model:

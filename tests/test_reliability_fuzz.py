@@ -207,8 +207,9 @@ COMPLETION_BODIES = bodies(
     {"prompt": (TEXT, st.one_of(TEXT, st.lists(st.integers(-2, 33000), min_size=1, max_size=8)))},
     COMPLETION_FIELDS)
 
-FUZZ_SETTINGS = dict(deadline=None, database=None, derandomize=True, print_blob=True,
-                     suppress_health_check=list(HealthCheck))
+FUZZ_SETTINGS: dict[str, Any] = {"deadline": None, "database": None, "derandomize": True,
+                                  "print_blob": True,
+                                  "suppress_health_check": list(HealthCheck)}
 
 
 def post_json(http: httpx.Client, path: str, body: Any) -> httpx.Response:

@@ -90,7 +90,7 @@ class ThreadServer:
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="uvicorn", daemon=True)
 
-    def __enter__(self) -> ThreadServer:
+    def __enter__(self) -> ThreadServer:  # noqa: PYI034
         self.thread.start()
         wait_for(lambda: self.server.started, 60, "the server to start")
         return self

@@ -21,7 +21,6 @@ import re
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import urllib.parse
@@ -414,7 +413,8 @@ def test_no_template_engine_renders_anything(tiny_hf_checkpoint, tmp_path):
     messages = [{"role": "system", "content": "{{ 7*7 }} {% raw %}"},
                 {"role": "user", "content": template + " ${7*7} #{7*7} <%= 7*7 %>"}]
     result = subprocess.run([sys.executable, "-c", CHILD, str(model), json.dumps(messages)],
-                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                            check=False, capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["status"] == 200 and out["text_status"] == 200
