@@ -17,6 +17,8 @@ How SentencePiece turns ids into text (measured against `sp.decode` on random id
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -114,12 +116,22 @@ class Tokenizer:
             ModelLoadError: If the directory has no readable `tokenizer.model`.
         """
         path = Path(checkpoint_dir) / TOKENIZER_FILENAME
-        if not path.is_file():
-            raise ModelLoadError(
-                f"{checkpoint_dir} has no {TOKENIZER_FILENAME}: a Mistral v0.2 checkpoint "
-                "needs its SentencePiece model next to config.json"
-            )
-        return cls.from_file(path)
+        if path.is_file():
+            return cls.from_file(path)
+        # mlx_lm.convert (and some mlx-community repos) keep only tokenizer.json. When its
+        # vocabulary is exactly Mistral v0.2's, the SentencePiece model bundled with the demo
+        # model is that same tokenizer.
+        bundled = Path(__file__).parent / "demo_model" / TOKENIZER_FILENAME
+        hf_json = Path(checkpoint_dir) / "tokenizer.json"
+        if hf_json.is_file() and bundled.is_file():
+            tokenizer = cls.from_file(bundled)
+            if _same_vocabulary(hf_json, tokenizer._pieces):
+                return tokenizer
+        raise ModelLoadError(
+            f"{checkpoint_dir} has no {TOKENIZER_FILENAME} (and no tokenizer.json with Mistral "
+            "v0.2's vocabulary): a Mistral v0.2 checkpoint needs its SentencePiece model next "
+            "to config.json"
+        )
 
     @property
     def bos_id(self) -> int:
@@ -235,6 +247,18 @@ class Tokenizer:
                 f"token id {token_id} is outside the vocabulary [0, {len(self._pieces)})"
             )
         return token_id
+
+
+def _same_vocabulary(tokenizer_json: Path, pieces: list[str]) -> bool:
+    """True when an HF tokenizer.json maps exactly `pieces` to their ids."""
+    try:
+        with open(tokenizer_json, encoding="utf-8") as f:
+            vocab = json.load(f)["model"]["vocab"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return isinstance(vocab, dict) and len(vocab) == len(pieces) and all(
+        vocab.get(piece) == i for i, piece in enumerate(pieces)
+    )
 
 
 class StreamingDetokenizer:
