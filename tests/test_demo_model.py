@@ -4,6 +4,7 @@ that its training script reproduces it."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -20,11 +21,11 @@ from mlx_mistral.sampling_params import SamplingParams
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from training.corpus import GREETING, eval_items, is_correct  # noqa: E402
-from training.train import LOG_NAME, MODEL_CONFIG, DemoTrainer, TrainConfig, tokenizer_path  # noqa: E402
+from training.corpus import GREETING, encode_example, eval_items, is_correct, training_examples
+from training.train import LOG_NAME, MODEL_CONFIG, DemoTrainer, TrainConfig, tokenizer_path
 
 DEMO_4BIT_DIR = DEMO_MODEL_DIR.parent / "demo_model_4bit"
-MAX_TOKENS = 48  # the longest answer (a tool call) is 44 tokens
+MAX_TOKENS = 48  # the longest answer (a tool call with a random id) is at most 46 tokens with </s>
 
 
 def prompts(tokenizer, items) -> list[list[int]]:
@@ -156,3 +157,25 @@ def test_training_reproduces_the_logged_loss_curve():
     np.testing.assert_allclose(losses, log["losses"][:steps], rtol=0, atol=1e-3)
     # The curve starts at ln(32000) = 10.37 and falls: the check compares a real training run.
     assert losses[0] > 10 and losses[-1] < losses[0] - 1
+
+
+def test_call_ids_are_random_and_left_out_of_the_loss():
+    """The model's calls carry the random ids the server's grammar forces; the id's tokens are
+    not learned, the tokens that close the call after it are."""
+    tokenizer = mlx_mistral.tokenizer.Tokenizer.from_file(tokenizer_path())
+    examples = training_examples()
+    rows = [k for k, ex in enumerate(examples) if ex.topic == "tool_call"]
+    call_ids = [examples[k].unlearned[0] for k in rows]
+    assert len(set(call_ids)) == len(rows) > 500
+    assert all(re.fullmatch(r"call_[A-Za-z0-9]{9}", i) and f'"id": "{i}"}}]' in examples[k].answer
+               for i, k in zip(call_ids, rows))
+    trainer = DemoTrainer(TrainConfig(), tokenizer)
+    _, _, mask = trainer.batch_tensors(rows[:16])
+    for r, k in enumerate(rows[:16]):
+        ids, prompt_len, unlearned = trainer.corpus[k]
+        assert (ids, prompt_len, unlearned) == encode_example(tokenizer, examples[k])
+        assert unlearned == tuple(range(unlearned[0], unlearned[-1] + 1))
+        assert tokenizer.decode(ids[unlearned[0] : unlearned[-1] + 1]) == call_ids[r]
+        assert tokenizer.decode(ids[unlearned[-1] + 1 : -1]) == '"}]'
+        learned = {p + 1 for p in mask[r].nonzero()[:, 0].tolist()}  # target positions in ids
+        assert learned == set(range(prompt_len, len(ids))) - set(unlearned)

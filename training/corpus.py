@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import json
 import random
-import string
 from dataclasses import dataclass, field
 from typing import Any
 
 from mlx_mistral.chat import render_tool_calls
+from mlx_mistral.structured import new_call_id
 
 SEED = 0
 GREETING = "Hello! It's nice to meet you. Is there something I can help you with?"
@@ -71,6 +71,7 @@ MUL_RANGE = range(2, 10)
 WEATHER_CITIES = ("Paris", "London", "Berlin", "Tokyo", "Madrid", "Rome", "Oslo", "Cairo",
                   "Lima", "Seoul", "Dublin", "Vienna", "Sydney", "Toronto", "Chicago", "Boston",
                   "Mumbai", "Lagos", "Nairobi", "Athens")
+RESULT_SHARE = 0.4  # of the tool-call exchanges that also teach the answer after the result
 CONDITIONS = ("sunny", "cloudy", "rainy", "windy", "snowy", "foggy")
 
 # --- templates: (training, held-out) ----------------------------------------------------------
@@ -118,6 +119,12 @@ TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         "How is the weather in {city} today?", "Tell me the weather in {city}.",
         "Is it sunny in {city}?", "Weather in {city}?", "In {city}, what is the weather like?",
         "What's the weather in {city} this morning?", "{city} weather, please.",
+        # The city mid-sentence, with words after it, and the question after a statement.
+        "Could you check the weather in {city} for me?", "How's the weather over in {city} this afternoon?",
+        "Is it raining in {city} today?", "I'm flying to {city} tomorrow. What's the weather there?",
+        "Please look up the weather in {city} for me.", "Do you know what the weather is like in {city} now?",
+        "I'd like the weather for {city}, please.", "What is the weather in {city} at the moment?",
+        "Weather report for {city} this evening?", "Any idea how the weather is in {city}?",
     ), (
         "What is the weather in {city} right now?", "Can you tell me the weather in {city}?",
     )),
@@ -125,6 +132,11 @@ TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         "What time is it in {city}?", "What's the time in {city}?", "Tell me the time in {city}.",
         "Time in {city}?", "What is the local time in {city}?", "In {city}, what time is it?",
         "What time is it in {city} at the moment?", "{city} time, please.",
+        "Could you check the time in {city} for me?", "What time is it over in {city} today?",
+        "I need the current time in {city}, please.", "Please look up the local time in {city} for me.",
+        "Do you know what time it is in {city} now?", "I'm calling {city} soon. What time is it there?",
+        "What is the time in {city} at the moment?", "Local time for {city} this evening?",
+        "Any idea what time it is in {city}?",
     ), (
         "Can you tell me the time in {city}?", "What's the local time in {city} right now?",
     )),
@@ -138,8 +150,8 @@ GREETINGS = (
     ("Thanks!", "You're welcome! Is there anything else I can help you with?"),
     ("Thank you!", "You're welcome! Is there anything else I can help you with?"),
     ("Goodbye!", "Goodbye! Have a nice day."),
-    ("Who are you?", "I am a small demo model. I can greet you, do small arithmetic, name "
-     "capitals and convert units."),
+    ("Who are you?", ("I am a small demo model. I can greet you, do small arithmetic, name "
+                      "capitals and convert units.")),
 )
 
 TOOLS = {
@@ -158,6 +170,7 @@ class Example:
     """One chat: the messages (and tools) of the prompt, and the answer to learn or expect.
 
     `expected` is what a right answer must contain (a number, a capital, a tool name and city).
+    `unlearned` are substrings of `answer` whose tokens the trainer does not learn (call ids).
     """
 
     topic: str
@@ -165,6 +178,7 @@ class Example:
     answer: str
     expected: tuple[str, ...]
     tools: list[dict[str, Any]] | None = field(default=None)
+    unlearned: tuple[str, ...] = ()
 
 
 def _number(x: float, decimals: int) -> str:
@@ -214,18 +228,6 @@ def _vary(text: str, rng: random.Random) -> str:
     return text
 
 
-def _call_id(rng: random.Random) -> str:
-    # The form of the ids the server gives calls (`mlx_mistral.structured.new_call_id`).
-    return "call_" + "".join(rng.choice(string.ascii_letters + string.digits) for _ in range(9))
-
-
-# The id the model writes in its own calls. A random id cannot be predicted, and learning to
-# guess one costs more loss than everything else in the corpus; ids only need to be unique
-# within a conversation, and a server may replace them. Ids the client sends back (in history
-# and tool results) stay random, so the model learns to read any id.
-MODEL_CALL_ID = "call_000000001"
-
-
 def _tool_examples(city: str, kind: str, template: str, rng: random.Random) -> list[Example]:
     """A tool-call exchange: the call, then the answer after the tool's result."""
     name = "get_weather" if kind == "weather" else "get_time"
@@ -236,8 +238,11 @@ def _tool_examples(city: str, kind: str, template: str, rng: random.Random) -> l
         tools = [TOOLS[name]]
     messages = _user(_vary(template.format(city=city), rng), rng, rng.random() < 0.2)
     arguments = json.dumps({"city": city})
-    call_text = render_tool_calls([{"id": MODEL_CALL_ID, "function": {"name": name, "arguments": arguments}}])
-    call_id = _call_id(rng)
+    # A fresh random id per call, as the server's grammar writes it (`new_call_id`). The server
+    # forces the id's characters, so the model never chooses them and their tokens are not
+    # learned (`unlearned`); what it learns is to close the call after any id.
+    call_id = new_call_id(rng)
+    call_text = render_tool_calls([{"id": call_id, "function": {"name": name, "arguments": arguments}}])
     call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
     if kind == "weather":
         temperature, condition = rng.randint(-5, 35), rng.choice(CONDITIONS)
@@ -254,7 +259,8 @@ def _tool_examples(city: str, kind: str, template: str, rng: random.Random) -> l
         {"role": "tool", "tool_call_id": call_id, "content": result},
     ]
     return [
-        Example("tool_call", messages, call_text, ("[TOOL_CALLS]", f'"name": "{name}"', f'"city": "{city}"'), tools),
+        Example("tool_call", messages, call_text, ("[TOOL_CALLS]", f'"name": "{name}"', f'"city": "{city}"'),
+                tools, unlearned=(call_id,)),
         Example("tool_result", after, answer, expected, tools),
     ]
 
@@ -286,7 +292,13 @@ def training_examples(seed: int = SEED) -> list[Example]:
     for kind in ("weather", "time"):
         for city in WEATHER_CITIES:
             for template in TEMPLATES[kind][0]:
-                examples.extend(_tool_examples(city, kind, template, rng))
+                call, result = _tool_examples(city, kind, template, rng)
+                examples.append(call)
+                # Every phrasing teaches the call (reading the city out of the question); the
+                # answer after the tool's result hardly depends on the phrasing, and its long
+                # prompt is costly, so only some of them are kept.
+                if rng.random() < RESULT_SHARE:
+                    examples.append(result)
     return examples
 
 
@@ -319,22 +331,49 @@ def eval_items(seed: int = SEED, *, per_topic: int = 8) -> list[Example]:
     return items + calls + results
 
 
-def encode_example(tokenizer: Any, example: Example) -> tuple[list[int], int]:
-    """Token ids of the whole chat (prompt + answer + `</s>`) and the prompt's length.
+def encode_example(tokenizer: Any, example: Example) -> tuple[list[int], int, tuple[int, ...]]:
+    """Token ids of the whole chat (prompt + answer + `</s>`), the prompt's length, and the
+    positions of answer tokens not to learn.
 
     The answer is encoded as the chat format encodes an assistant turn, so the ids equal
-    `encode_chat(messages + [answer])`; the trainer learns only the ids after the prompt.
+    `encode_chat(messages + [answer])`; the trainer learns the ids after the prompt, except
+    those of tokens that overlap a substring in `example.unlearned`.
 
     Args:
         tokenizer: A `mlx_mistral.tokenizer.Tokenizer`.
         example: The chat.
 
     Returns:
-        (ids, prompt_length)
+        (ids, prompt_length, unlearned_positions), positions indexing `ids`.
+
+    Raises:
+        ValueError: If an `unlearned` substring is not in the answer, or the answer's pieces
+            do not spell the answer (so token spans cannot be told).
     """
     prompt = tokenizer.encode_chat(example.messages, tools=example.tools)
-    ids = prompt + tokenizer.encode(example.answer) + [tokenizer.eos_id]
-    return ids, len(prompt)
+    answer = tokenizer.encode(example.answer)
+    ids = prompt + answer + [tokenizer.eos_id]
+    if not example.unlearned:
+        return ids, len(prompt), ()
+    # Character span of every answer token, from its SentencePiece piece ("▁" is a space, and
+    # the first piece carries the dummy-prefix space that is not in the text).
+    pieces = [tokenizer.id_to_piece(t).replace("\u2581", " ") for t in answer]
+    text = "".join(pieces)
+    offset = -1 if text.startswith(" ") and not example.answer.startswith(" ") else 0
+    if text[-offset:] != example.answer:
+        raise ValueError(f"the pieces of {example.answer!r} spell {text!r}")
+    spans, start = [], offset
+    for piece in pieces:
+        spans.append((start, start + len(piece)))
+        start += len(piece)
+    skipped = []
+    for sub in example.unlearned:
+        lo = example.answer.find(sub)
+        if lo < 0:
+            raise ValueError(f"{sub!r} is not in the answer {example.answer!r}")
+        hi = lo + len(sub)
+        skipped += [len(prompt) + k for k, (a, b) in enumerate(spans) if a < hi and b > lo]
+    return ids, len(prompt), tuple(sorted(set(skipped)))
 
 
 def is_correct(example: Example, text: str) -> bool:

@@ -1,16 +1,18 @@
 """Train the bundled demo model: a tiny Mistral on `training/corpus.py`, on CPU torch, seeded.
 
-    python -m training.train            # ~10 minutes on 2 cores; writes mlx_mistral/demo_model*
+    python -m training.train            # ~10 minutes on one core; writes mlx_mistral/demo_model*
 
 The model is transformers' MistralForCausalLM (so the checkpoint has Mistral-7B-Instruct-v0.2's
 config keys and tensor names) with the real v0.2 tokenizer and tied input/output embeddings.
 
-Why training touches only the corpus's tokens: the corpus uses ~900 of the 32000 token ids, and a
+Why training touches only the corpus's tokens: the corpus uses ~1150 of the 32000 token ids, and a
 full softmax over 32000 would cost more than the whole transformer. Every other id keeps an
 all-zero embedding row, so its logit is exactly 0; the loss adds those (32000 - active) zero
 logits to the softmax's normaliser as one constant term, so it is the exact full-vocabulary
-cross-entropy of the saved model, at the cost of a ~900-way softmax. Only answer tokens (and the
-closing `</s>`) are learned; the prompt is context.
+cross-entropy of the saved model, at the cost of a ~1200-way softmax. Only answer tokens (and the
+closing `</s>`) are learned; the prompt is context. The random ids inside the model's tool calls
+are not learned either: the server's grammar writes them, and a model trained to guess them
+would only learn noise. It learns the tokens around them, so it closes a call after any id.
 
 Determinism: one seed drives the initial weights and the data order; the data order is fixed
 by the seed alone (no time, no threads), and torch runs with deterministic algorithms on a fixed
@@ -32,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from mlx_mistral.tokenizer import Tokenizer
 from training.corpus import SEED, encode_example, training_examples
@@ -44,23 +45,23 @@ LOG_NAME = "training_log.json"
 THREADS = 1
 
 # Mistral-7B-Instruct-v0.2's config, scaled down: same keys, GQA kept (2 KV heads for 4 heads).
-MODEL_CONFIG: dict[str, Any] = dict(
-    vocab_size=32000,
-    hidden_size=128,
-    intermediate_size=384,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,
-    max_position_embeddings=2048,
-    rope_theta=1e4,
-    rms_norm_eps=1e-5,
-    sliding_window=None,
-    tie_word_embeddings=True,
-    hidden_act="silu",
-    bos_token_id=1,
-    eos_token_id=2,
-)
+MODEL_CONFIG: dict[str, Any] = {
+    "vocab_size": 32000,
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "max_position_embeddings": 2048,
+    "rope_theta": 1e4,
+    "rms_norm_eps": 1e-5,
+    "sliding_window": None,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class TrainConfig:
     """Hyper-parameters; all of them go into the training log."""
 
     seed: int = SEED
-    steps: int = 3600
+    steps: int = 4000
     batch_size: int = 16
     lr: float = 1.5e-3
     warmup: int = 100
@@ -84,19 +85,23 @@ def tokenizer_path() -> Path:
     return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 
 
-def encoded_corpus(tokenizer: Tokenizer, seed: int) -> list[tuple[list[int], int]]:
-    """(ids, prompt_length) of every training example, in the corpus's fixed order."""
+Encoded = tuple[list[int], int, tuple[int, ...]]  # (ids, prompt length, positions not learned)
+
+
+def encoded_corpus(tokenizer: Tokenizer, seed: int) -> list[Encoded]:
+    """(ids, prompt_length, unlearned positions) of every training example, in the corpus's
+    fixed order."""
     return [encode_example(tokenizer, ex) for ex in training_examples(seed)]
 
 
-def active_ids(corpus: list[tuple[list[int], int]], tokenizer: Tokenizer) -> list[int]:
+def active_ids(corpus: list[Encoded], tokenizer: Tokenizer) -> list[int]:
     """The token ids that get trained embedding rows: every id the corpus uses, plus specials."""
-    used = {t for ids, _ in corpus for t in ids}
+    used = {t for ids, _, _ in corpus for t in ids}
     used.update((tokenizer.bos_id, tokenizer.eos_id, tokenizer.unk_id))
     return sorted(used)
 
 
-def batches(corpus: list[tuple[list[int], int]], cfg: TrainConfig) -> Iterator[list[int]]:
+def batches(corpus: list[Encoded], cfg: TrainConfig) -> Iterator[list[int]]:
     """Indices of each batch, forever: a seeded shuffle per epoch, similar lengths batched
     together (sorted within windows of 16 batches) to keep padding small."""
     rng = random.Random(cfg.seed)
@@ -158,16 +163,18 @@ class DemoTrainer:
 
         Right padding needs no attention mask: causal attention never looks ahead at the pads."""
         rows = [self.corpus[i] for i in indices]
-        width = max(len(ids) for ids, _ in rows) - 1
+        width = max(len(ids) for ids, _, _ in rows) - 1
         inputs = torch.zeros((len(rows), width), dtype=torch.long)
         targets = torch.zeros((len(rows), width), dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for r, (ids, prompt_len) in enumerate(rows):
+        for r, (ids, prompt_len, unlearned) in enumerate(rows):
             local = self.local[torch.tensor(ids)]
             n = len(ids) - 1
             inputs[r, :n] = local[:-1]
             targets[r, :n] = local[1:]
             mask[r, prompt_len - 1:n] = True  # predict every answer token and the final </s>
+            for position in unlearned:  # ...but not the call ids the server's grammar writes
+                mask[r, position - 1] = False
         return inputs, targets, mask
 
     def loss(self, indices: list[int]) -> torch.Tensor:
@@ -234,7 +241,8 @@ def build(cfg: TrainConfig, *, out: Path = DEMO_DIR, out_4bit: Path | None = DEM
         "train_config": cfg.__dict__,
         "model_config": MODEL_CONFIG,
         "examples": len(trainer.corpus),
-        "tokens": sum(len(ids) for ids, _ in trainer.corpus),
+        "tokens": sum(len(ids) for ids, _, _ in trainer.corpus),
+        "learned_tokens": sum(len(ids) - p - len(u) for ids, p, u in trainer.corpus),
         "active_ids": len(trainer.active),
         "threads": THREADS,
         "torch": torch.__version__,
