@@ -128,15 +128,17 @@ class BatchGenerator:
         self._requests: dict[int, _Request] = {}
 
     # -- submission ----------------------------------------------------------------------------
-    def check(self, prompt: Sequence[int], params: SamplingParams) -> int:
+    def check(self, prompt: Sequence[int], params: SamplingParams, *, prompt_field: str = "messages") -> int:
         """Validate a request against the model; returns how many tokens it may generate.
+
+        `prompt_field` names the request field the prompt came from, for the error's `param`.
 
         Raises:
             ContextLengthExceededError: the prompt (plus max_tokens) exceeds the context window.
             InvalidRequestError: it could never fit the KV budget, or a bad token id.
         """
         if not prompt:
-            raise InvalidRequestError("the prompt is empty", param="messages")
+            raise InvalidRequestError("the prompt is empty", param=prompt_field)
         if max(prompt) >= self.args.vocab_size or min(prompt) < 0:
             raise InvalidRequestError("the prompt has token ids outside the vocabulary", param="prompt")
         params.validate_for_vocab(self.args.vocab_size)
@@ -148,7 +150,7 @@ class BatchGenerator:
                 f"needs {asked} ({len(prompt)} in the prompt"
                 + (f" + {params.max_tokens} max_tokens" if params.max_tokens else "")
                 + f"), {asked - self.context_length} too many",
-                param="messages" if room < 0 else "max_tokens",
+                param=prompt_field if room < 0 else "max_tokens",
             )
         max_new = room if params.max_tokens is None else params.max_tokens
         if self.kv_budget_bytes is not None:

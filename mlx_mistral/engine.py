@@ -205,8 +205,12 @@ class Engine:
         *,
         constraints: Sequence[TokenConstraint | None] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        prompt_field: str = "messages",
     ) -> RequestHandle:
         """Queue a request. Pass the running event loop to iterate its events with `async for`.
+
+        `prompt_field` is the request field errors about the prompt name ("prompt" for
+        completions).
 
         Raises:
             ContextLengthExceededError, InvalidRequestError: the request cannot run on this model.
@@ -217,7 +221,8 @@ class Engine:
             raise EngineDeadError("the engine has stopped; restart the server")
         if not self._accepting:
             raise EngineOverloadedError("the server is shutting down", retry_after=5)
-        self.generator.check(prompt, params)  # reads only immutable settings: thread-safe
+        # check() reads only immutable settings: safe from any thread.
+        self.generator.check(prompt, params, prompt_field=prompt_field)
         # Waiting = handed to the engine thread but not yet picked up, plus admitted-pending
         # requests held for KV memory or batch room (len() of a deque is atomic in CPython).
         waiting = self._queued + len(self.generator.waiting)
