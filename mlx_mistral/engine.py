@@ -28,6 +28,7 @@ from .tokenizer import Tokenizer
 log = logging.getLogger("mlx_mistral.engine")
 
 _DONE = object()
+DEFAULT_PREFIX_CACHE_MAX = 2 * 2**30
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class EngineConfig:
         prefill_chunk: prompt tokens per prefill step (bounds the stall of running streams).
         kv_budget_bytes: KV memory for running sequences; None derives it from free memory.
         prefix_cache_bytes: memory kept for earlier conversations' KV; None: a quarter of the
-            KV budget; 0 turns the prefix cache off.
+            KV budget, at most 2 GiB; 0 turns the prefix cache off.
     """
 
     max_batch: int = 32
@@ -233,6 +234,8 @@ class Engine:
         handle = RequestHandle(self, list(prompt), params, constraints, loop)
         self._queued += 1
         self._commands.put(("add", handle))
+        if self.error is not None or not self._thread.is_alive():
+            self._fail_pending()  # the engine died after the check above: answer, never hang
         return handle
 
     # -- the engine thread -------------------------------------------------------------------
@@ -243,7 +246,9 @@ class Engine:
             budget = config.kv_budget_bytes
             if budget is None:
                 budget = int(available_memory_bytes() * 0.6)
-            prefix_bytes = budget // 4 if config.prefix_cache_bytes is None else config.prefix_cache_bytes
+            prefix_bytes = config.prefix_cache_bytes
+            if prefix_bytes is None:  # a cache, not a reservation: bounded so RSS stays modest
+                prefix_bytes = min(budget // 4, DEFAULT_PREFIX_CACHE_MAX)
             self.generator = BatchGenerator(
                 self.model, self.tokenizer, prefill_chunk=config.prefill_chunk,
                 kv_budget_bytes=budget - prefix_bytes, max_batch=config.max_batch,

@@ -163,7 +163,8 @@ async def _generate(request: Request, state: ServerState, engine: Engine, prompt
                     constraints: Sequence[GrammarConstraint] | None = None) -> Response:
     params = state.fit_max_tokens(req.params, req.max_tokens_given, len(prompt))
     handle = engine.submit(prompt, params, constraints=constraints,
-                           loop=asyncio.get_running_loop())
+                           loop=asyncio.get_running_loop(),
+                           prompt_field="messages" if chat else "prompt")
     stats = _stats(request)
     config = state.config
     call_ids = None
@@ -310,7 +311,9 @@ def start_engine(config: ServerConfig, load: Callable[[], Any]) -> Engine:
     """
     log.info("loading %s%s ...", config.model, " (demo model)" if config.is_demo else "")
     started = time.perf_counter()
-    engine = Engine(load, EngineConfig(max_batch=config.max_batch, max_queue=config.max_queue))
+    prefix_bytes = None if config.prefix_cache_mib is None else config.prefix_cache_mib * 2**20
+    engine = Engine(load, EngineConfig(max_batch=config.max_batch, max_queue=config.max_queue,
+                                       prefix_cache_bytes=prefix_bytes))
     engine.start()
     log.info("model %s loaded in %.1fs", config.model_name, time.perf_counter() - started)
     return engine

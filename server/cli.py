@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most sequences decoded together (default 32)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="most requests waiting for the engine; more get 503 (default 64)")
+    parser.add_argument("--prefix-cache-mib", type=int, default=None,
+                        help="memory for earlier conversations' KV state, reused by their next "
+                        "turns (default: a quarter of the KV budget, at most 2048; 0 turns it off)")
     parser.add_argument("--prompt-price", type=float, default=0.0,
                         help="dollars per prompt token, for usage.estimated_cost (default 0)")
     parser.add_argument("--completion-price", type=float, default=0.0,
@@ -87,6 +90,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         api_key=args.api_key, allowed_hosts=tuple(args.allowed_hosts),
         cors_origins=tuple(args.cors_origins), allow_public=args.allow_public,
         max_body_bytes=args.max_body_bytes, max_batch=args.max_batch, max_queue=args.max_queue,
+        prefix_cache_mib=args.prefix_cache_mib,
         prompt_price=args.prompt_price, completion_price=args.completion_price,
         default_max_tokens=args.default_max_tokens, keepalive_seconds=args.keepalive,
         send_timeout_seconds=args.send_timeout, drain_timeout_seconds=args.drain_timeout)

@@ -62,6 +62,8 @@ class ServerConfig:
         allow_public: allow a non-loopback bind without an API key.
         max_body_bytes: the largest request body accepted (413 beyond).
         max_batch, max_queue: engine limits (sequences decoded together; requests waiting).
+        prefix_cache_mib: memory kept for earlier conversations' KV state, so a chat's next
+            turn prefills only its new tokens; None picks the engine's default, 0 turns it off.
         prompt_price, completion_price: per-token prices for `usage.estimated_cost`.
         default_max_tokens: max_tokens when a request gives none (capped to the context
             left); None means "up to the context window".
@@ -86,6 +88,7 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_batch: int = 32
     max_queue: int = 64
+    prefix_cache_mib: int | None = None
     prompt_price: float = 0.0
     completion_price: float = 0.0
     default_max_tokens: int | None = None
@@ -104,6 +107,8 @@ class ServerConfig:
              f"must be at least 1024, got {self.max_body_bytes}")
         need(self.max_batch >= 1, "--max-batch", f"must be at least 1, got {self.max_batch}")
         need(self.max_queue >= 0, "--max-queue", f"must be at least 0, got {self.max_queue}")
+        need(self.prefix_cache_mib is None or self.prefix_cache_mib >= 0, "--prefix-cache-mib",
+             f"must be at least 0, got {self.prefix_cache_mib}")
         for flag, price in (("--prompt-price", self.prompt_price),
                             ("--completion-price", self.completion_price)):
             need(math.isfinite(price) and price >= 0, flag,

@@ -254,3 +254,19 @@ def test_long_prompt_prefills_in_chunks_while_others_decode(tiny_model):
         if any(e.uid == newcomer for e in events):
             break
     assert steps_until_first_token == -(-len(long_prompt) // 32)
+
+
+def test_prefix_cache_budget_counts_keys_and_bounds_entries():
+    layers = [(mx.zeros((1, 2, 40, 8)), mx.zeros((1, 2, 40, 8)))]
+    kv_bytes = 2 * layers[0][0].nbytes
+    cache = PrefixCache(10 * kv_bytes, max_entries=3)
+    for start in range(5):
+        cache.store(list(range(start * 100, start * 100 + 40)), layers)
+    assert len(cache) == 3  # the oldest two were evicted
+    assert cache.nbytes > 3 * kv_bytes  # keys are counted, not only the KV arrays
+    assert cache.lookup(list(range(0, 40))) is None
+    hit = cache.lookup(list(range(400, 440)) + [7, 8])
+    assert hit is not None and hit.length == 40
+    # A longer conversation replaces the entry that is its prefix.
+    cache.store(list(range(400, 440)) + [7, 8, 9] + [1] * 30, [(mx.zeros((1, 2, 73, 8)),) * 2])
+    assert len(cache) == 3 and cache.lookup(list(range(400, 440)) + [7, 8, 9, 1, 1, 1]).length == 45

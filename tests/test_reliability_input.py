@@ -244,16 +244,10 @@ def test_50mb_body_chunked_is_cut_off_at_the_limit(server):
 
 
 # -- sizes against the context window ---------------------------------------------------------
-# BatchGenerator.check names "messages" for any prompt over the window; a completions request
-# has no messages (its field is "prompt"). Fixed when these pass (strict: they then fail).
-PROMPT_PARAM_BUG = pytest.mark.xfail(
-    strict=True, reason="context_length_exceeded names 'messages' on /v1/completions")
-
-
 @pytest.mark.parametrize("path, body, param", [
     (CHAT, {"messages": [{"role": "user", "content": "hello " * 2100}]}, "messages"),
-    pytest.param(TEXT, {"prompt": "hello " * 2100}, "prompt", marks=PROMPT_PARAM_BUG),
-    pytest.param(TEXT, {"prompt": [1] * (CONTEXT + 1)}, "prompt", marks=PROMPT_PARAM_BUG),
+    (TEXT, {"prompt": "hello " * 2100}, "prompt"),
+    (TEXT, {"prompt": [1] * (CONTEXT + 1)}, "prompt"),
     (CHAT, {"messages": MESSAGES, "max_tokens": 10**9}, "max_tokens"),
     (TEXT, {"prompt": "Hi", "max_tokens": 10**9}, "max_tokens"),
     (TEXT, {"prompt": "Hi", "max_tokens": CONTEXT}, "max_tokens"),
