@@ -286,7 +286,6 @@ class GrammarConstraint:
             raise ValueError(f"grammar does not compile: {self._matcher.get_error()}")
         self._tail = b""  # the last bytes generated, to see the call marker appear
         self._in_calls = False
-        self._eos_only = mx.array(np.arange(self._vocab_size) == self._eos)
 
     @property
     def error(self) -> str | None:
@@ -301,7 +300,9 @@ class GrammarConstraint:
     def allowed_mask(self) -> mx.array:
         """bool [vocab]: the tokens the grammar allows next (EOS only where it accepts)."""
         if self._matcher.is_error():
-            return self._eos_only  # end the sequence rather than sample from an empty set
+            # End the sequence rather than sample from an empty set. Built here, on the
+            # engine thread, which does all MLX work (constraints are made on request threads).
+            return mx.array(np.arange(self._vocab_size) == self._eos)
         return bitmask_to_mlx(self._matcher.compute_bitmask(), self._vocab_size)
 
     def advance(self, token: int) -> None:
