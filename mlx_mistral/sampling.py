@@ -296,6 +296,10 @@ def _stack_rows(rows: list[mx.array | None], vocab: int, dtype: mx.Dtype) -> mx.
     return mx.stack([zeros if r is None else r for r in rows])
 
 
+def _plain_greedy(p: SamplingParams) -> bool:
+    return p.greedy and not p.uses_penalties and not p.logit_bias and not p.logprobs
+
+
 def sample(
     logits: mx.array, states: Sequence[SamplerState], allowed: mx.array | None = None
 ) -> SampleOutput:
@@ -319,6 +323,12 @@ def sample(
         [1]
     """
     params = [s.params for s in states]
+    if allowed is None and all(_plain_greedy(p) for p in params):
+        # Nothing to process: the argmax of the raw logits (the common greedy decode step).
+        tokens = mx.argmax(logits, axis=-1).tolist()
+        for state in states:
+            state.num_generated += 1
+        return SampleOutput(tokens, [None] * len(states))
     vocab = logits.shape[-1]
     batch = _BatchParams.of(params)
     penalised = [i for i, p in enumerate(params) if p.uses_penalties]
