@@ -341,14 +341,13 @@ def test_constraints_built_off_the_engine_thread_work_on_it(tokenizer):
     masks = []
 
     def engine_side():
-        stacked = mx.stack([c.allowed_mask() for c in constraints] + [constraints[0]._eos_only])
+        stacked = mx.stack([c.allowed_mask() for c in constraints])
         masks.append(stacked.sum(axis=-1).tolist())
 
     engine = threading.Thread(target=engine_side)
     engine.start()
     engine.join()
     (counts,) = masks
-    assert counts[2] == 1  # EOS alone
     assert 0 < counts[0] == counts[1] <= 3  # only spellings of the marker's start: "▁[", "[", "▁"
 
 
