@@ -247,8 +247,7 @@ class BatchGenerator:
             return []
         self.prefilling.popleft()
         logits = self.model.project(h[:, -1])  # (1, vocab)
-        if self.prefix_cache is not None:  # concurrent requests sharing this prompt reuse it
-            self.prefix_cache.store(request.prompt, [c.state for c in request.cache])
+        prompt_kv = [c.state for c in request.cache]
         n = request.params.n
         sequences = []
         for i, state in enumerate(SamplerState.for_choices(request.params, request.prompt, self.args.vocab_size)):
@@ -259,7 +258,10 @@ class BatchGenerator:
         request.cache = None
         self.running.extend(sequences)
         self.running_reserved.extend([request.reserved_tokens] * n)
-        return self._sample_and_emit(mx.repeat(logits, n, axis=0), sequences)
+        events = self._sample_and_emit(mx.repeat(logits, n, axis=0), sequences)
+        if self.prefix_cache is not None:  # after the first token: off the TTFT path
+            self.prefix_cache.store(request.prompt, prompt_kv)  # concurrent requests share it
+        return events
 
     def _decode(self) -> list[TokenEvent]:
         tokens = mx.array([[seq.tokens[-1]] for seq in self.running])

@@ -137,6 +137,8 @@ class BatchKVCache:
     @classmethod
     def merge(cls, caches: Sequence["BatchKVCache"]) -> "BatchKVCache":
         """Stack caches row-wise, left-padding each so that all rows end at the same index."""
+        if len(caches) == 1:  # the first request of an empty batch: nothing to align
+            return caches[0]
         length = max(c.length for c in caches)
         merged = cls([p + length - c.length for c in caches for p in c.left_padding])
         parts = [c for c in caches if c.keys is not None]
