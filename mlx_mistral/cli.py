@@ -45,19 +45,25 @@ def _load(name: str | None):
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
-    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                seed=args.seed)
+    """The sampling flags, validated before the (slow) model load."""
+    from .sampling_params import SamplingParams
+
+    kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                  top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                  seed=args.seed)
+    SamplingParams(**kwargs)  # raises InvalidRequestError naming the flag's field
+    return kwargs
 
 
 def run_generate(args: argparse.Namespace) -> int:
     from .generate import stream_generate
 
+    sampling = _sampling_kwargs(args)
     model, tokenizer = _load(args.model)
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
     if args.system and not args.raw:
         prompt.insert(0, {"role": "system", "content": args.system})
-    for chunk in stream_generate(model, tokenizer, prompt, **_sampling_kwargs(args)):
+    for chunk in stream_generate(model, tokenizer, prompt, **sampling):
         print(chunk.text, end="", flush=True)
     print()
     return 0
@@ -66,6 +72,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     from .generate import stream_generate
 
+    sampling = _sampling_kwargs(args)
     model, tokenizer = _load(args.model)
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     print("Type a message; an empty line or Ctrl-D quits, /reset starts over.", file=sys.stderr)
@@ -82,7 +89,7 @@ def run_chat(args: argparse.Namespace) -> int:
             continue
         messages.append({"role": "user", "content": line})
         answer = []
-        for chunk in stream_generate(model, tokenizer, messages, **_sampling_kwargs(args)):
+        for chunk in stream_generate(model, tokenizer, messages, **sampling):
             print(chunk.text, end="", flush=True)
             answer.append(chunk.text)
         print()

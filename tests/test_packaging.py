@@ -35,3 +35,12 @@ def test_console_script_reports_bad_input_without_traceback(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and "nope" in result.stderr
+
+
+def test_bad_sampling_flag_is_refused_before_loading_a_model():
+    result = subprocess.run(
+        [sys.executable, "-m", "mlx_mistral.cli", "generate", "--prompt", "hi", "--temperature", "5"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "mlx-mistral: error: temperature must be in [0, 2], got 5.0."
