@@ -11,12 +11,11 @@ table and writes it, with the machine described, to the `sampler` section of doc
 from __future__ import annotations
 
 # First: the package preloads an optimized system BLAS, which only works before mlx.core loads.
-import mlx_mistral
+import mlx_mistral  # noqa: F401
 
 # isort: split
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -117,24 +116,10 @@ def bench_mlx_lm(logits: mx.array, steps: int) -> float:
     return median_ms(step, steps)
 
 
-def machine() -> str:
-    blas = mlx_mistral._blas.loaded or "the mlx wheel's reference BLAS"
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or cpu
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, "
-        f"Python {platform.python_version()}, mlx {mx.__version__} "
-        f"(default device: {mx.default_device()}), BLAS: {blas}"
-    )
-
-
 def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from report import machine, write_section
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="timed steps per figure")
     args = parser.parse_args()
@@ -176,8 +161,6 @@ def main() -> None:
         lines.append(f"| {batch} | {name} | {kind} | {ms:.2f} | {fwd:.2f} | {ms / fwd:.2f} |")
     table = "\n".join(lines)
     print(table)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from report import write_section
 
     write_section("sampler", table)
 

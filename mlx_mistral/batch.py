@@ -71,7 +71,6 @@ class _Request:
     cache: list[BatchKVCache] | None = None
     prefilled: int = 0
     cached_tokens: int = 0
-    cancelled: bool = False
 
     @property
     def reserved_tokens(self) -> int:
@@ -112,10 +111,8 @@ class BatchGenerator:
         self.args = model.args
         self.prefill_chunk = prefill_chunk
         self.max_batch = max_batch
-        dtype_bytes = model.model.norm.weight.dtype.size  # the compute dtype the cache holds
-        self.kv_bytes_per_token = (
-            2 * self.args.num_hidden_layers * self.args.num_key_value_heads * self.args.head_dim * dtype_bytes
-        )
+        # The cache holds the compute dtype, which the norm weights carry.
+        self.kv_bytes_per_token = self.args.kv_bytes_per_token(model.model.norm.weight.dtype.size)
         self.kv_budget_bytes = kv_budget_bytes
         self.prefix_cache = prefix_cache
         self.context_length = self.args.max_position_embeddings
@@ -126,6 +123,7 @@ class BatchGenerator:
         self.running_reserved: list[int] = []  # reserved length per running row
         self.cache: list[BatchKVCache] | None = None
         self._requests: dict[int, _Request] = {}
+        self._cancelled: set[int] = set()
 
     # -- submission ----------------------------------------------------------------------------
     def check(self, prompt: Sequence[int], params: SamplingParams, *, prompt_field: str = "messages") -> int:
@@ -180,9 +178,8 @@ class BatchGenerator:
         return uid
 
     def cancel(self, uid: int) -> None:
-        request = self._requests.get(uid)
-        if request is not None:
-            request.cancelled = True
+        if uid in self._requests:
+            self._cancelled.add(uid)
 
     @property
     def has_work(self) -> bool:
@@ -334,9 +331,9 @@ class BatchGenerator:
             del self._requests[uid]
 
     def _drop_cancelled(self, events: list[TokenEvent]) -> None:
-        cancelled = {uid for uid, r in self._requests.items() if r.cancelled}
-        if not cancelled:
+        if not self._cancelled:
             return
+        cancelled, self._cancelled = self._cancelled, set()
         for queue in (self.waiting, self.prefilling):
             for request in [r for r in queue if r.uid in cancelled]:
                 queue.remove(request)

@@ -46,10 +46,9 @@ class ModelArgs:
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """KV-cache bytes one token costs at 2-byte precision (keys + values, all layers)."""
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * 2
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """KV-cache bytes one token costs (keys + values, all layers): 128 KiB for v0.2 in float16."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> "ModelArgs":

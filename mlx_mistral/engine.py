@@ -11,7 +11,6 @@ import logging
 import os
 import queue
 import threading
-import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -81,8 +80,6 @@ class RequestHandle:
         self._async_queue: asyncio.Queue | None = asyncio.Queue() if loop else None
         self._sync_queue: queue.Queue | None = None if loop else queue.Queue()
         self.uid: int | None = None
-        self.submitted_at = time.perf_counter()
-        self.first_token_at: float | None = None
         self._open_choices = params.n
         self.cancelled = False
 
@@ -98,8 +95,6 @@ class RequestHandle:
 
     def _on_event(self, event: TokenEvent) -> bool:
         """Deliver one event; returns True when the request is complete."""
-        if self.first_token_at is None and event.token is not None:
-            self.first_token_at = time.perf_counter()
         self._deliver(event)
         if event.finish_reason == "cancelled":
             self._open_choices = 0

@@ -43,8 +43,6 @@ class PrefixCache:
         self.max_entries = max_entries
         self._entries: OrderedDict[tuple[int, ...], tuple[np.ndarray, list[LayerKV], int]] = OrderedDict()
         self.nbytes = 0
-        self.hits = 0
-        self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -59,9 +57,7 @@ class PrefixCache:
                 best_key, best_len = key, n
         best_len = min(best_len, len(prompt) - 1)
         if best_key is None or best_len < self.min_tokens:
-            self.misses += 1
             return None
-        self.hits += 1
         self._entries.move_to_end(best_key)
         layers = self._entries[best_key][1]
         return PrefixHit(best_len, [(k[:, :, :best_len, :], v[:, :, :best_len, :]) for k, v in layers])

@@ -150,8 +150,7 @@ def test_context_and_budget_limits(tiny_model):
 
 
 def generator_bytes(model) -> int:
-    a = model.args
-    return 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * model.model.norm.weight.dtype.size
+    return model.args.kv_bytes_per_token(model.model.norm.weight.dtype.size)
 
 
 def _drain(generator):

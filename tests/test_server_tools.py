@@ -22,6 +22,7 @@ import pytest
 from mlx_mistral.server.app import chat_prompt
 from mlx_mistral.server.schemas import ChatCompletionRequest
 from server_process import ServerProcess
+from tool_samples import TIME
 
 import mlx_mistral
 from mlx_mistral.errors import InvalidRequestError
@@ -38,12 +39,6 @@ WEATHER = {
         "days": {"type": "integer", "minimum": 1, "maximum": 14},
     },
     "required": ["city", "unit"],
-    "additionalProperties": False,
-}
-TIME = {
-    "type": "object",
-    "properties": {"tz": {"enum": ["UTC", "CET", "PST"]}},
-    "required": ["tz"],
     "additionalProperties": False,
 }
 TOOLS = [

@@ -13,6 +13,7 @@ from collections import Counter
 import jsonschema
 import numpy as np
 import pytest
+from tool_samples import TIME, assemble
 
 from mlx_mistral.batch import BatchGenerator
 from mlx_mistral.chat import render_tool_calls
@@ -24,7 +25,11 @@ from mlx_mistral.structured import (
     make_constraints,
     make_llg_tokenizer,
 )
-from mlx_mistral.tool_calls import ToolCallStreamer, parse_structured_request, split_tool_calls
+from mlx_mistral.tool_calls import (
+    ToolCallStreamer,
+    parse_structured_request,
+    split_tool_calls,
+)
 
 SEEDS = 100
 
@@ -37,12 +42,6 @@ WEATHER = {
         "alerts": {"type": "boolean"},
     },
     "required": ["city", "unit"],
-    "additionalProperties": False,
-}
-TIME = {
-    "type": "object",
-    "properties": {"tz": {"enum": ["UTC", "CET", "PST"]}},
-    "required": ["tz"],
     "additionalProperties": False,
 }
 TOOLS = [
@@ -81,22 +80,6 @@ def run_batch(model_tok, spec, *, max_tokens, seeds=SEEDS, logit_bias=None):
                 run["finish"] = event.finish_reason
                 run["deltas"].append(run["streamer"].finish())
     return list(runs.values())
-
-
-def assemble(deltas):
-    """OpenAI stream deltas -> (content, calls), as a client accumulates them."""
-    content = "".join(d.content for d in deltas)
-    calls: dict[int, dict] = {}
-    for d in deltas:
-        for part in d.tool_calls:
-            if "id" in part:
-                assert part["index"] not in calls and part["function"]["arguments"] == ""
-                calls[part["index"]] = {"id": part["id"], "type": part["type"],
-                                        "function": {"name": part["function"]["name"], "arguments": ""}}
-            else:
-                assert set(part) == {"index", "function"} and set(part["function"]) == {"arguments"}
-                calls[part["index"]]["function"]["arguments"] += part["function"]["arguments"]
-    return content, [calls[i] for i in sorted(calls)] or None
 
 
 def check_calls(run, allowed_names):

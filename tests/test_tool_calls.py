@@ -9,6 +9,7 @@ import re
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tool_samples import assemble
 
 from mlx_mistral.chat import render_tool_calls
 from mlx_mistral.errors import InvalidRequestError
@@ -131,22 +132,6 @@ def test_parse_is_lenient_on_layout_and_makes_missing_ids():
 def test_text_without_a_complete_call_is_content(text):
     assert parse_tool_calls(text) is None
     assert split_tool_calls(text) == (text, None)
-
-
-def assemble(deltas):
-    content = "".join(d.content for d in deltas)
-    calls: dict[int, dict] = {}
-    for d in deltas:
-        for part in d.tool_calls:
-            if "id" in part:
-                assert part["index"] not in calls and part["function"]["arguments"] == ""
-                assert part["type"] == "function"
-                calls[part["index"]] = {"id": part["id"], "type": "function",
-                                        "function": {"name": part["function"]["name"], "arguments": ""}}
-            else:
-                assert set(part) == {"index", "function"}
-                calls[part["index"]]["function"]["arguments"] += part["function"]["arguments"]
-    return content, [calls[i] for i in sorted(calls)] or None
 
 
 def stream(text, pieces, call_ids):

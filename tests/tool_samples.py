@@ -1,0 +1,30 @@
+"""Shared by the tool-calling tests: a small tool schema, and a client's view of streamed calls."""
+
+from __future__ import annotations
+
+# A tool schema a random-weight model can always finish (enum only: no free strings).
+TIME = {
+    "type": "object",
+    "properties": {"tz": {"enum": ["UTC", "CET", "PST"]}},
+    "required": ["tz"],
+    "additionalProperties": False,
+}
+
+
+def assemble(deltas):
+    """OpenAI stream deltas -> (content, calls), as a client accumulates them, checking each
+    delta's shape: a call's first delta carries index, id, type and name with empty arguments;
+    later ones carry only argument fragments."""
+    content = "".join(d.content for d in deltas)
+    calls: dict[int, dict] = {}
+    for d in deltas:
+        for part in d.tool_calls:
+            if "id" in part:
+                assert part["index"] not in calls and part["function"]["arguments"] == ""
+                assert part["type"] == "function"
+                calls[part["index"]] = {"id": part["id"], "type": part["type"],
+                                        "function": {"name": part["function"]["name"], "arguments": ""}}
+            else:
+                assert set(part) == {"index", "function"} and set(part["function"]) == {"arguments"}
+                calls[part["index"]]["function"]["arguments"] += part["function"]["arguments"]
+    return content, [calls[i] for i in sorted(calls)] or None
