@@ -339,10 +339,18 @@ def test_engine_thread_death_ends_every_request_and_health_turns_unhealthy(tiny_
                                     first.set()
                     return events
 
-                # Two stream in the batch, two wait for room (max_batch 2), two non-streaming.
+                async def until_active(n: int) -> None:
+                    while server.engine.num_active < n:
+                        await asyncio.sleep(0.005)
+
+                # Two stream in the batch, two wait for room (max_batch 2), two non-streaming
+                # wait behind them; the fault is armed once all six are in the engine, so none
+                # can finish first whatever order the connections arrive in.
                 streams = [asyncio.create_task(stream()) for _ in range(4)]
-                plain = [asyncio.create_task(http.post(CHAT, json=long)) for _ in range(2)]
+                await until_active(4)
                 await first.wait()
+                plain = [asyncio.create_task(http.post(CHAT, json=long)) for _ in range(2)]
+                await asyncio.wait_for(until_active(6), 10)
                 holder["model"].armed = True
                 done = await asyncio.wait_for(asyncio.gather(*streams), 30)
                 return done, await asyncio.wait_for(asyncio.gather(*plain), 30)
