@@ -53,24 +53,18 @@ def run_child(argv: list[str]) -> int:
     """Serve like `mlx-mistral serve` and write memory samples to $SOAK_SAMPLES."""
     import mlx.core as mx
     import uvicorn
-    from mlx_mistral.server.app import begin_drain, create_app
+    from mlx_mistral.server.app import begin_drain, create_app, start_engine
     from mlx_mistral.server.cli import add_arguments, bind_socket, build_config
 
-    from mlx_mistral.engine import Engine, EngineConfig
     from mlx_mistral.loader import load
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     parser.add_argument("--interval", type=float, default=10.0)
-    parser.add_argument("--prefix-cache-mib", type=float, default=None)
     args = parser.parse_args(argv)
     config = build_config(args)
     sock = bind_socket(config.host, config.port)
-    # As `start_engine` does, plus the prefix-cache budget (the CLI has no flag for it).
-    prefix = None if args.prefix_cache_mib is None else int(args.prefix_cache_mib * 2**20)
-    engine = Engine(lambda: load(config.model), EngineConfig(
-        max_batch=config.max_batch, max_queue=config.max_queue, prefix_cache_bytes=prefix))
-    engine.start()
+    engine = start_engine(config, lambda: load(config.model))
     app = create_app(config, engine=engine)
     samples = open(os.environ["SOAK_SAMPLES"], "w", buffering=1)  # noqa: SIM115 - lives as long as the process
     started = time.monotonic()
@@ -239,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=10.0, help="seconds between samples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--csv", default=None, help="write the samples here")
-    parser.add_argument("--prefix-cache-mib", type=float, default=None,
+    parser.add_argument("--prefix-cache-mib", type=int, default=None,
                         help="prefix-cache budget (default: the engine's, a quarter of its KV "
                         "budget, itself 60%% of the memory available at start)")
     args = parser.parse_args(argv)
