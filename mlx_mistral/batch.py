@@ -3,6 +3,13 @@
 `BatchGenerator.step()` is one scheduling iteration: admit waiting requests that fit the KV
 budget, prefill one chunk of the oldest admitted prompt, then decode one token for every running
 sequence in a single batched forward. The engine thread and the Python API both drive it.
+
+Decoding is pipelined, as in mlx-lm: a step schedules the forward pass and the draw of token
+t+1 on the tokens of step t while those are still being computed (`mx.async_eval`), and only
+then reads step t's tokens on the host, detokenizes and emits them. The device (the Metal GPU,
+or MLX's CPU worker thread) works while Python does the bookkeeping. A sequence that turns out
+to have finished at step t costs one discarded draw. Batches with a grammar-constrained row
+step synchronously: the grammar needs token t before it can mask step t+1.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from .cache import BatchKVCache, filter_caches, merge_caches
 from .errors import ContextLengthExceededError, InvalidRequestError
 from .model import Model
 from .prefix_cache import PrefixCache
-from .sampling import SamplerState, TokenLogprobs, sample
+from .sampling import PendingSample, SamplerState, TokenLogprobs, sample_async
 from .sampling_params import SamplingParams
 from .stopping import StopMatcher
 from .tokenizer import Tokenizer
@@ -124,6 +131,9 @@ class BatchGenerator:
         self.cache: list[BatchKVCache] | None = None
         self._requests: dict[int, _Request] = {}
         self._cancelled: set[int] = set()
+        # The draw scheduled by the last decode step for the first len(rows) running rows
+        # (newcomers are appended after them), not yet read on the host.
+        self._in_flight: PendingSample | None = None
 
     # -- submission ----------------------------------------------------------------------------
     def check(self, prompt: Sequence[int], params: SamplingParams, *, prompt_field: str = "messages") -> int:
@@ -261,19 +271,53 @@ class BatchGenerator:
         return events
 
     def _decode(self) -> list[TokenEvent]:
-        tokens = mx.array([[seq.tokens[-1]] for seq in self.running])
-        h = self.model.hidden_states(tokens, self.cache)
-        return self._sample_and_emit(self.model.project(h[:, -1]), self.running)
+        if any(seq.constraint is not None for seq in self.running):
+            events = self._settle()  # the grammar needs the previous token on the host
+            if not self.running:
+                return events
+            tokens = mx.array([seq.tokens[-1] for seq in self.running])
+            return events + self._sample_and_emit(self._next_logits(tokens), list(self.running))
+        # Schedule step t+1 on step t's pending tokens, then read step t's.
+        inputs = self._pending_tokens()
+        previous = self._in_flight
+        rows = list(self.running)
+        self._in_flight = sample_async(self._next_logits(inputs), [seq.state for seq in rows])
+        if previous is None:
+            return []
+        return self._emit_all(previous, rows[: previous.tokens.shape[0]])
+
+    def _next_logits(self, tokens: mx.array) -> mx.array:
+        h = self.model.hidden_states(tokens[:, None], self.cache)
+        return self.model.project(h[:, -1])
+
+    def _pending_tokens(self) -> mx.array:
+        """Each running row's newest token: the in-flight draw's for the rows it covers, the
+        host's for rows that joined after it."""
+        if self._in_flight is None:
+            return mx.array([seq.tokens[-1] for seq in self.running])
+        covered = self._in_flight.tokens.shape[0]
+        if covered == len(self.running):
+            return self._in_flight.tokens
+        joined = mx.array([seq.tokens[-1] for seq in self.running[covered:]])
+        return mx.concatenate([self._in_flight.tokens.astype(joined.dtype), joined])
+
+    def _settle(self) -> list[TokenEvent]:
+        """Read and emit the in-flight draw, if any (before a synchronous step)."""
+        previous, self._in_flight = self._in_flight, None
+        if previous is None:
+            return []
+        return self._emit_all(previous, self.running[: previous.tokens.shape[0]])
 
     def _sample_and_emit(self, logits: mx.array, sequences: list[_Sequence]) -> list[TokenEvent]:
         allowed = None
         if any(seq.constraint is not None for seq in sequences):
             full = mx.ones((logits.shape[-1],), dtype=mx.bool_)
             allowed = mx.stack([full if s.constraint is None else s.constraint.allowed_mask() for s in sequences])
-        out = sample(logits, [seq.state for seq in sequences], allowed)
-        events = []
-        for seq, token, lp in zip(sequences, out.tokens, out.logprobs):
-            events.append(self._emit(seq, token, lp))
+        return self._emit_all(sample_async(logits, [seq.state for seq in sequences], allowed), sequences)
+
+    def _emit_all(self, pending: PendingSample, sequences: list[_Sequence]) -> list[TokenEvent]:
+        out = pending.resolve()
+        events = [self._emit(seq, token, lp) for seq, token, lp in zip(sequences, out.tokens, out.logprobs)]
         self._retire_finished()
         return events
 
@@ -310,13 +354,23 @@ class BatchGenerator:
         for row, seq in enumerate(self.running):
             if seq.finished and self.prefix_cache is not None and seq.index == 0:
                 request = self._requests[seq.uid]
-                fed = request.prompt + seq.tokens[:-1]  # the last token was never fed
+                # The tokens whose KV the row holds: all but the last, or all of them when a
+                # pipelined step already fed the last one.
+                fed_count = self.cache[0].length - self.cache[0].left_padding[row]
+                fed = (request.prompt + seq.tokens)[:fed_count]
                 self.prefix_cache.store(fed, [c.extract(row) for c in self.cache])
         self._forget_finished_requests()
         self._remove_finished_rows()
 
     def _remove_finished_rows(self) -> None:
         keep = [i for i, seq in enumerate(self.running) if not seq.finished]
+        if self._in_flight is not None:
+            covered = self._in_flight.tokens.shape[0]
+            kept = [i for i in keep if i < covered]
+            if not kept:
+                self._in_flight = None
+            elif len(kept) < covered:
+                self._in_flight = self._in_flight.take(kept)
         self.running = [self.running[i] for i in keep]
         self.running_reserved = [self.running_reserved[i] for i in keep]
         if keep:

@@ -64,6 +64,7 @@ from mlx_mistral.sampling_params import MAX_N, SamplingParams
 __all__ = [
     "MAX_N",
     "PREFIX",
+    "PendingSample",
     "SampleOutput",
     "SamplerState",
     "SamplingParams",
@@ -79,6 +80,7 @@ __all__ = [
     "min_p_floor",
     "process_logits",
     "sample",
+    "sample_async",
     "top_k_floor",
     "top_p_floor",
     "truncation_floor",
@@ -124,7 +126,7 @@ def process_logits(
     counts: mx.array | None = None,
     seen: mx.array | None = None,
     penalties: tuple[mx.array, mx.array, mx.array] | None = None,
-    bias: mx.array | None = None,
+    bias: tuple[mx.array, mx.array, mx.array] | None = None,
     allowed: mx.array | None = None,
 ) -> mx.array:
     """Steps 1-3 of the module docstring: penalties, logit_bias, grammar mask.
@@ -133,7 +135,7 @@ def process_logits(
         logits: ``[B, V]`` model output (any float dtype; computed in float32).
         counts, seen, penalties: penalty state and ``(presence, frequency, repetition)`` ``[B, 1]``;
             None when no row uses penalties.
-        bias: dense ``[B, V]`` logit_bias, or None.
+        bias: logit_bias as ``(rows, token ids, values)``, one entry per biased token; or None.
         allowed: ``[B, V]`` bool grammar mask, or None.
 
     Returns:
@@ -143,7 +145,7 @@ def process_logits(
     if penalties is not None:
         logits = apply_penalties(logits, counts, seen, *penalties)
     if bias is not None:
-        logits = apply_logit_bias(logits, bias)
+        logits = apply_logit_bias(logits, *bias)
     if allowed is not None:
         logits = apply_allowed(logits, allowed)
     return logits
@@ -244,12 +246,6 @@ class SamplerState:
             if prompt_ids:
                 mask[mx.array(list(prompt_ids), dtype=mx.int32)] = True
             self.prompt_mask = mask
-        self.bias: mx.array | None = None
-        if params.logit_bias:
-            ids, values = zip(*params.logit_bias)
-            bias = mx.zeros((vocab_size,), dtype=mx.float32)
-            bias[mx.array(ids, dtype=mx.int32)] = mx.array(values, dtype=mx.float32)
-            self.bias = bias
 
     @classmethod
     def for_choices(
@@ -291,6 +287,47 @@ class SampleOutput:
     logprobs: list[TokenLogprobs | None]
 
 
+@dataclass(frozen=True)
+class PendingSample:
+    """One step's draw while it is still being computed (see :func:`sample_async`).
+
+    ``tokens`` can feed the next forward pass before anything reaches the host; :meth:`resolve`
+    waits for the values. ``top_n[i]`` is row ``i``'s top_logprobs, or None when it asked for no
+    logprobs.
+    """
+
+    tokens: mx.array  # [B] int
+    top_n: tuple[int | None, ...]
+    chosen: mx.array | None = None  # [B] logprob of the chosen token
+    top_ids: mx.array | None = None  # [B, k]
+    top_lp: mx.array | None = None  # [B, k]
+
+    def take(self, rows: Sequence[int]) -> PendingSample:
+        """Only `rows`, in that order (sequences left the batch before their token was read)."""
+        index = mx.array(list(rows), dtype=mx.int32)
+
+        def pick(a: mx.array | None) -> mx.array | None:
+            return None if a is None else a[index]
+
+        return PendingSample(self.tokens[index], tuple(self.top_n[r] for r in rows),
+                             pick(self.chosen), pick(self.top_ids), pick(self.top_lp))
+
+    def resolve(self) -> SampleOutput:
+        """Wait for the draw; plain ints and floats."""
+        tokens = self.tokens.tolist()
+        out: list[TokenLogprobs | None] = [None] * len(tokens)
+        if self.chosen is not None:
+            chosen = self.chosen.tolist()
+            ids = self.top_ids.tolist() if self.top_ids is not None else None
+            lps = self.top_lp.tolist() if self.top_lp is not None else None
+            for i, n_top in enumerate(self.top_n):
+                if n_top is None:
+                    continue
+                top = tuple(zip(ids[i][:n_top], lps[i][:n_top])) if n_top else ()
+                out[i] = TokenLogprobs(tokens[i], chosen[i], top)
+        return SampleOutput(tokens, out)
+
+
 def _stack_rows(rows: list[mx.array | None], vocab: int, dtype: mx.Dtype) -> mx.array:
     zeros = mx.zeros((vocab,), dtype=dtype)
     return mx.stack([zeros if r is None else r for r in rows])
@@ -322,13 +359,26 @@ def sample(
         >>> sample(mx.array([[0.1, 2.0, 0.3, -1.0]]), [state]).tokens
         [1]
     """
+    return sample_async(logits, states, allowed).resolve()
+
+
+def sample_async(
+    logits: mx.array, states: Sequence[SamplerState], allowed: mx.array | None = None
+) -> PendingSample:
+    """:func:`sample` without waiting: the draw is scheduled (``mx.async_eval``) and returned
+    as arrays, so the caller can build the next forward pass on its tokens and do host work
+    while the device computes. The states are advanced at once (their keys and counts become
+    the pending arrays). Rows whose truncation needs a host decision (the full-sort fallback
+    of top_p/top_k/min_p) still wait for the logits here.
+    """
     params = [s.params for s in states]
     if allowed is None and all(_plain_greedy(p) for p in params):
         # Nothing to process: the argmax of the raw logits (the common greedy decode step).
-        tokens = mx.argmax(logits, axis=-1).tolist()
+        tokens = mx.argmax(logits, axis=-1)
         for state in states:
             state.num_generated += 1
-        return SampleOutput(tokens, [None] * len(states))
+        mx.async_eval(tokens)
+        return PendingSample(tokens, (None,) * len(states))
     vocab = logits.shape[-1]
     batch = _BatchParams.of(params)
     penalised = [i for i, p in enumerate(params) if p.uses_penalties]
@@ -342,8 +392,11 @@ def sample(
             for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")
         )
     bias = None
-    if any(s.bias is not None for s in states):
-        bias = _stack_rows([s.bias for s in states], vocab, mx.float32)
+    if any(p.logit_bias for p in params):
+        entries = [(row, tid, value) for row, p in enumerate(params) for tid, value in p.logit_bias]
+        rows, ids, values = zip(*entries)
+        bias = (mx.array(rows, dtype=mx.int32), mx.array(ids, dtype=mx.int32),
+                mx.array(values, dtype=mx.float32))
 
     processed = process_logits(
         logits, counts=counts, seen=seen, penalties=penalties, bias=bias, allowed=allowed
@@ -361,6 +414,7 @@ def sample(
 
     want = [i for i, p in enumerate(params) if p.logprobs]
     k = max((params[i].top_logprobs for i in want), default=0)
+    chosen = top_ids = top_lp = None
     if want:
         logprobs = processed - mx.logsumexp(processed, axis=-1, keepdims=True)
         chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
@@ -372,7 +426,7 @@ def sample(
             top_ids = head_ids[:, :k]
             top_lp = mx.take_along_axis(logprobs, top_ids, axis=-1)
             to_eval += [top_ids, top_lp]
-    mx.eval(*to_eval)
+    mx.async_eval(*to_eval)
 
     for i, state in enumerate(states):
         state.num_generated += 1
@@ -380,14 +434,5 @@ def sample(
             state.key = keys[i]
         if state.counts is not None:
             state.counts = counts[i]
-    token_list = tokens.tolist()
-    out_lp: list[TokenLogprobs | None] = [None] * len(states)
-    if want:
-        chosen_list = chosen.tolist()
-        ids_list = top_ids.tolist() if k else None
-        lp_list = top_lp.tolist() if k else None
-        for i in want:
-            n_top = params[i].top_logprobs
-            top = tuple(zip(ids_list[i][:n_top], lp_list[i][:n_top])) if n_top else ()
-            out_lp[i] = TokenLogprobs(token_list[i], chosen_list[i], top)
-    return SampleOutput(token_list, out_lp)
+    top_n = tuple(p.top_logprobs if p.logprobs else None for p in params)
+    return PendingSample(tokens, top_n, chosen, top_ids, top_lp)

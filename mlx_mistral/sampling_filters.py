@@ -41,9 +41,10 @@ def apply_penalties(
     return logits - presence * (counts > 0) - frequency * counts
 
 
-def apply_logit_bias(logits: mx.array, bias: mx.array) -> mx.array:
-    """Add a dense ``[B, V]`` bias (zero where the request set none)."""
-    return logits + bias
+def apply_logit_bias(logits: mx.array, rows: mx.array, ids: mx.array, values: mx.array) -> mx.array:
+    """Add ``values[j]`` to ``logits[rows[j], ids[j]]``: a request's bias names a few tokens,
+    so it is scattered, not added as a dense ``[B, V]`` array."""
+    return logits.at[rows, ids].add(values)
 
 
 def apply_allowed(logits: mx.array, allowed: mx.array) -> mx.array:

@@ -13,6 +13,8 @@ from mlx_mistral.batch import BatchGenerator
 from mlx_mistral.cache import BatchKVCache
 from mlx_mistral.errors import ContextLengthExceededError, EngineOverloadedError, InvalidRequestError
 from mlx_mistral.prefix_cache import PrefixCache
+from mlx_mistral.structured import make_constraints
+from mlx_mistral.tool_calls import parse_structured_request
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 
@@ -109,6 +111,54 @@ def test_prefix_cache_hit_gives_cold_logits(tiny_model):
         events += generator.step()
     assert events[-1].cached_tokens == hit.length
     assert [e.token for e in events] == alone(model, tokenizer, second)
+
+
+def test_finished_sequence_stores_every_token_it_fed(tiny_model):
+    """A pipelined step feeds a sequence's last token before the host learns it finished, so
+    the stored prefix covers the whole answer, and its KV is the cold forward's."""
+    model, tokenizer = tiny_model
+    prompt = prompts(tokenizer, 1)[0]
+    cache = PrefixCache(1 << 30)
+    generator = BatchGenerator(model, tokenizer, prefix_cache=cache)
+    params = SamplingParams(temperature=0, max_tokens=8, logit_bias={tokenizer.eos_id: -100})
+    uid = generator.add(prompt, params)
+    answer = run(generator)[uid]
+    assert len(answer) == 8
+    hit = cache.lookup(prompt + answer + [tokenizer.eos_id])
+    assert hit is not None and hit.length == len(prompt) + len(answer)
+    cold = model.make_cache()
+    model(mx.array([prompt + answer]), cold)
+    np.testing.assert_allclose(np.array(hit.layers[0][0]), np.array(cold[0].state[0]), atol=1e-5)
+
+
+def test_constrained_request_joins_and_leaves_a_pipelined_batch(tiny_model):
+    """A grammar row makes the batch step synchronously while it runs; the rows around it
+    (pipelined before and after) still give exactly what they give alone."""
+    model, tokenizer = tiny_model
+    ps = prompts(tokenizer, 3)
+    plain = SamplingParams(temperature=0, max_tokens=30, logit_bias={tokenizer.eos_id: -100})
+    seeded = SamplingParams(temperature=1.0, seed=3, max_tokens=12)
+    spec = parse_structured_request(response_format={"type": "json_object"})
+
+    def constrained(generator: BatchGenerator) -> int:
+        return generator.add(ps[2], seeded, constraints=make_constraints(spec, tokenizer, 1))
+
+    generator = BatchGenerator(model, tokenizer)
+    uids = [generator.add(p, plain) for p in ps[:2]]
+    tokens: dict[int, list[int]] = {}
+    for step in range(200):
+        if step == 4:
+            uids.append(constrained(generator))
+        for event in generator.step():
+            if event.token is not None:
+                tokens.setdefault(event.uid, []).append(event.token)
+        if not generator.has_work:
+            break
+    for uid, p in zip(uids[:2], ps[:2]):
+        assert tokens[uid] == alone(model, tokenizer, p, plain)
+    solo = BatchGenerator(model, tokenizer)
+    uid = constrained(solo)
+    assert tokens[uids[2]] == run(solo)[uid]
 
 
 def test_cancel_frees_the_cache_slot(tiny_model):
