@@ -66,8 +66,19 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def _put_all(posts: list[tuple["RequestHandle", list]]) -> None:
+    """On the event loop: queue each request's share of one engine step."""
+    for handle, outbox in posts:
+        handle._async_queue.put_nowait(outbox)
+
+
 class RequestHandle:
-    """A submitted request: iterate its `TokenEvent`s (async or sync); `cancel()` to stop it."""
+    """A submitted request: iterate its `TokenEvent`s (async or sync); `cancel()` to stop it.
+
+    `batches()` gives, asynchronously, everything that arrived since the last read as one list:
+    a server that falls behind a fast model writes several tokens per chunk instead of queueing
+    one write per token.
+    """
 
     def __init__(self, engine: "Engine", prompt: list[int], params: SamplingParams,
                  constraints: Sequence[TokenConstraint | None] | None,
@@ -83,25 +94,28 @@ class RequestHandle:
         self._open_choices = params.n
         self.cancelled = False
 
-    # Called on the engine thread.
+    # Called on the engine thread. Queue entries are lists of items.
     def _deliver(self, item: TokenEvent | MistralError | object) -> None:
+        self._post([item])
+
+    def _post(self, items: list) -> None:
         if self._loop is not None:
             try:
-                self._loop.call_soon_threadsafe(self._async_queue.put_nowait, item)
+                self._loop.call_soon_threadsafe(self._async_queue.put_nowait, items)
             except RuntimeError:  # the event loop is closed: nobody is listening any more
                 self.cancel()
         else:
-            self._sync_queue.put(item)
+            self._sync_queue.put(items)
 
-    def _on_event(self, event: TokenEvent) -> bool:
-        """Deliver one event; returns True when the request is complete."""
-        self._deliver(event)
+    def _add_event(self, event: TokenEvent, outbox: list) -> bool:
+        """Put one event (and the end marker after its last) in `outbox`; True when complete."""
+        outbox.append(event)
         if event.finish_reason == "cancelled":
             self._open_choices = 0
         elif event.finish_reason is not None:
             self._open_choices -= 1
         if self._open_choices <= 0:
-            self._deliver(_DONE)
+            outbox.append(_DONE)
             return True
         return False
 
@@ -115,22 +129,36 @@ class RequestHandle:
         return self._aiter()
 
     async def _aiter(self):
+        async for batch in self.batches():
+            for event in batch:
+                yield event
+
+    async def batches(self):
+        """Lists of the events that arrived since the previous list (never empty)."""
+        queue_ = self._async_queue
         while True:
-            item = await self._async_queue.get()
-            if item is _DONE:
-                return
-            if isinstance(item, MistralError):
-                raise item
-            yield item
+            items = await queue_.get()
+            while not queue_.empty():  # whatever else is already here goes in the same list
+                items = items + queue_.get_nowait()
+            events = []
+            for item in items:
+                if item is _DONE or isinstance(item, MistralError):
+                    if events:
+                        yield events
+                    if item is _DONE:
+                        return
+                    raise item
+                events.append(item)
+            yield events
 
     def __iter__(self):
         while True:
-            item = self._sync_queue.get()
-            if item is _DONE:
-                return
-            if isinstance(item, MistralError):
-                raise item
-            yield item
+            for item in self._sync_queue.get():
+                if item is _DONE:
+                    return
+                if isinstance(item, MistralError):
+                    raise item
+                yield item
 
 
 class Engine:
@@ -300,11 +328,32 @@ class Engine:
                 return
             if not generator.has_work:
                 continue
-            for event in generator.step():
-                handle = self._handles.get(event.uid)
-                if handle is not None and handle._on_event(event):
-                    del self._handles[event.uid]
+            self._dispatch(generator.step())
             self.steps += 1
+
+    def _dispatch(self, events: list[TokenEvent]) -> None:
+        """Hand a step's events to their requests: one wake-up per event loop per step, not
+        one per token (the hand-over costs a syscall and an event-loop iteration)."""
+        outboxes: dict[int, tuple[RequestHandle, list]] = {}
+        for event in events:
+            handle = self._handles.get(event.uid)
+            if handle is None:
+                continue
+            outbox = outboxes.setdefault(event.uid, (handle, []))[1]
+            if handle._add_event(event, outbox):
+                del self._handles[event.uid]
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, list]]] = {}
+        for handle, outbox in outboxes.values():
+            if handle._loop is None:
+                handle._post(outbox)
+            else:
+                by_loop.setdefault(handle._loop, []).append((handle, outbox))
+        for loop, posts in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, posts)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                for handle, _ in posts:
+                    handle.cancel()
 
     def _add(self, handle: RequestHandle) -> None:
         if handle.cancelled:

@@ -175,7 +175,7 @@ async def _generate(request: Request, state: ServerState, engine: Engine, prompt
         include_usage=req.include_usage, formatter=state.formatter, stats=stats,
         prices=(config.prompt_price, config.completion_price), call_ids=call_ids)
     if req.stream:
-        events = with_keepalive(handle, config.keepalive_seconds)
+        events = with_keepalive(handle.batches(), config.keepalive_seconds)
         return EventStreamResponse(writer.sse(events), cancel=handle.cancel,  # type: ignore[return-value]
                                    send_timeout=config.send_timeout_seconds, stats=stats)
     def on_disconnect(task: asyncio.Task) -> None:

@@ -181,39 +181,73 @@ class ResponseWriter:
             return self._chunk([chunk_choice(index, delta, finish, logprobs)])
         return self._chunk([completion_choice(index, text, finish, logprobs)])
 
-    async def sse(self, events: AsyncIterator[TokenEvent | None]) -> AsyncIterator[bytes]:
-        """The event stream; None items (see `with_keepalive`) become SSE comments."""
+    def _merge_logprobs(self, parts: list[Any]) -> Any:
+        """One chunk's logprobs from several tokens' (their lists concatenated)."""
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        return {key: [entry for part in parts for entry in part[key]] for key in parts[0]}
+
+    async def sse(self, batches: AsyncIterator[list[TokenEvent] | None]) -> AsyncIterator[bytes]:
+        """The event stream from lists of events (`RequestHandle.batches`); None items (see
+        `with_keepalive`) become SSE comments.
+
+        The events of one list that belong to one choice become one chunk: when the model
+        outruns the server (a small model, many streams) a chunk carries several tokens, and
+        the text is the same. Tool-call deltas stay one chunk per token.
+        """
         streamers = [ToolCallStreamer(call_ids=ids) for ids in self.call_ids or ()]
         called = [False] * self.n
         if self.chat:
             for i in range(self.n):
                 yield self._chunk([chunk_choice(i, {"role": "assistant", "content": ""}, None)])
         try:
-            async for event in events:
-                if event is None:
+            async for batch in batches:
+                if batch is None:
                     yield KEEPALIVE
                     continue
-                if event.finish_reason == "cancelled":
-                    continue
-                self._record(event)
-                logprobs = self._token_logprobs(event)
-                text, calls = event.text, ()
-                if streamers:  # call text becomes tool_calls deltas, never content
-                    delta = streamers[event.index].feed(text)
+                pending: dict[int, tuple[list[str], list[Any]]] = {}  # choice -> texts, logprobs
+
+                def flush(index: int) -> bytes | None:
+                    texts, logprobs = pending.pop(index, ((), ()))
+                    text, merged = "".join(texts), self._merge_logprobs(list(logprobs))
+                    return self._delta(index, text, None, merged) if text or merged else None
+
+                for event in batch:
+                    if event.finish_reason == "cancelled":
+                        continue
+                    self._record(event)
+                    logprobs = self._token_logprobs(event)
+                    text, calls = event.text, ()
+                    if streamers:  # call text becomes tool_calls deltas, never content
+                        delta = streamers[event.index].feed(text)
+                        if event.finish_reason is not None:
+                            last = streamers[event.index].finish()
+                            delta = StreamDelta(delta.content + last.content,
+                                                delta.tool_calls + last.tool_calls)
+                        text, calls = delta.content, delta.tool_calls
+                        called[event.index] |= bool(calls)
+                        if text or calls or logprobs is not None:
+                            yield self._delta(event.index, text, None, logprobs, calls)
+                    else:
+                        texts, parts = pending.setdefault(event.index, ([], []))
+                        texts.append(text)
+                        if logprobs is not None:
+                            parts.append(logprobs)
+                    self.text_offsets[event.index] += len(event.text)
                     if event.finish_reason is not None:
-                        last = streamers[event.index].finish()
-                        delta = StreamDelta(delta.content + last.content,
-                                            delta.tool_calls + last.tool_calls)
-                    text, calls = delta.content, delta.tool_calls
-                    called[event.index] |= bool(calls)
-                if text or calls or logprobs is not None:
-                    yield self._delta(event.index, text, None, logprobs, calls)
-                self.text_offsets[event.index] += len(event.text)
-                if event.finish_reason is not None:
-                    reason = event.finish_reason
-                    if called[event.index] and reason == "stop":
-                        reason = "tool_calls"
-                    yield self._delta(event.index, "", reason, None)
+                        chunk = flush(event.index)
+                        if chunk is not None:
+                            yield chunk
+                        reason = event.finish_reason
+                        if called[event.index] and reason == "stop":
+                            reason = "tool_calls"
+                        yield self._delta(event.index, "", reason, None)
+                for index in list(pending):
+                    chunk = flush(index)
+                    if chunk is not None:
+                        yield chunk
         except MistralError as exc:
             log.warning("stream %s failed: %s", self.id, exc.message)
             yield error_event(exc)
@@ -222,7 +256,7 @@ class ResponseWriter:
                 kind = "chat.completion.chunk" if self.chat else "text_completion"
                 yield sse_data(envelope(kind, self.id, self.created, self.model, [], self._usage()))
         finally:
-            aclose = getattr(events, "aclose", None)
+            aclose = getattr(batches, "aclose", None)
             if aclose is not None:
                 await aclose()
         yield DONE

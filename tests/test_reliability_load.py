@@ -170,22 +170,22 @@ def test_each_disconnect_stops_generation_within_one_decode_step(tiny_hf_checkpo
             with lock:
                 key = len(made)
                 made[key] = 0
-            on_event, cancel = handle._on_event, handle.cancel
+            add_event, cancel = handle._add_event, handle.cancel
 
-            def count(event: Any) -> bool:  # engine thread
+            def count(event: Any, outbox: list) -> bool:  # engine thread
                 with lock:
                     if event.token is not None:
                         made[key] += 1
                     if event.finish_reason is not None:
                         finished[key] = made[key]
-                return on_event(event)
+                return add_event(event, outbox)
 
             def cancel_and_note() -> None:  # event-loop thread
                 with lock:
                     at_cancel.setdefault(key, made[key])
                 cancel()
 
-            handle._on_event, handle.cancel = count, cancel_and_note
+            handle._add_event, handle.cancel = count, cancel_and_note
             return handle
 
         engine.submit = watched_submit

@@ -12,12 +12,16 @@ import json
 import re
 import signal
 import time
+from collections.abc import AsyncIterator
 
 import httpx
 import openai
 import pytest
 from mlx_mistral.server import ServerConfig, create_app
-from mlx_mistral.server.streaming import with_keepalive
+from mlx_mistral.batch import TokenEvent
+from mlx_mistral.sampling import TokenLogprobs
+from mlx_mistral.server.schemas import LogprobFormatter
+from mlx_mistral.server.streaming import ResponseWriter, with_keepalive
 from server_process import ServerProcess
 from starlette.testclient import TestClient
 
@@ -350,6 +354,35 @@ def test_keepalive_while_waiting_for_the_first_token():
 
     items = asyncio.run(collect())
     assert items[-2:] == ["a", "b"] and set(items[:-2]) == {None} and len(items) >= 3
+
+
+def test_a_batch_of_events_becomes_one_chunk_per_choice():
+    """When several tokens of a choice arrive together, they go out as one chunk: the same
+    text, every token's logprobs in order, and the finish chunk after the content."""
+    writer = ResponseWriter(chat=True, model="m", n=2, logprobs=True, include_usage=False,
+                            prices=(0.0, 0.0), formatter=LogprobFormatter([b"a", b"b", b"c"]),
+                            stats={})
+
+    def event(index: int, token: int, finish: str | None = None) -> TokenEvent:
+        return TokenEvent(0, index, "abc"[token], token, finish, TokenLogprobs(token, -0.5 * token))
+
+    batches = [[event(0, 0), event(1, 2), event(0, 1)], [event(1, 1), event(0, 2, "length")]]
+
+    async def stream() -> AsyncIterator[list[TokenEvent]]:
+        for batch in batches:
+            yield batch
+
+    async def collect() -> list[dict]:
+        return [json.loads(chunk[6:]) async for chunk in writer.sse(stream()) if chunk != b"data: [DONE]\n\n"]
+
+    chunks = [c["choices"][0] for c in asyncio.run(collect())][2:]  # after the two role chunks
+    summary = [(c["index"], c["delta"].get("content"), c["finish_reason"],
+                [e["token"] for e in (c.get("logprobs") or {}).get("content", [])]) for c in chunks]
+    assert summary == [
+        (0, "ab", None, ["a", "b"]), (1, "c", None, ["c"]),  # first batch: one chunk per choice
+        (0, "c", None, ["c"]), (0, None, "length", []),  # a finishing choice goes out at once
+        (1, "b", None, ["b"]),
+    ]
 
 
 def test_create_app_loads_the_model_in_its_lifespan(tiny_hf_checkpoint):
