@@ -236,6 +236,20 @@ async def aggregate(port: int, model: str, clients: int, max_tokens: int) -> dic
             "stream_tps": (single[0] - 1) / (single[2] - single[1]) if single[0] > 1 else float("nan")}
 
 
+def measure(run, *args, attempts: int = 3) -> dict:
+    """One HTTP measurement, retried when a server drops a connection (mlx_lm.server has,
+    under 16 clients); after the last attempt the error is reported instead of a figure."""
+    import httpx
+
+    for attempt in range(attempts):
+        try:
+            return asyncio.run(run(*args))
+        except httpx.HTTPError as exc:
+            print(f"  attempt {attempt + 1}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            error = f"{type(exc).__name__} ({attempts} attempts)"
+    return {"aggregate_tps": float("nan"), "tokens": 0, "stream_tps": float("nan"), "error": error}
+
+
 # ----------------------------------------------------------------------------- main
 def bench_model(name: str, path: Path, quick: bool) -> dict:
     prompt_tokens, decode_tokens = (128, 64) if quick else (512, 128)
@@ -259,8 +273,8 @@ def bench_model(name: str, path: Path, quick: bool) -> dict:
         result["http"] = {}
         for clients in ((1, 4, 8) if quick else (1, 4, 8, 16)):
             result["http"][clients] = {
-                "ours": asyncio.run(aggregate(ours_port, name, clients, decode_tokens)),
-                "mlx_lm": asyncio.run(aggregate(lm_port, "default_model", clients, decode_tokens)),
+                "ours": measure(aggregate, ours_port, name, clients, decode_tokens),
+                "mlx_lm": measure(aggregate, lm_port, "default_model", clients, decode_tokens),
             }
         result["server_rss_mb"] = {"ours": ours.peak_rss_mb(), "mlx_lm": lm.peak_rss_mb()}
     finally:
@@ -296,7 +310,8 @@ def render(results: list[dict], quick: bool) -> str:
         base = r["http"][1]["ours"]["aggregate_tps"]
         for clients, sides in r["http"].items():
             o, m = sides["ours"]["aggregate_tps"], sides["mlx_lm"]["aggregate_tps"]
-            lines.append(f"| {r['name']} | {clients} | {o:.1f} | {m:.1f} | {o / m:.2f}x | {o / base:.2f}x |")
+            theirs = f"failed: {sides['mlx_lm']['error']}" if "error" in sides["mlx_lm"] else f"{m:.1f}"
+            lines.append(f"| {r['name']} | {clients} | {o:.1f} | {theirs} | {o / m:.2f}x | {o / base:.2f}x |")
     lines += ["", "Time to first token of turn 5 of a chat (median of 3 chats), and streaming speed:", "",
               "| model | turn-5 prompt tokens | from prefix cache | TTFT cold s | TTFT with prefix cache s | "
               "ratio | ratio, raw random answers | HTTP stream tok/s | engine direct tok/s | "

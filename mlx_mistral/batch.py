@@ -368,7 +368,7 @@ class BatchGenerator:
             covered = self._in_flight.tokens.shape[0]
             kept = [i for i in keep if i < covered]
             if not kept:
-                self._in_flight = None
+                self.close()
             elif len(kept) < covered:
                 self._in_flight = self._in_flight.take(kept)
         self.running = [self.running[i] for i in keep]
@@ -400,6 +400,14 @@ class BatchGenerator:
         self._remove_finished_rows()  # cancelled rows are not stored in the prefix cache
         for uid in cancelled:
             self._requests.pop(uid, None)
+
+    def close(self) -> None:
+        """Wait for, then drop, the draw still being computed. MLX must be idle before the
+        process exits (a CPU worker thread still running at exit aborts it), so this runs when
+        the batch empties, and whoever stops stepping early calls it."""
+        if self._in_flight is not None:
+            mx.eval(self._in_flight.tokens)
+            self._in_flight = None
 
     @property
     def kv_bytes_in_use(self) -> int:

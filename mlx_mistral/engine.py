@@ -7,6 +7,7 @@ the engine thread loads the model itself and hands out only plain Python values.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import queue
@@ -293,6 +294,13 @@ class Engine:
             self._handles.clear()
         finally:
             self._fail_pending()
+            # Wait for the last scheduled step and destroy this thread's MLX streams here:
+            # left to the thread's exit, their teardown can race the process's and abort it.
+            with contextlib.suppress(Exception):  # a dead device has nothing left to wait for
+                if self.generator is not None:
+                    self.generator.close()
+                mx.synchronize()
+                mx.clear_streams()
 
     def _fail_pending(self) -> None:
         while True:

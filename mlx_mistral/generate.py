@@ -128,9 +128,12 @@ def stream_generate(
     constraints = make_constraints(spec, tokenizer, 1, seed=seed, prompt=ids)
     generator = BatchGenerator(model, tokenizer, prefill_chunk=prefill_chunk)
     generator.add(ids, params, constraints=constraints)
-    while generator.has_work:
-        for event in generator.step():
-            yield _chunk(event)
+    try:
+        while generator.has_work:
+            for event in generator.step():
+                yield _chunk(event)
+    finally:  # also when the caller stops iterating early
+        generator.close()
 
 
 def generate(model: Model, tokenizer: Tokenizer, prompt: Prompt, **kwargs: Any) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import mlx.core as mx
@@ -319,3 +321,24 @@ def test_prefix_cache_budget_counts_keys_and_bounds_entries():
     # A longer conversation replaces the entry that is its prefix.
     cache.store(list(range(400, 440)) + [7, 8, 9] + [1] * 30, [(mx.zeros((1, 2, 73, 8)),) * 2])
     assert len(cache) == 3 and cache.lookup(list(range(400, 440)) + [7, 8, 9, 1, 1, 1]).length == 45
+
+
+EXIT_AFTER_SHUTDOWN = """
+import sys
+import mlx_mistral
+from mlx_mistral import Engine, SamplingParams
+engine = Engine(lambda: mlx_mistral.load(sys.argv[1])).start()
+ids = engine.tokenizer.encode("[INST] hi [/INST]", bos=True)
+list(engine.submit(ids, SamplingParams(temperature=0, max_tokens=20, logit_bias={2: -100})))
+engine.shutdown()
+"""
+
+
+def test_a_script_exits_cleanly_right_after_engine_shutdown(tiny_hf_checkpoint):
+    """The engine thread tears down its MLX streams before it ends; left to the thread's exit,
+    that teardown raced the interpreter's and aborted the process ("terminate called")."""
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", EXIT_AFTER_SHUTDOWN, str(tiny_hf_checkpoint)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "terminate" not in done.stderr, done.stderr[-2000:]
+
