@@ -200,8 +200,11 @@ def batch_generate(
                                prefix_cache=cache)
     uids = [generator.add(prompt_ids(tokenizer, p), sp) for p, sp in zip(prompts, per_prompt)]
     texts = {uid: "" for uid in uids}
-    while generator.has_work:
-        for event in generator.step():
-            if event.index == 0:
-                texts[event.uid] += event.text
+    try:
+        while generator.has_work:
+            for event in generator.step():
+                if event.index == 0:
+                    texts[event.uid] += event.text
+    finally:  # interrupted (KeyboardInterrupt): MLX must not be left computing at exit
+        generator.close()
     return [texts[uid] for uid in uids]

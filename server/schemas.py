@@ -300,16 +300,14 @@ class LogprobFormatter:
         return {**self._entry(lp.token, lp.logprob),
                 "top_logprobs": [self._entry(t, v) for t, v in lp.top]}
 
-    def completion(self, lps: list[TokenLogprobs], *, offset: int = 0) -> dict[str, Any]:
-        """A completions `choices[i].logprobs` object for consecutive tokens."""
-        tokens = [self._text(lp.token) for lp in lps]
-        offsets = []
-        for text in tokens:
-            offsets.append(offset)
-            offset += len(text)
-        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+    def completion(self, lps: list[TokenLogprobs], offsets: list[int]) -> dict[str, Any]:
+        """A completions `choices[i].logprobs` object for consecutive tokens; `offsets[j]` is
+        where token j's text starts in the choice's text (counted on the decoded text, which a
+        token's raw piece need not match: byte-fallback pieces, held-back stop strings)."""
+        return {"tokens": [self._text(lp.token) for lp in lps],
+                "token_logprobs": [lp.logprob for lp in lps],
                 "top_logprobs": [{self._text(t): v for t, v in lp.top} for lp in lps],
-                "text_offset": offsets}
+                "text_offset": list(offsets)}
 
 
 def chat_choice(index: int, text: str, finish_reason: str | None,

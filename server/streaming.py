@@ -132,13 +132,14 @@ class ResponseWriter:
             return None
         if self.chat:
             return {"content": [self.formatter.chat(event.logprobs)]}
-        return self.formatter.completion([event.logprobs], offset=self.text_offsets[event.index])
+        return self.formatter.completion([event.logprobs], [self.text_offsets[event.index]])
 
     async def collect(self, events: AsyncIterator[TokenEvent]) -> dict[str, Any]:
         """The whole response object. Raises the engine's MistralError if it fails."""
         texts: list[list[str]] = [[] for _ in range(self.n)]
         finish: list[str | None] = [None] * self.n
         entries: list[list[Any]] = [[] for _ in range(self.n)]
+        offsets: list[list[int]] = [[] for _ in range(self.n)]  # completions: as the stream counts
         async for event in events:
             if event.finish_reason == "cancelled":
                 continue
@@ -146,6 +147,7 @@ class ResponseWriter:
             if self._has_logprob(event):
                 lp = event.logprobs
                 entries[event.index].append(self.formatter.chat(lp) if self.chat else lp)
+                offsets[event.index].append(self.text_offsets[event.index])
             texts[event.index].append(event.text)
             self.text_offsets[event.index] += len(event.text)
             if event.finish_reason is not None:
@@ -161,7 +163,7 @@ class ResponseWriter:
                 choices.append(chat_choice(i, text, reason, entries[i] if self.logprobs else None,
                                            calls))
             else:
-                lp = self.formatter.completion(entries[i]) if self.logprobs else None
+                lp = self.formatter.completion(entries[i], offsets[i]) if self.logprobs else None
                 choices.append(completion_choice(i, text, finish[i], lp))
         kind = "chat.completion" if self.chat else "text_completion"
         return envelope(kind, self.id, self.created, self.model, choices, self._usage())

@@ -225,11 +225,21 @@ def test_completions_endpoint(client, name, tiny_model):
     assert choice.text == expected and choice.finish_reason == "length"
     assert answer.usage.prompt_tokens == len(tiny_model[1].encode("Once upon a time", bos=True))
     assert len(choice.logprobs.tokens) == 6 and len(choice.logprobs.top_logprobs[0]) == 2
-    assert choice.logprobs.text_offset[0] == 0
+    # text_offset counts characters of the returned text, where each token's text begins.
+    offsets = choice.logprobs.text_offset
+    assert offsets[0] == 0 and offsets == sorted(offsets) and offsets[-1] < len(choice.text)
     stream = list(client.completions.create(model=name, prompt=["Once upon a time"],
-                                            temperature=0, max_tokens=6, stream=True))
+                                            temperature=0, max_tokens=6, stream=True, logprobs=2))
     assert "".join(c.choices[0].text for c in stream) == expected
     assert stream[-1].choices[0].finish_reason == "length"
+    streamed = [c.choices[0].logprobs for c in stream if c.choices[0].logprobs]
+    assert [o for lp in streamed for o in lp.text_offset] == offsets
+    assert [t for lp in streamed for t in lp.tokens] == choice.logprobs.tokens
+    starts = [0]
+    for chunk in stream:  # each chunk's offset is the text streamed before it
+        if chunk.choices[0].logprobs:
+            assert chunk.choices[0].logprobs.text_offset[0] == starts[-1]
+        starts.append(starts[-1] + len(chunk.choices[0].text))
 
 
 def _sse_lines(body: str) -> list[str]:
@@ -383,6 +393,39 @@ def test_a_batch_of_events_becomes_one_chunk_per_choice():
         (0, "c", None, ["c"]), (0, None, "length", []),  # a finishing choice goes out at once
         (1, "b", None, ["b"]),
     ]
+
+
+def test_completion_text_offsets_count_the_decoded_text_streamed_or_not():
+    """A byte-fallback pair decodes to one character, emitted with the second byte: offsets
+    count the text the client gets, the same in one body and in the stream."""
+    pieces = [b"\xc3", b"\xa9", b" ok"]  # raw pieces: "\ufffd", "\ufffd", " ok"
+    texts = ["", "\u00e9", " ok"]  # what the detokenizer emits for each token
+
+    def writer() -> ResponseWriter:
+        return ResponseWriter(chat=False, model="m", n=1, logprobs=True, include_usage=False,
+                              prices=(0.0, 0.0), formatter=LogprobFormatter(pieces), stats={})
+
+    def events() -> list[TokenEvent]:
+        return [TokenEvent(0, 0, text, token, "length" if token == 2 else None,
+                           TokenLogprobs(token, -1.0)) for token, text in enumerate(texts)]
+
+    async def one_body() -> dict:
+        async def source():
+            for event in events():
+                yield event
+        return await writer().collect(source())
+
+    async def streamed() -> list[dict]:
+        async def source():
+            for event in events():
+                yield [event]
+        return [json.loads(c[6:]) async for c in writer().sse(source()) if c.startswith(b"data: {")]
+
+    body = asyncio.run(one_body())["choices"][0]
+    assert body["text"] == "\u00e9 ok"
+    assert body["logprobs"]["text_offset"] == [0, 0, 1]
+    chunks = [c["choices"][0]["logprobs"] for c in asyncio.run(streamed()) if c["choices"][0]["logprobs"]]
+    assert [o for lp in chunks for o in lp["text_offset"]] == [0, 0, 1]
 
 
 def test_create_app_loads_the_model_in_its_lifespan(tiny_hf_checkpoint):
