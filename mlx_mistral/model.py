@@ -12,6 +12,7 @@ import mlx.nn as nn
 
 from .cache import BatchKVCache, make_cache
 from .config import ModelArgs
+from .padded_linear import Linear
 
 
 class Attention(nn.Module):
@@ -23,10 +24,10 @@ class Attention(nn.Module):
         self.scale = args.head_dim**-0.5
         self.rope_theta = args.rope_theta
         dim = args.hidden_size
-        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
+        self.q_proj = Linear(dim, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.n_heads * self.head_dim, dim, bias=False)
 
     def __call__(
         self, x: mx.array, mask: mx.array | str | None, positions: int | mx.array, cache: BatchKVCache | None
@@ -47,9 +48,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.gate_proj = Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -94,7 +95,7 @@ class Model(nn.Module):
         self.args = args
         self.model = MistralModel(args)
         if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def __call__(self, tokens: mx.array, cache: Sequence[BatchKVCache] | None = None) -> mx.array:
         return self.project(self.hidden_states(tokens, cache))

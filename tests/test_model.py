@@ -10,6 +10,8 @@ from checkpoints import write_hf_checkpoint
 from transformers import MistralForCausalLM
 
 from mlx_mistral.cache import BatchKVCache, filter_caches, merge_caches
+from mlx_mistral.device import on_gpu
+from mlx_mistral.padded_linear import Linear
 from mlx_mistral.weights import load_model
 
 CONFIGS = {
@@ -18,6 +20,8 @@ CONFIGS = {
     "sliding": dict(vocab_size=512, sliding_window=8),
     "odd": dict(vocab_size=397, hidden_size=48, intermediate_size=72, num_attention_heads=3,
                 num_key_value_heads=1, head_dim=18, num_hidden_layers=3, rope_theta=10000.0),
+    # MLP weights of 2^20 elements: on the CPU backend their matmuls take the padded-rows path.
+    "wide": dict(vocab_size=512, intermediate_size=16384),
 }
 TOL = 1e-4
 
@@ -106,3 +110,22 @@ def test_cache_grows_in_steps_and_trims():
     assert cache.trim(5) == 5 and cache.offset == 8
     keys, _ = cache.state
     assert keys.shape == (2, 2, 8, 4)
+
+
+def test_padded_linear_gives_each_row_its_own_product():
+    """Row counts that get padded (4-64, not multiples of 16) and ones that do not, in 2-D and
+    3-D inputs: every output row is the input row times the weight, as numpy computes it."""
+    layer = Linear(256, 4096, bias=False)
+    assert layer.pad_rows == (not on_gpu())
+    assert not Linear(64, 128, bias=False).pad_rows  # small weights: not worth the copy
+    weight = np.array(layer.weight)
+    rng = np.random.default_rng(0)
+    for rows in (1, 3, 4, 8, 12, 16, 17, 31, 33, 64, 70):
+        x = rng.standard_normal((rows, 256)).astype(np.float32)
+        got = np.array(layer(mx.array(x)))
+        assert got.shape == (rows, 4096)
+        np.testing.assert_allclose(got, x @ weight.T, rtol=1e-4, atol=1e-4)
+    x = rng.standard_normal((3, 5, 256)).astype(np.float32)  # 15 rows, padded to 16
+    got = np.array(layer(mx.array(x)))
+    assert got.shape == (3, 5, 4096)
+    np.testing.assert_allclose(got, x @ weight.T, rtol=1e-4, atol=1e-4)
