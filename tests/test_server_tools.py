@@ -22,7 +22,7 @@ import pytest
 from mlx_mistral.server.app import chat_prompt
 from mlx_mistral.server.schemas import ChatCompletionRequest
 from server_process import ServerProcess
-from tool_samples import TIME
+from tool_samples import PERSON, TIME
 
 import mlx_mistral
 from mlx_mistral.errors import InvalidRequestError
@@ -49,17 +49,6 @@ TOOLS = [
 ]
 SCHEMAS = {"get_weather": WEATHER, "get_time": TIME,
            "ping": {"type": "object", "maxProperties": 0}}
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 8},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
-        "ok": {"type": "boolean"},
-    },
-    "required": ["name", "age", "tags"],
-    "additionalProperties": False,
-}
 PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 NAMED_TIME = {"type": "function", "function": {"name": "get_time"}}

@@ -13,7 +13,7 @@ from collections import Counter
 import jsonschema
 import numpy as np
 import pytest
-from tool_samples import TIME, assemble
+from tool_samples import PERSON, TIME, assemble
 
 from mlx_mistral.batch import BatchGenerator
 from mlx_mistral.chat import render_tool_calls
@@ -121,21 +121,10 @@ def test_parallel_calls_each_valid_with_their_own_ids(model_tok):
 
 
 def test_json_schema_answers_parse_and_validate(model_tok):
-    schema = {
-        "type": "object",
-        "properties": {
-            "name": {"type": "string", "maxLength": 8},
-            "age": {"type": "integer", "minimum": 0, "maximum": 120},
-            "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
-            "ok": {"type": "boolean"},
-        },
-        "required": ["name", "age", "tags"],
-        "additionalProperties": False,
-    }
-    spec = parse_structured_request(response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
+    spec = parse_structured_request(response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
     for run in run_batch(model_tok, spec, max_tokens=60):
         assert run["finish"] == "stop", run["text"]
-        jsonschema.validate(json.loads(run["text"]), schema)
+        jsonschema.validate(json.loads(run["text"]), PERSON)
 
 
 def test_json_object_answers_are_objects(model_tok):

@@ -1,4 +1,4 @@
-"""Shared by the tool-calling tests: a small tool schema, and a client's view of streamed calls."""
+"""Shared by the tool-calling tests: small schemas, and a client's view of streamed calls."""
 
 from __future__ import annotations
 
@@ -10,6 +10,18 @@ TIME = {
     "additionalProperties": False,
 }
 
+# A response_format schema with every JSON type, bounded so a random model finishes it.
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
 
 def assemble(deltas):
     """OpenAI stream deltas -> (content, calls), as a client accumulates them, checking each
