@@ -76,6 +76,9 @@ def _put_all(posts: list[tuple["RequestHandle", list]]) -> None:
 class RequestHandle:
     """A submitted request: iterate its `TokenEvent`s (async or sync); `cancel()` to stop it.
 
+    Leaving the loop before the last event (a `break`, an exception) cancels the request, as
+    breaking out of `stream_generate` does: nobody is left to read the rest.
+
     `batches()` gives, asynchronously, everything that arrived since the last read as one list:
     a server that falls behind a fast model writes several tokens per chunk instead of queueing
     one write per token.
@@ -94,6 +97,7 @@ class RequestHandle:
         self.uid: int | None = None
         self._open_choices = params.n
         self.cancelled = False
+        self._ended = False  # a reader has seen the last event (or the engine's error)
 
     # Called on the engine thread. Queue entries are lists of items.
     def _deliver(self, item: TokenEvent | MistralError | object) -> None:
@@ -130,36 +134,52 @@ class RequestHandle:
         return self._aiter()
 
     async def _aiter(self):
-        async for batch in self.batches():
-            for event in batch:
-                yield event
+        batches = self.batches()
+        try:
+            async for batch in batches:
+                for event in batch:
+                    yield event
+        finally:
+            await batches.aclose()
 
     async def batches(self):
         """Lists of the events that arrived since the previous list (never empty)."""
         queue_ = self._async_queue
-        while True:
-            items = await queue_.get()
-            while not queue_.empty():  # whatever else is already here goes in the same list
-                items = items + queue_.get_nowait()
-            events = []
-            for item in items:
-                if item is _DONE or isinstance(item, MistralError):
-                    if events:
-                        yield events
-                    if item is _DONE:
-                        return
-                    raise item
-                events.append(item)
-            yield events
+        try:
+            while True:
+                items = await queue_.get()
+                while not queue_.empty():  # whatever else is already here goes in the same list
+                    items = items + queue_.get_nowait()
+                events = []
+                for item in items:
+                    if item is _DONE or isinstance(item, MistralError):
+                        self._ended = True
+                        if events:
+                            yield events
+                        if item is _DONE:
+                            return
+                        raise item
+                    events.append(item)
+                yield events
+        finally:
+            self._cancel_unless_ended()
 
     def __iter__(self):
-        while True:
-            for item in self._sync_queue.get():
-                if item is _DONE:
-                    return
-                if isinstance(item, MistralError):
-                    raise item
-                yield item
+        try:
+            while True:
+                for item in self._sync_queue.get():
+                    if item is _DONE or isinstance(item, MistralError):
+                        self._ended = True
+                        if item is _DONE:
+                            return
+                        raise item
+                    yield item
+        finally:
+            self._cancel_unless_ended()
+
+    def _cancel_unless_ended(self) -> None:
+        if not self._ended:
+            self.cancel()
 
 
 class Engine:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import subprocess
 import sys
 import threading
@@ -242,6 +244,24 @@ def test_engine_thread_serves_other_threads(tiny_hf_checkpoint):
         rest = list(handle)
         assert first.token is not None and rest[-1].finish_reason == "cancelled"
         assert engine.generator.num_sequences == 0
+        # Leaving the loop early cancels too: the rest ends "cancelled", not after 1500 tokens.
+        long = SamplingParams(temperature=0, max_tokens=1500, logit_bias={tokenizer.eos_id: -100})
+        handle = engine.submit(ps[1], long)
+        for _ in handle:
+            break
+        rest = list(handle)
+        assert rest[-1].finish_reason == "cancelled" and len(rest) < 1000
+
+        async def leave_early():
+            handle = engine.submit(ps[2], long, loop=asyncio.get_running_loop())
+            async for _ in handle:
+                break
+            await asyncio.sleep(0.05)  # the abandoned iterator is closed by the event loop
+            return [event async for event in handle]
+
+        rest = asyncio.run(leave_early())
+        assert rest[-1].finish_reason == "cancelled" and len(rest) < 1000
+        assert engine.num_active == 0
     finally:
         engine.shutdown()
 
