@@ -29,7 +29,13 @@ from jsonschema.exceptions import SchemaError
 
 from .errors import InvalidRequestError
 from .structured import arguments_schema, check_schema_compiles
-from .tool_stream import StreamDelta, ToolCallStreamer, parse_tool_calls, split_tool_calls
+from .tool_stream import (
+    StreamDelta,
+    ToolCallStreamer,
+    assemble_tool_calls,
+    parse_tool_calls,
+    split_tool_calls,
+)
 
 __all__ = [
     "ResponseFormat",
@@ -37,6 +43,7 @@ __all__ = [
     "StructuredRequest",
     "ToolCallStreamer",
     "ToolSpec",
+    "assemble_tool_calls",
     "parse_structured_request",
     "parse_tool_calls",
     "split_tool_calls",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,7 +208,10 @@ class ToolCallStreamer:
             return StreamDelta(held)
         _, calls = split_tool_calls(self._held + TOOL_CALLS_PREFIX + self._calls)
         if calls is None:  # no complete call array (max_tokens hit mid-call)
-            return StreamDelta("" if self._started else TOOL_CALLS_PREFIX + self._calls)
+            # Under a grammar (ids known) what follows the marker is a call cut short, never
+            # content; without one it is the model's own text.
+            cut_call = self._started or self._ids is not None
+            return StreamDelta("" if cut_call else TOOL_CALLS_PREFIX + self._calls)
         out = []
         for i in range(self._started, len(calls)):
             fn = calls[i]["function"]
@@ -265,6 +268,30 @@ class ToolCallStreamer:
                 if self._depth == 0:
                     return True
         return False
+
+
+def assemble_tool_calls(pieces: Iterable[str], call_ids: Sequence[str] | None = None,
+                        ) -> tuple[str, list[dict[str, Any]] | None]:
+    """What a client adds up from streaming `pieces` of an answer: (content, calls or None).
+
+    The non-streamed answer is built this way too, so the two agree by construction, also when
+    generation stopped mid-call at max_tokens: the call then comes back with the arguments
+    generated so far (and finish_reason "length"), as the stream already sent them.
+
+    Example:
+        >>> assemble_tool_calls(['[TOOL_CALLS] [{"name": "f", "argu', 'ments": {"x": 1'], ["call_1"])
+        ('', [{'id': 'call_1', 'type': 'function', 'function': {'name': 'f', 'arguments': '{"x": 1'}}])
+    """
+    streamer = ToolCallStreamer(call_ids=call_ids)
+    deltas = [streamer.feed(piece) for piece in pieces] + [streamer.finish()]
+    calls: dict[int, dict[str, Any]] = {}
+    for part in (part for delta in deltas for part in delta.tool_calls):
+        if "id" in part:
+            calls[part["index"]] = {"id": part["id"], "type": "function",
+                                    "function": dict(part["function"])}
+        else:
+            calls[part["index"]]["function"]["arguments"] += part["function"]["arguments"]
+    return "".join(d.content for d in deltas), [calls[i] for i in sorted(calls)] or None
 
 
 def _first_delta(index: int, call_id: str, name: str) -> dict[str, Any]:

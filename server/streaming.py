@@ -1,10 +1,12 @@
 """Engine events -> one JSON response, or a text/event-stream of chunks ending in `data: [DONE]`.
 
 `ResponseWriter` turns the `TokenEvent`s of one request into either shape (chat or legacy
-completions); for a chat request with tools it reads the calls out of the text (`split_tool_calls`
-for one body, a `ToolCallStreamer` per choice for a stream). `EventStreamResponse` is the ASGI response that sends the stream: it listens for
-the client going away and cancels the generation at once (the engine drops the sequence at its
-next step), and it gives up on a client that stops reading for `send_timeout` seconds.
+completions); for a chat request with tools it reads the calls out of the text with a
+`ToolCallStreamer` per choice, and one body adds up what the stream would have sent
+(`assemble_tool_calls`). `EventStreamResponse` is the ASGI response that sends the stream: it
+listens for the client going away and cancels the generation at once (the engine drops the
+sequence at its next step), and it gives up on a client that stops reading for `send_timeout`
+seconds.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 from mlx_mistral.batch import TokenEvent
 from mlx_mistral.errors import MistralError
-from mlx_mistral.tool_calls import StreamDelta, ToolCallStreamer, split_tool_calls
+from mlx_mistral.tool_calls import StreamDelta, ToolCallStreamer, assemble_tool_calls
 
 from .errors import InternalServerError, error_event
 from .schemas import (
@@ -157,8 +159,8 @@ class ResponseWriter:
             text = "".join(texts[i])
             if self.chat:
                 calls = None
-                if self.call_ids is not None:
-                    text, calls = split_tool_calls(text)
+                if self.call_ids is not None:  # exactly what the stream would have sent
+                    text, calls = assemble_tool_calls(texts[i], self.call_ids[i])
                 reason = "tool_calls" if calls and finish[i] == "stop" else finish[i]
                 choices.append(chat_choice(i, text, reason, entries[i] if self.logprobs else None,
                                            calls))

@@ -260,6 +260,26 @@ def test_streaming_gives_the_same_calls(name, server, body):
                 assert choice["content"] == "" and choice["finish_reason"] == "tool_calls"
 
 
+def test_calls_cut_by_max_tokens_are_the_same_streamed_or_not(name, server):
+    """max_tokens ending an answer mid-call: both shapes give the call as generated so far
+    (finish_reason "length"), and the marker's text never shows as content."""
+    cuts = (3, 8, 14, 20, 26)
+    requests = [{"messages": ASK, "tools": TOOLS, "tool_choice": "required", "seed": seed,
+                 "parallel_tool_calls": False, "max_tokens": cut, "stream": stream}
+                for stream in (False, True) for seed in range(4) for cut in cuts]
+    answers = create_many(server, name, requests)
+    half = len(answers) // 2
+    partial = 0
+    for answer, chunks in zip(answers[:half], answers[half:]):
+        assert chunks == as_dicts(answer)
+        (choice,) = chunks
+        assert "TOOL_CALLS" not in choice["content"]
+        if choice["finish_reason"] == "length" and choice["tool_calls"]:
+            partial += 1
+            assert choice["tool_calls"][0]["function"]["name"] in SCHEMAS
+    assert partial  # some answers were cut after the name, inside the arguments
+
+
 def test_stream_deltas_follow_openai(name, server):
     events = []
 
