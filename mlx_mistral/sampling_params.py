@@ -9,6 +9,7 @@ field as ``param`` and a message naming the field, the value and the allowed ran
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -84,11 +85,14 @@ def _normalise_stop(stop: Any) -> tuple[str, ...]:
     return tuple(stop)
 
 
+_DECIMAL_ID = re.compile(r"\s*[0-9]{1,19}\s*")  # ASCII digits; longer is no token id anyway
+
+
 def _token_id(key: Any) -> int:
     """A logit_bias key: an int or a decimal string (JSON object keys are always strings)."""
     if isinstance(key, int) and not isinstance(key, bool):
         tid = key
-    elif isinstance(key, str) and key.strip().isdigit():
+    elif isinstance(key, str) and _DECIMAL_ID.fullmatch(key):  # not isdigit(): "²" is a digit
         tid = int(key)
     else:
         raise InvalidRequestError(

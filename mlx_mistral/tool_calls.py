@@ -272,6 +272,8 @@ def _check_schema(schema: Any, param: str, *, must_take_object: bool) -> None:
         raise InvalidRequestError(f"{param} must be a JSON Schema object", param=param)
     try:
         Draft202012Validator.check_schema(schema)
+    except RecursionError:
+        raise InvalidRequestError(f"{param} is nested too deeply", param=param) from None
     except SchemaError as exc:
         where = "".join(f"[{p!r}]" for p in exc.path)
         raise InvalidRequestError(

@@ -124,11 +124,31 @@ def test_numeric_field_crossed_with_hostile_values(http, server, path, spec, val
     {"32000": 1}, {"99999999999999999999": 1}, {str(2**63): 1}, {"-1": 1}, {"abc": 1},
     {"1.5": 1}, {"": 1}, {"1": 101}, {"1": -101}, {"1": "x"}, {"1": True}, {"1": [1]},
     {"1": {"a": 1}}, {"1": 2**63},
+    {"\u00b2": 1}, {"\u2460": 1}, {"\u0661": 1}, {"1" * 5000: 1},  # digits to isdigit(), not ids
 ], ids=lambda b: repr(b)[:30])
 @pytest.mark.parametrize("path", [CHAT, TEXT], ids=["chat", "completions"])
 def test_logit_bias_hostile_keys_and_values(http, path, bias):
     error = error_of(post(http, path, {**BASES[path], "logit_bias": bias}))
     assert error["param"] == "logit_bias", error
+
+
+def _nested_schema(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+@pytest.mark.parametrize("depth", [100, 400])  # 400: 800 JSON levels, the encoder's limit
+def test_deeply_nested_schemas_are_refused_naming_the_field(http, depth):
+    """A JSON Schema nested beyond what can be checked: 400 naming the field, not a crash."""
+    schema = _nested_schema(depth)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+    error = error_of(post(http, CHAT, {**BASES[CHAT], "tools": tools}))
+    assert error["param"] == "tools[0].function.parameters", error
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    error = error_of(post(http, CHAT, {**BASES[CHAT], "response_format": fmt}))
+    assert error["param"].startswith("response_format"), error
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
