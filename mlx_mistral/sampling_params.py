@@ -18,6 +18,8 @@ from mlx_mistral.errors import InvalidRequestError
 
 MAX_STOP = 4
 """OpenAI's limit on the number of stop strings."""
+MAX_STOP_CHARS = 4096
+"""Our limit on a stop string's length (matching costs grow with it)."""
 
 MAX_N = 16
 """Most choices one request may ask for: each is a sequence in the batch."""
@@ -82,6 +84,12 @@ def _normalise_stop(stop: Any) -> tuple[str, ...]:
         )
     if any(s == "" for s in stop):
         raise InvalidRequestError("stop strings must not be empty, got ''.", param="stop")
+    longest = max((len(s) for s in stop), default=0)
+    if longest > MAX_STOP_CHARS:  # matching work per token grows with it
+        raise InvalidRequestError(
+            f"stop strings must be at most {MAX_STOP_CHARS} characters long, got one of {longest}.",
+            param="stop",
+        )
     return tuple(stop)
 
 

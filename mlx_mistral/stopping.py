@@ -43,10 +43,6 @@ class StopMatcher:
                     f"stop strings must be non-empty strings, got {stop!r}", param="stop"
                 )
         self.stops: tuple[str, ...] = tuple(dict.fromkeys(stops))
-        # Every proper prefix of every stop: a tail of pending text in this set might still grow
-        # into a stop string, so it cannot be released yet.
-        self._prefixes = frozenset(s[:k] for s in self.stops for k in range(1, len(s)))
-        self._max_hold = max((len(s) for s in self.stops), default=1) - 1
         self._pending = ""
         self.stopped = False
         self.matched: str | None = None  # the stop string that ended the text
@@ -98,7 +94,17 @@ class StopMatcher:
         return None if best is None else (best[1], best[2])
 
     def _held_tail(self, buf: str) -> int:
-        for k in range(min(len(buf), self._max_hold), 0, -1):
-            if buf[-k:] in self._prefixes:
-                return k
-        return 0
+        """Length of the longest tail of `buf` that is a proper prefix of a stop string (it may
+        still grow into one, so it cannot be released yet). Work is linear in the stops'
+        lengths for ordinary text; nothing is precomputed, so a long stop costs no memory."""
+        best = 0
+        for stop in self.stops:
+            # Candidate starts: where the stop's first character occurs in the last
+            # len(stop) - 1 characters; the earliest match gives this stop's longest tail.
+            at = buf.find(stop[0], max(0, len(buf) - len(stop) + 1))
+            while at >= 0 and len(buf) - at > best:
+                if stop.startswith(buf[at:]):
+                    best = len(buf) - at
+                    break
+                at = buf.find(stop[0], at + 1)
+        return best

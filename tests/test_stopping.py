@@ -125,3 +125,23 @@ def test_invalid_stops(stops):
 
 def test_single_string_is_one_stop():
     assert StopMatcher("ab").stops == ("ab",)
+
+
+def test_long_stops_are_cheap_and_overlong_ones_refused():
+    """A stop as long as allowed holds back at most its length - 1 characters, with no table
+    of its prefixes (building one was quadratic: ~480 MiB for 30,000 characters)."""
+    import time
+
+    from mlx_mistral.sampling_params import MAX_STOP_CHARS, SamplingParams
+
+    stop = "ab" * (MAX_STOP_CHARS // 2)
+    start = time.perf_counter()
+    matcher = StopMatcher([stop])
+    out = [matcher.feed("a") for _ in range(3)] + [matcher.feed("b" + stop[:100])]
+    assert time.perf_counter() - start < 1.0
+    assert [t for t, _ in out] == ["", "a", "a", ""]  # "a", then "ab" + ..., held as a prefix
+    assert matcher.feed("x") == ("ab" + stop[:100] + "x", False)
+    SamplingParams(stop=[stop])
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(stop=["x", "y" * (MAX_STOP_CHARS + 1)])
+    assert info.value.param == "stop" and str(MAX_STOP_CHARS) in info.value.message
