@@ -66,6 +66,7 @@ class _Sequence:
     constraint: TokenConstraint | None = None
     tokens: list[int] = field(default_factory=list)  # generated so far
     finished: bool = False
+    reserved: int = 0  # KV budget held for this row, in tokens (prompt included)
 
 
 @dataclass
@@ -74,6 +75,7 @@ class _Request:
     prompt: list[int]
     params: SamplingParams
     max_new: int
+    reserve_new: int  # generated tokens the KV budget holds room for (grows, up to max_new)
     constraints: list[TokenConstraint | None]
     cache: list[BatchKVCache] | None = None
     prefilled: int = 0
@@ -81,7 +83,7 @@ class _Request:
 
     @property
     def reserved_tokens(self) -> int:
-        return len(self.prompt) + self.max_new
+        return len(self.prompt) + self.reserve_new
 
 
 def _final_text(seq: _Sequence) -> str:
@@ -101,6 +103,11 @@ class BatchGenerator:
             and is refused when it could never fit.
         prefix_cache: reuse KV state of earlier sequences sharing a prompt prefix.
         max_batch: most sequences decoded together.
+        open_reserve: KV room, in generated tokens, held for a request without max_tokens, and
+            added again each time it uses it up. Reserving the whole context instead (4 GiB a
+            request for v0.2's 32k window in float16) would refuse such requests outright on a
+            16 GB Mac, or run them one at a time. When the budget cannot grow a request's
+            room, it finishes with "length".
     """
 
     def __init__(
@@ -112,12 +119,14 @@ class BatchGenerator:
         kv_budget_bytes: int | None = None,
         prefix_cache: PrefixCache | None = None,
         max_batch: int = 32,
+        open_reserve: int = 1024,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.args = model.args
         self.prefill_chunk = prefill_chunk
         self.max_batch = max_batch
+        self.open_reserve = open_reserve
         # The cache holds the compute dtype, which the norm weights carry.
         self.kv_bytes_per_token = self.args.kv_bytes_per_token(model.model.norm.weight.dtype.size)
         self.kv_budget_bytes = kv_budget_bytes
@@ -127,7 +136,6 @@ class BatchGenerator:
         self.waiting: deque[_Request] = deque()
         self.prefilling: deque[_Request] = deque()
         self.running: list[_Sequence] = []
-        self.running_reserved: list[int] = []  # reserved length per running row
         self.cache: list[BatchKVCache] | None = None
         self._requests: dict[int, _Request] = {}
         self._cancelled: set[int] = set()
@@ -162,15 +170,29 @@ class BatchGenerator:
             )
         max_new = room if params.max_tokens is None else params.max_tokens
         if self.kv_budget_bytes is not None:
-            need = params.n * (len(prompt) + max_new) * self.kv_bytes_per_token
+            reserve = self._initial_reserve(params, len(prompt), max_new)
+            need = params.n * (len(prompt) + reserve) * self.kv_bytes_per_token
             if need > self.kv_budget_bytes:  # retrying cannot help: a 400, not a 503
+                budget = f"more than this server's {self.kv_budget_bytes / 2**20:.0f} MiB"
+                if params.max_tokens is None:
+                    raise InvalidRequestError(
+                        f"the prompt needs {need / 2**20:.0f} MiB of KV cache, {budget}; shorten "
+                        f"it or lower n", param=prompt_field)
                 raise InvalidRequestError(
                     f"the request needs {need / 2**20:.0f} MiB of KV cache for its prompt plus "
-                    f"max_tokens, more than this server's {self.kv_budget_bytes / 2**20:.0f} MiB; "
-                    f"lower max_tokens or n",
-                    param="max_tokens",
-                )
+                    f"max_tokens, {budget}; lower max_tokens or n", param="max_tokens")
         return max_new
+
+    def _initial_reserve(self, params: SamplingParams, prompt_len: int, max_new: int) -> int:
+        """Generated tokens to hold KV room for at admission: all of max_tokens when given,
+        else `open_reserve`, or what the budget has room for next to a long prompt."""
+        if params.max_tokens is not None:
+            return max_new
+        reserve = min(max_new, self.open_reserve)
+        if self.kv_budget_bytes is not None:
+            fits = self.kv_budget_bytes // (params.n * self.kv_bytes_per_token) - prompt_len
+            reserve = max(1, min(reserve, fits))
+        return reserve
 
     def add(
         self,
@@ -182,7 +204,9 @@ class BatchGenerator:
         """Queue a request; returns its uid. Raises what `check` raises."""
         max_new = self.check(prompt, params)
         uid = next(self._uids)
-        request = _Request(uid, list(prompt), params, max_new, list(constraints or [None] * params.n))
+        request = _Request(uid, list(prompt), params, max_new,
+                           self._initial_reserve(params, len(prompt), max_new),
+                           list(constraints or [None] * params.n))
         self._requests[uid] = request
         self.waiting.append(request)
         return uid
@@ -211,8 +235,9 @@ class BatchGenerator:
         return events
 
     def _batch_bytes(self, extra_rows: int, extra_len: int) -> int:
-        rows = len(self.running_reserved) + sum(r.params.n for r in self.prefilling) + extra_rows
-        longest = max(self.running_reserved + [r.reserved_tokens for r in self.prefilling] + [extra_len])
+        rows = len(self.running) + sum(r.params.n for r in self.prefilling) + extra_rows
+        longest = max([seq.reserved for seq in self.running]
+                      + [r.reserved_tokens for r in self.prefilling] + [extra_len])
         return rows * longest * self.kv_bytes_per_token  # rows are left-padded to the longest
 
     def _admit(self, events: list[TokenEvent]) -> None:
@@ -260,11 +285,10 @@ class BatchGenerator:
         for i, state in enumerate(SamplerState.for_choices(request.params, request.prompt, self.args.vocab_size)):
             detok = self.tokenizer.detokenizer()
             sequences.append(_Sequence(request.uid, i, state, detok, StopMatcher(request.params.stop),
-                                       request.constraints[i]))
+                                       request.constraints[i], reserved=request.reserved_tokens))
         self.cache = merge_caches(([self.cache] if self.cache else []) + [request.cache] * n)
         request.cache = None
         self.running.extend(sequences)
-        self.running_reserved.extend([request.reserved_tokens] * n)
         events = self._sample_and_emit(mx.repeat(logits, n, axis=0), sequences)
         if self.prefix_cache is not None:  # after the first token: off the TTFT path
             self.prefix_cache.store(request.prompt, prompt_kv)  # concurrent requests share it
@@ -337,7 +361,7 @@ class BatchGenerator:
             elif seq.constraint is not None and seq.constraint.forced_finish_reason():
                 finish = seq.constraint.forced_finish_reason()
                 text += _final_text(seq)
-            elif len(seq.tokens) >= request.max_new:
+            elif len(seq.tokens) >= request.max_new or not self._room_for_next(seq, request):
                 finish = "length"
                 text += _final_text(seq)
         seq.finished = finish is not None
@@ -346,6 +370,21 @@ class BatchGenerator:
             prompt_tokens=len(request.prompt), completion_tokens=len(seq.tokens),
             cached_tokens=request.cached_tokens,
         )
+
+    def _room_for_next(self, seq: _Sequence, request: _Request) -> bool:
+        """Whether the KV budget has room for the sequence's next token, growing a request's
+        reservation by `open_reserve` tokens when it has used it up and the budget allows."""
+        if len(request.prompt) + len(seq.tokens) < seq.reserved:
+            return True
+        grown = min(seq.reserved + self.open_reserve, len(request.prompt) + request.max_new)
+        if self.kv_budget_bytes is not None:
+            others = [other.reserved for other in self.running if other is not seq]
+            longest = max(others + [r.reserved_tokens for r in self.prefilling] + [grown])
+            rows = len(self.running) + sum(r.params.n for r in self.prefilling)
+            if rows * longest * self.kv_bytes_per_token > self.kv_budget_bytes:
+                return False
+        seq.reserved = grown
+        return True
 
     # -- leaving the batch ---------------------------------------------------------------------
     def _retire_finished(self) -> None:
@@ -372,7 +411,6 @@ class BatchGenerator:
             elif len(kept) < covered:
                 self._in_flight = self._in_flight.take(kept)
         self.running = [self.running[i] for i in keep]
-        self.running_reserved = [self.running_reserved[i] for i in keep]
         if keep:
             filter_caches(self.cache, keep)
         else:

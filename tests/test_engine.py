@@ -203,6 +203,32 @@ def test_context_and_budget_limits(tiny_model):
     assert finished == {a, b}
 
 
+def test_requests_without_max_tokens_share_the_budget(tiny_model):
+    """No max_tokens means "up to the context window" (2048 here), but a request holds KV room
+    for `open_reserve` tokens at a time: three such requests run together in a budget that
+    could never hold one whole window, grow their room while it lasts, then end with "length"."""
+    model, tokenizer = tiny_model
+    budget = 3 * 200 * generator_bytes(model)  # 3 rows x 200 tokens; the window is 2048
+    generator = BatchGenerator(model, tokenizer, kv_budget_bytes=budget, open_reserve=32)
+    open_ended = SamplingParams(temperature=0, logit_bias={tokenizer.eos_id: -100})
+    uids = [generator.add(p, open_ended) for p in prompts(tokenizer, 3)]
+    for _ in range(4):
+        generator.step()
+    assert generator.num_sequences == 3 and not generator.waiting
+    events = _drain(generator)
+    ends = {e.uid: e for e in events if e.finish_reason}
+    assert set(ends) == set(uids) and {e.finish_reason for e in ends.values()} == {"length"}
+    # Rows x the longest row stay within 600 tokens: 3 rows of <= 200, then 2 of <= 300, then
+    # the last alone grows to <= 600.
+    lengths = sorted(ends[u].prompt_tokens + ends[u].completion_tokens for u in uids)
+    assert all(n <= 600 // (3 - i) for i, n in enumerate(lengths)), lengths
+    assert lengths[0] > 150 and lengths[2] > 500, lengths  # and the budget gets used
+    # A prompt that leaves no room at all is refused naming the prompt, not max_tokens.
+    with pytest.raises(InvalidRequestError) as err:
+        generator.add([1] * 700, open_ended)
+    assert err.value.param == "messages" and "KV cache" in err.value.message
+
+
 def generator_bytes(model) -> int:
     return model.args.kv_bytes_per_token(model.model.norm.weight.dtype.size)
 
