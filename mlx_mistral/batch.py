@@ -257,18 +257,22 @@ class BatchGenerator:
                 if self._batch_bytes(request.params.n, request.reserved_tokens) > self.kv_budget_bytes:
                     return  # waits for running sequences to finish
             self.waiting.popleft()
-            self._start_prefill(request)
+            self.prefilling.append(request)
 
     def _start_prefill(self, request: _Request) -> None:
+        """Take what the prefix cache has of the prompt. Done when the request's prefill begins,
+        not when it is admitted: requests admitted together (a shared system prompt) then find
+        what the ones prefilled before them stored."""
         hit = self.prefix_cache.lookup(request.prompt) if self.prefix_cache else None
         if hit is not None:
             request.cache = [BatchKVCache.from_state(k, v) for k, v in hit.layers]
             request.prefilled = request.cached_tokens = hit.length
         else:
             request.cache = self.model.make_cache()
-        self.prefilling.append(request)
 
     def _prefill_chunk(self, request: _Request) -> list[TokenEvent]:
+        if request.cache is None:
+            self._start_prefill(request)
         start = request.prefilled
         end = min(len(request.prompt), start + self.prefill_chunk)
         chunk = mx.array([request.prompt[start:end]])

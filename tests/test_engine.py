@@ -117,6 +117,23 @@ def test_prefix_cache_hit_gives_cold_logits(tiny_model):
     assert [e.token for e in events] == alone(model, tokenizer, second)
 
 
+def test_requests_arriving_together_share_a_system_prompt(tiny_model):
+    """Requests admitted in the same step find the prefix the first one stored, and give the
+    tokens they give alone."""
+    model, tokenizer = tiny_model
+    system = {"role": "system", "content": "You are a careful assistant who answers briefly. " * 4}
+    chats = [tokenizer.encode_chat([system, {"role": "user", "content": q}])
+             for q in ("Hello!", "2+2?", "Convert 5 km to miles")]
+    generator = BatchGenerator(model, tokenizer, prefix_cache=PrefixCache(1 << 30))
+    uids = [generator.add(chat, GREEDY) for chat in chats]
+    events = _drain(generator)
+    cached = {e.uid: e.cached_tokens for e in events}
+    shared = len(tokenizer.encode_chat([system, {"role": "user", "content": ""}])) - 5
+    assert cached[uids[0]] == 0 and all(cached[u] >= shared for u in uids[1:]), cached
+    for uid, chat in zip(uids, chats):
+        assert [e.token for e in events if e.uid == uid] == alone(model, tokenizer, chat)
+
+
 def test_finished_sequence_stores_every_token_it_fed(tiny_model):
     """A pipelined step feeds a sequence's last token before the host learns it finished, so
     the stored prefix covers the whole answer, and its KV is the cold forward's."""
