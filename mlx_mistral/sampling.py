@@ -18,8 +18,8 @@ Order of operations (vLLM's documented order); :func:`sample` composes :func:`pr
    -> These are the *processed logits*. Reported logprobs are ``log_softmax`` of them: the
       model's distribution as this request shaped it, before temperature and truncation, so a
       logprob means the same at any temperature (and is defined at temperature 0).
-4. temperature: logits / T (rows with T = 0 take the exact argmax of the processed logits and
-   skip everything below);
+4. temperature: logits / T, T at least ``MIN_TEMPERATURE`` (rows with T = 0 take the exact
+   argmax of the processed logits and skip everything below);
 5. top_k: keep tokens whose logit is at least the k-th largest (ties at the edge are kept);
 6. top_p: on the distribution left by top_k, keep the most likely tokens until their mass reaches
    top_p (a token is kept if the mass strictly before it is < top_p; top_p = 1 keeps all);
@@ -87,6 +87,10 @@ __all__ = [
 ]
 
 
+# A valid but tiny temperature (1e-40) would turn logits / T into infinities and the draw into
+# NaN; below this, scaling is already one-hot for any logit gap over ~1e-4.
+MIN_TEMPERATURE = 1e-5
+
 @dataclass(frozen=True)
 class _BatchParams:
     """Per-row parameters as ``[B, 1]`` arrays, plus host-side flags to skip unused work."""
@@ -108,7 +112,8 @@ class _BatchParams:
         sampled = [p for p in params if not p.greedy]
         return cls(
             temperature=col(
-                [p.temperature if p.temperature > 0 else 1.0 for p in params], mx.float32
+                [max(p.temperature, MIN_TEMPERATURE) if p.temperature > 0 else 1.0 for p in params],
+                mx.float32,
             ),
             top_k=col([p.top_k for p in params], mx.int32),
             top_p=col([p.top_p for p in params], mx.float32),

@@ -150,6 +150,14 @@ def test_greedy_is_argmax_and_mixes_with_sampled_rows():
     assert [out[i] for i in (0, 2, 4)] == [int(np.argmax(x[i])) for i in (0, 2, 4)]
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 1e-12, 1e-6])
+def test_tiny_temperatures_pick_the_argmax(temperature):
+    """logits / 1e-40 overflows: the draw must still be the argmax, not token 0 of a NaN row."""
+    logits = mx.array([[1.0, 2.0, 0.5, -1.0]] * 4)
+    states = [SamplerState(SamplingParams(temperature=temperature, seed=s), [], 4) for s in range(4)]
+    assert sample(logits, states).tokens == [1, 1, 1, 1]
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
