@@ -60,7 +60,7 @@ def resolve_model_path(path_or_repo: str | os.PathLike[str]) -> Path:
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise ModelNotFoundError(
             f"model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
-            f"download it where a network is available with `huggingface-cli download {name}`, "
+            f"download it where a network is available with `hf download {name}`, "
             f"or pass a local directory"
         )
     try:
@@ -69,6 +69,6 @@ def resolve_model_path(path_or_repo: str | os.PathLike[str]) -> Path:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelNotFoundError(
             f"could not get model {name!r} from the Hugging Face hub ({reason}); "
-            f"run `huggingface-cli download {name}` where a network is available, "
+            f"run `hf download {name}` where a network is available, "
             f"or pass a local directory"
         ) from None

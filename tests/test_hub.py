@@ -62,7 +62,7 @@ def test_missing_repo_offline_says_what_to_run(tmp_path):
                                    HF_HUB_OFFLINE="1")
     message = result["error"]
     assert "mistralai/Mistral-7B-Instruct-v0.2" in message and "HF_HUB_OFFLINE" in message
-    assert "huggingface-cli download mistralai/Mistral-7B-Instruct-v0.2" in message
+    assert "hf download mistralai/Mistral-7B-Instruct-v0.2" in message
     assert "\n" not in message
 
 
