@@ -2,8 +2,9 @@
 
 Both formats keep the HF tensor names; a quantized checkpoint adds `<name>.scales` and
 `<name>.biases` next to a packed `<name>.weight`, and a `quantization` block in config.json.
-Exactly the modules whose `.scales` are present are quantized, as mlx-lm does, so checkpoints
-move between the two packages in both directions.
+Exactly the modules whose `.scales` are present are quantized, each with its own bits and group
+size (mlx-lm's mixed-precision recipes vary them per layer), as mlx-lm does, so checkpoints move
+between the two packages in both directions.
 """
 
 from __future__ import annotations
@@ -63,6 +64,33 @@ def quantization_of(config: dict[str, Any]) -> dict[str, int] | None:
         raise ModelLoadError(f"config.json has a malformed quantization block: {quant!r}") from None
 
 
+def _quantized_layers(block: dict[str, Any], weights: dict[str, mx.array]):
+    """`nn.quantize`'s predicate: which layers are quantized, and how.
+
+    A layer is quantized when its `.scales` are in the checkpoint. Its bits and group size are
+    the ones mlx-lm's mixed-precision recipes write per layer into the quantization block
+    (`"model.layers.0.mlp.down_proj": {"group_size": 64, "bits": 6}`), else what the packed
+    tensors' shapes say, which the block's defaults match for a uniform quantization.
+    """
+
+    def predicate(name: str, module: nn.Module) -> bool | dict[str, int]:
+        if f"{name}.scales" not in weights or not hasattr(module, "to_quantized"):
+            return False
+        layer = block.get(name)
+        if isinstance(layer, dict):
+            try:
+                return {"group_size": int(layer["group_size"]), "bits": int(layer["bits"])}
+            except (KeyError, TypeError, ValueError):
+                raise ModelLoadError(
+                    f"config.json quantizes {name} as {layer!r}: need group_size and bits") from None
+        in_dims = module.weight.shape[-1]
+        group_size = in_dims // weights[f"{name}.scales"].shape[-1]
+        bits = weights[f"{name}.weight"].shape[-1] * 32 // in_dims
+        return {"group_size": group_size, "bits": bits}
+
+    return predicate
+
+
 def check_weights(model: Model, weights: dict[str, mx.array]) -> None:
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
@@ -101,7 +129,7 @@ def load_model(path: str | Path, *, dtype: str | mx.Dtype | None = None) -> Mode
             model,
             group_size=quant["group_size"],
             bits=quant["bits"],
-            class_predicate=lambda name, module: f"{name}.scales" in weights,
+            class_predicate=_quantized_layers(config["quantization"], weights),
         )
     check_weights(model, weights)
     float_weights = [w for w in weights.values() if mx.issubdtype(w.dtype, mx.floating)]

@@ -26,14 +26,20 @@ def mlx_lm_source(tiny_hf_checkpoint, tmp_path_factory):
     return src
 
 
-@pytest.mark.parametrize("quantize", [None, 4, 8])
+@pytest.mark.parametrize("quantize", [None, 4, 8, "mixed_3_6"])
 def test_mlx_lm_converted_checkpoint_loads_with_mlx_lm_logits(mlx_lm_source, tmp_path, quantize):
+    """Float, 4- and 8-bit, and a mixed-precision recipe (per-layer bits in config.json)."""
     from mlx_lm.convert import convert as mlx_lm_convert
     from mlx_lm.utils import load_model
 
     out = tmp_path / "mlx-lm-out"
-    kwargs = dict(quantize=True, q_bits=quantize, q_group_size=64) if quantize else {}
+    kwargs = dict(quantize=True, q_bits=quantize, q_group_size=64) if isinstance(quantize, int) else {}
+    if isinstance(quantize, str):
+        kwargs = dict(quantize=True, q_group_size=64, quant_predicate=quantize)
     mlx_lm_convert(str(mlx_lm_source), str(out), dtype="float32", **kwargs)
+    if isinstance(quantize, str):  # the recipe names some layers with other bits than the default
+        block = json.loads((out / "config.json").read_text())["quantization"]
+        assert any(isinstance(v, dict) for v in block.values())
     reference, _ = load_model(out)
     model, tokenizer = mlx_mistral.load(out, dtype="float32")
     ours = model(TOKENS)
