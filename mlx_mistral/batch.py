@@ -80,6 +80,7 @@ class _Request:
     cache: list[BatchKVCache] | None = None
     prefilled: int = 0
     cached_tokens: int = 0
+    continuation: bool = False  # the text continues a raw prompt: keep its first leading space
 
     @property
     def reserved_tokens(self) -> int:
@@ -200,13 +201,18 @@ class BatchGenerator:
         params: SamplingParams,
         *,
         constraints: Sequence[TokenConstraint | None] | None = None,
+        continuation: bool = False,
     ) -> int:
-        """Queue a request; returns its uid. Raises what `check` raises."""
+        """Queue a request; returns its uid. Raises what `check` raises.
+
+        `continuation`: the prompt is raw text that the output continues, so the first word
+        keeps its leading space; a chat answer starts without it.
+        """
         max_new = self.check(prompt, params)
         uid = next(self._uids)
         request = _Request(uid, list(prompt), params, max_new,
                            self._initial_reserve(params, len(prompt), max_new),
-                           list(constraints or [None] * params.n))
+                           list(constraints or [None] * params.n), continuation=continuation)
         self._requests[uid] = request
         self.waiting.append(request)
         return uid
@@ -287,7 +293,7 @@ class BatchGenerator:
         n = request.params.n
         sequences = []
         for i, state in enumerate(SamplerState.for_choices(request.params, request.prompt, self.args.vocab_size)):
-            detok = self.tokenizer.detokenizer()
+            detok = self.tokenizer.detokenizer(continuation=request.continuation)
             sequences.append(_Sequence(request.uid, i, state, detok, StopMatcher(request.params.stop),
                                        request.constraints[i], reserved=request.reserved_tokens))
         self.cache = merge_caches(([self.cache] if self.cache else []) + [request.cache] * n)

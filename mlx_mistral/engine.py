@@ -95,6 +95,7 @@ class RequestHandle:
         self._async_queue: asyncio.Queue | None = asyncio.Queue() if loop else None
         self._sync_queue: queue.Queue | None = None if loop else queue.Queue()
         self.uid: int | None = None
+        self.continuation = False  # see Engine.submit
         self._open_choices = params.n
         self.cancelled = False
         self._ended = False  # a reader has seen the last event (or the engine's error)
@@ -251,11 +252,13 @@ class Engine:
         constraints: Sequence[TokenConstraint | None] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         prompt_field: str = "messages",
+        continuation: bool = False,
     ) -> RequestHandle:
         """Queue a request. Pass the running event loop to iterate its events with `async for`.
 
         `prompt_field` is the request field errors about the prompt name ("prompt" for
-        completions).
+        completions). `continuation`: the output continues a raw-text prompt (completions), so
+        its first word keeps its leading space.
 
         Raises:
             ContextLengthExceededError, InvalidRequestError: the request cannot run on this model.
@@ -276,6 +279,7 @@ class Engine:
                 f"{waiting} requests are already waiting; retry shortly", retry_after=1
             )
         handle = RequestHandle(self, list(prompt), params, constraints, loop)
+        handle.continuation = continuation
         self._queued += 1
         self._commands.put(("add", handle))
         if self.error is not None or not self._thread.is_alive():
@@ -388,7 +392,8 @@ class Engine:
             handle._deliver(_DONE)
             return
         try:
-            handle.uid = self.generator.add(handle.prompt, handle.params, constraints=handle.constraints)
+            handle.uid = self.generator.add(handle.prompt, handle.params, constraints=handle.constraints,
+                                            continuation=handle.continuation)
         except MistralError as exc:
             handle._deliver(exc)
             return

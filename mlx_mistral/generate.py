@@ -59,6 +59,13 @@ def prompt_ids(tokenizer: Tokenizer, prompt: Prompt, *,
     return ids
 
 
+def continues(prompt: Prompt) -> bool:
+    """Whether generated text continues the prompt (raw text or token ids: its first word keeps
+    its leading space) rather than answering chat messages."""
+    return isinstance(prompt, str) or (
+        bool(prompt) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt))
+
+
 def _chunk(event: TokenEvent) -> GenerationChunk:
     return GenerationChunk(event.text, event.token, event.finish_reason, event.prompt_tokens,
                            event.completion_tokens, event.logprobs)
@@ -113,7 +120,8 @@ def stream_generate(
         >>> model, tokenizer = mlx_mistral.load(mlx_mistral.demo_model_path())
         >>> for chunk in stream_generate(model, tokenizer, [{"role": "user", "content": "Hello!"}],
         ...                              max_tokens=8, temperature=0):
-        ...     print(chunk.text, end="")  # doctest: +SKIP
+        ...     print(chunk.text, end="")
+        Hello! It's nice to meet
     """
     params = SamplingParams(
         temperature=temperature, top_p=top_p, min_p=min_p, top_k=top_k, max_tokens=max_tokens,
@@ -127,7 +135,7 @@ def stream_generate(
     ids = prompt_ids(tokenizer, prompt, tools=spec.prompt_tools)
     constraints = make_constraints(spec, tokenizer, 1, seed=seed, prompt=ids)
     generator = BatchGenerator(model, tokenizer, prefill_chunk=prefill_chunk)
-    generator.add(ids, params, constraints=constraints)
+    generator.add(ids, params, constraints=constraints, continuation=continues(prompt))
     try:
         while generator.has_work:
             for event in generator.step():
@@ -198,7 +206,8 @@ def batch_generate(
     cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
     generator = BatchGenerator(model, tokenizer, prefill_chunk=prefill_chunk, max_batch=max_batch,
                                prefix_cache=cache)
-    uids = [generator.add(prompt_ids(tokenizer, p), sp) for p, sp in zip(prompts, per_prompt)]
+    uids = [generator.add(prompt_ids(tokenizer, p), sp, continuation=continues(p))
+            for p, sp in zip(prompts, per_prompt)]
     texts = {uid: "" for uid in uids}
     try:
         while generator.has_work:

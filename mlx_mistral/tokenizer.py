@@ -237,9 +237,15 @@ class Tokenizer:
             self._token_bytes = table
         return self._token_bytes
 
-    def detokenizer(self) -> StreamingDetokenizer:
-        """A fresh incremental decoder for one sequence of generated ids."""
-        return StreamingDetokenizer(self)
+    def detokenizer(self, *, continuation: bool = False) -> StreamingDetokenizer:
+        """A fresh incremental decoder for one sequence of generated ids.
+
+        Args:
+            continuation: the ids continue a raw-text prompt, so the first word keeps its
+                leading space (" world" after "Hello"); an answer to a chat starts bare, as
+                `decode` gives it.
+        """
+        return StreamingDetokenizer(self, continuation=continuation)
 
     def _check_id(self, token_id: int) -> int:
         if not 0 <= token_id < len(self._pieces):
@@ -269,19 +275,25 @@ class StreamingDetokenizer:
     O(1) whatever the length of the sequence.
 
     Example:
-        >>> detok = tok.detokenizer()  # doctest: +SKIP
-        >>> "".join(detok.add_token(i) for i in ids) + detok.finalize() == tok.decode(ids)  # doctest: +SKIP
+        >>> import mlx_mistral
+        >>> tok = mlx_mistral.load(mlx_mistral.demo_model_path())[1]
+        >>> ids = tok.encode("Grüße 👋")
+        >>> detok = tok.detokenizer()
+        >>> [detok.add_token(i) for i in ids] + [detok.finalize()]  # the emoji's bytes wait
+        ['Gr', 'ü', 'ße', ' ', '', '', '', '👋', '']
+        >>> "".join(_) == tok.decode(ids)
         True
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, *, continuation: bool = False):
         """Start an empty sequence.
 
         Args:
             tokenizer: The tokenizer whose ids will be fed.
+            continuation: keep the first piece's leading space (see `Tokenizer.detokenizer`).
         """
         self._tok = tokenizer
-        self._first = True  # the next visible piece loses one leading "▁"
+        self._first = not continuation  # the next visible piece loses one leading "▁"
         self._run = bytearray()  # undecoded bytes of the current byte-fallback run
 
     def add_token(self, token_id: int) -> str:

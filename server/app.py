@@ -164,7 +164,7 @@ async def _generate(request: Request, state: ServerState, engine: Engine, prompt
     params = state.fit_max_tokens(req.params, req.max_tokens_given, len(prompt))
     handle = engine.submit(prompt, params, constraints=constraints,
                            loop=asyncio.get_running_loop(),
-                           prompt_field="messages" if chat else "prompt")
+                           prompt_field="messages" if chat else "prompt", continuation=not chat)
     stats = _stats(request)
     config = state.config
     call_ids = None

@@ -227,6 +227,9 @@ def test_completions_endpoint(client, name, tiny_model):
     assert len(choice.logprobs.tokens) == 6 and len(choice.logprobs.top_logprobs[0]) == 2
     # text_offset counts characters of the returned text, where each token's text begins.
     offsets = choice.logprobs.text_offset
+    # The text continues the prompt: the first token's leading space is kept, as OpenAI does.
+    first = choice.logprobs.tokens[0]
+    assert choice.text.startswith(first) or "\ufffd" in first, (choice.text, first)
     assert offsets[0] == 0 and offsets == sorted(offsets) and offsets[-1] < len(choice.text)
     stream = list(client.completions.create(model=name, prompt=["Once upon a time"],
                                             temperature=0, max_tokens=6, stream=True, logprobs=2))

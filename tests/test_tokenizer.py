@@ -142,6 +142,9 @@ def test_streaming_leading_space_rule(tok):
     assert stream(tok, hello + hello) == ["Hello", " Hello", ""]
     assert stream(tok, [tok.bos_id, *hello]) == ["", "Hello", ""]
     assert stream(tok, [tok.unk_id, *hello]) == [" \u2047 ", " Hello", ""]
+    # Continuing a raw-text prompt ("Say" -> " Hello Hello"), the first word keeps its space.
+    detok = tok.detokenizer(continuation=True)
+    assert [detok.add_token(i) for i in hello + hello] == [" Hello", " Hello"]
 
 
 def test_streaming_work_per_token_is_bounded(tok):
