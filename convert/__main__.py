@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+from mlx_mistral.cli import OneLineErrors
 
 from .cli import add_arguments, run
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         prog="python -m mlx_mistral.convert",
         description="Convert a Hugging Face Mistral checkpoint to MLX weights.",
     )

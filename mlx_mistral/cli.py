@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from .errors import MistralError
 
@@ -96,8 +96,15 @@ def run_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": "".join(answer).strip()})
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """Usage mistakes get one line on stderr (argparse prints the whole usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlx-mistral", description=__doc__.splitlines()[0])
+    parser = OneLineErrors(prog="mlx-mistral", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible chat API")

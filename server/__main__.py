@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+from mlx_mistral.cli import OneLineErrors
 
 from .cli import add_arguments, run
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlx_mistral.server",
-                                     description="Serve the OpenAI-compatible chat API.")
+    parser = OneLineErrors(prog="python -m mlx_mistral.server",
+                           description="Serve the OpenAI-compatible chat API.")
     add_arguments(parser)
     return run(parser.parse_args())
 

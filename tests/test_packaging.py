@@ -7,6 +7,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -44,3 +46,16 @@ def test_bad_sampling_flag_is_refused_before_loading_a_model():
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip() == "mlx-mistral: error: temperature must be in [0, 2], got 5.0."
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["generate"], "the following arguments are required: --prompt"),
+    (["serve", "--port", "x"], "invalid int value: 'x'"),
+    (["convert"], "required"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_usage_mistakes_are_one_line(argv, words):
+    result = subprocess.run([sys.executable, "-m", "mlx_mistral.cli", *argv], capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert words in result.stderr and result.stderr.startswith("mlx-mistral")
