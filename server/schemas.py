@@ -4,8 +4,9 @@ Body rules (one place, so every endpoint answers the same):
 - The Content-Type must be JSON (`application/json`, or any `*/*+json`), else 415. A browser
   can send `text/plain` or form bodies cross-origin without a CORS preflight; insisting on JSON
   means a hostile web page cannot make a local server generate for it.
-- The body must be UTF-8 JSON holding one object; anything else (invalid UTF-8, NaN, nesting too
-  deep for the parser, a list) is a 400 saying what was wrong.
+- The body must be UTF-8 JSON holding one object; anything else (invalid UTF-8, nesting too
+  deep for the parser, a list) is a 400 saying what was wrong. NaN and Infinity (not JSON,
+  though some clients write them) are a 400 naming the field that holds them.
 - A field set to null counts as not given. An unknown field is a 400 naming it (as OpenAI
   answers), so a field that would change the output is never silently ignored; fields that
   change nothing here (`user`, `metadata`, ...) are accepted and dropped.
@@ -51,8 +52,28 @@ def check_content_type(content_type: str | None) -> None:
             f"{(content_type or '(none)')[:100]!r}")
 
 
-def _refuse_constant(name: str) -> Any:
-    raise InvalidRequestError(f"the request body is not valid JSON: {name} is not a JSON number")
+class _NonFinite:
+    """What the parser makes of NaN / Infinity / -Infinity (not JSON): found afterwards, so the
+    error can name the field that holds it."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+def _refuse_non_finite(body: dict[str, Any]) -> None:
+    """Raise naming the first top-level field that holds a NaN or an infinity, if any."""
+    for key, value in body.items():
+        stack = [value]
+        while stack:  # iterative: the parser accepted the depth, a recursion might not
+            item = stack.pop()
+            if isinstance(item, _NonFinite):
+                raise InvalidRequestError(
+                    f"the request body is not valid JSON: {item.name} is not a JSON number "
+                    f"(in {key})", param=key)
+            if isinstance(item, dict):
+                stack.extend(item.values())
+            elif isinstance(item, list):
+                stack.extend(item)
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -69,7 +90,13 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         raise InvalidRequestError(
             f"the request body is not valid UTF-8 (byte {exc.start})") from None
     try:
-        body = json.loads(text, parse_constant=_refuse_constant)
+        non_finite: list[_NonFinite] = []
+
+        def constant(name: str) -> _NonFinite:
+            non_finite.append(_NonFinite(name))
+            return non_finite[-1]
+
+        body = json.loads(text, parse_constant=constant)
     except RecursionError:
         raise InvalidRequestError("the request body is nested too deeply to parse") from None
     except json.JSONDecodeError as exc:
@@ -81,6 +108,8 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequestError(
             f"the request body must be a JSON object, got a JSON {_json_type(body)}")
+    if non_finite:
+        _refuse_non_finite(body)
     if _SURROGATE_ESCAPE.search(text):
         _refuse_lone_surrogates(body)
     return body

@@ -9,7 +9,8 @@ every position, invalid UTF-8 of every kind, a 50 MB body (declared and chunked)
 the context, max_tokens 10^9 and a 7 MB prompt.
 
 Body-level refusals (the body is not UTF-8, not JSON, nested too deeply, not an object) have
-`param` null: there is no field yet to name. Field-level refusals name the field.
+`param` null: there is no field yet to name. Field-level refusals name the field, also for a
+NaN or Infinity (which JSON does not have).
 """
 
 from __future__ import annotations
@@ -105,10 +106,10 @@ def test_numeric_field_crossed_with_hostile_values(http, server, path, spec, val
         body["logprobs"] = True
     response = post(http, path, body)
     if isinstance(value, float) and not math.isfinite(value):
-        # A bare NaN/Infinity is not JSON: the body as a whole is refused.
+        # A bare NaN/Infinity is not JSON: refused, naming the field that holds it.
         error = error_of(response)
         word = "NaN" if math.isnan(value) else "Infinity"
-        assert word in error["message"] and error["param"] is None
+        assert word in error["message"] and error["param"] == name, error
     elif _valid(name, value, low, high, integer):
         assert response.status_code == 200, response.text
         choice = response.json()["choices"][0]
@@ -154,7 +155,7 @@ def test_deeply_nested_schemas_are_refused_naming_the_field(http, depth):
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_logit_bias_nan_value_is_refused_as_json(http, value):
     error = error_of(post(http, CHAT, {**BASES[CHAT], "logit_bias": {"1": value}}))
-    assert "not a JSON number" in error["message"]
+    assert "not a JSON number" in error["message"] and error["param"] == "logit_bias"
 
 
 @pytest.mark.parametrize("prompt", [[32000], [1, 2**63], [-1], [2**70], [1, 2, 31999, 32000]],
