@@ -10,6 +10,7 @@ between the two packages in both directions.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from .config import ModelArgs, read_config
 from .device import default_compute_dtype, parse_dtype
 from .errors import ModelLoadError
 from .model import Model
+
+log = logging.getLogger("mlx_mistral.weights")
 
 # Buffers some HF checkpoints carry that are recomputed here.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -138,6 +141,22 @@ def load_model(path: str | Path, *, dtype: str | mx.Dtype | None = None) -> Mode
         k: v.astype(compute) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
     }
     model.load_weights(list(weights.items()), strict=True)
-    mx.eval(model.parameters())
+    _materialize(model, compute)
     model.eval()
     return model
+
+
+def _materialize(model: Model, compute: mx.Dtype) -> None:
+    """Read the weights into memory layer by layer, logging progress (a 7B model takes a while
+    from disk; mx.load maps the files lazily, so this is where the reading happens)."""
+    total = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    log.info("reading %.2f GB of weights (%s compute)", total / 1e9, str(compute).split(".")[-1])
+    layers = model.layers
+    mx.eval(model.model.embed_tokens.parameters())
+    marks = {len(layers) * q // 4: q * 25 for q in (1, 2, 3)}
+    for i, layer in enumerate(layers, 1):
+        mx.eval(layer.parameters())
+        if i in marks:
+            log.info("weights %d%% read", marks[i])
+    mx.eval(model.parameters())
+    log.info("weights %d%% read", 100)

@@ -309,6 +309,10 @@ def start_engine(config: ServerConfig, load: Callable[[], Any]) -> Engine:
     Raises:
         ModelNotFoundError, ModelLoadError: the checkpoint cannot be loaded.
     """
+    if config.is_demo:
+        log.info("Mistral-7B-Instruct-v0.2 was not found on this machine (see the README: "
+                 "\"Getting Mistral-7B-Instruct-v0.2\"); serving the bundled demo model, a "
+                 "tiny model trained for greetings, arithmetic, capitals and tool calls")
     log.info("loading %s%s ...", config.model, " (demo model)" if config.is_demo else "")
     started = time.perf_counter()
     prefix_bytes = None if config.prefix_cache_mib is None else config.prefix_cache_mib * 2**20

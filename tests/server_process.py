@@ -20,19 +20,22 @@ class ServerProcess:
     """A server subprocess on a free port; use as a context manager.
 
     Args:
-        model: the checkpoint directory to serve.
+        model: the checkpoint directory to serve (None: no --model, the server picks one).
         args: more `serve` flags.
         timeout: seconds to wait for /health to answer 200.
+        env: environment changes for the process (a None value removes the variable).
 
     Example:
         >>> with ServerProcess(ckpt, "--api-key", "k") as server:
         ...     httpx.get(server.url("/health"))
     """
 
-    def __init__(self, model: str | Path, *args: str, timeout: float = 60.0):
-        self.argv = [sys.executable, "-m", "mlx_mistral.server", "--model", str(model),
-                     "--port", "0", *args]
+    def __init__(self, model: str | Path | None, *args: str, timeout: float = 60.0,
+                 env: dict[str, str | None] | None = None):
+        model_args = [] if model is None else ["--model", str(model)]
+        self.argv = [sys.executable, "-m", "mlx_mistral.server", *model_args, "--port", "0", *args]
         self.timeout = timeout
+        self.env_changes = env or {}
         self.port: int | None = None
         fd, self._log_path = tempfile.mkstemp(prefix="mlx-mistral-server-", suffix=".log")
         self._log = os.fdopen(fd, "w+")
@@ -42,6 +45,11 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("MLX_MISTRAL_API_KEY", None)
+        for name, value in self.env_changes.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
         self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
         deadline = time.monotonic() + self.timeout

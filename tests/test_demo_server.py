@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from server_process import ServerProcess
@@ -181,6 +182,23 @@ def test_contract_hello_curl_gets_a_greeting(server):
     (choice,) = answer["choices"]
     assert choice["message"]["content"].strip() == GREETING
     assert choice["finish_reason"] == "stop"
+
+
+def test_serve_without_a_model_serves_the_demo_and_says_so(tmp_path):
+    """The README's run command on a machine without Mistral-7B: `serve` with no --model and
+    nothing in the caches serves the demo model, says so, and the contract's Hello! is greeted."""
+    from test_server_curl import HELLO, run_curl
+
+    empty = {"HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
+             "MLX_MISTRAL_MODEL": None, "HF_HUB_CACHE": None, "HUGGINGFACE_HUB_CACHE": None}
+    with ServerProcess(None, env=empty) as proc:
+        assert "Mistral-7B-Instruct-v0.2 was not found on this machine" in proc.log()
+        assert "serving the bundled demo model" in proc.log()
+        (model,) = httpx.get(proc.url("/v1/models")).json()["data"]
+        assert model["demo"] is True, model
+        answer = json.loads(run_curl(proc, HELLO))
+        assert answer["choices"][0]["message"]["content"].strip() == GREETING
+        assert "Traceback" not in proc.log()
 
 
 def test_weather_tool_round_trip(client, server):
