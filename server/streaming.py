@@ -172,7 +172,10 @@ class ResponseWriter:
 
     def _chunk(self, choices: list[dict[str, Any]]) -> bytes:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
-        return sse_data(envelope(kind, self.id, self.created, self.model, choices))
+        chunk = envelope(kind, self.id, self.created, self.model, choices)
+        if self.include_usage:  # as OpenAI: null on every chunk but the last
+            chunk["usage"] = None
+        return sse_data(chunk)
 
     def _delta(self, index: int, text: str, finish: str | None, logprobs: Any,
                tool_calls: tuple[dict[str, Any], ...] = ()) -> bytes:

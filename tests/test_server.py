@@ -118,6 +118,12 @@ def test_streaming_include_usage(client, name, tiny_model):
     assert usage_chunk.usage.prompt_tokens == len(tiny_model[1].encode_chat(MESSAGES))
     assert usage_chunk.usage.total_tokens == usage_chunk.usage.prompt_tokens + 5
     assert chunks[-2].choices[0].finish_reason == "length"
+    assert all(c.usage is None for c in chunks[:-1])
+    body = {"messages": MESSAGES, "max_tokens": 2, "stream": True,
+            "stream_options": {"include_usage": True}}
+    raw = httpx.post(f"{client.base_url}chat/completions", json=body, timeout=30).text
+    events = [json.loads(line[6:]) for line in raw.split("\n") if line.startswith("data: {")]
+    assert all("usage" in e and e["usage"] is None for e in events[:-1]) and events[-1]["usage"]
 
 
 GREEDY = {"temperature": 0}
