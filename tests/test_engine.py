@@ -405,3 +405,17 @@ def test_a_script_exits_cleanly_right_after_engine_shutdown(tiny_hf_checkpoint):
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and "terminate" not in done.stderr, done.stderr[-2000:]
 
+
+
+def test_batch_generate_equals_generate_per_prompt(tiny_model):
+    """Chat messages, raw text and token ids, decoded together: each text is what `generate`
+    gives for that prompt alone (raw text and ids keep the first word's leading space)."""
+    import mlx_mistral
+
+    model, tokenizer = tiny_model
+    prompts_ = [[{"role": "user", "content": "Hello!"}], "The capital of France is",
+                tokenizer.encode("Once upon a time", bos=True),
+                [{"role": "user", "content": "Tell me a story about a cat."}]]
+    texts = mlx_mistral.batch_generate(model, tokenizer, prompts_, max_tokens=12)
+    assert texts == [mlx_mistral.generate(model, tokenizer, p, max_tokens=12, temperature=0)
+                     for p in prompts_]

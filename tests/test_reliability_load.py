@@ -285,6 +285,8 @@ def test_concurrent_streams_complete_or_get_503_and_never_mix(small_server, tiny
                                   max_tokens=6 + i % 5) for i in range(streams)]
     print(f"{streams} streams: {counts['503']} answers were 503 + Retry-After, then retried")
     assert counts["200"] == streams
+    if streams > 8:  # more than 4 running + 4 queued at once: the full-queue path was taken
+        assert counts["503"] > 0
     assert texts == alone  # each equals the same request run alone: no cross-talk
     assert active(small_server.base_url) == 0
 
