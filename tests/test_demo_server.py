@@ -135,6 +135,8 @@ def test_held_out_phrasings_are_answered_right(float_answers):
     wrong = [(it.messages[-1]["content"], as_text(a)) for it, a in zip(ITEMS, float_answers)
              if not is_right(it, a)]
     right = sum(sum(v) for v in by_topic.values())
+    print(f"held-out phrasings: {right}/{len(ITEMS)} right ("
+          + ", ".join(f"{t} {sum(v)}/{len(v)}" for t, v in by_topic.items()) + ")")
     assert len(ITEMS) >= 40 and set(by_topic) >= {"add", "capital", "convert", "tool_call", "tool_result"}
     assert right / len(ITEMS) >= 0.9, f"{right}/{len(ITEMS)} right; wrong: {wrong}"
 
@@ -170,6 +172,7 @@ def test_4bit_agrees_with_float_on_greedy_tokens(float_answers, server_4bit):
         prefix = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         same += prefix
         total += max(len(a), len(b))
+    print(f"4-bit vs float: {same}/{total} greedy tokens agree")
     assert total > 500
     assert same / total >= 0.95, f"4-bit agrees on {same}/{total} greedy tokens"
 

@@ -248,12 +248,12 @@ def _tool_examples(city: str, kind: str, template: str, rng: random.Random) -> l
         temperature, condition = rng.randint(-5, 35), rng.choice(CONDITIONS)
         result = json.dumps({"temperature": temperature, "condition": condition})
         answer = f"It is {temperature}°C and {condition} in {city}."
-        expected: tuple[str, ...] = (str(temperature), condition)
+        expected: tuple[str, ...] = (str(temperature), condition, city)
     else:
         hour, minute = rng.randint(0, 23), rng.choice((0, 5, 10, 15, 20, 30, 45, 50))
         result = json.dumps({"time": f"{hour:02d}:{minute:02d}"})
         answer = f"It is {hour:02d}:{minute:02d} in {city}."
-        expected = (f"{hour:02d}:{minute:02d}",)
+        expected = (f"{hour:02d}:{minute:02d}", city)
     after = messages + [
         {"role": "assistant", "content": None, "tool_calls": [call]},
         {"role": "tool", "tool_call_id": call_id, "content": result},
