@@ -57,7 +57,9 @@ TOOL_RESULTS_OPEN = "[TOOL_RESULTS]"
 TOOL_RESULTS_CLOSE = "[/TOOL_RESULTS]"
 JOIN = "\n\n"  # between merged messages, content parts, and system prompt / first user text
 
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "user", "assistant", "tool", "developer")
+# OpenAI's newer clients send the system prompt as a "developer" message: the same thing here.
+SYSTEM_ROLES = ("system", "developer")
 
 
 class TextEncoder(Protocol):
@@ -153,10 +155,11 @@ def render_chat(
                 f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}",
                 param=f"{where}.role",
             )
-        if role == "system":
+        if role in SYSTEM_ROLES:
             if system_at is not None:
                 raise InvalidRequestError(
-                    f"only one system message is allowed; messages[{system_at}] is already one",
+                    f"only one system (or developer) message is allowed; messages[{system_at}] "
+                    f"is already one",
                     param=where,
                 )
             system_at = i

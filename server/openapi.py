@@ -83,7 +83,7 @@ _TOOL_CALL = {
 _MESSAGE = {
     "type": "object", "required": ["role"],
     "properties": {
-        "role": {"enum": ["system", "user", "assistant", "tool"]},
+        "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
         "content": {"oneOf": [_CONTENT, {"type": "null"}]},
         "name": {"type": "string"},
         "tool_calls": {"type": "array", "items": _TOOL_CALL},

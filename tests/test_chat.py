@@ -163,6 +163,10 @@ def test_system_message_at_every_position_is_the_system_prompt(tok, reference):
     for at in range(len(turns) + 1):
         assert tok.encode_chat(turns[:at] + [system] + turns[at:]) == expected
     assert tok.decode(expected).startswith("[INST] Be brief.\n\none [/INST]")
+    # OpenAI's "developer" message is the system prompt under another name.
+    assert tok.encode_chat([{"role": "developer", "content": "Be brief."}, *turns]) == expected
+    with pytest.raises(InvalidRequestError, match="only one system"):
+        tok.encode_chat([system, {"role": "developer", "content": "x"}, *turns])
 
 
 def test_direct_encode_instruct_agrees(tok, reference):
@@ -231,7 +235,7 @@ def test_encode_chat_starts_with_bos_and_ends_after_inst(tok):
         ({"role": "user", "content": "x"}, "messages", "must be a list"),
         (["hello"], "messages[0]", "must be an object"),
         ([{"content": "x"}], "messages[0].role", "one of"),
-        ([{"role": "developer", "content": "x"}], "messages[0].role", "'developer'"),
+        ([{"role": "moderator", "content": "x"}], "messages[0].role", "'moderator'"),
         ([{"role": "user"}], "messages[0].content", "got missing"),
         ([{"role": "user", "content": 3}], "messages[0].content", "got a int"),
         (
