@@ -129,3 +129,14 @@ def test_padded_linear_gives_each_row_its_own_product():
     got = np.array(layer(mx.array(x)))
     assert got.shape == (3, 5, 4096)
     np.testing.assert_allclose(got, x @ weight.T, rtol=1e-4, atol=1e-4)
+
+
+def test_compute_dtype_follows_the_device_unless_given():
+    """The float16 demo checkpoint computes in float32 on the CPU backend (half precision is
+    emulated on x86) and in float16 on a GPU; an explicit dtype wins."""
+    import mlx_mistral
+
+    model, _ = mlx_mistral.load(mlx_mistral.demo_model_path())
+    assert model.model.norm.weight.dtype == (mx.float16 if on_gpu() else mx.float32)
+    model, _ = mlx_mistral.load(mlx_mistral.demo_model_path(), dtype="bfloat16")
+    assert model.model.norm.weight.dtype == mx.bfloat16
