@@ -402,7 +402,9 @@ def test_sigterm_during_10_streams_refuses_new_requests_finishes_the_rest(tiny_h
                 async with httpx.AsyncClient(base_url=url, timeout=10) as fresh:
                     try:
                         late: Any = await fresh.post(CHAT, json={**body, "stream": False})
-                    except httpx.ConnectError as exc:
+                    except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError) as exc:
+                        # Refused by the socket: closed before connecting, or a connection still
+                        # in the listen backlog when the listener closed (reset, no answer).
                         late = exc
                 return await asyncio.gather(*tasks), late
 
