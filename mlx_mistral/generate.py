@@ -131,7 +131,8 @@ def stream_generate(
     )
     spec = parse_structured_request(
         tools=None if tools is None else list(tools), tool_choice=tool_choice,
-        parallel_tool_calls=parallel_tool_calls, response_format=response_format)
+        parallel_tool_calls=parallel_tool_calls, response_format=response_format,
+    ).for_messages(prompt)
     ids = prompt_ids(tokenizer, prompt, tools=spec.prompt_tools)
     constraints = make_constraints(spec, tokenizer, 1, seed=seed, prompt=ids)
     generator = BatchGenerator(model, tokenizer, prefill_chunk=prefill_chunk)

@@ -235,7 +235,7 @@ def build_grammar(spec: StructuredRequest, call_ids: Sequence[str]) -> str | Non
 
     choice = spec.tool_choice
     if not spec.tools or choice == "none":
-        if spec.tools:  # tools known to the conversation: text must not start a call
+        if spec.tools or spec.calls_in_history:  # calls are known: text must not start one
             rules.append(_TEXT_RULES)
             answer = answer or "TEXT"
         if answer is None:

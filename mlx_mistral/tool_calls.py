@@ -21,7 +21,7 @@ pass the constraints, which keep `[TOOL_CALLS]` out of the text.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from jsonschema import Draft202012Validator
@@ -92,6 +92,9 @@ class StructuredRequest:
         function_name: The function a named `tool_choice` forces.
         parallel_tool_calls: Whether an answer may hold several calls.
         response_format: What a non-call answer must be.
+        calls_in_history: The conversation holds tool calls or results although the request
+            lists no tools: the answer is text that must not begin a call (a model may imitate
+            the calls it sees in its prompt).
     """
 
     tools: tuple[ToolSpec, ...] = ()
@@ -99,6 +102,15 @@ class StructuredRequest:
     function_name: str | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat = field(default_factory=ResponseFormat)
+    calls_in_history: bool = False
+
+    def for_messages(self, messages: Any) -> StructuredRequest:
+        """This request for a prompt of `messages` (sets `calls_in_history`)."""
+        if self.tools or not isinstance(messages, list):
+            return self
+        held = any(isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls"))
+                   for m in messages)
+        return replace(self, calls_in_history=held) if held else self
 
     @property
     def prompt_tools(self) -> list[dict[str, Any]] | None:
@@ -110,7 +122,7 @@ class StructuredRequest:
     @property
     def constrained(self) -> bool:
         """Whether decoding runs under a grammar (see `mlx_mistral.structured`)."""
-        return bool(self.tools) or self.response_format.type != "text"
+        return bool(self.tools) or self.calls_in_history or self.response_format.type != "text"
 
 
 def parse_structured_request(

@@ -150,7 +150,7 @@ def chat_prompt(tokenizer: Tokenizer, req: ChatCompletionRequest,
     Raises:
         InvalidRequestError: a message or tool that the chat format refuses, naming it.
     """
-    spec = req.structured
+    spec = req.structured.for_messages(req.messages)
     prompt = tokenizer.encode_chat(req.messages, tools=spec.prompt_tools)
     if not spec.constrained:
         return prompt, None

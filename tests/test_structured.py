@@ -192,6 +192,24 @@ def test_none_choice_keeps_the_marker_out_of_the_text(model_tok):
     assert mask[tok.eos_id] and mask.sum() > 30000  # anything else goes
 
 
+def test_calls_in_the_history_keep_the_marker_out_without_tools(model_tok):
+    """No tools in the request, but the conversation holds a call and its result: the answer
+    is text that cannot begin a call (the model might imitate the history)."""
+    _, tok = model_tok
+    call = {"id": "call_abcdefghi", "type": "function",
+            "function": {"name": "get_time", "arguments": "{}"}}
+    history = [{"role": "user", "content": "Time?"},
+               {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "call_abcdefghi", "content": "12:00"}]
+    plain = parse_structured_request()
+    assert not plain.for_messages([{"role": "user", "content": "Hi"}]).constrained
+    spec = plain.for_messages(history)
+    assert spec.constrained and spec.prompt_tools is None
+    (constraint,) = make_constraints(spec, tok, 1)
+    walk(constraint, tok, "It is [TOOL_CALLS")
+    assert not np.array(constraint.allowed_mask())[tok.encode("\n]")[2]]
+
+
 def test_json_answer_allows_eos_exactly_when_complete(model_tok):
     _, tok = model_tok
 
