@@ -387,12 +387,9 @@ class BatchGenerator:
         if len(request.prompt) + len(seq.tokens) < seq.reserved:
             return True
         grown = min(seq.reserved + self.open_reserve, len(request.prompt) + request.max_new)
-        if self.kv_budget_bytes is not None:
-            others = [other.reserved for other in self.running if other is not seq]
-            longest = max(others + [r.reserved_tokens for r in self.prefilling] + [grown])
-            rows = len(self.running) + sum(r.params.n for r in self.prefilling)
-            if rows * longest * self.kv_bytes_per_token > self.kv_budget_bytes:
-                return False
+        # The row's own reservation is below `grown`, so the batch with it grown is this:
+        if self.kv_budget_bytes is not None and self._batch_bytes(0, grown) > self.kv_budget_bytes:
+            return False
         seq.reserved = grown
         return True
 

@@ -86,7 +86,7 @@ class RequestHandle:
 
     def __init__(self, engine: "Engine", prompt: list[int], params: SamplingParams,
                  constraints: Sequence[TokenConstraint | None] | None,
-                 loop: asyncio.AbstractEventLoop | None):
+                 loop: asyncio.AbstractEventLoop | None, continuation: bool = False):
         self.engine = engine
         self.prompt = prompt
         self.params = params
@@ -95,7 +95,7 @@ class RequestHandle:
         self._async_queue: asyncio.Queue | None = asyncio.Queue() if loop else None
         self._sync_queue: queue.Queue | None = None if loop else queue.Queue()
         self.uid: int | None = None
-        self.continuation = False  # see Engine.submit
+        self.continuation = continuation  # see Engine.submit
         self._open_choices = params.n
         self.cancelled = False
         self._ended = False  # a reader has seen the last event (or the engine's error)
@@ -278,8 +278,7 @@ class Engine:
             raise EngineOverloadedError(
                 f"{waiting} requests are already waiting; retry shortly", retry_after=1
             )
-        handle = RequestHandle(self, list(prompt), params, constraints, loop)
-        handle.continuation = continuation
+        handle = RequestHandle(self, list(prompt), params, constraints, loop, continuation)
         self._queued += 1
         self._commands.put(("add", handle))
         if self.error is not None or not self._thread.is_alive():

@@ -50,7 +50,7 @@ def prompt_ids(tokenizer: Tokenizer, prompt: Prompt, *,
         ids = tokenizer.encode(prompt, bos=True)
     else:
         ids = list(prompt)
-        if not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        if not _is_token_ids(ids):
             return tokenizer.encode_chat(ids, tools=tools)
     if tools:
         raise InvalidRequestError(
@@ -59,11 +59,14 @@ def prompt_ids(tokenizer: Tokenizer, prompt: Prompt, *,
     return ids
 
 
+def _is_token_ids(prompt: Sequence[Any]) -> bool:
+    return bool(prompt) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+
+
 def continues(prompt: Prompt) -> bool:
     """Whether generated text continues the prompt (raw text or token ids: its first word keeps
     its leading space) rather than answering chat messages."""
-    return isinstance(prompt, str) or (
-        bool(prompt) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt))
+    return isinstance(prompt, str) or _is_token_ids(list(prompt))
 
 
 def _chunk(event: TokenEvent) -> GenerationChunk:

@@ -91,6 +91,7 @@ __all__ = [
 # NaN; below this, scaling is already one-hot for any logit gap over ~1e-4.
 MIN_TEMPERATURE = 1e-5
 
+
 @dataclass(frozen=True)
 class _BatchParams:
     """Per-row parameters as ``[B, 1]`` arrays, plus host-side flags to skip unused work."""

@@ -129,7 +129,7 @@ def test_single_string_is_one_stop():
 
 def test_long_stops_are_cheap_and_overlong_ones_refused():
     """A stop as long as allowed holds back at most its length - 1 characters, with no table
-    of its prefixes (building one was quadratic: ~480 MiB for 30,000 characters)."""
+    of its prefixes (building one was quadratic: 432 MiB for 30,000 characters)."""
     import time
 
     from mlx_mistral.sampling_params import MAX_STOP_CHARS, SamplingParams
