@@ -241,8 +241,11 @@ class BatchGenerator:
         return events
 
     def _batch_bytes(self, extra_rows: int, extra_len: int) -> int:
-        rows = len(self.running) + sum(r.params.n for r in self.prefilling) + extra_rows
-        longest = max([seq.reserved for seq in self.running]
+        # Rows that finished earlier in this step no longer count: when several rows run out of
+        # room together, the first to end leaves it to the others.
+        live = [seq for seq in self.running if not seq.finished]
+        rows = len(live) + sum(r.params.n for r in self.prefilling) + extra_rows
+        longest = max([seq.reserved for seq in live]
                       + [r.reserved_tokens for r in self.prefilling] + [extra_len])
         return rows * longest * self.kv_bytes_per_token  # rows are left-padded to the longest
 

@@ -54,8 +54,10 @@ def sse_data(payload: dict[str, Any]) -> bytes:
 
 
 async def with_keepalive(events: AsyncIterator[T], interval: float) -> AsyncIterator[T | None]:
-    """Yield the items of `events`, and None whenever `interval` seconds pass without one (so
-    the caller can send a keep-alive while a long prompt is prefilled).
+    """Yield the items of `events`, and None whenever `interval` seconds pass before the first
+    one (so the caller can send a keep-alive while the request waits for memory or its long
+    prompt is prefilled). After the first item the rest pass straight through: tokens then come
+    every decode step, and a timer per token would cost the event loop more than the token.
 
     The pending `__anext__` is waited on, never cancelled by the timeout, so no item is lost.
     """
@@ -64,17 +66,18 @@ async def with_keepalive(events: AsyncIterator[T], interval: float) -> AsyncIter
     try:
         while True:
             done, _ = await asyncio.wait({pending}, timeout=interval)
-            if not done:
-                yield None
-                continue
-            try:
-                item = pending.result()
-            except StopAsyncIteration:
-                return
-            yield item
-            pending = asyncio.ensure_future(iterator.__anext__())
+            if done:
+                break
+            yield None
+        try:
+            first = pending.result()
+        except StopAsyncIteration:
+            return
     finally:
         pending.cancel()
+    yield first
+    async for item in iterator:
+        yield item
 
 
 class ResponseWriter:
@@ -304,13 +307,16 @@ class EventStreamResponse:
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         watcher = asyncio.create_task(self._watch(receive))
         finished = False
+        loop = asyncio.get_running_loop()
         try:
-            async for chunk in self.body:
-                if watcher.done():
-                    return
-                await asyncio.wait_for(
-                    send({"type": "http.response.body", "body": chunk, "more_body": True}),
-                    self.send_timeout)
+            # One deadline, armed only while a send waits (wait_for would start a Task per chunk).
+            async with asyncio.timeout(None) as deadline:
+                async for chunk in self.body:
+                    if watcher.done():
+                        return
+                    deadline.reschedule(loop.time() + self.send_timeout)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    deadline.reschedule(None)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             finished = True
         except asyncio.TimeoutError:

@@ -246,6 +246,21 @@ def test_requests_without_max_tokens_share_the_budget(tiny_model):
     assert err.value.param == "messages" and "KV cache" in err.value.message
 
 
+def test_rows_out_of_room_together_leave_it_to_each_other(tiny_model):
+    """The two choices of one open-ended request need more room at the same step, and the
+    budget has it for one: the first ends with "length" and the second grows into its room
+    (before, both ended there)."""
+    model, tokenizer = tiny_model
+    generator = BatchGenerator(model, tokenizer, kv_budget_bytes=2 * 200 * generator_bytes(model),
+                               open_reserve=32)
+    params = SamplingParams(temperature=0, n=2, logit_bias={tokenizer.eos_id: -100})
+    generator.add(prompts(tokenizer, 1)[0], params)
+    ends = {e.index: e for e in _drain(generator) if e.finish_reason}
+    assert {e.finish_reason for e in ends.values()} == {"length"}
+    first, second = (ends[i].prompt_tokens + ends[i].completion_tokens for i in (0, 1))
+    assert first <= 200 and 300 < second <= 400, (first, second)
+
+
 def generator_bytes(model) -> int:
     return model.args.kv_bytes_per_token(model.model.norm.weight.dtype.size)
 
