@@ -297,21 +297,26 @@ def median(runs: list[dict], key: str) -> float:
 
 
 # ----------------------------------------------------------------------------- main
+def in_turn(round_: int, a: str, b: str) -> tuple[str, str]:
+    """Which side goes first swaps from round to round, so neither always follows the other
+    (or a slow minute on a shared machine)."""
+    return (a, b) if round_ % 2 == 0 else (b, a)
+
+
 def bench_model(name: str, path: Path, quick: bool, repeats: int) -> dict:
     prompt_tokens, decode_tokens = (128, 64) if quick else (512, 128)
     blas_env = {"LD_PRELOAD": OPENBLAS} if os.path.exists(OPENBLAS) else {}
     args = [str(path), str(prompt_tokens), str(decode_tokens)]
     result: dict = {"name": name, "ours": [], "mlx_lm": []}
-    for _ in range(repeats):  # alternating, so a slow minute hits both sides
-        result["ours"].append(run_worker(["ours", *args]))
-        result["mlx_lm"].append(run_worker(["mlx_lm", *args], blas_env))
+    for round_ in range(repeats):
+        for side in in_turn(round_, "ours", "mlx_lm"):
+            result[side].append(run_worker([side, *args], blas_env if side == "mlx_lm" else None))
     result["mlx_lm_shipped"] = run_worker(["mlx_lm", *args], {"LD_PRELOAD": ""})
     result["prefix"] = run_worker(["prefix", str(path), "5"])
-    # Lengths in time, whatever the model: each concurrent client ~1 s of batch-1 decoding,
-    # the HTTP-vs-direct stream ~4 s.
-    batch1 = median(result["ours"], "decode_tps")
-    http_tokens = int(min(1024, max(decode_tokens, batch1)))
-    stream_tokens = int(min(3000, max(decode_tokens, 4 * batch1)))
+    # Each concurrent client streams 2 x decode_tokens; the HTTP-vs-direct stream lasts ~8 s
+    # at batch-1 speed, whatever the model.
+    http_tokens = 2 * decode_tokens
+    stream_tokens = int(min(3000, max(decode_tokens, 8 * median(result["ours"], "decode_tps"))))
     result["http_tokens"], result["stream_tokens"] = http_tokens, stream_tokens
 
     ours_port, lm_port = free_port(), free_port()
@@ -325,12 +330,15 @@ def bench_model(name: str, path: Path, quick: bool, repeats: int) -> dict:
         result["http"] = {clients: {"ours": [], "mlx_lm": []} for clients in
                           ((1, 4, 8) if quick else (1, 4, 8, 16))}
         result["direct"], result["stream"] = [], []
-        for _ in range(repeats):
+        for round_ in range(repeats):
             for clients, sides in result["http"].items():
-                sides["ours"].append(measure(aggregate, ours_port, name, clients, http_tokens))
-                sides["mlx_lm"].append(measure(aggregate, lm_port, "default_model", clients, http_tokens))
-            result["direct"].append(run_worker(["direct", str(path), str(stream_tokens)]))
-            result["stream"].append(measure(aggregate, ours_port, name, 1, stream_tokens))
+                for side in in_turn(round_, "ours", "mlx_lm"):
+                    port, model = (ours_port, name) if side == "ours" else (lm_port, "default_model")
+                    sides[side].append(measure(aggregate, port, model, clients, http_tokens))
+        for round_ in range(repeats):  # the same stream through HTTP and direct
+            for kind in in_turn(round_, "direct", "stream"):
+                result[kind].append(run_worker(["direct", str(path), str(stream_tokens)]) if kind == "direct"
+                                    else measure(aggregate, ours_port, name, 1, stream_tokens))
         result["server_rss_mb"] = {"ours": ours.peak_rss_mb(), "mlx_lm": lm.peak_rss_mb()}
     finally:
         ours.stop()
@@ -373,7 +381,7 @@ def render(results: list[dict], quick: bool, repeats: int) -> str:
         "so every run generates the same number of tokens. mlx-lm runs with the same OpenBLAS "
         "(LD_PRELOAD) as ours, and once as shipped (its bundled reference BLAS). "
         f"Speed figures are medians of {repeats} rounds; in each round ours and mlx-lm's run one "
-        "after the other; *per round* lists each round's ratio.",
+        "after the other, the order swapped from round to round; *per round* lists each round's ratio.",
         "",
         "### Targets",
         "",
@@ -393,7 +401,7 @@ def render(results: list[dict], quick: bool, repeats: int) -> str:
             lines.append(f"| {r['name']} | {metric} | {o:.1f} | {m:.1f} | {s:.1f} | {o / m:.2f}x | "
                          f"{per_run(r['ours'], r['mlx_lm'], key)} |")
     lines += ["", "### Concurrent streaming clients over HTTP", "",
-              "`/v1/completions`, each client one stream of *tokens* tokens (~1 s of batch-1 decoding). *decode*: tokens per second "
+              "`/v1/completions`, each client one stream of *tokens* tokens. *decode*: tokens per second "
               "while every stream is decoding (from the last stream's first token to the first "
               "stream's last); *end to end*: all tokens over the wall time from the first request, "
               "which also counts the prompts' prefill and the ramp while clients join.", "",
@@ -412,7 +420,7 @@ def render(results: list[dict], quick: bool, repeats: int) -> str:
                 f"{median(sides['ours'], 'end_to_end_tps'):.1f} | {median(sides['mlx_lm'], 'end_to_end_tps'):.1f} |")
     lines += ["", "### Prefix cache and streaming", "",
               "Time to first token of turn 5 of a chat (median of 3 chats); one stream's tok/s through "
-              "HTTP and through the engine directly (the same prompt and length, ~4 s of decoding):", "",
+              "HTTP and through the engine directly (the same prompt and length, ~8 s of decoding; the two alternate, one round after another):", "",
               "| model | turn-5 prompt tokens | from prefix cache | TTFT cold s | TTFT with prefix cache s | "
               "ratio | ratio, raw random answers | stream tokens | HTTP stream tok/s | engine direct tok/s | "
               "HTTP / direct | server peak RSS MiB (ours / mlx-lm) |",
