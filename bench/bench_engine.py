@@ -209,6 +209,9 @@ def stream_prompt(i: int) -> str:
     return f"[INST] Story {i}: {STORY} [/INST]"
 
 
+STALL_SECONDS = 30  # mlx_lm.server has left concurrent streams open and silent
+
+
 class Dropped(Exception):
     """The server closed a stream before `data: [DONE]`."""
 
@@ -225,28 +228,31 @@ async def stream_one(port: int, model: str, prompt: str, max_tokens: int) -> tup
                        "stream": True, "stream_options": {"include_usage": True},
                        "logit_bias": {"2": -100}}).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    loop = asyncio.get_running_loop()
+    times: list[float] = []
+    usage = None
     try:
-        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
-                     % (port, len(body)) + body)
-        status = await reader.readline()
-        if b" 200 " not in status:
-            raise RuntimeError(f"{status!r}: {(await reader.read())[-500:]!r}")
-        times: list[float] = []
-        usage = None
-        while True:
-            line = await reader.readline()
-            if not line:
-                raise Dropped(f"stream ended after {len(times)} chunks without [DONE]")
-            if not line.startswith(b"data: "):
-                continue
-            if line.startswith(b"data: [DONE]"):
-                break
-            data = json.loads(line[6:])
-            if data.get("usage"):
-                usage = data["usage"]["completion_tokens"]
-            if data.get("choices") and data["choices"][0].get("text"):
-                times.append(time.perf_counter())
+        async with asyncio.timeout(STALL_SECONDS) as deadline:  # a server that stalls fails
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: %d\r\n"
+                         b"Connection: close\r\n\r\n" % (port, len(body)) + body)
+            status = await reader.readline()
+            if b" 200 " not in status:
+                raise RuntimeError(f"{status!r}: {(await reader.read())[-500:]!r}")
+            while True:
+                deadline.reschedule(loop.time() + STALL_SECONDS)
+                line = await reader.readline()
+                if not line:
+                    raise Dropped(f"stream ended after {len(times)} chunks without [DONE]")
+                if not line.startswith(b"data: "):
+                    continue
+                if line.startswith(b"data: [DONE]"):
+                    break
+                data = json.loads(line[6:])
+                if data.get("usage"):
+                    usage = data["usage"]["completion_tokens"]
+                if data.get("choices") and data["choices"][0].get("text"):
+                    times.append(time.perf_counter())
     finally:
         writer.close()
     return usage or len(times), times
@@ -285,10 +291,13 @@ def measure(run, *args, attempts: int = 3) -> dict:
     for attempt in range(attempts):
         try:
             return asyncio.run(run(*args))
-        except (OSError, Dropped) as exc:
+        except (OSError, Dropped) as exc:  # TimeoutError is an OSError
             print(f"  attempt {attempt + 1}: {type(exc).__name__}: {exc}", file=sys.stderr)
             error = f"{type(exc).__name__} ({attempts} attempts)"
-    return {"decode_tps": float("nan"), "end_to_end_tps": float("nan"), "tokens": 0, "error": error}
+    return {**FAILED, "error": error}
+
+
+FAILED = {"decode_tps": float("nan"), "end_to_end_tps": float("nan"), "tokens": 0}
 
 
 def median(runs: list[dict], key: str) -> float:
@@ -329,11 +338,16 @@ def bench_model(name: str, path: Path, quick: bool, repeats: int) -> dict:
         lm.wait("/v1/models")
         result["http"] = {clients: {"ours": [], "mlx_lm": []} for clients in
                           ((1, 4, 8) if quick else (1, 4, 8, 16))}
+        failed: set[str] = set()  # a server that failed a measurement is not asked again
         for round_ in range(repeats):
             for clients, sides in result["http"].items():
                 for side in in_turn(round_, "ours", "mlx_lm"):
                     port, model = (ours_port, name) if side == "ours" else (lm_port, "default_model")
-                    sides[side].append(measure(aggregate, port, model, clients, http_tokens))
+                    figure = (measure(aggregate, port, model, clients, http_tokens) if side not in failed
+                              else {**FAILED, "error": "not asked after a failure"})
+                    if "error" in figure:
+                        failed.add(side)
+                    sides[side].append(figure)
         result["server_rss_mb"] = {"ours": ours.peak_rss_mb(), "mlx_lm": lm.peak_rss_mb()}
     finally:
         ours.stop()

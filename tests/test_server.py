@@ -363,9 +363,12 @@ def test_sigterm_lets_streams_finish_then_exits_cleanly(tiny_hf_checkpoint):
 
 
 def test_keepalive_while_waiting_for_the_first_token():
+    """Keep-alives while the first token is awaited; after it, items pass straight through
+    (tokens come every step, and a timer per token would cost the event loop more)."""
     async def slow_then_fast():
         await asyncio.sleep(0.25)  # a long prefill
         yield "a"
+        await asyncio.sleep(0.15)
         yield "b"
 
     async def collect():
