@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import signal
@@ -436,12 +437,17 @@ def test_interrupt_mid_way_leaves_nothing(big_checkpoint, tmp_path):
         shutil.rmtree(out, ignore_errors=True)
         cmd = [sys.executable, "-m", "mlx_mistral.convert", big_checkpoint, "--out", out,
                "-q", "--max-shard-size", "40MB", "--no-progress"]  # fmt: skip
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # At the lowest priority, so that on a busy machine this loop sees the first shard
+        # before the conversion is over; stopped at once, then interrupted where it stood.
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: os.nice(19))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
             tmp = [p for p in tmp_path.glob(".out.tmp-*") if any(p.glob("*.safetensors"))]
             if tmp:
+                proc.send_signal(signal.SIGSTOP)
                 proc.send_signal(signal.SIGINT)
+                proc.send_signal(signal.SIGCONT)
                 break
             time.sleep(0.001)
         _, stderr = proc.communicate(timeout=60)
