@@ -374,9 +374,9 @@ def new_server_stream(path: Path, name: str, tokens: int) -> dict:
         server.stop()
 
 
-def per_run(numerators: list[dict], denominators: list[dict], key: str, key2: str | None = None) -> str:
+def per_run(numerators: list[dict], denominators: list[dict], key: str) -> str:
     """Each round's ratio, in run order."""
-    return ", ".join(f"{a[key] / b[key2 or key]:.2f}" for a, b in zip(numerators, denominators))
+    return ", ".join(f"{a[key] / b[key]:.2f}" for a, b in zip(numerators, denominators))
 
 
 def targets(r: dict) -> list[tuple[str, float, str, bool]]:

@@ -154,6 +154,10 @@ class BatchGenerator:
             ContextLengthExceededError: the prompt (plus max_tokens) exceeds the context window.
             InvalidRequestError: it could never fit the KV budget, or a bad token id.
         """
+        return self._plan(prompt, params, prompt_field)[0]
+
+    def _plan(self, prompt: Sequence[int], params: SamplingParams, prompt_field: str) -> tuple[int, int]:
+        """`check`, returning (tokens it may generate, tokens of KV room held at admission)."""
         if not prompt:
             raise InvalidRequestError("the prompt is empty", param=prompt_field)
         if max(prompt) >= self.args.vocab_size or min(prompt) < 0:
@@ -170,8 +174,8 @@ class BatchGenerator:
                 param=prompt_field if room < 0 else "max_tokens",
             )
         max_new = room if params.max_tokens is None else params.max_tokens
+        reserve = self._initial_reserve(params, len(prompt), max_new)
         if self.kv_budget_bytes is not None:
-            reserve = self._initial_reserve(params, len(prompt), max_new)
             need = params.n * (len(prompt) + reserve) * self.kv_bytes_per_token
             if need > self.kv_budget_bytes:  # retrying cannot help: a 400, not a 503
                 budget = f"more than this server's {self.kv_budget_bytes / 2**20:.0f} MiB"
@@ -182,7 +186,7 @@ class BatchGenerator:
                 raise InvalidRequestError(
                     f"the request needs {need / 2**20:.0f} MiB of KV cache for its prompt plus "
                     f"max_tokens, {budget}; lower max_tokens or n", param="max_tokens")
-        return max_new
+        return max_new, reserve
 
     def _initial_reserve(self, params: SamplingParams, prompt_len: int, max_new: int) -> int:
         """Generated tokens to hold KV room for at admission: all of max_tokens when given,
@@ -208,10 +212,9 @@ class BatchGenerator:
         `continuation`: the prompt is raw text that the output continues, so the first word
         keeps its leading space; a chat answer starts without it.
         """
-        max_new = self.check(prompt, params)
+        max_new, reserve = self._plan(prompt, params, "messages")
         uid = next(self._uids)
-        request = _Request(uid, list(prompt), params, max_new,
-                           self._initial_reserve(params, len(prompt), max_new),
+        request = _Request(uid, list(prompt), params, max_new, reserve,
                            list(constraints or [None] * params.n), continuation=continuation)
         self._requests[uid] = request
         self.waiting.append(request)

@@ -106,7 +106,7 @@ class StructuredRequest:
 
     def for_messages(self, messages: Any) -> StructuredRequest:
         """This request for a prompt of `messages` (sets `calls_in_history`)."""
-        if self.tools or not isinstance(messages, list):
+        if self.tools or isinstance(messages, str):  # raw text holds no messages
             return self
         held = any(isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls"))
                    for m in messages)

@@ -75,9 +75,14 @@ async def with_keepalive(events: AsyncIterator[T], interval: float) -> AsyncIter
             return
     finally:
         pending.cancel()
-    yield first
-    async for item in iterator:
-        yield item
+    try:
+        yield first
+        async for item in iterator:
+            yield item
+    finally:  # the iterator is ours now: close it when we are closed (a client that left)
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 class ResponseWriter:

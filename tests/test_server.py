@@ -378,6 +378,28 @@ def test_keepalive_while_waiting_for_the_first_token():
     assert items[-2:] == ["a", "b"] and set(items[:-2]) == {None} and len(items) >= 3
 
 
+def test_keepalive_closes_the_stream_it_wraps():
+    """A client that leaves mid-stream closes the wrapper, and the wrapper closes the engine's
+    event stream at once (whose close cancels the request), not when it is collected."""
+    closed = []
+
+    async def tokens():
+        try:
+            yield "a"
+            yield "b"
+            yield "c"
+        finally:
+            closed.append("tokens")
+
+    async def read_two_then_leave():
+        stream = with_keepalive(tokens(), 10)
+        items = [await stream.__anext__(), await stream.__anext__()]
+        await stream.aclose()
+        return items, list(closed)
+
+    assert asyncio.run(read_two_then_leave()) == (["a", "b"], ["tokens"])
+
+
 def test_a_batch_of_events_becomes_one_chunk_per_choice():
     """When several tokens of a choice arrive together, they go out as one chunk: the same
     text, every token's logprobs in order, and the finish chunk after the content."""
