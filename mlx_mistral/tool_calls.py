@@ -21,6 +21,7 @@ pass the constraints, which keep `[TOOL_CALLS]` out of the text.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -106,8 +107,8 @@ class StructuredRequest:
 
     def for_messages(self, messages: Any) -> StructuredRequest:
         """This request for a prompt of `messages` (sets `calls_in_history`)."""
-        if self.tools or isinstance(messages, str):  # raw text holds no messages
-            return self
+        if self.tools or isinstance(messages, str) or not isinstance(messages, Sequence):
+            return self  # raw text, or not a list of messages (the chat encoder refuses it)
         held = any(isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls"))
                    for m in messages)
         return replace(self, calls_in_history=held) if held else self

@@ -207,6 +207,7 @@ def test_calls_in_the_history_keep_the_marker_out_without_tools(model_tok):
     assert spec.constrained and spec.prompt_tools is None
     assert plain.for_messages(tuple(history)).constrained  # any sequence of messages
     assert not plain.for_messages("[TOOL_CALLS] raw text").constrained
+    assert not plain.for_messages(1).constrained  # not messages: the chat encoder refuses it
     (constraint,) = make_constraints(spec, tok, 1)
     walk(constraint, tok, "It is [TOOL_CALLS")
     assert not np.array(constraint.allowed_mask())[tok.encode("\n]")[2]]
