@@ -35,15 +35,17 @@ from checkpoints import write_random_checkpoint  # noqa: E402
 from report import machine, write_section  # noqa: E402
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
-STORY = ("Write a long, detailed story about a lighthouse keeper who finds a message in a bottle, "
-         "with dialogue, weather, and the history of the coast. ")
+STORY = (
+    "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle, "
+    "with dialogue, weather, and the history of the coast. "
+)
 
 
 # ----------------------------------------------------------------------------- in-process workers
 def worker(side: str, model_path: str, prompt_tokens: int, decode_tokens: int) -> dict:
     """Runs in a subprocess: prefill and batch-1 decode speed of one side."""
     if side == "ours":
-        import mlx_mistral  # first: its BLAS preload must precede mlx
+        pass  # first: its BLAS preload must precede mlx
     import mlx.core as mx
 
     if side == "ours":
@@ -63,7 +65,8 @@ def worker(side: str, model_path: str, prompt_tokens: int, decode_tokens: int) -
                     times.append(time.perf_counter())
             return t0, times
     else:
-        from mlx_lm import load as lm_load, stream_generate
+        from mlx_lm import load as lm_load
+        from mlx_lm import stream_generate
         from mlx_lm.sample_utils import make_logits_processors
 
         model, tok = lm_load(model_path)
@@ -74,8 +77,14 @@ def worker(side: str, model_path: str, prompt_tokens: int, decode_tokens: int) -
 
         def run():
             t0, times = time.perf_counter(), []
-            for _ in stream_generate(model, tok, ids, max_tokens=decode_tokens, logits_processors=procs,
-                                     prefill_step_size=2048):
+            for _ in stream_generate(
+                model,
+                tok,
+                ids,
+                max_tokens=decode_tokens,
+                logits_processors=procs,
+                prefill_step_size=2048,
+            ):
                 times.append(time.perf_counter())
             return t0, times
 
@@ -83,17 +92,23 @@ def worker(side: str, model_path: str, prompt_tokens: int, decode_tokens: int) -
     t0, times = run()
     prefill = len(ids) / (times[0] - t0)
     decode = (len(times) - 1) / (times[-1] - times[0])
-    return {"prefill_tps": prefill, "decode_tps": decode, "tokens": len(times),
-            "peak_mlx_mb": mx.get_peak_memory() / 2**20,
-            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "prefill_tps": prefill,
+        "decode_tps": decode,
+        "tokens": len(times),
+        "peak_mlx_mb": mx.get_peak_memory() / 2**20,
+        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 # Single-token English words. A random model's answers are byte soup that SentencePiece
 # re-encodes differently, so the next turn's prompt diverges from the cached tokens at the
 # answer; a trained model's answers survive decode -> re-encode. Biasing a random model towards
 # whole words gives it that property (checked: every generated token is matched next turn).
-WORDS = ("the of and to in is was for on that with as it by at from his her an be this are or "
-         "which one had not but what all were when we there can").split()
+WORDS = (
+    "the of and to in is was for on that with as it by at from his her an be this are or "
+    "which one had not but what all were when we there can"
+).split()
 
 
 def _final_turn_ttft(gen, tok, params, turns: int) -> tuple[float, int, int]:
@@ -131,12 +146,22 @@ def prefix_worker(model_path: str, turns: int, repeats: int = 3) -> dict:
     for variant, bias in (("words", {2: -100.0, **words}), ("raw", {2: -100.0})):
         params = SamplingParams(temperature=0, max_tokens=48, logit_bias=bias)
         for label, cache_bytes in (("cold", 0), ("prefix_cache", 1 << 32)):
-            runs = [_final_turn_ttft(BatchGenerator(model, tok, prefix_cache=PrefixCache(cache_bytes)
-                                                    if cache_bytes else None), tok, params, turns)
-                    for _ in range(repeats)]
+            runs = [
+                _final_turn_ttft(
+                    BatchGenerator(
+                        model, tok, prefix_cache=PrefixCache(cache_bytes) if cache_bytes else None
+                    ),
+                    tok,
+                    params,
+                    turns,
+                )
+                for _ in range(repeats)
+            ]
             out.setdefault(variant, {})[label] = {
-                "ttft_s": statistics.median(r[0] for r in runs), "prompt_tokens": runs[0][1],
-                "cached_tokens": runs[0][2]}
+                "ttft_s": statistics.median(r[0] for r in runs),
+                "prompt_tokens": runs[0][1],
+                "cached_tokens": runs[0][2],
+            }
     return out
 
 
@@ -156,8 +181,12 @@ def direct_worker(model_path: str, tokens: int) -> dict:
 
 
 def run_worker(args: list[str], env: dict | None = None) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True,
-                         env={**os.environ, **(env or {})})
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     if out.returncode:
         raise RuntimeError(f"worker {args} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -173,10 +202,14 @@ def free_port() -> int:
 class Server:
     def __init__(self, cmd: list[str], port: int, env: dict | None = None):
         self.port = port
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
+        )
 
-    def wait(self, path: str, timeout: float = 180) -> "Server":
+    def wait(self, path: str, timeout: float = 180) -> Server:
         import httpx
 
         deadline = time.time() + timeout
@@ -216,7 +249,9 @@ class Dropped(Exception):
     """The server closed a stream before `data: [DONE]`."""
 
 
-async def stream_one(port: int, model: str, prompt: str, max_tokens: int) -> tuple[int, list[float]]:
+async def stream_one(
+    port: int, model: str, prompt: str, max_tokens: int
+) -> tuple[int, list[float]]:
     """One streaming completion: (completion tokens, arrival time of each chunk with text).
 
     A minimal SSE reader on a raw socket: on 2 cores an HTTP client library's own parsing takes
@@ -224,18 +259,28 @@ async def stream_one(port: int, model: str, prompt: str, max_tokens: int) -> tup
     loop spends on it). Both servers send one SSE event per HTTP chunk (or no chunking at
     all), so every `data:` line arrives whole.
     """
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                       "stream": True, "stream_options": {"include_usage": True},
-                       "logit_bias": {"2": -100}}).encode()
+    body = json.dumps(
+        {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "logit_bias": {"2": -100},
+        }
+    ).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     loop = asyncio.get_running_loop()
     times: list[float] = []
     usage = None
     try:
         async with asyncio.timeout(STALL_SECONDS) as deadline:  # a server that stalls fails
-            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
-                         b"Content-Type: application/json\r\nContent-Length: %d\r\n"
-                         b"Connection: close\r\n\r\n" % (port, len(body)) + body)
+            writer.write(
+                b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n"
+                b"Connection: close\r\n\r\n" % (port, len(body)) + body
+            )
             status = await reader.readline()
             if b" 200 " not in status:
                 raise RuntimeError(f"{status!r}: {(await reader.read())[-500:]!r}")
@@ -271,18 +316,25 @@ def steady_decode_tps(streams: list[tuple[int, list[float]]]) -> float:
             busy += max(0.0, last - max(first, reach))
             reach = max(reach, last)
         return sum(count * (len(times) - 1) / len(times) for count, times in streams) / busy
-    tokens = sum(sum(start < t <= end for t in times) * count / len(times) for count, times in streams)
+    tokens = sum(
+        sum(start < t <= end for t in times) * count / len(times) for count, times in streams
+    )
     return tokens / (end - start)
 
 
 async def aggregate(port: int, model: str, clients: int, max_tokens: int) -> dict:
     await stream_one(port, model, "[INST] warm up [/INST]", 4)
     t0 = time.perf_counter()
-    streams = await asyncio.gather(*[stream_one(port, model, stream_prompt(i), max_tokens)
-                                     for i in range(clients)])
+    streams = await asyncio.gather(
+        *[stream_one(port, model, stream_prompt(i), max_tokens) for i in range(clients)]
+    )
     wall = time.perf_counter() - t0
     tokens = sum(count for count, _ in streams)
-    return {"decode_tps": steady_decode_tps(streams), "end_to_end_tps": tokens / wall, "tokens": tokens}
+    return {
+        "decode_tps": steady_decode_tps(streams),
+        "end_to_end_tps": tokens / wall,
+        "tokens": tokens,
+    }
 
 
 def measure(run, *args, attempts: int = 3) -> dict:
@@ -329,22 +381,42 @@ def bench_model(name: str, path: Path, quick: bool, repeats: int) -> dict:
     result["http_tokens"], result["stream_tokens"] = http_tokens, stream_tokens
 
     ours_port, lm_port = free_port(), free_port()
-    ours = Server([sys.executable, "-m", "mlx_mistral.server", "--model", str(path), "--port", str(ours_port)],
-                  ours_port)
-    lm = Server([sys.executable, "-m", "mlx_lm.server", "--model", str(path), "--port", str(lm_port)],
-                lm_port, blas_env)
+    ours = Server(
+        [
+            sys.executable,
+            "-m",
+            "mlx_mistral.server",
+            "--model",
+            str(path),
+            "--port",
+            str(ours_port),
+        ],
+        ours_port,
+    )
+    lm = Server(
+        [sys.executable, "-m", "mlx_lm.server", "--model", str(path), "--port", str(lm_port)],
+        lm_port,
+        blas_env,
+    )
     try:
         ours.wait("/health")
         lm.wait("/v1/models")
-        result["http"] = {clients: {"ours": [], "mlx_lm": []} for clients in
-                          ((1, 4, 8) if quick else (1, 4, 8, 16))}
+        result["http"] = {
+            clients: {"ours": [], "mlx_lm": []}
+            for clients in ((1, 4, 8) if quick else (1, 4, 8, 16))
+        }
         failed: set[str] = set()  # a server that failed a measurement is not asked again
         for round_ in range(repeats):
             for clients, sides in result["http"].items():
                 for side in in_turn(round_, "ours", "mlx_lm"):
-                    port, model = (ours_port, name) if side == "ours" else (lm_port, "default_model")
-                    figure = (measure(aggregate, port, model, clients, http_tokens) if side not in failed
-                              else {**FAILED, "error": "not asked after a failure"})
+                    port, model = (
+                        (ours_port, name) if side == "ours" else (lm_port, "default_model")
+                    )
+                    figure = (
+                        measure(aggregate, port, model, clients, http_tokens)
+                        if side not in failed
+                        else {**FAILED, "error": "not asked after a failure"}
+                    )
                     if "error" in figure:
                         failed.add(side)
                     sides[side].append(figure)
@@ -355,8 +427,11 @@ def bench_model(name: str, path: Path, quick: bool, repeats: int) -> dict:
     result["direct"], result["stream"] = [], []
     for round_ in range(repeats):  # the same stream through HTTP and direct, each a new process
         for kind in in_turn(round_, "direct", "stream"):
-            result[kind].append(run_worker(["direct", str(path), str(stream_tokens)]) if kind == "direct"
-                                else new_server_stream(path, name, stream_tokens))
+            result[kind].append(
+                run_worker(["direct", str(path), str(stream_tokens)])
+                if kind == "direct"
+                else new_server_stream(path, name, stream_tokens)
+            )
     return result
 
 
@@ -366,8 +441,10 @@ def new_server_stream(path: Path, name: str, tokens: int) -> dict:
     clients measured 3-8% below new direct workers in some runs and level in others, streamed
     or not, so a long-running process is not a fair stand-in for the HTTP path's cost.)"""
     port = free_port()
-    server = Server([sys.executable, "-m", "mlx_mistral.server", "--model", str(path), "--port", str(port)],
-                    port).wait("/health")
+    server = Server(
+        [sys.executable, "-m", "mlx_mistral.server", "--model", str(path), "--port", str(port)],
+        port,
+    ).wait("/health")
     try:
         return measure(aggregate, port, name, 1, tokens)
     finally:
@@ -389,11 +466,20 @@ def targets(r: dict) -> list[tuple[str, float, str, bool]]:
     ttft = words["prefix_cache"]["ttft_s"] / words["cold"]["ttft_s"]
     stream = median(r["stream"], "decode_tps") / median(r["direct"], "decode_tps")
     return [
-        ("batch-1 decode >= 1.0x mlx-lm", decode, per_run(r["ours"], r["mlx_lm"], "decode_tps"), decode >= 1.0),
+        (
+            "batch-1 decode >= 1.0x mlx-lm",
+            decode,
+            per_run(r["ours"], r["mlx_lm"], "decode_tps"),
+            decode >= 1.0,
+        ),
         ("8 streams >= 4x batch-1", scale, per_run(eight, one, "decode_tps"), scale >= 4.0),
         ("turn-5 TTFT with prefix cache <= 0.25x", ttft, "(median of 3 chats)", ttft <= 0.25),
-        ("HTTP streaming within 5% of direct", stream, per_run(r["stream"], r["direct"], "decode_tps"),
-         stream >= 0.95),
+        (
+            "HTTP streaming within 5% of direct",
+            stream,
+            per_run(r["stream"], r["direct"], "decode_tps"),
+            stream >= 0.95,
+        ),
     ]
 
 
@@ -403,8 +489,10 @@ def render(results: list[dict], quick: bool, repeats: int) -> str:
         "",
         f"Machine: {machine()}.",
         "",
-        "Reproduce: `python bench/bench_engine.py" + (" --quick" if quick else "")
-        + (f" --repeats {repeats}" if repeats != 3 else "") + "` (writes this section). "
+        "Reproduce: `python bench/bench_engine.py"
+        + (" --quick" if quick else "")
+        + (f" --repeats {repeats}" if repeats != 3 else "")
+        + "` (writes this section). "
         "Random-weight checkpoints, float32 compute (the CPU default), greedy decoding with EOS banned "
         "so every run generates the same number of tokens. mlx-lm runs with the same OpenBLAS "
         "(LD_PRELOAD) as ours, and once as shipped (its bundled reference BLAS). "
@@ -418,24 +506,40 @@ def render(results: list[dict], quick: bool, repeats: int) -> str:
     ]
     for r in results:
         for target, value, rounds, met in targets(r):
-            lines.append(f"| {r['name']} | {target} | {value:.2f}x | {rounds} | {'yes' if met else 'no'} |")
-    lines += ["", "### Batch-1 (library, one process per side)", "",
-              "| model | metric | ours | mlx-lm (same BLAS) | mlx-lm (as shipped) | ours / mlx-lm | per round |",
-              "|---|---|---:|---:|---:|---:|---|"]
+            lines.append(
+                f"| {r['name']} | {target} | {value:.2f}x | {rounds} | {'yes' if met else 'no'} |"
+            )
+    lines += [
+        "",
+        "### Batch-1 (library, one process per side)",
+        "",
+        "| model | metric | ours | mlx-lm (same BLAS) | mlx-lm (as shipped) | ours / mlx-lm | per round |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
     for r in results:
-        for metric, key in (("prefill tok/s", "prefill_tps"), ("batch-1 decode tok/s", "decode_tps"),
-                            ("peak MLX memory MiB", "peak_mlx_mb")):
+        for metric, key in (
+            ("prefill tok/s", "prefill_tps"),
+            ("batch-1 decode tok/s", "decode_tps"),
+            ("peak MLX memory MiB", "peak_mlx_mb"),
+        ):
             o, m, s = median(r["ours"], key), median(r["mlx_lm"], key), r["mlx_lm_shipped"][key]
-            lines.append(f"| {r['name']} | {metric} | {o:.1f} | {m:.1f} | {s:.1f} | {o / m:.2f}x | "
-                         f"{per_run(r['ours'], r['mlx_lm'], key)} |")
-    lines += ["", "### Concurrent streaming clients over HTTP", "",
-              "`/v1/completions`, each client one stream of *tokens* tokens. *decode*: tokens per second "
-              "while every stream is decoding (from the last stream's first token to the first "
-              "stream's last); *end to end*: all tokens over the wall time from the first request, "
-              "which also counts the prompts' prefill and the ramp while clients join.", "",
-              "| model | clients | tokens | ours decode tok/s | mlx_lm.server decode tok/s | ours / mlx-lm | "
-              "ours vs our 1 client | per round | ours end to end | mlx_lm.server end to end |",
-              "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+            lines.append(
+                f"| {r['name']} | {metric} | {o:.1f} | {m:.1f} | {s:.1f} | {o / m:.2f}x | "
+                f"{per_run(r['ours'], r['mlx_lm'], key)} |"
+            )
+    lines += [
+        "",
+        "### Concurrent streaming clients over HTTP",
+        "",
+        "`/v1/completions`, each client one stream of *tokens* tokens. *decode*: tokens per second "
+        "while every stream is decoding (from the last stream's first token to the first "
+        "stream's last); *end to end*: all tokens over the wall time from the first request, "
+        "which also counts the prompts' prefill and the ramp while clients join.",
+        "",
+        "| model | clients | tokens | ours decode tok/s | mlx_lm.server decode tok/s | ours / mlx-lm | "
+        "ours vs our 1 client | per round | ours end to end | mlx_lm.server end to end |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
     for r in results:
         base = r["http"][1]["ours"]
         for clients, sides in r["http"].items():
@@ -445,14 +549,20 @@ def render(results: list[dict], quick: bool, repeats: int) -> str:
             lines.append(
                 f"| {r['name']} | {clients} | {r['http_tokens']} | {o:.1f} | {theirs} | {o / m:.2f}x | "
                 f"{o / median(base, 'decode_tps'):.2f}x | {per_run(sides['ours'], base, 'decode_tps')} | "
-                f"{median(sides['ours'], 'end_to_end_tps'):.1f} | {median(sides['mlx_lm'], 'end_to_end_tps'):.1f} |")
-    lines += ["", "### Prefix cache and streaming", "",
-              "Time to first token of turn 5 of a chat (median of 3 chats); one stream's tok/s through "
-              "HTTP and through the engine directly (the same prompt and length, ~8 s of decoding; each a new process, the two alternating):", "",
-              "| model | turn-5 prompt tokens | from prefix cache | TTFT cold s | TTFT with prefix cache s | "
-              "ratio | ratio, raw random answers | stream tokens | HTTP stream tok/s | engine direct tok/s | "
-              "HTTP / direct | server peak RSS MiB (ours / mlx-lm) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                f"{median(sides['ours'], 'end_to_end_tps'):.1f} | {median(sides['mlx_lm'], 'end_to_end_tps'):.1f} |"
+            )
+    lines += [
+        "",
+        "### Prefix cache and streaming",
+        "",
+        "Time to first token of turn 5 of a chat (median of 3 chats); one stream's tok/s through "
+        "HTTP and through the engine directly (the same prompt and length, ~8 s of decoding; each a new process, the two alternating):",
+        "",
+        "| model | turn-5 prompt tokens | from prefix cache | TTFT cold s | TTFT with prefix cache s | "
+        "ratio | ratio, raw random answers | stream tokens | HTTP stream tok/s | engine direct tok/s | "
+        "HTTP / direct | server peak RSS MiB (ours / mlx-lm) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in results:
         words, raw = r["prefix"]["words"], r["prefix"]["raw"]
         ratio = words["prefix_cache"]["ttft_s"] / words["cold"]["ttft_s"]
@@ -463,11 +573,15 @@ def render(results: list[dict], quick: bool, repeats: int) -> str:
             f"| {r['name']} | {words['cold']['prompt_tokens']} | {words['prefix_cache']['cached_tokens']} | "
             f"{words['cold']['ttft_s']:.3f} | {words['prefix_cache']['ttft_s']:.3f} | {ratio:.2f} | "
             f"{raw_ratio:.2f} | {r['stream_tokens']} | {http_tps:.1f} | {direct:.1f} | {http_tps / direct:.2f} | "
-            f"{rss['ours']:.0f} / {rss['mlx_lm']:.0f} |")
-    lines += ["", "The chat's answers are the model's own, fed back as a client would. *ratio*: answers "
-              "biased to whole English words, which (like a trained model's) re-encode to the tokens "
-              "generated, so only the new user turn is prefilled; *raw*: a random model's byte soup, "
-              "which does not, so the previous answer is prefilled again too."]
+            f"{rss['ours']:.0f} / {rss['mlx_lm']:.0f} |"
+        )
+    lines += [
+        "",
+        "The chat's answers are the model's own, fed back as a client would. *ratio*: answers "
+        "biased to whole English words, which (like a trained model's) re-encode to the tokens "
+        "generated, so only the new user turn is prefilled; *raw*: a random model's byte soup, "
+        "which does not, so the previous answer is prefilled again too.",
+    ]
     return "\n".join(lines)
 
 
@@ -486,14 +600,22 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["tiny", "150m"])
     parser.add_argument("--quick", action="store_true", help="fewer tokens and clients")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per speed figure (medians)")
-    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "mlx-mistral-bench"))
+    parser.add_argument(
+        "--workdir", default=os.path.join(tempfile.gettempdir(), "mlx-mistral-bench")
+    )
     args = parser.parse_args()
     results = []
     for name in args.models:
-        path = Path(name) if Path(name).is_dir() else write_random_checkpoint(Path(args.workdir) / name, name)
+        path = (
+            Path(name)
+            if Path(name).is_dir()
+            else write_random_checkpoint(Path(args.workdir) / name, name)
+        )
         print(f"benchmarking {name} ...", file=sys.stderr)
         results.append(bench_model(Path(name).name, path, args.quick, args.repeats))
-    (Path(args.workdir) / "bench_engine.json").write_text(json.dumps(results, indent=1))  # every round
+    (Path(args.workdir) / "bench_engine.json").write_text(
+        json.dumps(results, indent=1)
+    )  # every round
     text = render(results, args.quick, args.repeats)
     print(text)
     write_section("engine", text)

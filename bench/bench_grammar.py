@@ -89,7 +89,9 @@ def machine() -> dict[str, str]:
 
 
 # -- engines: each returns (compile seconds, per-step mask seconds) -------------------------------
-def walk(compute_mask: Callable[[], Any], consume: Callable[[int], Any], ids: list[int]) -> list[float]:
+def walk(
+    compute_mask: Callable[[], Any], consume: Callable[[int], Any], ids: list[int]
+) -> list[float]:
     times = []
     for t in ids:
         start = time.perf_counter()
@@ -105,7 +107,9 @@ def bench_llguidance(tok: Tokenizer, ids: list[int]) -> tuple[float, list[float]
     from mlx_mistral.structured import make_llg_tokenizer
 
     lltok = make_llg_tokenizer(tok)
-    grammar = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, overrides={"whitespace_flexible": False})
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(
+        SCHEMA, overrides={"whitespace_flexible": False}
+    )
     start = time.perf_counter()
     matcher = llguidance.LLMatcher(lltok, grammar, log_level=0)
     compile_s = time.perf_counter() - start
@@ -122,11 +126,16 @@ def bench_xgrammar(tok: Tokenizer, ids: list[int]) -> tuple[float, list[float]]:
     import xgrammar as xgr
 
     pieces = [tok.id_to_piece(i) for i in range(tok.vocab_size)]
-    info = xgr.TokenizerInfo(pieces, vocab_type=xgr.VocabType.BYTE_FALLBACK,
-                             stop_token_ids=[tok.eos_id], add_prefix_space=True)
+    info = xgr.TokenizerInfo(
+        pieces,
+        vocab_type=xgr.VocabType.BYTE_FALLBACK,
+        stop_token_ids=[tok.eos_id],
+        add_prefix_space=True,
+    )
     start = time.perf_counter()
     compiled = xgr.GrammarCompiler(info, max_threads=1).compile_json_schema(
-        json.dumps(SCHEMA), any_whitespace=False, separators=(",", ":"))
+        json.dumps(SCHEMA), any_whitespace=False, separators=(",", ":")
+    )
     compile_s = time.perf_counter() - start
     matcher = xgr.GrammarMatcher(compiled)
     bitmask = xgr.allocate_token_bitmask(1, tok.vocab_size)
@@ -158,7 +167,9 @@ def bench_outlines_core(tok: Tokenizer, ids: list[int]) -> tuple[float, list[flo
     times: list[float] = []
     for _ in range(REPEATS):
         guide.reset()
-        times += walk(lambda: guide.write_mask_into(mask.ctypes.data, mask.size, 4), guide.advance, ids)
+        times += walk(
+            lambda: guide.write_mask_into(mask.ctypes.data, mask.size, 4), guide.advance, ids
+        )
     return compile_s, times
 
 
@@ -169,9 +180,13 @@ def bench_mask_to_mlx(tok: Tokenizer, ids: list[int]) -> list[float]:
 
     from mlx_mistral.structured import bitmask_to_mlx, make_llg_tokenizer
 
-    matcher = llguidance.LLMatcher(make_llg_tokenizer(tok),
-                                   llguidance.LLMatcher.grammar_from_json_schema(
-                                       SCHEMA, overrides={"whitespace_flexible": False}), log_level=0)
+    matcher = llguidance.LLMatcher(
+        make_llg_tokenizer(tok),
+        llguidance.LLMatcher.grammar_from_json_schema(
+            SCHEMA, overrides={"whitespace_flexible": False}
+        ),
+        log_level=0,
+    )
     times = []
     for t in ids * REPEATS:
         if matcher.is_accepting() and t == ids[0]:
@@ -191,9 +206,16 @@ def bench_package_grammars(tok: Tokenizer) -> dict[str, list[float]]:
     from mlx_mistral.structured import make_constraints
     from mlx_mistral.tool_calls import parse_structured_request
 
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": SCHEMA}},
-             {"type": "function", "function": {"name": "get_time", "parameters": {
-                 "type": "object", "properties": {"timezone": {"type": "string"}}}}}]
+    tools = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": SCHEMA}},
+        {
+            "type": "function",
+            "function": {
+                "name": "get_time",
+                "parameters": {"type": "object", "properties": {"timezone": {"type": "string"}}},
+            },
+        },
+    ]
     out: dict[str, list[float]] = {}
     cases = {
         "forced tool call (tool_choice required, 2 tools)": "required",
@@ -205,7 +227,8 @@ def bench_package_grammars(tok: Tokenizer) -> dict[str, list[float]]:
         if choice == "required":
             text = " [TOOL_CALLS] " + json.dumps(
                 [{"name": "get_weather", "arguments": ANSWER, "id": constraint.call_ids[0]}],
-                separators=(", ", ": "))
+                separators=(", ", ": "),
+            )
         else:
             text = " The forecast for San Francisco is sunny all week, with light wind. " * 3
         ids = tok.encode(text.lstrip(" "))  # SentencePiece's dummy prefix gives back the space
@@ -239,39 +262,54 @@ def main() -> None:
     info = machine()
 
     rows = []
-    for name, fn in (("llguidance", bench_llguidance), ("xgrammar", bench_xgrammar),
-                     ("outlines-core", bench_outlines_core)):
+    for name, fn in (
+        ("llguidance", bench_llguidance),
+        ("xgrammar", bench_xgrammar),
+        ("outlines-core", bench_outlines_core),
+    ):
         if info[name] == "not installed":
             rows.append(f"| {name} | not installed | | | | |")
             continue
         compile_s, times = fn(tok, ids)
         mean, p50, p90, mx_ = stats_us(times)
-        rows.append(f"| {name} {info[name]} | {compile_s * 1e3:,.1f} ms | {mean:,.0f} | {p50:,.0f} "
-                    f"| {p90:,.0f} | {mx_:,.0f} |")
+        rows.append(
+            f"| {name} {info[name]} | {compile_s * 1e3:,.1f} ms | {mean:,.0f} | {p50:,.0f} "
+            f"| {p90:,.0f} | {mx_:,.0f} |"
+        )
     conv = stats_us(bench_mask_to_mlx(tok, ids))
     pkg_rows = []
     for label, times in bench_package_grammars(tok).items():
         mean, p50, p90, mx_ = stats_us(times)
-        pkg_rows.append(f"| {label} | {len(times)} | {mean:,.0f} | {p50:,.0f} | {p90:,.0f} | {mx_:,.0f} |")
+        pkg_rows.append(
+            f"| {label} | {len(times)} | {mean:,.0f} | {p50:,.0f} | {p90:,.0f} | {mx_:,.0f} |"
+        )
 
-    table = "\n".join([
-        "| engine | compile (schema + vocab) | mask mean µs | p50 µs | p90 µs | max µs |",
-        "|---|---|---|---|---|---|",
-        *rows,
-    ])
-    pkg_table = "\n".join([
-        "| grammar (llguidance, incl. bitmask -> MLX) | tokens | mean µs | p50 µs | p90 µs | max µs |",
-        "|---|---|---|---|---|---|",
-        *pkg_rows,
-    ])
-    machine_text = (f"{info['cpu']}, {info['cores']} cores, {info['os']}, Python {info['python']}; "
-                    f"llguidance {info['llguidance']}, xgrammar {info['xgrammar']}, "
-                    f"outlines-core {info['outlines-core']}, mlx {info['mlx']}, numpy {info['numpy']}")
+    table = "\n".join(
+        [
+            "| engine | compile (schema + vocab) | mask mean µs | p50 µs | p90 µs | max µs |",
+            "|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
+    pkg_table = "\n".join(
+        [
+            "| grammar (llguidance, incl. bitmask -> MLX) | tokens | mean µs | p50 µs | p90 µs | max µs |",
+            "|---|---|---|---|---|---|",
+            *pkg_rows,
+        ]
+    )
+    machine_text = (
+        f"{info['cpu']}, {info['cores']} cores, {info['os']}, Python {info['python']}; "
+        f"llguidance {info['llguidance']}, xgrammar {info['xgrammar']}, "
+        f"outlines-core {info['outlines-core']}, mlx {info['mlx']}, numpy {info['numpy']}"
+    )
     print(f"Machine: {machine_text}")
     print(f"Answer: {len(ids)} tokens x {REPEATS} walks\n")
     print(table)
-    print(f"\nllguidance bitmask -> MLX bool[32000]: mean {conv[0]:.0f} µs, p50 {conv[1]:.0f} µs, "
-          f"max {conv[3]:.0f} µs\n")
+    print(
+        f"\nllguidance bitmask -> MLX bool[32000]: mean {conv[0]:.0f} µs, p50 {conv[1]:.0f} µs, "
+        f"max {conv[3]:.0f} µs\n"
+    )
     print(pkg_table)
     if not args.no_write:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -281,10 +319,20 @@ def main() -> None:
         print("\nwrote the grammar section of docs/benchmarks.md")
 
 
-def render_doc(machine_text: str, n_ids: int, table: str, conv: tuple[float, ...], pkg_table: str) -> str:
-    return DOC_TEMPLATE.format(machine=machine_text, n_ids=n_ids, repeats=REPEATS, table=table,
-                               conv_mean=conv[0], conv_p50=conv[1], conv_max=conv[3],
-                               pkg_table=pkg_table, schema=json.dumps(SCHEMA, indent=2))
+def render_doc(
+    machine_text: str, n_ids: int, table: str, conv: tuple[float, ...], pkg_table: str
+) -> str:
+    return DOC_TEMPLATE.format(
+        machine=machine_text,
+        n_ids=n_ids,
+        repeats=REPEATS,
+        table=table,
+        conv_mean=conv[0],
+        conv_p50=conv[1],
+        conv_max=conv[3],
+        pkg_table=pkg_table,
+        schema=json.dumps(SCHEMA, indent=2),
+    )
 
 
 DOC_TEMPLATE = """## Grammar engine: per-token mask cost at vocab 32000

@@ -19,9 +19,9 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    from mlx_mistral import _blas  # first: its BLAS preload must precede mlx
-
     import mlx.core as mx
+
+    from mlx_mistral import _blas  # first: its BLAS preload must precede mlx
 
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     load = os.getloadavg()[0]
@@ -36,8 +36,16 @@ def machine() -> str:
 def write_section(name: str, markdown: str) -> None:
     """Replace (or append) the section between `<!-- name:start -->` and `<!-- name:end -->`."""
     DOC.parent.mkdir(exist_ok=True)
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nWritten by the scripts in bench/; each section says how to reproduce it.\n"
+    text = (
+        DOC.read_text()
+        if DOC.exists()
+        else "# Benchmarks\n\nWritten by the scripts in bench/; each section says how to reproduce it.\n"
+    )
     block = f"<!-- {name}:start -->\n{markdown.strip()}\n<!-- {name}:end -->"
     pattern = re.compile(rf"<!-- {name}:start -->.*?<!-- {name}:end -->", re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    text = (
+        pattern.sub(lambda _: block, text)
+        if pattern.search(text)
+        else text.rstrip() + "\n\n" + block + "\n"
+    )
     DOC.write_text(text)

@@ -37,7 +37,37 @@ import time
 from collections import Counter
 from pathlib import Path
 
-WORDS = ["the", "cat", "sat", "on", "a", "warm", "mat", "while", "rain", "fell", "over", "quiet", "hills", "and", "old", "stone", "bridges", "carried", "travellers", "towards", "distant", "markets", "full", "of", "spices", "bread", "wool", "and", "copper"]
+WORDS = [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "a",
+    "warm",
+    "mat",
+    "while",
+    "rain",
+    "fell",
+    "over",
+    "quiet",
+    "hills",
+    "and",
+    "old",
+    "stone",
+    "bridges",
+    "carried",
+    "travellers",
+    "towards",
+    "distant",
+    "markets",
+    "full",
+    "of",
+    "spices",
+    "bread",
+    "wool",
+    "and",
+    "copper",
+]
 
 
 # -- the child: a server that samples its own memory ---------------------------------------
@@ -53,10 +83,10 @@ def run_child(argv: list[str]) -> int:
     """Serve like `mlx-mistral serve` and write memory samples to $SOAK_SAMPLES."""
     import mlx.core as mx
     import uvicorn
-    from mlx_mistral.server.app import begin_drain, create_app, start_engine
-    from mlx_mistral.server.cli import add_arguments, bind_socket, build_config
 
     from mlx_mistral.loader import load
+    from mlx_mistral.server.app import begin_drain, create_app, start_engine
+    from mlx_mistral.server.cli import add_arguments, bind_socket, build_config
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -73,13 +103,16 @@ def run_child(argv: list[str]) -> int:
         while True:
             generator = engine.generator
             prefix = generator.prefix_cache if generator is not None else None
-            row = {"t": round(time.monotonic() - started, 1), "rss_kib": _rss_kib(),
-                   "mlx_active": mx.get_active_memory(),
-                   "mlx_peak": max(mx.get_peak_memory(), mx.get_active_memory()),
-                   "mlx_cache": mx.get_cache_memory(),
-                   "kv_bytes": generator.kv_bytes_in_use if generator is not None else 0,
-                   "prefix_bytes": prefix.nbytes if prefix is not None else 0,
-                   "engine_steps": engine.steps}
+            row = {
+                "t": round(time.monotonic() - started, 1),
+                "rss_kib": _rss_kib(),
+                "mlx_active": mx.get_active_memory(),
+                "mlx_peak": max(mx.get_peak_memory(), mx.get_active_memory()),
+                "mlx_cache": mx.get_cache_memory(),
+                "kv_bytes": generator.kv_bytes_in_use if generator is not None else 0,
+                "prefix_bytes": prefix.nbytes if prefix is not None else 0,
+                "engine_steps": engine.steps,
+            }
             # Peak since the previous sample: a one-off spike must not hide a later trend.
             mx.reset_peak_memory()
             samples.write(json.dumps(row) + "\n")
@@ -109,35 +142,55 @@ def _history(rng: random.Random, words: int) -> list[dict[str, str]]:
     messages = [{"role": "system", "content": _words(rng, rng.randint(10, 60))}]
     per_turn = max(1, words // (2 * turns))
     for _ in range(turns - 1):
-        messages += [{"role": "user", "content": _words(rng, per_turn)},
-                     {"role": "assistant", "content": _words(rng, per_turn)}]
+        messages += [
+            {"role": "user", "content": _words(rng, per_turn)},
+            {"role": "assistant", "content": _words(rng, per_turn)},
+        ]
     messages.append({"role": "user", "content": _words(rng, per_turn)})
     return messages
 
 
 def one_request(http, rng: random.Random, context: int) -> str:
     """Send one request of the mix; returns a label for the tally."""
-    kind = rng.choices(["long", "stream", "drop", "n", "text", "invalid", "short"],
-                       weights=[30, 20, 10, 10, 10, 10, 10])[0]
+    kind = rng.choices(
+        ["long", "stream", "drop", "n", "text", "invalid", "short"],
+        weights=[30, 20, 10, 10, 10, 10, 10],
+    )[0]
     # ~1.3 tokens per word with this vocabulary: keep prompts within ~75% of the window.
     long_words = rng.randint(150, int(context * 0.75 / 1.3))
     if kind == "long":
-        body = {"messages": _history(rng, long_words), "max_tokens": rng.randint(16, 64),
-                "temperature": rng.choice([0, 0.7])}
+        body = {
+            "messages": _history(rng, long_words),
+            "max_tokens": rng.randint(16, 64),
+            "temperature": rng.choice([0, 0.7]),
+        }
     elif kind in ("stream", "drop"):
-        body = {"messages": _history(rng, rng.randint(20, 400)), "stream": True,
-                "max_tokens": rng.randint(32, 128)}
+        body = {
+            "messages": _history(rng, rng.randint(20, 400)),
+            "stream": True,
+            "max_tokens": rng.randint(32, 128),
+        }
     elif kind == "n":
-        body = {"messages": _history(rng, rng.randint(20, 300)), "n": rng.randint(2, 4),
-                "seed": rng.randint(0, 10**6), "temperature": 1.0, "logprobs": True,
-                "top_logprobs": 3, "max_tokens": rng.randint(8, 32)}
+        body = {
+            "messages": _history(rng, rng.randint(20, 300)),
+            "n": rng.randint(2, 4),
+            "seed": rng.randint(0, 10**6),
+            "temperature": 1.0,
+            "logprobs": True,
+            "top_logprobs": 3,
+            "max_tokens": rng.randint(8, 32),
+        }
     elif kind == "text":
         body = {"prompt": _words(rng, long_words), "max_tokens": rng.randint(8, 48)}
     elif kind == "invalid":
-        body = rng.choice([{"messages": [{"role": "user", "content": _words(rng, context)}]},
-                           {"messages": [], "temperature": "hot"},
-                           {"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**9},
-                           {"messages": [{"role": "user", "content": "x"}], "top_p": 7}])
+        body = rng.choice(
+            [
+                {"messages": [{"role": "user", "content": _words(rng, context)}]},
+                {"messages": [], "temperature": "hot"},
+                {"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**9},
+                {"messages": [{"role": "user", "content": "x"}], "top_p": 7},
+            ]
+        )
     else:
         body = {"messages": _history(rng, rng.randint(5, 40)), "max_tokens": rng.randint(1, 8)}
     path = "/v1/completions" if kind == "text" else "/v1/chat/completions"
@@ -152,8 +205,9 @@ def one_request(http, rng: random.Random, context: int) -> str:
         return f"stream:{response.status_code}"
 
 
-def load_loop(base_url: str, seed: int, deadline: float, context: int, tally: Counter,
-              lock: threading.Lock) -> None:
+def load_loop(
+    base_url: str, seed: int, deadline: float, context: int, tally: Counter, lock: threading.Lock
+) -> None:
     import httpx
 
     rng = random.Random(seed)
@@ -177,8 +231,9 @@ def slope_per_minute(ts: list[float], ys: list[float]) -> float:
     return 60 * sum((t - mt) * (y - my) for t, y in zip(ts, ys)) / var if var else 0.0
 
 
-def text_plot(ts: list[float], ys: list[float], label: str, width: int = 60,
-              height: int = 10) -> str:
+def text_plot(
+    ts: list[float], ys: list[float], label: str, width: int = 60, height: int = 10
+) -> str:
     """An ASCII plot of ys over ts (for a markdown code block)."""
     lo, hi = min(ys), max(ys)
     span = hi - lo or 1.0
@@ -197,31 +252,49 @@ def text_plot(ts: list[float], ys: list[float], label: str, width: int = 60,
     return "\n".join(lines)
 
 
-def report(samples: list[dict], tally: Counter, minutes: float, model: str,
-           concurrency: int) -> str:
+def report(
+    samples: list[dict], tally: Counter, minutes: float, model: str, concurrency: int
+) -> str:
     ts = [s["t"] for s in samples]
     half = [i for i, t in enumerate(ts) if t >= ts[-1] / 2]
-    out = [(f"Soak: {minutes:g} min, model {model}, {concurrency} client threads, "
-            f"{sum(tally.values())} requests, {len(samples)} samples."), "",
-           "Requests by kind:status: " + ", ".join(f"{k} {v}" for k, v in sorted(tally.items())),
-           "", "| series | first | last | max | slope, 2nd half |", "|---|---|---|---|---|"]
-    series = {"RSS (MiB)": [s["rss_kib"] / 1024 for s in samples],
-              "MLX active (MiB)": [s["mlx_active"] / 2**20 for s in samples],
-              "MLX peak per interval (MiB)": [s["mlx_peak"] / 2**20 for s in samples],
-              "MLX cache (MiB)": [s["mlx_cache"] / 2**20 for s in samples],
-              "prefix cache (MiB)": [s["prefix_bytes"] / 2**20 for s in samples],
-              # What is left once the prefix cache (which grows by design up to its budget)
-              # is taken out: the figure a leak would show in.
-              "RSS - prefix cache (MiB)": [(s["rss_kib"] * 1024 - s["prefix_bytes"]) / 2**20
-                                           for s in samples]}
+    out = [
+        (
+            f"Soak: {minutes:g} min, model {model}, {concurrency} client threads, "
+            f"{sum(tally.values())} requests, {len(samples)} samples."
+        ),
+        "",
+        "Requests by kind:status: " + ", ".join(f"{k} {v}" for k, v in sorted(tally.items())),
+        "",
+        "| series | first | last | max | slope, 2nd half |",
+        "|---|---|---|---|---|",
+    ]
+    series = {
+        "RSS (MiB)": [s["rss_kib"] / 1024 for s in samples],
+        "MLX active (MiB)": [s["mlx_active"] / 2**20 for s in samples],
+        "MLX peak per interval (MiB)": [s["mlx_peak"] / 2**20 for s in samples],
+        "MLX cache (MiB)": [s["mlx_cache"] / 2**20 for s in samples],
+        "prefix cache (MiB)": [s["prefix_bytes"] / 2**20 for s in samples],
+        # What is left once the prefix cache (which grows by design up to its budget)
+        # is taken out: the figure a leak would show in.
+        "RSS - prefix cache (MiB)": [
+            (s["rss_kib"] * 1024 - s["prefix_bytes"]) / 2**20 for s in samples
+        ],
+    }
     for name, ys in series.items():
         slope = slope_per_minute([ts[i] for i in half], [ys[i] for i in half])
-        out.append(f"| {name} | {ys[0]:,.1f} | {ys[-1]:,.1f} | {max(ys):,.1f} | "
-                   f"{slope:+.2f} MiB/min |")
-    out += ["", "```", text_plot(ts, series["RSS (MiB)"], "RSS (MiB)"), "",
-            text_plot(ts, series["RSS - prefix cache (MiB)"], "RSS - prefix cache (MiB)"), "",
-            text_plot(ts, series["MLX peak per interval (MiB)"], "MLX peak per interval (MiB)"),
-            "```"]
+        out.append(
+            f"| {name} | {ys[0]:,.1f} | {ys[-1]:,.1f} | {max(ys):,.1f} | {slope:+.2f} MiB/min |"
+        )
+    out += [
+        "",
+        "```",
+        text_plot(ts, series["RSS (MiB)"], "RSS (MiB)"),
+        "",
+        text_plot(ts, series["RSS - prefix cache (MiB)"], "RSS - prefix cache (MiB)"),
+        "",
+        text_plot(ts, series["MLX peak per interval (MiB)"], "MLX peak per interval (MiB)"),
+        "```",
+    ]
     return "\n".join(out)
 
 
@@ -233,22 +306,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=10.0, help="seconds between samples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--csv", default=None, help="write the samples here")
-    parser.add_argument("--prefix-cache-mib", type=int, default=None,
-                        help="prefix-cache budget (default: the engine's, a quarter of its KV "
-                        "budget, itself 60%% of the memory available at start)")
+    parser.add_argument(
+        "--prefix-cache-mib",
+        type=int,
+        default=None,
+        help="prefix-cache budget (default: the engine's, a quarter of its KV "
+        "budget, itself 60%% of the memory available at start)",
+    )
     args = parser.parse_args(argv)
 
     samples_path = Path(tempfile.mkstemp(prefix="soak-", suffix=".jsonl")[1])
     log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - kept for the report
-        "w+", prefix="soak-server-", suffix=".log", delete=False)
-    child = [sys.executable, __file__, "--child", "--port", "0", "--log-level", "warning",
-             "--interval", str(args.interval)]
+        "w+", prefix="soak-server-", suffix=".log", delete=False
+    )
+    child = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--port",
+        "0",
+        "--log-level",
+        "warning",
+        "--interval",
+        str(args.interval),
+    ]
     if args.model:
         child += ["--model", args.model]
     if args.prefix_cache_mib is not None:
         child += ["--prefix-cache-mib", str(args.prefix_cache_mib)]
-    proc = subprocess.Popen(child, stdout=subprocess.PIPE, stderr=log, text=True,
-                            env={**os.environ, "SOAK_SAMPLES": str(samples_path)})
+    proc = subprocess.Popen(
+        child,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        env={**os.environ, "SOAK_SAMPLES": str(samples_path)},
+    )
     line = proc.stdout.readline()
     match = re.match(r"SOAK LISTENING (\d+)", line or "")
     if not match:
@@ -264,9 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     tally: Counter = Counter()
     lock = threading.Lock()
     deadline = time.monotonic() + args.minutes * 60
-    threads = [threading.Thread(target=load_loop, args=(base_url, args.seed + i, deadline,
-                                                        context, tally, lock))
-               for i in range(args.concurrency)]
+    threads = [
+        threading.Thread(
+            target=load_loop, args=(base_url, args.seed + i, deadline, context, tally, lock)
+        )
+        for i in range(args.concurrency)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -283,8 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     print(report(samples, tally, args.minutes, card["id"], args.concurrency))
     log.seek(0)
     errors = [ln for ln in log.read().splitlines() if "Traceback" in ln or " ERROR " in ln]
-    print(f"\nserver exit status {proc.returncode}; {len(errors)} error lines in its log "
-          f"({log.name})")
+    print(
+        f"\nserver exit status {proc.returncode}; {len(errors)} error lines in its log ({log.name})"
+    )
     return 0
 
 

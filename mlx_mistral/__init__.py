@@ -11,7 +11,7 @@ from . import _blas
 
 _blas.preload()  # before anything imports mlx.core (see _blas for why)
 
-from .demo import demo_model_path  # noqa: E402
+from .demo import demo_model_path
 from .engine import Engine, EngineConfig
 from .generate import GenerationChunk, batch_generate, generate, stream_generate
 from .loader import load

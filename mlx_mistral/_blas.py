@@ -29,11 +29,15 @@ def preload() -> str | None:
     """Load the optimized BLAS if possible; returns its path, or None (reference BLAS stays)."""
     global loaded
     choice = os.environ.get("MLX_MISTRAL_BLAS", "auto")
-    if loaded or choice.lower() in ("off", "0", "no", "none") or not sys.platform.startswith("linux"):
+    if (
+        loaded
+        or choice.lower() in ("off", "0", "no", "none")
+        or not sys.platform.startswith("linux")
+    ):
         return loaded
     if "mlx.core" in sys.modules:  # too late: MLX already bound its BLAS symbols
         return None
-    for path in ([choice] if choice.lower() != "auto" else CANDIDATES):
+    for path in [choice] if choice.lower() != "auto" else CANDIDATES:
         if os.path.exists(path):
             try:
                 ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import mlx.core as mx
 
@@ -145,7 +146,9 @@ class BatchGenerator:
         self._in_flight: PendingSample | None = None
 
     # -- submission ----------------------------------------------------------------------------
-    def check(self, prompt: Sequence[int], params: SamplingParams, *, prompt_field: str = "messages") -> int:
+    def check(
+        self, prompt: Sequence[int], params: SamplingParams, *, prompt_field: str = "messages"
+    ) -> int:
         """Validate a request against the model; returns how many tokens it may generate.
 
         `prompt_field` names the request field the prompt came from, for the error's `param`.
@@ -156,12 +159,16 @@ class BatchGenerator:
         """
         return self._plan(prompt, params, prompt_field)[0]
 
-    def _plan(self, prompt: Sequence[int], params: SamplingParams, prompt_field: str) -> tuple[int, int]:
+    def _plan(
+        self, prompt: Sequence[int], params: SamplingParams, prompt_field: str
+    ) -> tuple[int, int]:
         """`check`, returning (tokens it may generate, tokens of KV room held at admission)."""
         if not prompt:
             raise InvalidRequestError("the prompt is empty", param=prompt_field)
         if max(prompt) >= self.args.vocab_size or min(prompt) < 0:
-            raise InvalidRequestError("the prompt has token ids outside the vocabulary", param="prompt")
+            raise InvalidRequestError(
+                "the prompt has token ids outside the vocabulary", param="prompt"
+            )
         params.validate_for_vocab(self.args.vocab_size)
         room = self.context_length - len(prompt)
         if room < 0 or (params.max_tokens is not None and params.max_tokens > room):
@@ -182,10 +189,14 @@ class BatchGenerator:
                 if params.max_tokens is None:
                     raise InvalidRequestError(
                         f"the prompt needs {need / 2**20:.0f} MiB of KV cache, {budget}; shorten "
-                        f"it or lower n", param=prompt_field)
+                        f"it or lower n",
+                        param=prompt_field,
+                    )
                 raise InvalidRequestError(
                     f"the request needs {need / 2**20:.0f} MiB of KV cache for its prompt plus "
-                    f"max_tokens, {budget}; lower max_tokens or n", param="max_tokens")
+                    f"max_tokens, {budget}; lower max_tokens or n",
+                    param="max_tokens",
+                )
         return max_new, reserve
 
     def _initial_reserve(self, params: SamplingParams, prompt_len: int, max_new: int) -> int:
@@ -214,8 +225,15 @@ class BatchGenerator:
         """
         max_new, reserve = self._plan(prompt, params, "messages")
         uid = next(self._uids)
-        request = _Request(uid, list(prompt), params, max_new, reserve,
-                           list(constraints or [None] * params.n), continuation=continuation)
+        request = _Request(
+            uid,
+            list(prompt),
+            params,
+            max_new,
+            reserve,
+            list(constraints or [None] * params.n),
+            continuation=continuation,
+        )
         self._requests[uid] = request
         self.waiting.append(request)
         return uid
@@ -248,8 +266,11 @@ class BatchGenerator:
         # room together, the first to end leaves it to the others.
         live = [seq for seq in self.running if not seq.finished]
         rows = len(live) + sum(r.params.n for r in self.prefilling) + extra_rows
-        longest = max([seq.reserved for seq in live]
-                      + [r.reserved_tokens for r in self.prefilling] + [extra_len])
+        longest = max(
+            [seq.reserved for seq in live]
+            + [r.reserved_tokens for r in self.prefilling]
+            + [extra_len]
+        )
         return rows * longest * self.kv_bytes_per_token  # rows are left-padded to the longest
 
     def _admit(self, events: list[TokenEvent]) -> None:
@@ -259,14 +280,24 @@ class BatchGenerator:
                 self.waiting.popleft()
                 del self._requests[request.uid]
                 for i in range(request.params.n):
-                    events.append(TokenEvent(request.uid, i, "", finish_reason="length",
-                                             prompt_tokens=len(request.prompt)))
+                    events.append(
+                        TokenEvent(
+                            request.uid,
+                            i,
+                            "",
+                            finish_reason="length",
+                            prompt_tokens=len(request.prompt),
+                        )
+                    )
                 continue
             rows = len(self.running) + sum(r.params.n for r in self.prefilling)
             if rows and rows + request.params.n > self.max_batch:
                 return
             if self.kv_budget_bytes is not None and rows:
-                if self._batch_bytes(request.params.n, request.reserved_tokens) > self.kv_budget_bytes:
+                if (
+                    self._batch_bytes(request.params.n, request.reserved_tokens)
+                    > self.kv_budget_bytes
+                ):
                     return  # waits for running sequences to finish
             self.waiting.popleft()
             self.prefilling.append(request)
@@ -298,10 +329,21 @@ class BatchGenerator:
         prompt_kv = [c.state for c in request.cache]
         n = request.params.n
         sequences = []
-        for i, state in enumerate(SamplerState.for_choices(request.params, request.prompt, self.args.vocab_size)):
+        for i, state in enumerate(
+            SamplerState.for_choices(request.params, request.prompt, self.args.vocab_size)
+        ):
             detok = self.tokenizer.detokenizer(continuation=request.continuation)
-            sequences.append(_Sequence(request.uid, i, state, detok, StopMatcher(request.params.stop),
-                                       request.constraints[i], reserved=request.reserved_tokens))
+            sequences.append(
+                _Sequence(
+                    request.uid,
+                    i,
+                    state,
+                    detok,
+                    StopMatcher(request.params.stop),
+                    request.constraints[i],
+                    reserved=request.reserved_tokens,
+                )
+            )
         self.cache = merge_caches(([self.cache] if self.cache else []) + [request.cache] * n)
         request.cache = None
         self.running.extend(sequences)
@@ -352,12 +394,19 @@ class BatchGenerator:
         allowed = None
         if any(seq.constraint is not None for seq in sequences):
             full = mx.ones((logits.shape[-1],), dtype=mx.bool_)
-            allowed = mx.stack([full if s.constraint is None else s.constraint.allowed_mask() for s in sequences])
-        return self._emit_all(sample_async(logits, [seq.state for seq in sequences], allowed), sequences)
+            allowed = mx.stack(
+                [full if s.constraint is None else s.constraint.allowed_mask() for s in sequences]
+            )
+        return self._emit_all(
+            sample_async(logits, [seq.state for seq in sequences], allowed), sequences
+        )
 
     def _emit_all(self, pending: PendingSample, sequences: list[_Sequence]) -> list[TokenEvent]:
         out = pending.resolve()
-        events = [self._emit(seq, token, lp) for seq, token, lp in zip(sequences, out.tokens, out.logprobs)]
+        events = [
+            self._emit(seq, token, lp)
+            for seq, token, lp in zip(sequences, out.tokens, out.logprobs)
+        ]
         self._retire_finished()
         return events
 
@@ -382,8 +431,14 @@ class BatchGenerator:
                 text += _final_text(seq)
         seq.finished = finish is not None
         return TokenEvent(
-            seq.uid, seq.index, text, token, finish, logprobs,
-            prompt_tokens=len(request.prompt), completion_tokens=len(seq.tokens),
+            seq.uid,
+            seq.index,
+            text,
+            token,
+            finish,
+            logprobs,
+            prompt_tokens=len(request.prompt),
+            completion_tokens=len(seq.tokens),
             cached_tokens=request.cached_tokens,
         )
 

@@ -7,7 +7,8 @@ the decode step one batched forward for all rows, whatever their lengths.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import mlx.core as mx
 
@@ -128,14 +129,14 @@ class BatchKVCache:
         )
 
     @classmethod
-    def from_state(cls, keys: mx.array, values: mx.array) -> "BatchKVCache":
+    def from_state(cls, keys: mx.array, values: mx.array) -> BatchKVCache:
         """A one-row cache holding a stored prefix (e.g. from the prefix cache)."""
         cache = cls([0])
         cache.update_and_fetch(keys, values)
         return cache
 
     @classmethod
-    def merge(cls, caches: Sequence["BatchKVCache"]) -> "BatchKVCache":
+    def merge(cls, caches: Sequence[BatchKVCache]) -> BatchKVCache:
         """Stack caches row-wise, left-padding each so that all rows end at the same index."""
         if len(caches) == 1:  # the first request of an empty batch: nothing to align
             return caches[0]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn, Sequence
+from collections.abc import Sequence
+from typing import NoReturn
 
 from .errors import MistralError
 
@@ -39,8 +40,10 @@ def _load(name: str | None):
     if name is None:
         name, is_demo = default_model()
         if is_demo:
-            print("mlx-mistral: Mistral-7B-Instruct-v0.2 not found locally; using the bundled demo model",
-                  file=sys.stderr)
+            print(
+                "mlx-mistral: Mistral-7B-Instruct-v0.2 not found locally; using the bundled demo model",
+                file=sys.stderr,
+            )
     return load(name)
 
 
@@ -48,9 +51,15 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
     """The sampling flags, validated before the (slow) model load."""
     from .sampling_params import SamplingParams
 
-    kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                  top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                  seed=args.seed)
+    kwargs = dict(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
     SamplingParams(**kwargs)  # raises InvalidRequestError naming the flag's field
     return kwargs
 
@@ -121,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_argument(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--system", default=None, help="a system message")
-    gen.add_argument("--raw", action="store_true", help="send the prompt as raw text, no chat format")
+    gen.add_argument(
+        "--raw", action="store_true", help="send the prompt as raw text, no chat format"
+    )
     _add_sampling_arguments(gen)
 
     chat = sub.add_parser("chat", help="chat in the terminal (multi-turn)")

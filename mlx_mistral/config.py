@@ -51,7 +51,7 @@ class ModelArgs:
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "ModelArgs":
+    def from_dict(cls, config: dict[str, Any]) -> ModelArgs:
         model_type = config.get("model_type", "mistral")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ModelLoadError(
@@ -63,9 +63,15 @@ class ModelArgs:
         rope = values.get("rope_parameters") or values.get("rope_scaling") or {}
         if "rope_theta" not in values and isinstance(rope, dict) and "rope_theta" in rope:
             values["rope_theta"] = rope["rope_theta"]
-        rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+        rope_type = (
+            rope.get("rope_type", rope.get("type", "default"))
+            if isinstance(rope, dict)
+            else "default"
+        )
         if rope_type not in ("default", None):
-            raise ModelLoadError(f"rope type {rope_type!r} is not supported (only the default RoPE)")
+            raise ModelLoadError(
+                f"rope type {rope_type!r} is not supported (only the default RoPE)"
+            )
         if isinstance(values.get("eos_token_id"), list):
             values["eos_token_id"] = values["eos_token_id"][0]
         names = {f.name for f in dataclasses.fields(cls)}
@@ -75,7 +81,7 @@ class ModelArgs:
             raise ModelLoadError(f"config.json is missing a required field: {exc}") from None
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ModelArgs":
+    def from_file(cls, path: str | Path) -> ModelArgs:
         return cls.from_dict(read_config(path))
 
 

@@ -31,7 +31,9 @@ def _complete_checkpoint(path: Path) -> bool:
     from .weights import safetensors_files
 
     try:
-        return (path / "config.json").is_file() and all(f.is_file() for f in safetensors_files(path))
+        return (path / "config.json").is_file() and all(
+            f.is_file() for f in safetensors_files(path)
+        )
     except MistralError:
         return False
 

@@ -12,8 +12,8 @@ import logging
 import os
 import queue
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import mlx.core as mx
 
@@ -67,7 +67,7 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def _put_all(posts: list[tuple["RequestHandle", list]]) -> None:
+def _put_all(posts: list[tuple[RequestHandle, list]]) -> None:
     """On the event loop: queue each request's share of one engine step."""
     for handle, outbox in posts:
         handle._async_queue.put_nowait(outbox)
@@ -84,9 +84,15 @@ class RequestHandle:
     one write per token.
     """
 
-    def __init__(self, engine: "Engine", prompt: list[int], params: SamplingParams,
-                 constraints: Sequence[TokenConstraint | None] | None,
-                 loop: asyncio.AbstractEventLoop | None, continuation: bool = False):
+    def __init__(
+        self,
+        engine: Engine,
+        prompt: list[int],
+        params: SamplingParams,
+        constraints: Sequence[TokenConstraint | None] | None,
+        loop: asyncio.AbstractEventLoop | None,
+        continuation: bool = False,
+    ):
         self.engine = engine
         self.prompt = prompt
         self.params = params
@@ -200,7 +206,9 @@ class Engine:
         >>> engine.shutdown()
     """
 
-    def __init__(self, load: Callable[[], tuple[Model, Tokenizer]], config: EngineConfig | None = None):
+    def __init__(
+        self, load: Callable[[], tuple[Model, Tokenizer]], config: EngineConfig | None = None
+    ):
         self.config = config or EngineConfig()
         self._load = load
         self._commands: queue.Queue = queue.Queue()
@@ -217,7 +225,7 @@ class Engine:
         self.steps = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def start(self, timeout: float | None = None) -> "Engine":
+    def start(self, timeout: float | None = None) -> Engine:
         """Start the thread and wait until the model is loaded; re-raises a load error."""
         self._thread.start()
         self._ready.wait(timeout)
@@ -297,8 +305,11 @@ class Engine:
             if prefix_bytes is None:  # a cache, not a reservation: bounded so RSS stays modest
                 prefix_bytes = min(budget // 4, DEFAULT_PREFIX_CACHE_MAX)
             self.generator = BatchGenerator(
-                self.model, self.tokenizer, prefill_chunk=config.prefill_chunk,
-                kv_budget_bytes=budget - prefix_bytes, max_batch=config.max_batch,
+                self.model,
+                self.tokenizer,
+                prefill_chunk=config.prefill_chunk,
+                kv_budget_bytes=budget - prefix_bytes,
+                max_batch=config.max_batch,
                 prefix_cache=PrefixCache(prefix_bytes) if prefix_bytes else None,
             )
         except BaseException as exc:  # surfaced by start()
@@ -341,7 +352,9 @@ class Engine:
             block = not generator.has_work
             while True:
                 try:
-                    command, payload = self._commands.get(block=block, timeout=0.5 if block else None)
+                    command, payload = self._commands.get(
+                        block=block, timeout=0.5 if block else None
+                    )
                 except queue.Empty:
                     break
                 block = False
@@ -391,8 +404,12 @@ class Engine:
             handle._deliver(_DONE)
             return
         try:
-            handle.uid = self.generator.add(handle.prompt, handle.params, constraints=handle.constraints,
-                                            continuation=handle.continuation)
+            handle.uid = self.generator.add(
+                handle.prompt,
+                handle.params,
+                constraints=handle.constraints,
+                continuation=handle.continuation,
+            )
         except MistralError as exc:
             handle._deliver(exc)
             return

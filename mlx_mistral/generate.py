@@ -36,8 +36,9 @@ class GenerationChunk:
     logprobs: TokenLogprobs | None = None
 
 
-def prompt_ids(tokenizer: Tokenizer, prompt: Prompt, *,
-               tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+def prompt_ids(
+    tokenizer: Tokenizer, prompt: Prompt, *, tools: Sequence[dict[str, Any]] | None = None
+) -> list[int]:
     """Token ids of a prompt: chat messages are formatted as Mistral-Instruct (with `tools`
     rendered in); a string is raw text (with the BOS token, no chat template); a list of ints
     is used as is.
@@ -55,7 +56,9 @@ def prompt_ids(tokenizer: Tokenizer, prompt: Prompt, *,
     if tools:
         raise InvalidRequestError(
             "tools need a chat prompt (a list of messages), which shows the model the tools; "
-            "this prompt is raw text or token ids", param="tools")
+            "this prompt is raw text or token ids",
+            param="tools",
+        )
     return ids
 
 
@@ -70,8 +73,14 @@ def continues(prompt: Prompt) -> bool:
 
 
 def _chunk(event: TokenEvent) -> GenerationChunk:
-    return GenerationChunk(event.text, event.token, event.finish_reason, event.prompt_tokens,
-                           event.completion_tokens, event.logprobs)
+    return GenerationChunk(
+        event.text,
+        event.token,
+        event.finish_reason,
+        event.prompt_tokens,
+        event.completion_tokens,
+        event.logprobs,
+    )
 
 
 def stream_generate(
@@ -127,14 +136,25 @@ def stream_generate(
         Hello! It's nice to meet
     """
     params = SamplingParams(
-        temperature=temperature, top_p=top_p, min_p=min_p, top_k=top_k, max_tokens=max_tokens,
-        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-        repetition_penalty=repetition_penalty, seed=seed, stop=stop, logit_bias=logit_bias or {},
-        logprobs=logprobs, top_logprobs=top_logprobs,
+        temperature=temperature,
+        top_p=top_p,
+        min_p=min_p,
+        top_k=top_k,
+        max_tokens=max_tokens,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=stop,
+        logit_bias=logit_bias or {},
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
     )
     spec = parse_structured_request(
-        tools=None if tools is None else list(tools), tool_choice=tool_choice,
-        parallel_tool_calls=parallel_tool_calls, response_format=response_format,
+        tools=None if tools is None else list(tools),
+        tool_choice=tool_choice,
+        parallel_tool_calls=parallel_tool_calls,
+        response_format=response_format,
     ).for_messages(prompt)
     ids = prompt_ids(tokenizer, prompt, tools=spec.prompt_tools)
     constraints = make_constraints(spec, tokenizer, 1, seed=seed, prompt=ids)
@@ -208,10 +228,13 @@ def batch_generate(
     if len(per_prompt) != len(prompts):
         raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
     cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
-    generator = BatchGenerator(model, tokenizer, prefill_chunk=prefill_chunk, max_batch=max_batch,
-                               prefix_cache=cache)
-    uids = [generator.add(prompt_ids(tokenizer, p), sp, continuation=continues(p))
-            for p, sp in zip(prompts, per_prompt)]
+    generator = BatchGenerator(
+        model, tokenizer, prefill_chunk=prefill_chunk, max_batch=max_batch, prefix_cache=cache
+    )
+    uids = [
+        generator.add(prompt_ids(tokenizer, p), sp, continuation=continues(p))
+        for p, sp in zip(prompts, per_prompt)
+    ]
     texts = {uid: "" for uid in uids}
     try:
         while generator.has_work:

@@ -45,16 +45,22 @@ def resolve_model_path(path_or_repo: str | os.PathLike[str]) -> Path:
     local = Path(name).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
-            raise ModelNotFoundError(f"{local} is a directory but has no config.json: not a checkpoint")
+            raise ModelNotFoundError(
+                f"{local} is a directory but has no config.json: not a checkpoint"
+            )
         return local
     if not looks_like_repo_id(name):
-        raise ModelNotFoundError(f"model {name!r} is neither a local directory nor a Hugging Face repo id")
+        raise ModelNotFoundError(
+            f"model {name!r} is neither a local directory nor a Hugging Face repo id"
+        )
 
     from huggingface_hub import snapshot_download
 
     try:
         # Cache first: works offline and never touches the network for a model already here.
-        return Path(snapshot_download(name, allow_patterns=CHECKPOINT_PATTERNS, local_files_only=True))
+        return Path(
+            snapshot_download(name, allow_patterns=CHECKPOINT_PATTERNS, local_files_only=True)
+        )
     except Exception:
         pass
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):

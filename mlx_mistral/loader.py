@@ -12,7 +12,9 @@ from .tokenizer import Tokenizer
 from .weights import load_model
 
 
-def load(path_or_repo: str | os.PathLike[str], *, dtype: str | mx.Dtype | None = None) -> tuple[Model, Tokenizer]:
+def load(
+    path_or_repo: str | os.PathLike[str], *, dtype: str | mx.Dtype | None = None
+) -> tuple[Model, Tokenizer]:
     """Load a Mistral checkpoint (HF original or mlx-community quantized).
 
     Args:

@@ -5,7 +5,7 @@ Shapes: B batch, L new tokens, D hidden size, H query heads, K key/value heads, 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -30,15 +30,23 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.n_heads * self.head_dim, dim, bias=False)
 
     def __call__(
-        self, x: mx.array, mask: mx.array | str | None, positions: int | mx.array, cache: BatchKVCache | None
+        self,
+        x: mx.array,
+        mask: mx.array | str | None,
+        positions: int | mx.array,
+        cache: BatchKVCache | None,
     ) -> mx.array:
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, d)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, K, L, d)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         # HF's rotate_half layout is MLX's non-traditional RoPE.
-        q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=positions)
-        k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=positions)
+        q = mx.fast.rope(
+            q, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=positions
+        )
+        k = mx.fast.rope(
+            k, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=positions
+        )
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, K, T, d), T = cached + L
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
@@ -100,7 +108,9 @@ class Model(nn.Module):
     def __call__(self, tokens: mx.array, cache: Sequence[BatchKVCache] | None = None) -> mx.array:
         return self.project(self.hidden_states(tokens, cache))
 
-    def hidden_states(self, tokens: mx.array, cache: Sequence[BatchKVCache] | None = None) -> mx.array:
+    def hidden_states(
+        self, tokens: mx.array, cache: Sequence[BatchKVCache] | None = None
+    ) -> mx.array:
         """The final normed hidden states (B, T, D); the engine projects only the rows it needs."""
         L = tokens.shape[1]
         h = self.model.embed_tokens(tokens)  # (B, L, D)

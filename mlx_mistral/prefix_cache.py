@@ -8,8 +8,8 @@ new prompt. Least-recently-used entries are evicted to stay under a byte budget.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -41,7 +41,9 @@ class PrefixCache:
         self.budget_bytes = budget_bytes
         self.min_tokens = min_tokens  # shorter prefixes are cheaper to recompute than to store
         self.max_entries = max_entries
-        self._entries: OrderedDict[tuple[int, ...], tuple[np.ndarray, list[LayerKV], int]] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, ...], tuple[np.ndarray, list[LayerKV], int]] = (
+            OrderedDict()
+        )
         self.nbytes = 0
 
     def __len__(self) -> int:
@@ -60,7 +62,9 @@ class PrefixCache:
             return None
         self._entries.move_to_end(best_key)
         layers = self._entries[best_key][1]
-        return PrefixHit(best_len, [(k[:, :, :best_len, :], v[:, :, :best_len, :]) for k, v in layers])
+        return PrefixHit(
+            best_len, [(k[:, :, :best_len, :], v[:, :, :best_len, :]) for k, v in layers]
+        )
 
     def store(self, tokens: Sequence[int], layers: list[LayerKV]) -> None:
         """Keep a copy of `layers` (KV for exactly `tokens`), evicting old entries as needed."""
@@ -79,7 +83,9 @@ class PrefixCache:
         for old, (stored, _, _) in list(self._entries.items()):
             if len(stored) <= len(ids) and common_prefix_length(stored, ids) == len(stored):
                 self._drop(old)
-        while self._entries and (self.nbytes + size > self.budget_bytes or len(self._entries) >= self.max_entries):
+        while self._entries and (
+            self.nbytes + size > self.budget_bytes or len(self._entries) >= self.max_entries
+        ):
             self._drop(next(iter(self._entries)))
         self._entries[key] = (ids, layers, size)
         self.nbytes += size

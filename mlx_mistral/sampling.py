@@ -315,8 +315,13 @@ class PendingSample:
         def pick(a: mx.array | None) -> mx.array | None:
             return None if a is None else a[index]
 
-        return PendingSample(self.tokens[index], tuple(self.top_n[r] for r in rows),
-                             pick(self.chosen), pick(self.top_ids), pick(self.top_lp))
+        return PendingSample(
+            self.tokens[index],
+            tuple(self.top_n[r] for r in rows),
+            pick(self.chosen),
+            pick(self.top_ids),
+            pick(self.top_lp),
+        )
 
     def resolve(self) -> SampleOutput:
         """Wait for the draw; plain ints and floats."""
@@ -401,8 +406,11 @@ def sample_async(
     if any(p.logit_bias for p in params):
         entries = [(row, tid, value) for row, p in enumerate(params) for tid, value in p.logit_bias]
         rows, ids, values = zip(*entries)
-        bias = (mx.array(rows, dtype=mx.int32), mx.array(ids, dtype=mx.int32),
-                mx.array(values, dtype=mx.float32))
+        bias = (
+            mx.array(rows, dtype=mx.int32),
+            mx.array(ids, dtype=mx.int32),
+            mx.array(values, dtype=mx.float32),
+        )
 
     processed = process_logits(
         logits, counts=counts, seen=seen, penalties=penalties, bias=bias, allowed=allowed

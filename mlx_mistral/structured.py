@@ -57,7 +57,9 @@ if TYPE_CHECKING:
     from .tool_calls import StructuredRequest
 
 MAX_PARALLEL_CALLS = 8  # most calls in one answer when parallel_tool_calls is true
-CALL_ID_CHARS = 9  # "call_" + 9 alphanumerics: ~62 bits; 24 would cost ~12 more forced tokens per call
+CALL_ID_CHARS = (
+    9  # "call_" + 9 alphanumerics: ~62 bits; 24 would cost ~12 more forced tokens per call
+)
 _ALPHANUM = string.ascii_letters + string.digits
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-F]{2}>$")
 
@@ -80,7 +82,9 @@ _TEXT_RULES = f"""
 TEXT: /(?s:.*)/ & ~/(?s:.*){_MARKER_RE}(?s:.*)/
 """
 
-_llg_tokenizers: weakref.WeakKeyDictionary[Tokenizer, llguidance.LLTokenizer] = weakref.WeakKeyDictionary()
+_llg_tokenizers: weakref.WeakKeyDictionary[Tokenizer, llguidance.LLTokenizer] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def new_call_id(rng: random.Random | None = None) -> str:
@@ -159,7 +163,8 @@ def _redundant_byte_tokens(tokenizer: Tokenizer) -> set[int]:
     table = tokenizer.token_bytes()
     is_byte = [_BYTE_PIECE.match(tokenizer.id_to_piece(i)) is not None for i in range(len(table))]
     single = {b for i, b in enumerate(table) if len(b) == 1 and not is_byte[i]} - {
-        table[i] for i in tokenizer.special_ids}
+        table[i] for i in tokenizer.special_ids
+    }
     return {i for i, b in enumerate(table) if is_byte[i] and b in single}
 
 
@@ -192,12 +197,16 @@ def arguments_schema(parameters: Mapping[str, Any] | None) -> dict[str, Any]:
     return schema
 
 
-def calls_rules(tools: Sequence[tuple[str, Mapping[str, Any] | None]], call_ids: Sequence[str]) -> str:
+def calls_rules(
+    tools: Sequence[tuple[str, Mapping[str, Any] | None]], call_ids: Sequence[str]
+) -> str:
     """Rules `calls` (the array body between "[" and "]") for the given (name, parameters)."""
     rules = []
     names = []
     for k, (name, parameters) in enumerate(tools):
-        rules.append(f"fn_{k}: {_lit(json.dumps(name) + ', ' + json.dumps('arguments') + ': ')} args_{k}\n")
+        rules.append(
+            f"fn_{k}: {_lit(json.dumps(name) + ', ' + json.dumps('arguments') + ': ')} args_{k}\n"
+        )
         rules.append(_json_rule(f"args_{k}", arguments_schema(parameters)))
         names.append(f"fn_{k}")
     rules.append(f"fn: {' | '.join(names)}\n")
@@ -313,7 +322,7 @@ class GrammarConstraint:
             self._in_calls = TOOL_CALLS_PREFIX.encode() in self._tail
 
     def forced_finish_reason(self) -> str | None:
-        """"tool_calls" once the call array is closed; "stop" once a JSON answer is complete."""
+        """ "tool_calls" once the call array is closed; "stop" once a JSON answer is complete."""
         if self._matcher.is_error() or not self._matcher.is_stopped():
             return None
         return "tool_calls" if self._in_calls else "stop"

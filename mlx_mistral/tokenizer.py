@@ -18,7 +18,6 @@ How SentencePiece turns ids into text (measured against `sp.decode` on random id
 from __future__ import annotations
 
 import json
-
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -262,8 +261,10 @@ def _same_vocabulary(tokenizer_json: Path, pieces: list[str]) -> bool:
             vocab = json.load(f)["model"]["vocab"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return isinstance(vocab, dict) and len(vocab) == len(pieces) and all(
-        vocab.get(piece) == i for i, piece in enumerate(pieces)
+    return (
+        isinstance(vocab, dict)
+        and len(vocab) == len(pieces)
+        and all(vocab.get(piece) == i for i, piece in enumerate(pieces))
     )
 
 

@@ -109,8 +109,10 @@ class StructuredRequest:
         """This request for a prompt of `messages` (sets `calls_in_history`)."""
         if self.tools or isinstance(messages, str) or not isinstance(messages, Sequence):
             return self  # raw text, or not a list of messages (the chat encoder refuses it)
-        held = any(isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls"))
-                   for m in messages)
+        held = any(
+            isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls"))
+            for m in messages
+        )
         return replace(self, calls_in_history=held) if held else self
 
     @property
@@ -186,7 +188,9 @@ def _tools(raw: Any) -> tuple[ToolSpec, ...]:
             )
         fn = tool.get("function")
         if not isinstance(fn, dict):
-            raise InvalidRequestError(f"{where}.function must be an object", param=f"{where}.function")
+            raise InvalidRequestError(
+                f"{where}.function must be an object", param=f"{where}.function"
+            )
         name = fn.get("name")
         _check_name(name, f"{where}.function.name")
         if name in seen:
@@ -198,7 +202,8 @@ def _tools(raw: Any) -> tuple[ToolSpec, ...]:
         description = fn.get("description")
         if description is not None and not isinstance(description, str):
             raise InvalidRequestError(
-                f"{where}.function.description must be a string", param=f"{where}.function.description"
+                f"{where}.function.description must be a string",
+                param=f"{where}.function.description",
             )
         parameters = fn.get("parameters")
         if parameters is not None:
@@ -222,7 +227,11 @@ def _tool_choice(raw: Any, tools: tuple[ToolSpec, ...]) -> tuple[Any, str | None
                 f'tool_choice "{raw}" needs tools, but the request has none', param="tool_choice"
             )
         return raw, None
-    if not isinstance(raw, dict) or raw.get("type") != "function" or not isinstance(raw.get("function"), dict):
+    if (
+        not isinstance(raw, dict)
+        or raw.get("type") != "function"
+        or not isinstance(raw.get("function"), dict)
+    ):
         raise InvalidRequestError(
             'tool_choice must be a string or {"type": "function", "function": {"name": ...}}',
             param="tool_choice",
@@ -257,7 +266,9 @@ def _response_format(raw: Any) -> ResponseFormat:
     where = "response_format.json_schema"
     js = raw.get("json_schema")
     if not isinstance(js, dict):
-        raise InvalidRequestError(f"{where} must be an object with a name and a schema", param=where)
+        raise InvalidRequestError(
+            f"{where} must be an object with a name and a schema", param=where
+        )
     _check_name(js.get("name"), f"{where}.name")
     if "schema" not in js:
         raise InvalidRequestError(f"{where}.schema is required", param=f"{where}.schema")
@@ -267,7 +278,9 @@ def _response_format(raw: Any) -> ResponseFormat:
         raise InvalidRequestError(f"{where}.strict must be a boolean", param=f"{where}.strict")
     description = js.get("description")
     if description is not None and not isinstance(description, str):
-        raise InvalidRequestError(f"{where}.description must be a string", param=f"{where}.description")
+        raise InvalidRequestError(
+            f"{where}.description must be a string", param=f"{where}.description"
+        )
     return ResponseFormat("json_schema", js["name"], js["schema"], strict)
 
 
@@ -290,7 +303,8 @@ def _check_schema(schema: Any, param: str, *, must_take_object: bool) -> None:
     except SchemaError as exc:
         where = "".join(f"[{p!r}]" for p in exc.path)
         raise InvalidRequestError(
-            f"{param} is not a valid JSON Schema: {exc.message}" + (f" (at {where})" if where else ""),
+            f"{param} is not a valid JSON Schema: {exc.message}"
+            + (f" (at {where})" if where else ""),
             param=param,
         ) from exc
     if must_take_object:

@@ -173,8 +173,8 @@ class ToolCallStreamer:
 
     def __init__(self, call_ids: Sequence[str] | None = None):
         """Args:
-            call_ids: The ids of the calls in order, known before they are generated; None when
-                the text was not generated under a grammar.
+        call_ids: The ids of the calls in order, known before they are generated; None when
+            the text was not generated under a grammar.
         """
         self._ids = None if call_ids is None else list(call_ids)
         self._held = ""  # content not yet known to be content
@@ -194,11 +194,17 @@ class ToolCallStreamer:
         at = text.find(TOOL_CALLS_PREFIX)
         if at >= 0:
             content = text[:at]
-            self._held, self._calls = content, text[at + len(TOOL_CALLS_PREFIX):]
+            self._held, self._calls = content, text[at + len(TOOL_CALLS_PREFIX) :]
             return StreamDelta(content.removesuffix(" "), tuple(self._read()))
-        keep = max((k for k in range(1, min(len(text), len(_MARKER_HOLD[0])) + 1)
-                    if any(m.startswith(text[-k:]) for m in _MARKER_HOLD)), default=0)
-        self._held = text[len(text) - keep:]
+        keep = max(
+            (
+                k
+                for k in range(1, min(len(text), len(_MARKER_HOLD[0])) + 1)
+                if any(m.startswith(text[-k:]) for m in _MARKER_HOLD)
+            ),
+            default=0,
+        )
+        self._held = text[len(text) - keep :]
         return StreamDelta(text[: len(text) - keep])
 
     def finish(self) -> StreamDelta:
@@ -228,7 +234,12 @@ class ToolCallStreamer:
                 start = self._pos
                 closed = self._scan_arguments(text)
                 if self._pos > start:
-                    out.append({"index": self._started - 1, "function": {"arguments": text[start:self._pos]}})
+                    out.append(
+                        {
+                            "index": self._started - 1,
+                            "function": {"arguments": text[start : self._pos]},
+                        }
+                    )
                 if not closed:
                     break
                 self._state = "tail"
@@ -270,8 +281,10 @@ class ToolCallStreamer:
         return False
 
 
-def assemble_tool_calls(pieces: Iterable[str], call_ids: Sequence[str] | None = None,
-                        ) -> tuple[str, list[dict[str, Any]] | None]:
+def assemble_tool_calls(
+    pieces: Iterable[str],
+    call_ids: Sequence[str] | None = None,
+) -> tuple[str, list[dict[str, Any]] | None]:
     """What a client adds up from streaming `pieces` of an answer: (content, calls or None).
 
     The non-streamed answer is built this way too, so the two agree by construction, also when
@@ -287,12 +300,20 @@ def assemble_tool_calls(pieces: Iterable[str], call_ids: Sequence[str] | None = 
     calls: dict[int, dict[str, Any]] = {}
     for part in (part for delta in deltas for part in delta.tool_calls):
         if "id" in part:
-            calls[part["index"]] = {"id": part["id"], "type": "function",
-                                    "function": dict(part["function"])}
+            calls[part["index"]] = {
+                "id": part["id"],
+                "type": "function",
+                "function": dict(part["function"]),
+            }
         else:
             calls[part["index"]]["function"]["arguments"] += part["function"]["arguments"]
     return "".join(d.content for d in deltas), [calls[i] for i in sorted(calls)] or None
 
 
 def _first_delta(index: int, call_id: str, name: str) -> dict[str, Any]:
-    return {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+    return {
+        "index": index,
+        "id": call_id,
+        "type": "function",
+        "function": {"name": name, "arguments": ""},
+    }

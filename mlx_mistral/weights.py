@@ -41,7 +41,9 @@ def safetensors_files(path: Path) -> list[Path]:
     # weights under Mistral's own tensor names).
     files = sorted(path.glob("model*.safetensors")) or sorted(path.glob("*.safetensors"))
     if not files:
-        raise ModelLoadError(f"no *.safetensors weights in {path} (PyTorch .bin checkpoints are not read)")
+        raise ModelLoadError(
+            f"no *.safetensors weights in {path} (PyTorch .bin checkpoints are not read)"
+        )
     return files
 
 
@@ -49,7 +51,9 @@ def read_weights(path: Path) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
     for file in safetensors_files(path):
         if not file.is_file():
-            raise ModelLoadError(f"weight shard {file.name} listed in the index is missing from {path}")
+            raise ModelLoadError(
+                f"weight shard {file.name} listed in the index is missing from {path}"
+            )
         try:
             weights.update(mx.load(str(file)))
         except Exception as exc:
@@ -85,7 +89,8 @@ def _quantized_layers(block: dict[str, Any], weights: dict[str, mx.array]):
                 return {"group_size": int(layer["group_size"]), "bits": int(layer["bits"])}
             except (KeyError, TypeError, ValueError):
                 raise ModelLoadError(
-                    f"config.json quantizes {name} as {layer!r}: need group_size and bits") from None
+                    f"config.json quantizes {name} as {layer!r}: need group_size and bits"
+                ) from None
         in_dims = module.weight.shape[-1]
         group_size = in_dims // weights[f"{name}.scales"].shape[-1]
         bits = weights[f"{name}.weight"].shape[-1] * 32 // in_dims
@@ -101,7 +106,9 @@ def check_weights(model: Model, weights: dict[str, mx.array]) -> None:
     if missing:
         raise ModelLoadError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[0]}")
     if unknown:
-        raise ModelLoadError(f"checkpoint has {len(unknown)} unexpected tensor(s), e.g. {unknown[0]}")
+        raise ModelLoadError(
+            f"checkpoint has {len(unknown)} unexpected tensor(s), e.g. {unknown[0]}"
+        )
     for name, param in expected.items():
         if weights[name].shape != param.shape:
             raise ModelLoadError(
@@ -136,9 +143,12 @@ def load_model(path: str | Path, *, dtype: str | mx.Dtype | None = None) -> Mode
         )
     check_weights(model, weights)
     float_weights = [w for w in weights.values() if mx.issubdtype(w.dtype, mx.floating)]
-    compute = parse_dtype(dtype) or default_compute_dtype(float_weights[0].dtype if float_weights else None)
+    compute = parse_dtype(dtype) or default_compute_dtype(
+        float_weights[0].dtype if float_weights else None
+    )
     weights = {
-        k: v.astype(compute) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
+        k: v.astype(compute) if mx.issubdtype(v.dtype, mx.floating) else v
+        for k, v in weights.items()
     }
     model.load_weights(list(weights.items()), strict=True)
     _materialize(model, compute)

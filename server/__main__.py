@@ -10,8 +10,9 @@ from .cli import add_arguments, run
 
 
 def main() -> int:
-    parser = OneLineErrors(prog="python -m mlx_mistral.server",
-                           description="Serve the OpenAI-compatible chat API.")
+    parser = OneLineErrors(
+        prog="python -m mlx_mistral.server", description="Serve the OpenAI-compatible chat API."
+    )
     add_arguments(parser)
     return run(parser.parse_args())
 

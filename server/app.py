@@ -75,9 +75,13 @@ class ServerState:
         if model is not None and model not in self.config.accepted_model_names:
             raise ModelNotFoundError(
                 f"the model {model[:200]!r} is not served here; this server serves "
-                f"{self.config.model_name!r}", param="model")
+                f"{self.config.model_name!r}",
+                param="model",
+            )
 
-    def fit_max_tokens(self, params: SamplingParams, given: bool, prompt_len: int) -> SamplingParams:
+    def fit_max_tokens(
+        self, params: SamplingParams, given: bool, prompt_len: int
+    ) -> SamplingParams:
         """Apply the server's default max_tokens to a request that set none, within the context
         left (a default must never turn a fitting prompt into a context-length error)."""
         default = self.config.default_max_tokens
@@ -89,8 +93,13 @@ class ServerState:
         return dataclasses.replace(params, max_tokens=min(default, room))
 
     def model_card(self) -> dict[str, Any]:
-        card = {"id": self.config.model_name, "object": "model", "created": self.started,
-                "owned_by": "mlx-mistral", "demo": self.config.is_demo}
+        card = {
+            "id": self.config.model_name,
+            "object": "model",
+            "created": self.started,
+            "owned_by": "mlx-mistral",
+            "demo": self.config.is_demo,
+        }
         if self.engine is not None and self.engine.generator is not None:
             card["context_length"] = self.engine.generator.context_length
         return card
@@ -138,8 +147,10 @@ async def _read_json(request: Request) -> dict[str, Any]:
     return parse_body(await request.body())
 
 
-def chat_prompt(tokenizer: Tokenizer, req: ChatCompletionRequest,
-                ) -> tuple[list[int], list[GrammarConstraint] | None]:
+def chat_prompt(
+    tokenizer: Tokenizer,
+    req: ChatCompletionRequest,
+) -> tuple[list[int], list[GrammarConstraint] | None]:
     """The prompt ids of a chat request and, for tools or a JSON response_format, one grammar
     constraint per choice.
 
@@ -158,26 +169,50 @@ def chat_prompt(tokenizer: Tokenizer, req: ChatCompletionRequest,
     return prompt, make_constraints(spec, tokenizer, params.n, seed=params.seed, prompt=prompt)
 
 
-async def _generate(request: Request, state: ServerState, engine: Engine, prompt: list[int],
-                    req: ChatCompletionRequest | CompletionRequest, *, chat: bool,
-                    constraints: Sequence[GrammarConstraint] | None = None) -> Response:
+async def _generate(
+    request: Request,
+    state: ServerState,
+    engine: Engine,
+    prompt: list[int],
+    req: ChatCompletionRequest | CompletionRequest,
+    *,
+    chat: bool,
+    constraints: Sequence[GrammarConstraint] | None = None,
+) -> Response:
     params = state.fit_max_tokens(req.params, req.max_tokens_given, len(prompt))
-    handle = engine.submit(prompt, params, constraints=constraints,
-                           loop=asyncio.get_running_loop(),
-                           prompt_field="messages" if chat else "prompt", continuation=not chat)
+    handle = engine.submit(
+        prompt,
+        params,
+        constraints=constraints,
+        loop=asyncio.get_running_loop(),
+        prompt_field="messages" if chat else "prompt",
+        continuation=not chat,
+    )
     stats = _stats(request)
     config = state.config
     call_ids = None
     if isinstance(req, ChatCompletionRequest) and req.parses_tool_calls and constraints:
         call_ids = [c.call_ids for c in constraints]
     writer = ResponseWriter(
-        chat=chat, model=config.model_name, n=params.n, logprobs=params.logprobs,
-        include_usage=req.include_usage, formatter=state.formatter, stats=stats,
-        prices=(config.prompt_price, config.completion_price), call_ids=call_ids)
+        chat=chat,
+        model=config.model_name,
+        n=params.n,
+        logprobs=params.logprobs,
+        include_usage=req.include_usage,
+        formatter=state.formatter,
+        stats=stats,
+        prices=(config.prompt_price, config.completion_price),
+        call_ids=call_ids,
+    )
     if req.stream:
         events = with_keepalive(handle.batches(), config.keepalive_seconds)
-        return EventStreamResponse(writer.sse(events), cancel=handle.cancel,  # type: ignore[return-value]
-                                   send_timeout=config.send_timeout_seconds, stats=stats)
+        return EventStreamResponse(
+            writer.sse(events),
+            cancel=handle.cancel,  # type: ignore[return-value]
+            send_timeout=config.send_timeout_seconds,
+            stats=stats,
+        )
+
     def on_disconnect(task: asyncio.Task) -> None:
         if not task.cancelled():
             stats["disconnected"] = True
@@ -198,8 +233,7 @@ async def chat_completions(request: Request) -> Response:
     state.check_model(req.model)
     engine = state.live_engine()
     prompt, constraints = await asyncio.to_thread(chat_prompt, engine.tokenizer, req)
-    return await _generate(request, state, engine, prompt, req, chat=True,
-                           constraints=constraints)
+    return await _generate(request, state, engine, prompt, req, chat=True, constraints=constraints)
 
 
 @guarded
@@ -232,12 +266,14 @@ async def health(request: Request) -> Response:
     state = _state(request)
     engine = state.engine
     if state.draining:
-        return JSONResponse({"status": "shutting_down"}, status_code=503,
-                            headers={"Retry-After": "5"})
+        return JSONResponse(
+            {"status": "shutting_down"}, status_code=503, headers={"Retry-After": "5"}
+        )
     if engine is None or not engine.alive:
         return JSONResponse({"status": "unavailable"}, status_code=503)
-    return JSONResponse({"status": "ok", "model": state.config.model_name,
-                         "active": engine.num_active})
+    return JSONResponse(
+        {"status": "ok", "model": state.config.model_name, "active": engine.num_active}
+    )
 
 
 # -- access log -------------------------------------------------------------------------------
@@ -268,11 +304,15 @@ class AccessLog:
             await self.app(scope, receive, record)
         finally:
             client = scope.get("client") or ("-", 0)
-            parts = [f'{client[0]}:{client[1]} "{scope["method"]} {scope["path"]}"',
-                     str(status or "-")]
+            parts = [
+                f'{client[0]}:{client[1]} "{scope["method"]} {scope["path"]}"',
+                str(status or "-"),
+            ]
             if "prompt_tokens" in stats:
-                parts.append(f"prompt={stats['prompt_tokens']} "
-                             f"completion={stats.get('completion_tokens', 0)}")
+                parts.append(
+                    f"prompt={stats['prompt_tokens']} "
+                    f"completion={stats.get('completion_tokens', 0)}"
+                )
             if "ttft" in stats:
                 parts.append(f"ttft={stats['ttft']:.3f}s")
             parts.append(f"total={time.perf_counter() - stats['start']:.3f}s")
@@ -297,8 +337,9 @@ def _lifespan(state: ServerState, load: Callable[[], Any] | None):
         yield
         begin_drain(app)
         log.info("shutting down: finishing %d in-flight request(s)", state.engine.num_active)
-        await asyncio.to_thread(state.engine.shutdown, drain=True,
-                                timeout=config.drain_timeout_seconds)
+        await asyncio.to_thread(
+            state.engine.shutdown, drain=True, timeout=config.drain_timeout_seconds
+        )
 
     return lifespan
 
@@ -310,21 +351,28 @@ def start_engine(config: ServerConfig, load: Callable[[], Any]) -> Engine:
         ModelNotFoundError, ModelLoadError: the checkpoint cannot be loaded.
     """
     if config.is_demo:
-        log.info("Mistral-7B-Instruct-v0.2 was not found on this machine (see the README: "
-                 "\"Getting Mistral-7B-Instruct-v0.2\"); serving the bundled demo model, a "
-                 "tiny model trained for greetings, arithmetic, capitals and tool calls")
+        log.info(
+            "Mistral-7B-Instruct-v0.2 was not found on this machine (see the README: "
+            '"Getting Mistral-7B-Instruct-v0.2"); serving the bundled demo model, a '
+            "tiny model trained for greetings, arithmetic, capitals and tool calls"
+        )
     log.info("loading %s%s ...", config.model, " (demo model)" if config.is_demo else "")
     started = time.perf_counter()
     prefix_bytes = None if config.prefix_cache_mib is None else config.prefix_cache_mib * 2**20
-    engine = Engine(load, EngineConfig(max_batch=config.max_batch, max_queue=config.max_queue,
-                                       prefix_cache_bytes=prefix_bytes))
+    engine = Engine(
+        load,
+        EngineConfig(
+            max_batch=config.max_batch, max_queue=config.max_queue, prefix_cache_bytes=prefix_bytes
+        ),
+    )
     engine.start()
     log.info("model %s loaded in %.1fs", config.model_name, time.perf_counter() - started)
     return engine
 
 
-def create_app(config: ServerConfig, *, engine: Engine | None = None,
-               load: Callable[[], Any] | None = None) -> Starlette:
+def create_app(
+    config: ServerConfig, *, engine: Engine | None = None, load: Callable[[], Any] | None = None
+) -> Starlette:
     """Build the application.
 
     Args:
@@ -345,13 +393,19 @@ def create_app(config: ServerConfig, *, engine: Engine | None = None,
     text = ["/v1/completions", "/v1/openai/completions"]
     routes = [Route(p, chat_completions, methods=["POST"]) for p in chat]
     routes += [Route(p, completions, methods=["POST"]) for p in text]
-    routes += [Route("/v1/models", list_models, methods=["GET"]),
-               Route("/v1/openai/models", list_models, methods=["GET"]),
-               Route("/v1/models/{model:path}", get_model, methods=["GET"]),
-               Route("/health", health, methods=["GET"]),
-               Route("/openapi.json", openapi_json, methods=["GET"])]
+    routes += [
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/openai/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+    ]
     middleware = [Middleware(AccessLog), *build_middleware(config)]
-    app = Starlette(routes=routes, middleware=middleware, lifespan=_lifespan(state, load),
-                    exception_handlers=EXCEPTION_HANDLERS)  # type: ignore[arg-type]
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        lifespan=_lifespan(state, load),
+        exception_handlers=EXCEPTION_HANDLERS,
+    )  # type: ignore[arg-type]
     app.state.server = state
     return app

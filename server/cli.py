@@ -29,50 +29,108 @@ def _list(value: str) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `serve` flags to `parser`."""
-    parser.add_argument("--model", default=None,
-                        help="local checkpoint directory or Hugging Face repo id (default: "
-                        "Mistral-7B-Instruct-v0.2 if its weights are on this machine, else the "
-                        "bundled demo model)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (default 127.0.0.1; a non-loopback address needs "
-                        "--api-key or --allow-public)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="local checkpoint directory or Hugging Face repo id (default: "
+        "Mistral-7B-Instruct-v0.2 if its weights are on this machine, else the "
+        "bundled demo model)",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1; a non-loopback address needs "
+        "--api-key or --allow-public)",
+    )
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks one)")
-    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
-                        help=f"bearer key clients must send (default: ${API_KEY_ENV}; none: any "
-                        "token is accepted)")
-    parser.add_argument("--allowed-hosts", type=_list, action="extend", default=[],
-                        metavar="HOST[,HOST]",
-                        help="Host headers accepted besides localhost, 127.0.0.1, [::1] and the "
-                        "bound host ('*' accepts any: not recommended)")
-    parser.add_argument("--cors-origins", type=_list, action="extend", default=[],
-                        metavar="ORIGIN[,ORIGIN]",
-                        help="browser origins allowed to call the API (default: none, CORS off)")
-    parser.add_argument("--allow-public", action="store_true",
-                        help="allow binding a non-loopback address without an API key")
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
-                        help=f"largest request body (default {DEFAULT_MAX_BODY_BYTES})")
-    parser.add_argument("--max-batch", type=int, default=32,
-                        help="most sequences decoded together (default 32)")
-    parser.add_argument("--max-queue", type=int, default=64,
-                        help="most requests waiting for the engine; more get 503 (default 64)")
-    parser.add_argument("--prefix-cache-mib", type=int, default=None,
-                        help="memory for earlier conversations' KV state, reused by their next "
-                        "turns (default: a quarter of the KV budget, at most 2048; 0 turns it off)")
-    parser.add_argument("--prompt-price", type=float, default=0.0,
-                        help="dollars per prompt token, for usage.estimated_cost (default 0)")
-    parser.add_argument("--completion-price", type=float, default=0.0,
-                        help="dollars per completion token, for usage.estimated_cost (default 0)")
-    parser.add_argument("--default-max-tokens", type=int, default=None,
-                        help="max_tokens for requests that give none (default: up to the "
-                        "context window)")
-    parser.add_argument("--keepalive", type=float, default=10.0,
-                        help="seconds between SSE keep-alive comments while a stream waits")
-    parser.add_argument("--send-timeout", type=float, default=60.0,
-                        help="cancel a stream whose client stops reading for this long")
-    parser.add_argument("--drain-timeout", type=float, default=60.0,
-                        help="at shutdown, seconds in-flight requests may take to finish")
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"bearer key clients must send (default: ${API_KEY_ENV}; none: any token is accepted)",
+    )
+    parser.add_argument(
+        "--allowed-hosts",
+        type=_list,
+        action="extend",
+        default=[],
+        metavar="HOST[,HOST]",
+        help="Host headers accepted besides localhost, 127.0.0.1, [::1] and the "
+        "bound host ('*' accepts any: not recommended)",
+    )
+    parser.add_argument(
+        "--cors-origins",
+        type=_list,
+        action="extend",
+        default=[],
+        metavar="ORIGIN[,ORIGIN]",
+        help="browser origins allowed to call the API (default: none, CORS off)",
+    )
+    parser.add_argument(
+        "--allow-public",
+        action="store_true",
+        help="allow binding a non-loopback address without an API key",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help=f"largest request body (default {DEFAULT_MAX_BODY_BYTES})",
+    )
+    parser.add_argument(
+        "--max-batch", type=int, default=32, help="most sequences decoded together (default 32)"
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="most requests waiting for the engine; more get 503 (default 64)",
+    )
+    parser.add_argument(
+        "--prefix-cache-mib",
+        type=int,
+        default=None,
+        help="memory for earlier conversations' KV state, reused by their next "
+        "turns (default: a quarter of the KV budget, at most 2048; 0 turns it off)",
+    )
+    parser.add_argument(
+        "--prompt-price",
+        type=float,
+        default=0.0,
+        help="dollars per prompt token, for usage.estimated_cost (default 0)",
+    )
+    parser.add_argument(
+        "--completion-price",
+        type=float,
+        default=0.0,
+        help="dollars per completion token, for usage.estimated_cost (default 0)",
+    )
+    parser.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=None,
+        help="max_tokens for requests that give none (default: up to the context window)",
+    )
+    parser.add_argument(
+        "--keepalive",
+        type=float,
+        default=10.0,
+        help="seconds between SSE keep-alive comments while a stream waits",
+    )
+    parser.add_argument(
+        "--send-timeout",
+        type=float,
+        default=60.0,
+        help="cancel a stream whose client stops reading for this long",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=60.0,
+        help="at shutdown, seconds in-flight requests may take to finish",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
 
 
 def build_config(args: argparse.Namespace) -> ServerConfig:
@@ -86,20 +144,33 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
     else:
         model, is_demo, name = args.model, False, served_name(args.model)
     return ServerConfig(
-        model=model, model_name=name, is_demo=is_demo, host=args.host, port=args.port,
-        api_key=args.api_key, allowed_hosts=tuple(args.allowed_hosts),
-        cors_origins=tuple(args.cors_origins), allow_public=args.allow_public,
-        max_body_bytes=args.max_body_bytes, max_batch=args.max_batch, max_queue=args.max_queue,
+        model=model,
+        model_name=name,
+        is_demo=is_demo,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        allowed_hosts=tuple(args.allowed_hosts),
+        cors_origins=tuple(args.cors_origins),
+        allow_public=args.allow_public,
+        max_body_bytes=args.max_body_bytes,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
         prefix_cache_mib=args.prefix_cache_mib,
-        prompt_price=args.prompt_price, completion_price=args.completion_price,
-        default_max_tokens=args.default_max_tokens, keepalive_seconds=args.keepalive,
-        send_timeout_seconds=args.send_timeout, drain_timeout_seconds=args.drain_timeout)
+        prompt_price=args.prompt_price,
+        completion_price=args.completion_price,
+        default_max_tokens=args.default_max_tokens,
+        keepalive_seconds=args.keepalive,
+        send_timeout_seconds=args.send_timeout,
+        drain_timeout_seconds=args.drain_timeout,
+    )
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening-ready socket on (host, port). Raises OSError (e.g. the port is in use)."""
     family, kind, proto, _, address = socket.getaddrinfo(
-        host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+        host.strip("[]"), port, type=socket.SOCK_STREAM
+    )[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -115,8 +186,9 @@ def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM. Returns the exit status (1 with one line on stderr on error)."""
     import uvicorn
 
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         config = build_config(args)
         from mlx_mistral.hub import resolve_model_path
@@ -127,8 +199,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"mlx-mistral serve: error: {exc.message}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"mlx-mistral serve: error: cannot listen on {args.host}:{args.port}: "
-              f"{exc.strerror or exc}", file=sys.stderr)
+        print(
+            f"mlx-mistral serve: error: cannot listen on {args.host}:{args.port}: "
+            f"{exc.strerror or exc}",
+            file=sys.stderr,
+        )
         return 1
 
     from mlx_mistral.loader import load
@@ -143,8 +218,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except Exception as exc:  # noqa: BLE001 - e.g. an unreadable file: one line, not a traceback
         sock.close()
-        print(f"mlx-mistral serve: error: cannot load {config.model}: {type(exc).__name__}: "
-              f"{exc}", file=sys.stderr)
+        print(
+            f"mlx-mistral serve: error: cannot load {config.model}: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
         return 1
     app = create_app(config, engine=engine)
 
@@ -157,13 +234,21 @@ def run(args: argparse.Namespace) -> int:
                 self._captured_signals = [s for s in self._captured_signals if s != sig]
 
     uv_config = uvicorn.Config(
-        app, log_config=None, access_log=False, log_level=args.log_level,
-        timeout_graceful_shutdown=int(config.drain_timeout_seconds))
+        app,
+        log_config=None,
+        access_log=False,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=int(config.drain_timeout_seconds),
+    )
     host, port = sock.getsockname()[:2]
     log = logging.getLogger("mlx_mistral.server")
-    log.info("serving %s on http://%s:%d/v1%s", config.model_name,
-             f"[{host}]" if ":" in host else host, port,
-             "" if config.api_key else " (no API key)")
+    log.info(
+        "serving %s on http://%s:%d/v1%s",
+        config.model_name,
+        f"[{host}]" if ":" in host else host,
+        port,
+        "" if config.api_key else " (no API key)",
+    )
     try:
         Server(uv_config).run(sockets=[sock])
     except KeyboardInterrupt:

@@ -103,30 +103,49 @@ class ServerConfig:
                 raise InvalidRequestError(f"{flag} {message}", param=flag)
 
         need(0 <= self.port <= 65535, "--port", f"must be in [0, 65535], got {self.port}")
-        need(self.max_body_bytes >= 1024, "--max-body-bytes",
-             f"must be at least 1024, got {self.max_body_bytes}")
+        need(
+            self.max_body_bytes >= 1024,
+            "--max-body-bytes",
+            f"must be at least 1024, got {self.max_body_bytes}",
+        )
         need(self.max_batch >= 1, "--max-batch", f"must be at least 1, got {self.max_batch}")
         need(self.max_queue >= 0, "--max-queue", f"must be at least 0, got {self.max_queue}")
-        need(self.prefix_cache_mib is None or self.prefix_cache_mib >= 0, "--prefix-cache-mib",
-             f"must be at least 0, got {self.prefix_cache_mib}")
-        for flag, price in (("--prompt-price", self.prompt_price),
-                            ("--completion-price", self.completion_price)):
-            need(math.isfinite(price) and price >= 0, flag,
-                 f"must be a finite price >= 0, got {price}")
+        need(
+            self.prefix_cache_mib is None or self.prefix_cache_mib >= 0,
+            "--prefix-cache-mib",
+            f"must be at least 0, got {self.prefix_cache_mib}",
+        )
+        for flag, price in (
+            ("--prompt-price", self.prompt_price),
+            ("--completion-price", self.completion_price),
+        ):
+            need(
+                math.isfinite(price) and price >= 0,
+                flag,
+                f"must be a finite price >= 0, got {price}",
+            )
         if self.default_max_tokens is not None:
-            need(self.default_max_tokens >= 1, "--default-max-tokens",
-                 f"must be at least 1, got {self.default_max_tokens}")
-        for flag, value in (("--keepalive", self.keepalive_seconds),
-                            ("--send-timeout", self.send_timeout_seconds),
-                            ("--drain-timeout", self.drain_timeout_seconds)):
+            need(
+                self.default_max_tokens >= 1,
+                "--default-max-tokens",
+                f"must be at least 1, got {self.default_max_tokens}",
+            )
+        for flag, value in (
+            ("--keepalive", self.keepalive_seconds),
+            ("--send-timeout", self.send_timeout_seconds),
+            ("--drain-timeout", self.drain_timeout_seconds),
+        ):
             need(value > 0, flag, f"must be positive, got {value}")
         if self.api_key is not None:
             need(bool(self.api_key.strip()), "--api-key", "must not be empty")
         # An open port on the network with no key is how local LLM servers get found and used
         # by strangers; make exposing one a deliberate act.
-        need(is_loopback(self.host) or self.api_key is not None or self.allow_public, "--host",
-             f"{self.host} is reachable from other machines; set --api-key, or pass "
-             "--allow-public to serve without a key")
+        need(
+            is_loopback(self.host) or self.api_key is not None or self.allow_public,
+            "--host",
+            f"{self.host} is reachable from other machines; set --api-key, or pass "
+            "--allow-public to serve without a key",
+        )
         names = {self.model_name, self.model, DEFAULT_REPO}
         path = Path(self.model).expanduser()
         if path.is_dir():

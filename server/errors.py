@@ -65,8 +65,9 @@ def error_headers(exc: MistralError) -> dict[str, str]:
 
 def error_response(exc: MistralError, headers: dict[str, str] | None = None) -> JSONResponse:
     """The JSON response for a typed error."""
-    return JSONResponse(exc.to_dict(), status_code=exc.status,
-                        headers={**error_headers(exc), **(headers or {})})
+    return JSONResponse(
+        exc.to_dict(), status_code=exc.status, headers={**error_headers(exc), **(headers or {})}
+    )
 
 
 def error_event(exc: MistralError) -> bytes:
@@ -78,7 +79,10 @@ async def send_error(send: Send, exc: MistralError, headers: dict[str, str] | No
     """Answer with `exc` straight from ASGI middleware (which runs outside the handlers)."""
     body = json.dumps(exc.to_dict()).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in {**error_headers(exc), **(headers or {})}.items()]
+    raw += [
+        (k.lower().encode(), v.encode())
+        for k, v in {**error_headers(exc), **(headers or {})}.items()
+    ]
     await send({"type": "http.response.start", "status": exc.status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
 
@@ -93,11 +97,13 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
         error: MistralError = PathNotFoundError(
-            f"no such endpoint: {request.method} {request.url.path}")
+            f"no such endpoint: {request.method} {request.url.path}"
+        )
     elif exc.status_code == 405:
         error = MethodNotAllowedError(
             f"{request.method} is not allowed on {request.url.path}"
-            + (f"; use {exc.headers['Allow']}" if exc.headers and "Allow" in exc.headers else ""))
+            + (f"; use {exc.headers['Allow']}" if exc.headers and "Allow" in exc.headers else "")
+        )
     else:
         error = MistralError(str(exc.detail))
         error.status = exc.status_code

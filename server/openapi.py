@@ -23,13 +23,18 @@ OPENAPI_VERSION = "3.1.0"
 _ERROR = {
     "type": "object",
     "required": ["error"],
-    "properties": {"error": {
-        "type": "object",
-        "required": ["message", "type", "param", "code"],
-        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                       "param": {"type": ["string", "null"]},
-                       "code": {"type": ["string", "null"]}},
-    }},
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
 }
 
 _NUMBER_OR_NULL = ["number", "null"]
@@ -41,47 +46,74 @@ _SAMPLING: dict[str, Any] = {
     "top_p": {"type": _NUMBER_OR_NULL, "exclusiveMinimum": 0, "maximum": 1, "default": 1},
     "min_p": {"type": _NUMBER_OR_NULL, "minimum": 0, "maximum": 1, "default": 0},
     "top_k": {"type": _INTEGER_OR_NULL, "minimum": 0, "maximum": 999, "default": 0},
-    "max_tokens": {"type": _INTEGER_OR_NULL, "minimum": 0, "maximum": 1_000_000,
-                   "description": "tokens to generate; the prompt plus max_tokens must fit "
-                   "the context window"},
-    "max_completion_tokens": {"type": _INTEGER_OR_NULL, "minimum": 0, "maximum": 1_000_000,
-                              "description": "another name for max_tokens"},
+    "max_tokens": {
+        "type": _INTEGER_OR_NULL,
+        "minimum": 0,
+        "maximum": 1_000_000,
+        "description": "tokens to generate; the prompt plus max_tokens must fit the context window",
+    },
+    "max_completion_tokens": {
+        "type": _INTEGER_OR_NULL,
+        "minimum": 0,
+        "maximum": 1_000_000,
+        "description": "another name for max_tokens",
+    },
     "presence_penalty": {"type": _NUMBER_OR_NULL, "minimum": -2, "maximum": 2, "default": 0},
     "frequency_penalty": {"type": _NUMBER_OR_NULL, "minimum": -2, "maximum": 2, "default": 0},
-    "repetition_penalty": {"type": _NUMBER_OR_NULL, "minimum": 0.01, "maximum": 5,
-                           "default": 1},
-    "repeat_penalty": {"type": _NUMBER_OR_NULL, "minimum": 0.01, "maximum": 5,
-                       "description": "another name for repetition_penalty"},
+    "repetition_penalty": {"type": _NUMBER_OR_NULL, "minimum": 0.01, "maximum": 5, "default": 1},
+    "repeat_penalty": {
+        "type": _NUMBER_OR_NULL,
+        "minimum": 0.01,
+        "maximum": 5,
+        "description": "another name for repetition_penalty",
+    },
     "seed": {"type": _INTEGER_OR_NULL, "minimum": 0, "maximum": MAX_SEED},
-    "stop": {"oneOf": [
-        {"type": "string", "minLength": 1},
-        {"type": "array", "maxItems": MAX_STOP, "items": {"type": "string", "minLength": 1}},
-        {"type": "null"}]},
-    "logit_bias": {"type": ["object", "null"],
-                   "propertyNames": {"pattern": "^[0-9]+$"},
-                   "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
-                   "description": "token id (a string) -> bias added to its logit"},
+    "stop": {
+        "oneOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "maxItems": MAX_STOP, "items": {"type": "string", "minLength": 1}},
+            {"type": "null"},
+        ]
+    },
+    "logit_bias": {
+        "type": ["object", "null"],
+        "propertyNames": {"pattern": "^[0-9]+$"},
+        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+        "description": "token id (a string) -> bias added to its logit",
+    },
     "n": {"type": _INTEGER_OR_NULL, "minimum": 1, "maximum": MAX_N, "default": 1},
     "stream": {"type": ["boolean", "null"], "default": False},
-    "stream_options": {"type": ["object", "null"],
-                       "properties": {"include_usage": {"type": ["boolean", "null"]}}},
+    "stream_options": {
+        "type": ["object", "null"],
+        "properties": {"include_usage": {"type": ["boolean", "null"]}},
+    },
     "user": {"type": ["string", "null"], "description": "accepted and ignored"},
     "metadata": {"type": ["object", "null"], "description": "accepted and ignored"},
 }
 
-_TEXT_PART = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
-              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
-_CONTENT = {"oneOf": [{"type": "string"},
-                      {"type": "array", "minItems": 1, "items": _TEXT_PART}]}
+_TEXT_PART = {
+    "type": "object",
+    "required": ["type", "text"],
+    "additionalProperties": False,
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+}
+_CONTENT = {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": _TEXT_PART}]}
 _TOOL_CALL = {
-    "type": "object", "required": ["id", "type", "function"],
-    "properties": {"id": {"type": "string"}, "type": {"const": "function"},
-                   "function": {"type": "object", "required": ["name", "arguments"],
-                                "properties": {"name": {"type": "string"},
-                                               "arguments": {"type": "string"}}}},
+    "type": "object",
+    "required": ["id", "type", "function"],
+    "properties": {
+        "id": {"type": "string"},
+        "type": {"const": "function"},
+        "function": {
+            "type": "object",
+            "required": ["name", "arguments"],
+            "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}},
+        },
+    },
 }
 _MESSAGE = {
-    "type": "object", "required": ["role"],
+    "type": "object",
+    "required": ["role"],
     "properties": {
         "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
         "content": {"oneOf": [_CONTENT, {"type": "null"}]},
@@ -91,43 +123,71 @@ _MESSAGE = {
     },
 }
 _TOOL = {
-    "type": "object", "required": ["type", "function"],
-    "properties": {"type": {"const": "function"},
-                   "function": {"type": "object", "required": ["name"],
-                                "properties": {"name": {"type": "string"},
-                                               "description": {"type": "string"},
-                                               "parameters": {"type": "object"}}}},
+    "type": "object",
+    "required": ["type", "function"],
+    "properties": {
+        "type": {"const": "function"},
+        "function": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string"},
+                "description": {"type": "string"},
+                "parameters": {"type": "object"},
+            },
+        },
+    },
 }
 
 _CHAT_REQUEST = {
-    "type": "object", "required": ["messages"], "additionalProperties": False,
+    "type": "object",
+    "required": ["messages"],
+    "additionalProperties": False,
     "properties": {
         "model": {"type": ["string", "null"]},
         "messages": {"type": "array", "minItems": 1, "items": _MESSAGE},
         **_SAMPLING,
         "logprobs": {"type": ["boolean", "null"], "default": False},
-        "top_logprobs": {"type": _INTEGER_OR_NULL, "minimum": 0, "maximum": MAX_TOP_LOGPROBS,
-                         "description": "needs logprobs: true"},
+        "top_logprobs": {
+            "type": _INTEGER_OR_NULL,
+            "minimum": 0,
+            "maximum": MAX_TOP_LOGPROBS,
+            "description": "needs logprobs: true",
+        },
         "tools": {"type": ["array", "null"], "items": _TOOL},
-        "tool_choice": {"oneOf": [{"enum": ["none", "auto", "required"]},
-                                  {"type": "object"}, {"type": "null"}]},
+        "tool_choice": {
+            "oneOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}, {"type": "null"}]
+        },
         "response_format": {"type": ["object", "null"]},
         "parallel_tool_calls": {"type": ["boolean", "null"]},
     },
 }
 
 _COMPLETION_REQUEST = {
-    "type": "object", "required": ["prompt"], "additionalProperties": False,
+    "type": "object",
+    "required": ["prompt"],
+    "additionalProperties": False,
     "properties": {
         "model": {"type": ["string", "null"]},
-        "prompt": {"oneOf": [
-            {"type": "string", "minLength": 1},
-            {"type": "array", "minItems": 1, "maxItems": 1,
-             "items": {"type": "string", "minLength": 1}},
-            {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}]},
+        "prompt": {
+            "oneOf": [
+                {"type": "string", "minLength": 1},
+                {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": 1,
+                    "items": {"type": "string", "minLength": 1},
+                },
+                {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
+            ]
+        },
         **_SAMPLING,
-        "logprobs": {"type": _INTEGER_OR_NULL, "minimum": 0, "maximum": 5,
-                     "description": "alternatives returned per token"},
+        "logprobs": {
+            "type": _INTEGER_OR_NULL,
+            "minimum": 0,
+            "maximum": 5,
+            "description": "alternatives returned per token",
+        },
         "echo": {"type": ["boolean", "null"], "enum": [False, None]},
         "best_of": {"type": _INTEGER_OR_NULL, "enum": [1, None]},
         "suffix": {"type": ["string", "null"], "enum": ["", None]},
@@ -135,16 +195,28 @@ _COMPLETION_REQUEST = {
 }
 
 _GENERATION_RESPONSE = {
-    "type": "object", "required": ["id", "object", "created", "model", "choices"],
-    "properties": {"id": {"type": "string"}, "object": {"type": "string"},
-                   "created": {"type": "integer"}, "model": {"type": "string"},
-                   "choices": {"type": "array", "items": {"type": "object"}},
-                   "usage": {"type": "object"}},
+    "type": "object",
+    "required": ["id", "object", "created", "model", "choices"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"type": "string"},
+        "created": {"type": "integer"},
+        "model": {"type": "string"},
+        "choices": {"type": "array", "items": {"type": "object"}},
+        "usage": {"type": "object"},
+    },
 }
-_MODEL_CARD = {"type": "object", "required": ["id", "object", "created", "owned_by"],
-               "properties": {"id": {"type": "string"}, "object": {"const": "model"},
-                              "created": {"type": "integer"}, "owned_by": {"type": "string"},
-                              "context_length": {"type": "integer"}}}
+_MODEL_CARD = {
+    "type": "object",
+    "required": ["id", "object", "created", "owned_by"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "model"},
+        "created": {"type": "integer"},
+        "owned_by": {"type": "string"},
+        "context_length": {"type": "integer"},
+    },
+}
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
@@ -153,26 +225,45 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 
 def _errors(*statuses: int) -> dict[str, Any]:
     ref = {"$ref": "#/components/schemas/Error"}
-    return {str(s): {"description": "an error in OpenAI's shape", "content": _json(ref)}
-            for s in statuses}
+    return {
+        str(s): {"description": "an error in OpenAI's shape", "content": _json(ref)}
+        for s in statuses
+    }
 
 
 def _generation(summary: str, request: str) -> dict[str, Any]:
-    ok = {"description": "the answer (JSON), or an event stream when stream is true",
-          "content": {**_json({"$ref": "#/components/schemas/GenerationResponse"}),
-                      "text/event-stream": {"schema": {"type": "string"}}}}
-    return {"post": {
+    ok = {
+        "description": "the answer (JSON), or an event stream when stream is true",
+        "content": {
+            **_json({"$ref": "#/components/schemas/GenerationResponse"}),
+            "text/event-stream": {"schema": {"type": "string"}},
+        },
+    }
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {
+                "required": True,
+                "content": _json({"$ref": f"#/components/schemas/{request}"}),
+            },
+            "responses": {"200": ok, **_errors(400, 401, 403, 404, 413, 415, 503)},
+        }
+    }
+
+
+def _get(
+    summary: str,
+    schema: dict[str, Any],
+    *errors: int,
+    parameters: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    operation: dict[str, Any] = {
         "summary": summary,
-        "requestBody": {"required": True,
-                        "content": _json({"$ref": f"#/components/schemas/{request}"})},
-        "responses": {"200": ok, **_errors(400, 401, 403, 404, 413, 415, 503)},
-    }}
-
-
-def _get(summary: str, schema: dict[str, Any], *errors: int,
-         parameters: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    operation: dict[str, Any] = {"summary": summary, "responses": {
-        "200": {"description": "OK", "content": _json(schema)}, **_errors(401, 403, *errors)}}
+        "responses": {
+            "200": {"description": "OK", "content": _json(schema)},
+            **_errors(401, 403, *errors),
+        },
+    }
     if parameters:
         operation["parameters"] = parameters
     return {"get": operation}
@@ -188,34 +279,74 @@ def openapi_document() -> dict[str, Any]:
     from mlx_mistral import __version__
 
     chat = _generation("Chat completion (OpenAI-compatible)", "ChatCompletionRequest")
-    text = _generation("Text completion (OpenAI-compatible, no chat template)",
-                       "CompletionRequest")
-    models = _get("The served model", {"type": "object", "properties": {
-        "object": {"const": "list"}, "data": {"type": "array", "items": _MODEL_CARD}}})
-    model = _get("One model by name", _MODEL_CARD, 404, parameters=[
-        {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}])
-    health = {"get": {"summary": "Liveness (needs no API key)", "security": [], "responses": {
-        "200": {"description": "the engine is running", "content": _json({"type": "object"})},
-        "503": {"description": "the engine is down or the server is shutting down",
-                "content": _json({"type": "object"})}}}}
+    text = _generation("Text completion (OpenAI-compatible, no chat template)", "CompletionRequest")
+    models = _get(
+        "The served model",
+        {
+            "type": "object",
+            "properties": {
+                "object": {"const": "list"},
+                "data": {"type": "array", "items": _MODEL_CARD},
+            },
+        },
+    )
+    model = _get(
+        "One model by name",
+        _MODEL_CARD,
+        404,
+        parameters=[
+            {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+        ],
+    )
+    health = {
+        "get": {
+            "summary": "Liveness (needs no API key)",
+            "security": [],
+            "responses": {
+                "200": {
+                    "description": "the engine is running",
+                    "content": _json({"type": "object"}),
+                },
+                "503": {
+                    "description": "the engine is down or the server is shutting down",
+                    "content": _json({"type": "object"}),
+                },
+            },
+        }
+    }
     spec = _get("This document", {"type": "object"})
     return {
         "openapi": OPENAPI_VERSION,
-        "info": {"title": "mlx-mistral", "version": __version__,
-                 "description": "OpenAI-compatible local server for Mistral-7B-Instruct-v0.2"},
+        "info": {
+            "title": "mlx-mistral",
+            "version": __version__,
+            "description": "OpenAI-compatible local server for Mistral-7B-Instruct-v0.2",
+        },
         "paths": {
-            "/v1/chat/completions": chat, "/v1/openai/chat/completions": chat,
-            "/v1/completions": text, "/v1/openai/completions": text,
-            "/v1/models": models, "/v1/openai/models": models,
+            "/v1/chat/completions": chat,
+            "/v1/openai/chat/completions": chat,
+            "/v1/completions": text,
+            "/v1/openai/completions": text,
+            "/v1/models": models,
+            "/v1/openai/models": models,
             "/v1/models/{model}": model,
-            "/health": health, "/openapi.json": spec,
+            "/health": health,
+            "/openapi.json": spec,
         },
         "components": {
-            "schemas": {"ChatCompletionRequest": _CHAT_REQUEST,
-                        "CompletionRequest": _COMPLETION_REQUEST,
-                        "GenerationResponse": _GENERATION_RESPONSE, "Error": _ERROR},
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                           "description": "needed when the server has --api-key"}},
+            "schemas": {
+                "ChatCompletionRequest": _CHAT_REQUEST,
+                "CompletionRequest": _COMPLETION_REQUEST,
+                "GenerationResponse": _GENERATION_RESPONSE,
+                "Error": _ERROR,
+            },
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "needed when the server has --api-key",
+                }
+            },
         },
         "security": [{"bearer": []}, {}],
     }

@@ -28,18 +28,54 @@ from mlx_mistral.tool_calls import StructuredRequest, parse_structured_request
 
 from .errors import UnsupportedMediaTypeError
 
-IGNORED_FIELDS = frozenset({"user", "metadata", "service_tier", "store", "safety_identifier",
-                            "prompt_cache_key"})
+IGNORED_FIELDS = frozenset(
+    {"user", "metadata", "service_tier", "store", "safety_identifier", "prompt_cache_key"}
+)
 """Fields that only tag or route a request on a hosted service; they change no output."""
 
-_SAMPLING_FIELDS = ("temperature", "top_p", "min_p", "top_k", "max_tokens", "presence_penalty",
-                    "frequency_penalty", "repetition_penalty", "seed", "stop", "logit_bias", "n")
+_SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "top_k",
+    "max_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "seed",
+    "stop",
+    "logit_bias",
+    "n",
+)
 _ALIASES = {"max_completion_tokens": "max_tokens", "repeat_penalty": "repetition_penalty"}
 _STRUCTURED_FIELDS = ("tools", "tool_choice", "response_format", "parallel_tool_calls")
-_CHAT_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "logprobs",
-                          "top_logprobs", *_SAMPLING_FIELDS, *_ALIASES, *_STRUCTURED_FIELDS})
-_COMPLETION_FIELDS = frozenset({"model", "prompt", "stream", "stream_options", "logprobs", "echo",
-                                "best_of", "suffix", *_SAMPLING_FIELDS, *_ALIASES})
+_CHAT_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "stream",
+        "stream_options",
+        "logprobs",
+        "top_logprobs",
+        *_SAMPLING_FIELDS,
+        *_ALIASES,
+        *_STRUCTURED_FIELDS,
+    }
+)
+_COMPLETION_FIELDS = frozenset(
+    {
+        "model",
+        "prompt",
+        "stream",
+        "stream_options",
+        "logprobs",
+        "echo",
+        "best_of",
+        "suffix",
+        *_SAMPLING_FIELDS,
+        *_ALIASES,
+    }
+)
 
 
 # -- body parsing ---------------------------------------------------------------------------
@@ -49,7 +85,8 @@ def check_content_type(content_type: str | None) -> None:
     if media != "application/json" and not media.endswith("+json"):
         raise UnsupportedMediaTypeError(
             f"the body must be JSON sent with 'Content-Type: application/json', got "
-            f"{(content_type or '(none)')[:100]!r}")
+            f"{(content_type or '(none)')[:100]!r}"
+        )
 
 
 class _NonFinite:
@@ -69,7 +106,9 @@ def _refuse_non_finite(body: dict[str, Any]) -> None:
             if isinstance(item, _NonFinite):
                 raise InvalidRequestError(
                     f"the request body is not valid JSON: {item.name} is not a JSON number "
-                    f"(in {key})", param=key)
+                    f"(in {key})",
+                    param=key,
+                )
             if isinstance(item, dict):
                 stack.extend(item.values())
             elif isinstance(item, list):
@@ -88,20 +127,22 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidRequestError(
-            f"the request body is not valid UTF-8 (byte {exc.start})") from None
+            f"the request body is not valid UTF-8 (byte {exc.start})"
+        ) from None
     try:
         body = json.loads(text, parse_constant=_NonFinite)
     except RecursionError:
         raise InvalidRequestError("the request body is nested too deeply to parse") from None
     except json.JSONDecodeError as exc:
         raise InvalidRequestError(
-            f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column "
-            f"{exc.colno}") from None
+            f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
     except ValueError as exc:  # e.g. an integer literal with more digits than Python allows
         raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidRequestError(
-            f"the request body must be a JSON object, got a JSON {_json_type(body)}")
+            f"the request body must be a JSON object, got a JSON {_json_type(body)}"
+        )
     if "NaN" in text or "Infinity" in text:  # the only words that make a _NonFinite
         _refuse_non_finite(body)
     if _SURROGATE_ESCAPE.search(text):
@@ -133,7 +174,9 @@ def _refuse_lone_surrogates(body: dict[str, Any]) -> None:
             except UnicodeEncodeError:
                 raise InvalidRequestError(
                     f"{path[:100]} holds a lone UTF-16 surrogate escape (such as \\ud800), "
-                    "which is not valid text", param=path[:100]) from None
+                    "which is not valid text",
+                    param=path[:100],
+                ) from None
         stack.extend(items)
 
 
@@ -150,8 +193,11 @@ def _fields(body: dict[str, Any], known: frozenset[str]) -> dict[str, Any]:
         if key in IGNORED_FIELDS or value is None:
             continue
         if key not in known:
-            raise InvalidRequestError(f"unrecognized request argument: {key[:100]!r}",
-                                      param=key[:100], code="unknown_parameter")
+            raise InvalidRequestError(
+                f"unrecognized request argument: {key[:100]!r}",
+                param=key[:100],
+                code="unknown_parameter",
+            )
         out[key] = value
     return out
 
@@ -163,7 +209,9 @@ def _merge_aliases(fields: dict[str, Any]) -> None:
             if name in fields and fields[name] != value:
                 raise InvalidRequestError(
                     f"{alias} is another name for {name}; give one of them, not both with "
-                    "different values", param=alias)
+                    "different values",
+                    param=alias,
+                )
             fields[name] = value
 
 
@@ -189,8 +237,10 @@ def _include_usage(fields: dict[str, Any]) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise InvalidRequestError(f"stream_options.include_usage must be a boolean, got "
-                                  f"{value!r:.100}", param="stream_options.include_usage")
+        raise InvalidRequestError(
+            f"stream_options.include_usage must be a boolean, got {value!r:.100}",
+            param="stream_options.include_usage",
+        )
     return value  # other options (continuous_usage_stats, ...) change no generated token
 
 
@@ -223,14 +273,20 @@ class ChatCompletionRequest:
         _merge_aliases(fields)
         if "messages" not in fields:
             raise InvalidRequestError("messages is required", param="messages")
-        params = _sampling(fields, logprobs=_bool(fields, "logprobs"),
-                           top_logprobs=fields.get("top_logprobs", 0))
-        structured = parse_structured_request(**{name: fields.get(name)
-                                                 for name in _STRUCTURED_FIELDS})
+        params = _sampling(
+            fields, logprobs=_bool(fields, "logprobs"), top_logprobs=fields.get("top_logprobs", 0)
+        )
+        structured = parse_structured_request(
+            **{name: fields.get(name) for name in _STRUCTURED_FIELDS}
+        )
         return cls(
-            messages=fields["messages"], params=params, model=_model(fields),
-            stream=_bool(fields, "stream"), include_usage=_include_usage(fields),
-            structured=structured, max_tokens_given="max_tokens" in fields,
+            messages=fields["messages"],
+            params=params,
+            model=_model(fields),
+            stream=_bool(fields, "stream"),
+            include_usage=_include_usage(fields),
+            structured=structured,
+            max_tokens_given="max_tokens" in fields,
         )
 
     @property
@@ -261,15 +317,24 @@ class CompletionRequest:
         for name, neutral in (("echo", False), ("best_of", 1), ("suffix", "")):
             if name in fields and fields[name] != neutral:
                 raise InvalidRequestError(
-                    f"{name}={fields[name]!r:.100} is not supported; leave it out", param=name)
+                    f"{name}={fields[name]!r:.100} is not supported; leave it out", param=name
+                )
         logprobs = fields.get("logprobs", 0)
         if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= 5:
-            raise InvalidRequestError(f"logprobs must be an integer in [0, 5] (alternatives per "
-                                      f"token), got {logprobs!r:.100}", param="logprobs")
+            raise InvalidRequestError(
+                f"logprobs must be an integer in [0, 5] (alternatives per "
+                f"token), got {logprobs!r:.100}",
+                param="logprobs",
+            )
         params = _sampling(fields, logprobs="logprobs" in fields, top_logprobs=logprobs)
-        return cls(prompt=_prompt(fields.get("prompt")), params=params, model=_model(fields),
-                   stream=_bool(fields, "stream"), include_usage=_include_usage(fields),
-                   max_tokens_given="max_tokens" in fields)
+        return cls(
+            prompt=_prompt(fields.get("prompt")),
+            params=params,
+            model=_model(fields),
+            stream=_bool(fields, "stream"),
+            include_usage=_include_usage(fields),
+            max_tokens_given="max_tokens" in fields,
+        )
 
 
 def _prompt(prompt: Any) -> str | list[int]:
@@ -279,12 +344,17 @@ def _prompt(prompt: Any) -> str | list[int]:
         if not prompt:
             raise InvalidRequestError("prompt must not be empty", param="prompt")
         return prompt
-    if (isinstance(prompt, list) and prompt
-            and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    ):
         return prompt
     raise InvalidRequestError(
         "prompt must be a non-empty string, a list of one string, or a list of token ids "
-        "(one prompt per request)", param="prompt")
+        "(one prompt per request)",
+        param="prompt",
+    )
 
 
 # -- responses --------------------------------------------------------------------------------
@@ -296,13 +366,17 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int, *, prompt_price: float,
-          completion_price: float) -> dict[str, Any]:
+def usage(
+    prompt_tokens: int, completion_tokens: int, *, prompt_price: float, completion_price: float
+) -> dict[str, Any]:
     """The usage object of the hosted API: token counts and the estimated cost in dollars."""
     cost = prompt_tokens * prompt_price + completion_tokens * completion_price
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "estimated_cost": round(cost, 12)}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "estimated_cost": round(cost, 12),
+    }
 
 
 class LogprobFormatter:
@@ -315,27 +389,38 @@ class LogprobFormatter:
         return self.token_bytes[token].decode("utf-8", errors="replace")
 
     def _entry(self, token: int, logprob: float) -> dict[str, Any]:
-        return {"token": self._text(token), "logprob": logprob,
-                "bytes": list(self.token_bytes[token])}
+        return {
+            "token": self._text(token),
+            "logprob": logprob,
+            "bytes": list(self.token_bytes[token]),
+        }
 
     def chat(self, lp: TokenLogprobs) -> dict[str, Any]:
         """One `choices[i].logprobs.content[j]` entry."""
-        return {**self._entry(lp.token, lp.logprob),
-                "top_logprobs": [self._entry(t, v) for t, v in lp.top]}
+        return {
+            **self._entry(lp.token, lp.logprob),
+            "top_logprobs": [self._entry(t, v) for t, v in lp.top],
+        }
 
     def completion(self, lps: list[TokenLogprobs], offsets: list[int]) -> dict[str, Any]:
         """A completions `choices[i].logprobs` object for consecutive tokens; `offsets[j]` is
         where token j's text starts in the choice's text (counted on the decoded text, which a
         token's raw piece need not match: byte-fallback pieces, held-back stop strings)."""
-        return {"tokens": [self._text(lp.token) for lp in lps],
-                "token_logprobs": [lp.logprob for lp in lps],
-                "top_logprobs": [{self._text(t): v for t, v in lp.top} for lp in lps],
-                "text_offset": list(offsets)}
+        return {
+            "tokens": [self._text(lp.token) for lp in lps],
+            "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{self._text(t): v for t, v in lp.top} for lp in lps],
+            "text_offset": list(offsets),
+        }
 
 
-def chat_choice(index: int, text: str, finish_reason: str | None,
-                logprobs: list[dict[str, Any]] | None,
-                tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def chat_choice(
+    index: int,
+    text: str,
+    finish_reason: str | None,
+    logprobs: list[dict[str, Any]] | None,
+    tool_calls: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """One `choices[i]` of a chat.completion; with tool calls, an empty content is null."""
     message: dict[str, Any] = {"role": "assistant", "content": text}
     if tool_calls:
@@ -348,8 +433,9 @@ def chat_choice(index: int, text: str, finish_reason: str | None,
     return choice
 
 
-def chunk_choice(index: int, delta: dict[str, Any], finish_reason: str | None,
-                 logprobs: Any = None) -> dict[str, Any]:
+def chunk_choice(
+    index: int, delta: dict[str, Any], finish_reason: str | None, logprobs: Any = None
+) -> dict[str, Any]:
     choice: dict[str, Any] = {"index": index, "delta": delta}
     if logprobs is not None:
         choice["logprobs"] = logprobs
@@ -357,17 +443,28 @@ def chunk_choice(index: int, delta: dict[str, Any], finish_reason: str | None,
     return choice
 
 
-def completion_choice(index: int, text: str, finish_reason: str | None,
-                      logprobs: dict[str, Any] | None) -> dict[str, Any]:
+def completion_choice(
+    index: int, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None
+) -> dict[str, Any]:
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def envelope(object_type: str, response_id: str, created: int, model: str,
-             choices: list[dict[str, Any]], usage_: dict[str, Any] | None = None,
-             ) -> dict[str, Any]:
+def envelope(
+    object_type: str,
+    response_id: str,
+    created: int,
+    model: str,
+    choices: list[dict[str, Any]],
+    usage_: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The common outer object: {id, object, created, model, choices[, usage]}."""
-    out: dict[str, Any] = {"id": response_id, "object": object_type, "created": created,
-                           "model": model, "choices": choices}
+    out: dict[str, Any] = {
+        "id": response_id,
+        "object": object_type,
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
     if usage_ is not None:
         out["usage"] = usage_
     return out

@@ -45,9 +45,14 @@ class HostFilter:
         host = raw.decode("latin-1") if raw is not None else ""
         if host_name(host) not in self.allowed:
             shown = host if host else "(none)"
-            await send_error(send, PermissionDeniedError(
-                f"Host {shown[:100]!r} is not allowed; start the server with "
-                "--allowed-hosts to accept it", code="host_not_allowed"))
+            await send_error(
+                send,
+                PermissionDeniedError(
+                    f"Host {shown[:100]!r} is not allowed; start the server with "
+                    "--allowed-hosts to accept it",
+                    code="host_not_allowed",
+                ),
+            )
             return
         await self.app(scope, receive, send)
 
@@ -89,7 +94,8 @@ class BodyLimit:
 
     def _too_large(self) -> PayloadTooLargeError:
         return PayloadTooLargeError(
-            f"the request body is larger than the server's limit of {self.max_bytes} bytes")
+            f"the request body is larger than the server's limit of {self.max_bytes} bytes"
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -100,8 +106,9 @@ class BodyLimit:
             try:
                 declared = int(length)
             except ValueError:
-                await send_error(send, InvalidRequestError(
-                    "the Content-Length header is not a number"))
+                await send_error(
+                    send, InvalidRequestError("the Content-Length header is not a number")
+                )
                 return
             if declared > self.max_bytes:
                 await send_error(send, self._too_large(), {"Connection": "close"})
@@ -124,10 +131,15 @@ def build_middleware(config: ServerConfig) -> list[Middleware]:
     """The guard stack for `config`, outermost first."""
     stack = [Middleware(HostFilter, allowed=config.host_allow_list)]
     if config.cors_origins:
-        stack.append(Middleware(
-            CORSMiddleware, allow_origins=list(config.cors_origins),
-            allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type"], max_age=600))
+        stack.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(config.cors_origins),
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["Authorization", "Content-Type"],
+                max_age=600,
+            )
+        )
     stack.append(Middleware(ApiKeyAuth, api_key=config.api_key))
     stack.append(Middleware(BodyLimit, max_bytes=config.max_body_bytes))
     return stack

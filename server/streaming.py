@@ -101,9 +101,19 @@ class ResponseWriter:
             (`GrammarConstraint.call_ids`); None when answers hold no tool calls.
     """
 
-    def __init__(self, *, chat: bool, model: str, n: int, logprobs: bool, include_usage: bool,
-                 prices: tuple[float, float], formatter: LogprobFormatter,
-                 stats: dict[str, Any], call_ids: list[tuple[str, ...]] | None = None):
+    def __init__(
+        self,
+        *,
+        chat: bool,
+        model: str,
+        n: int,
+        logprobs: bool,
+        include_usage: bool,
+        prices: tuple[float, float],
+        formatter: LogprobFormatter,
+        stats: dict[str, Any],
+        call_ids: list[tuple[str, ...]] | None = None,
+    ):
         self.chat = chat
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.created = now()
@@ -128,8 +138,12 @@ class ResponseWriter:
         self.stats["completion_tokens"] = sum(self.completion_tokens)
 
     def _usage(self) -> dict[str, Any]:
-        return usage(self.prompt_tokens, sum(self.completion_tokens),
-                     prompt_price=self.prices[0], completion_price=self.prices[1])
+        return usage(
+            self.prompt_tokens,
+            sum(self.completion_tokens),
+            prompt_price=self.prices[0],
+            completion_price=self.prices[1],
+        )
 
     def _has_logprob(self, event: TokenEvent) -> bool:
         # The token that ends a choice with "stop" (</s>, or the end of a stop string) is not
@@ -170,8 +184,9 @@ class ResponseWriter:
                 if self.call_ids is not None:  # exactly what the stream would have sent
                     text, calls = assemble_tool_calls(texts[i], self.call_ids[i])
                 reason = "tool_calls" if calls and finish[i] == "stop" else finish[i]
-                choices.append(chat_choice(i, text, reason, entries[i] if self.logprobs else None,
-                                           calls))
+                choices.append(
+                    chat_choice(i, text, reason, entries[i] if self.logprobs else None, calls)
+                )
             else:
                 lp = self.formatter.completion(entries[i], offsets[i]) if self.logprobs else None
                 choices.append(completion_choice(i, text, finish[i], lp))
@@ -185,8 +200,14 @@ class ResponseWriter:
             chunk["usage"] = None
         return sse_data(chunk)
 
-    def _delta(self, index: int, text: str, finish: str | None, logprobs: Any,
-               tool_calls: tuple[dict[str, Any], ...] = ()) -> bytes:
+    def _delta(
+        self,
+        index: int,
+        text: str,
+        finish: str | None,
+        logprobs: Any,
+        tool_calls: tuple[dict[str, Any], ...] = (),
+    ) -> bytes:
         if self.chat:
             delta: dict[str, Any] = {}
             if finish is None and (text or not tool_calls):
@@ -239,8 +260,9 @@ class ResponseWriter:
                         delta = streamers[event.index].feed(text)
                         if event.finish_reason is not None:
                             last = streamers[event.index].finish()
-                            delta = StreamDelta(delta.content + last.content,
-                                                delta.tool_calls + last.tool_calls)
+                            delta = StreamDelta(
+                                delta.content + last.content, delta.tool_calls + last.tool_calls
+                            )
                         text, calls = delta.content, delta.tool_calls
                         called[event.index] |= bool(calls)
                         if text or calls or logprobs is not None:
@@ -296,8 +318,14 @@ class EventStreamResponse:
         stats: the request's access-log record.
     """
 
-    def __init__(self, body: AsyncIterator[bytes], *, cancel: Callable[[], None],
-                 send_timeout: float, stats: dict[str, Any]):
+    def __init__(
+        self,
+        body: AsyncIterator[bytes],
+        *,
+        cancel: Callable[[], None],
+        send_timeout: float,
+        stats: dict[str, Any],
+    ):
         self.body = body
         self.cancel = cancel
         self.send_timeout = send_timeout
@@ -324,15 +352,22 @@ class EventStreamResponse:
                     deadline.reschedule(None)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             finished = True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.stats["disconnected"] = True
             log.warning("client stopped reading for %.0fs; generation cancelled", self.send_timeout)
         except Exception:
             log.exception("stream failed")
             try:
-                await send({"type": "http.response.body", "more_body": False,
-                            "body": error_event(InternalServerError(
-                                "the server hit an internal error; see its log")) + DONE})
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "more_body": False,
+                        "body": error_event(
+                            InternalServerError("the server hit an internal error; see its log")
+                        )
+                        + DONE,
+                    }
+                )
             except OSError as exc:
                 log.warning("could not report the failure to the client: %s", exc)
         finally:

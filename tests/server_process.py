@@ -30,8 +30,13 @@ class ServerProcess:
         ...     httpx.get(server.url("/health"))
     """
 
-    def __init__(self, model: str | Path | None, *args: str, timeout: float = 60.0,
-                 env: dict[str, str | None] | None = None):
+    def __init__(
+        self,
+        model: str | Path | None,
+        *args: str,
+        timeout: float = 60.0,
+        env: dict[str, str | None] | None = None,
+    ):
         model_args = [] if model is None else ["--model", str(model)]
         self.argv = [sys.executable, "-m", "mlx_mistral.server", *model_args, "--port", "0", *args]
         self.timeout = timeout
@@ -50,8 +55,9 @@ class ServerProcess:
                 env.pop(name, None)
             else:
                 env[name] = value
-        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -27,7 +27,9 @@ def probe(env_value: str | None) -> dict:
     env.pop("MLX_MISTRAL_BLAS", None)
     if env_value is not None:
         env["MLX_MISTRAL_BLAS"] = env_value
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -36,7 +38,9 @@ def test_reference_blas_when_turned_off():
     assert result["loaded"] is None and result["err"] < 1e-3
 
 
-@pytest.mark.skipif(not any(os.path.exists(p) for p in _blas.CANDIDATES), reason="no system OpenBLAS")
+@pytest.mark.skipif(
+    not any(os.path.exists(p) for p in _blas.CANDIDATES), reason="no system OpenBLAS"
+)
 def test_openblas_preloaded_and_matmuls_agree():
     result = probe(None)
     assert result["loaded"] in _blas.CANDIDATES and result["err"] < 1e-3

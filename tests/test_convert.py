@@ -18,14 +18,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from checkpoints import MISTRAL_TOKENIZER, write_hf_checkpoint
-from mlx_mistral.convert import convert, expected_tensors
-from mlx_mistral.convert.cli import parse_size
-from mlx_mistral.convert.source import read_header
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import mlx_mistral
 from mlx_mistral.config import ModelArgs
+from mlx_mistral.convert import convert, expected_tensors
+from mlx_mistral.convert.cli import parse_size
+from mlx_mistral.convert.source import read_header
 
 TOKENS = mx.array([[1, 415, 2936, 9060, 285, 1142, 28705, 28740, 28734, 28723, 13, 2, 733, 16289,
                     28793, 32, 100, 2000, 31999, 5]])  # fmt: skip
@@ -439,8 +439,13 @@ def test_interrupt_mid_way_leaves_nothing(big_checkpoint, tmp_path):
                "-q", "--max-shard-size", "40MB", "--no-progress"]  # fmt: skip
         # At the lowest priority, so that on a busy machine this loop sees the first shard
         # before the conversion is over; stopped at once, then interrupted where it stood.
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                preexec_fn=lambda: os.nice(19))
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: os.nice(19),
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
             tmp = [p for p in tmp_path.glob(".out.tmp-*") if any(p.glob("*.safetensors"))]

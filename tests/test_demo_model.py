@@ -46,7 +46,9 @@ def greedy_tokens(model, tokenizer, prompt_ids: list[list[int]]) -> list[list[in
     return [out[uid] for uid in uids]
 
 
-def teacher_forced_argmax(model, prompt_ids: list[list[int]], answers: list[list[int]]) -> list[int]:
+def teacher_forced_argmax(
+    model, prompt_ids: list[list[int]], answers: list[list[int]]
+) -> list[int]:
     """The model's argmax at every position that predicts an answer token, all answers
     concatenated. One forward per sequence (prompt lengths vary 10x, so a padded batch would
     mostly compute padding); only answer rows are projected onto the vocabulary."""
@@ -85,9 +87,17 @@ def test_checkpoint_has_mistral_v02_layout():
     expected = {"model.embed_tokens.weight", "model.norm.weight"} | {
         layer.format(i, part)
         for i in range(config["num_hidden_layers"])
-        for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-                     "input_layernorm", "post_attention_layernorm")
+        for part in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+            "input_layernorm",
+            "post_attention_layernorm",
+        )
     }
     if not config["tie_word_embeddings"]:
         expected.add("lm_head.weight")
@@ -100,17 +110,22 @@ def test_checkpoint_has_mistral_v02_layout():
 
 def test_hello_gets_a_greeting(demo):
     model, tokenizer = demo
-    text = mlx_mistral.generate(model, tokenizer, [{"role": "user", "content": "Hello!"}],
-                                max_tokens=32, temperature=0)
+    text = mlx_mistral.generate(
+        model, tokenizer, [{"role": "user", "content": "Hello!"}], max_tokens=32, temperature=0
+    )
     assert text.strip() == GREETING
 
 
 def test_held_out_phrasings_are_answered(demo, items):
     model, tokenizer = demo
-    texts = mlx_mistral.batch_generate(model, tokenizer, prompts(tokenizer, items),
-                                       max_tokens=MAX_TOKENS, max_batch=len(items))
-    wrong = [(it.messages[-1]["content"], text) for it, text in zip(items, texts)
-             if not is_correct(it, text)]
+    texts = mlx_mistral.batch_generate(
+        model, tokenizer, prompts(tokenizer, items), max_tokens=MAX_TOKENS, max_batch=len(items)
+    )
+    wrong = [
+        (it.messages[-1]["content"], text)
+        for it, text in zip(items, texts)
+        if not is_correct(it, text)
+    ]
     accuracy = 1 - len(wrong) / len(items)
     assert len(items) >= 40
     assert accuracy >= 0.9, f"accuracy {accuracy:.2f}; wrong: {wrong}"
@@ -152,7 +167,10 @@ def test_training_reproduces_the_logged_loss_curve():
     losses (the same data order, initial weights and updates)."""
     log = json.loads((DEMO_MODEL_DIR / LOG_NAME).read_text())
     steps = 30
-    trainer = DemoTrainer(TrainConfig(**log["train_config"]), mlx_mistral.tokenizer.Tokenizer.from_file(tokenizer_path()))
+    trainer = DemoTrainer(
+        TrainConfig(**log["train_config"]),
+        mlx_mistral.tokenizer.Tokenizer.from_file(tokenizer_path()),
+    )
     losses = trainer.train(stop_after=steps)
     np.testing.assert_allclose(losses, log["losses"][:steps], rtol=0, atol=1e-3)
     # The curve starts at ln(32000) = 10.37 and falls: the check compares a real training run.
@@ -167,8 +185,10 @@ def test_call_ids_are_random_and_left_out_of_the_loss():
     rows = [k for k, ex in enumerate(examples) if ex.topic == "tool_call"]
     call_ids = [examples[k].unlearned[0] for k in rows]
     assert len(set(call_ids)) == len(rows) > 500
-    assert all(re.fullmatch(r"call_[A-Za-z0-9]{9}", i) and f'"id": "{i}"}}]' in examples[k].answer
-               for i, k in zip(call_ids, rows))
+    assert all(
+        re.fullmatch(r"call_[A-Za-z0-9]{9}", i) and f'"id": "{i}"}}]' in examples[k].answer
+        for i, k in zip(call_ids, rows)
+    )
     trainer = DemoTrainer(TrainConfig(), tokenizer)
     _, _, mask = trainer.batch_tensors(rows[:16])
     for r, k in enumerate(rows[:16]):

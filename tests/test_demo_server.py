@@ -80,10 +80,15 @@ def ask_all(server: ServerProcess, requests: list[dict[str, Any]]) -> list[dict[
         if not request.get("stream"):
             answer = await aclient.chat.completions.create(model=name, **request)
             (choice,) = answer.choices
-            calls = [{"name": c.function.name, "arguments": c.function.arguments, "id": c.id}
-                     for c in choice.message.tool_calls or []]
-            return {"text": choice.message.content or "", "calls": calls,
-                    "finish_reason": choice.finish_reason}
+            calls = [
+                {"name": c.function.name, "arguments": c.function.arguments, "id": c.id}
+                for c in choice.message.tool_calls or []
+            ]
+            return {
+                "text": choice.message.content or "",
+                "calls": calls,
+                "finish_reason": choice.finish_reason,
+            }
         text, calls, finish = "", {}, None
         async for chunk in await aclient.chat.completions.create(model=name, **request):
             for choice in chunk.choices:
@@ -97,8 +102,9 @@ def ask_all(server: ServerProcess, requests: list[dict[str, Any]]) -> list[dict[
         return {"text": text, "calls": [calls[i] for i in sorted(calls)], "finish_reason": finish}
 
     async def run() -> list[dict[str, Any]]:
-        async with openai.AsyncOpenAI(base_url=server.url("/v1"), api_key="k", max_retries=0,
-                                      timeout=120) as aclient:
+        async with openai.AsyncOpenAI(
+            base_url=server.url("/v1"), api_key="k", max_retries=0, timeout=120
+        ) as aclient:
             return await asyncio.gather(*(one(aclient, r) for r in requests))
 
     return asyncio.run(run())
@@ -109,18 +115,32 @@ def as_text(answer: dict[str, Any], call_id: str | None = None) -> str:
     `call_id` in place of the ids, which the server's grammar writes, not the model)."""
     if not answer["calls"]:
         return answer["text"]
-    return render_tool_calls([{"id": call_id or c["id"], "type": "function",
-                               "function": {"name": c["name"], "arguments": c["arguments"]}}
-                              for c in answer["calls"]])
+    return render_tool_calls(
+        [
+            {
+                "id": call_id or c["id"],
+                "type": "function",
+                "function": {"name": c["name"], "arguments": c["arguments"]},
+            }
+            for c in answer["calls"]
+        ]
+    )
 
 
 def is_right(item: Any, answer: dict[str, Any]) -> bool:
     """A finished answer (not cut at max_tokens) with what the item expects; a call item must
     make exactly one call."""
     if item.topic == "tool_call":
-        return (answer["finish_reason"] == "tool_calls" and len(answer["calls"]) == 1
-                and is_correct(item, as_text(answer)))
-    return answer["finish_reason"] == "stop" and not answer["calls"] and is_correct(item, answer["text"])
+        return (
+            answer["finish_reason"] == "tool_calls"
+            and len(answer["calls"]) == 1
+            and is_correct(item, as_text(answer))
+        )
+    return (
+        answer["finish_reason"] == "stop"
+        and not answer["calls"]
+        and is_correct(item, answer["text"])
+    )
 
 
 @pytest.fixture(scope="module")
@@ -132,25 +152,40 @@ def test_held_out_phrasings_are_answered_right(float_answers):
     by_topic: dict[str, list[bool]] = {}
     for item, answer in zip(ITEMS, float_answers):
         by_topic.setdefault(item.topic, []).append(is_right(item, answer))
-    wrong = [(it.messages[-1]["content"], as_text(a)) for it, a in zip(ITEMS, float_answers)
-             if not is_right(it, a)]
+    wrong = [
+        (it.messages[-1]["content"], as_text(a))
+        for it, a in zip(ITEMS, float_answers)
+        if not is_right(it, a)
+    ]
     right = sum(sum(v) for v in by_topic.values())
-    print(f"held-out phrasings: {right}/{len(ITEMS)} right ("
-          + ", ".join(f"{t} {sum(v)}/{len(v)}" for t, v in by_topic.items()) + ")")
-    assert len(ITEMS) >= 40 and set(by_topic) >= {"add", "capital", "convert", "tool_call", "tool_result"}
+    print(
+        f"held-out phrasings: {right}/{len(ITEMS)} right ("
+        + ", ".join(f"{t} {sum(v)}/{len(v)}" for t, v in by_topic.items())
+        + ")"
+    )
+    assert len(ITEMS) >= 40 and set(by_topic) >= {
+        "add",
+        "capital",
+        "convert",
+        "tool_call",
+        "tool_result",
+    }
     assert right / len(ITEMS) >= 0.9, f"{right}/{len(ITEMS)} right; wrong: {wrong}"
 
 
 def test_streaming_gives_the_same_answers(server):
     # One item of each topic; both forms of each go out together, in one batch.
     picked = list({it.topic: it for it in ITEMS}.values())
-    answers = ask_all(server, [body(it) for it in picked] + [body(it, stream=True) for it in picked])
-    whole, streamed = answers[: len(picked)], answers[len(picked):]
+    answers = ask_all(
+        server, [body(it) for it in picked] + [body(it, stream=True) for it in picked]
+    )
+    whole, streamed = answers[: len(picked)], answers[len(picked) :]
     assert any(a["calls"] for a in whole)
     for item, w, s in zip(picked, whole, streamed):
         assert s["text"] == w["text"], item.messages
-        assert [(c["name"], c["arguments"]) for c in s["calls"]] == \
-               [(c["name"], c["arguments"]) for c in w["calls"]]
+        assert [(c["name"], c["arguments"]) for c in s["calls"]] == [
+            (c["name"], c["arguments"]) for c in w["calls"]
+        ]
         assert s["finish_reason"] == w["finish_reason"]
         assert all(CALL_ID.fullmatch(c["id"]) for c in s["calls"] + w["calls"])
 
@@ -192,8 +227,14 @@ def test_serve_without_a_model_serves_the_demo_and_says_so(tmp_path):
     nothing in the caches serves the demo model, says so, and the contract's Hello! is greeted."""
     from test_server_curl import HELLO, run_curl
 
-    empty = {"HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
-             "MLX_MISTRAL_MODEL": None, "HF_HUB_CACHE": None, "HUGGINGFACE_HUB_CACHE": None}
+    empty = {
+        "HOME": str(tmp_path),
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "MLX_MISTRAL_MODEL": None,
+        "HF_HUB_CACHE": None,
+        "HUGGINGFACE_HUB_CACHE": None,
+    }
     with ServerProcess(None, env=empty) as proc:
         assert "Mistral-7B-Instruct-v0.2 was not found on this machine" in proc.log()
         assert "serving the bundled demo model" in proc.log()
@@ -207,20 +248,37 @@ def test_serve_without_a_model_serves_the_demo_and_says_so(tmp_path):
 def test_weather_tool_round_trip(client, server):
     name = model_name(server)
     messages = [{"role": "user", "content": "What is the weather like in Tokyo?"}]
-    first = client.chat.completions.create(model=name, messages=messages, tools=[TOOLS["get_weather"]],
-                                           tool_choice="auto", temperature=0, max_tokens=MAX_TOKENS)
+    first = client.chat.completions.create(
+        model=name,
+        messages=messages,
+        tools=[TOOLS["get_weather"]],
+        tool_choice="auto",
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+    )
     (choice,) = first.choices
     assert choice.finish_reason == "tool_calls", choice
     (call,) = choice.message.tool_calls
     assert call.function.name == "get_weather" and CALL_ID.fullmatch(call.id)
     assert json.loads(call.function.arguments) == {"city": "Tokyo"}
 
-    conversation = [*messages, choice.message.model_dump(exclude_none=True),
-                    {"role": "tool", "tool_call_id": call.id,
-                     "content": json.dumps({"temperature": 18, "condition": "sunny"})}]
-    second = client.chat.completions.create(model=name, messages=conversation,
-                                            tools=[TOOLS["get_weather"]], tool_choice="auto",
-                                            temperature=0, max_tokens=MAX_TOKENS)
+    conversation = [
+        *messages,
+        choice.message.model_dump(exclude_none=True),
+        {
+            "role": "tool",
+            "tool_call_id": call.id,
+            "content": json.dumps({"temperature": 18, "condition": "sunny"}),
+        },
+    ]
+    second = client.chat.completions.create(
+        model=name,
+        messages=conversation,
+        tools=[TOOLS["get_weather"]],
+        tool_choice="auto",
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+    )
     (final,) = second.choices
     assert final.finish_reason == "stop" and not final.message.tool_calls
     assert "18" in final.message.content and "sunny" in final.message.content, final.message.content

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-
 import subprocess
 import sys
 import threading
@@ -15,7 +14,11 @@ import pytest
 from mlx_mistral import Engine, EngineConfig, SamplingParams
 from mlx_mistral.batch import BatchGenerator
 from mlx_mistral.cache import BatchKVCache
-from mlx_mistral.errors import ContextLengthExceededError, EngineOverloadedError, InvalidRequestError
+from mlx_mistral.errors import (
+    ContextLengthExceededError,
+    EngineOverloadedError,
+    InvalidRequestError,
+)
 from mlx_mistral.prefix_cache import PrefixCache
 from mlx_mistral.structured import make_constraints
 from mlx_mistral.tool_calls import parse_structured_request
@@ -24,12 +27,20 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12)
 
 
 def prompts(tokenizer, n):
-    questions = ["Hello!", "What is the capital of France?", "2+2?", "Tell me a story about a cat.",
-                 "Convert 5 km to miles", "¿Qué tal? 你好 👋"]
+    questions = [
+        "Hello!",
+        "What is the capital of France?",
+        "2+2?",
+        "Tell me a story about a cat.",
+        "Convert 5 km to miles",
+        "¿Qué tal? 你好 👋",
+    ]
     return [tokenizer.encode_chat([{"role": "user", "content": q}]) for q in questions[:n]]
 
 
-def run(generator: BatchGenerator, steps_before: dict[int, list] | None = None) -> dict[int, list[int]]:
+def run(
+    generator: BatchGenerator, steps_before: dict[int, list] | None = None
+) -> dict[int, list[int]]:
     tokens: dict[int, list[int]] = {}
     while generator.has_work:
         for event in generator.step():
@@ -80,31 +91,39 @@ def test_seeded_requests_reproducible_inside_a_batch(tiny_model):
     ps = prompts(tokenizer, 3)
     seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=10)
     generator = BatchGenerator(model, tokenizer)
-    others = [generator.add(p, SamplingParams(temperature=0.8, top_p=0.9, max_tokens=14)) for p in ps[1:]]
+    others = [
+        generator.add(p, SamplingParams(temperature=0.8, top_p=0.9, max_tokens=14)) for p in ps[1:]
+    ]
     uid = generator.add(ps[0], seeded)
     in_batch = run(generator)[uid]
     assert in_batch == alone(model, tokenizer, ps[0], seeded)
-    other_seed = alone(model, tokenizer, ps[0], SamplingParams(temperature=1.0, seed=99, max_tokens=10))
+    other_seed = alone(
+        model, tokenizer, ps[0], SamplingParams(temperature=1.0, seed=99, max_tokens=10)
+    )
     assert other_seed != in_batch
     assert others
 
 
 def test_prefix_cache_hit_gives_cold_logits(tiny_model):
     model, tokenizer = tiny_model
-    history = [{"role": "system", "content": "You are a careful assistant who answers briefly. " * 3},
-               {"role": "user", "content": "What is the capital of France?"}]
+    history = [
+        {"role": "system", "content": "You are a careful assistant who answers briefly. " * 3},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
     first = tokenizer.encode_chat(history)
     cache = PrefixCache(1 << 30)
     generator = BatchGenerator(model, tokenizer, prefix_cache=cache)
     uid = generator.add(first, GREEDY)
     answer = run(generator)[uid]
-    turn2 = history + [{"role": "assistant", "content": tokenizer.decode(answer)},
-                       {"role": "user", "content": "And of Italy?"}]
+    turn2 = history + [
+        {"role": "assistant", "content": tokenizer.decode(answer)},
+        {"role": "user", "content": "And of Italy?"},
+    ]
     second = tokenizer.encode_chat(turn2)
     hit = cache.lookup(second)
     assert hit is not None and hit.length >= len(first)
     warm = [BatchKVCache.from_state(k, v) for k, v in hit.layers]
-    warm_logits = model(mx.array([second[hit.length:]]), warm)[0, -1]
+    warm_logits = model(mx.array([second[hit.length :]]), warm)[0, -1]
     cold_logits = model(mx.array([second]))[0, -1]
     assert np.abs(np.array(warm_logits) - np.array(cold_logits)).max() < 1e-4
     # Through the generator: the same tokens, and the usage reports the cached prompt tokens.
@@ -122,8 +141,10 @@ def test_requests_arriving_together_share_a_system_prompt(tiny_model):
     tokens they give alone."""
     model, tokenizer = tiny_model
     system = {"role": "system", "content": "You are a careful assistant who answers briefly. " * 4}
-    chats = [tokenizer.encode_chat([system, {"role": "user", "content": q}])
-             for q in ("Hello!", "2+2?", "Convert 5 km to miles")]
+    chats = [
+        tokenizer.encode_chat([system, {"role": "user", "content": q}])
+        for q in ("Hello!", "2+2?", "Convert 5 km to miles")
+    ]
     generator = BatchGenerator(model, tokenizer, prefix_cache=PrefixCache(1 << 30))
     uids = [generator.add(chat, GREEDY) for chat in chats]
     events = _drain(generator)
@@ -251,8 +272,9 @@ def test_rows_out_of_room_together_leave_it_to_each_other(tiny_model):
     budget has it for one: the first ends with "length" and the second grows into its room
     (before, both ended there)."""
     model, tokenizer = tiny_model
-    generator = BatchGenerator(model, tokenizer, kv_budget_bytes=2 * 200 * generator_bytes(model),
-                               open_reserve=32)
+    generator = BatchGenerator(
+        model, tokenizer, kv_budget_bytes=2 * 200 * generator_bytes(model), open_reserve=32
+    )
     params = SamplingParams(temperature=0, n=2, logit_bias={tokenizer.eos_id: -100})
     generator.add(prompts(tokenizer, 1)[0], params)
     ends = {e.index: e for e in _drain(generator) if e.finish_reason}
@@ -416,10 +438,13 @@ def test_a_script_exits_cleanly_right_after_engine_shutdown(tiny_hf_checkpoint):
     """The engine thread tears down its MLX streams before it ends; left to the thread's exit,
     that teardown raced the interpreter's and aborted the process ("terminate called")."""
     for _ in range(3):
-        done = subprocess.run([sys.executable, "-c", EXIT_AFTER_SHUTDOWN, str(tiny_hf_checkpoint)],
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-c", EXIT_AFTER_SHUTDOWN, str(tiny_hf_checkpoint)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0 and "terminate" not in done.stderr, done.stderr[-2000:]
-
 
 
 def test_batch_generate_equals_generate_per_prompt(tiny_model):
@@ -428,9 +453,13 @@ def test_batch_generate_equals_generate_per_prompt(tiny_model):
     import mlx_mistral
 
     model, tokenizer = tiny_model
-    prompts_ = [[{"role": "user", "content": "Hello!"}], "The capital of France is",
-                tokenizer.encode("Once upon a time", bos=True),
-                [{"role": "user", "content": "Tell me a story about a cat."}]]
+    prompts_ = [
+        [{"role": "user", "content": "Hello!"}],
+        "The capital of France is",
+        tokenizer.encode("Once upon a time", bos=True),
+        [{"role": "user", "content": "Tell me a story about a cat."}],
+    ]
     texts = mlx_mistral.batch_generate(model, tokenizer, prompts_, max_tokens=12)
-    assert texts == [mlx_mistral.generate(model, tokenizer, p, max_tokens=12, temperature=0)
-                     for p in prompts_]
+    assert texts == [
+        mlx_mistral.generate(model, tokenizer, p, max_tokens=12, temperature=0) for p in prompts_
+    ]

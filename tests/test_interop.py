@@ -33,7 +33,9 @@ def test_mlx_lm_converted_checkpoint_loads_with_mlx_lm_logits(mlx_lm_source, tmp
     from mlx_lm.utils import load_model
 
     out = tmp_path / "mlx-lm-out"
-    kwargs = dict(quantize=True, q_bits=quantize, q_group_size=64) if isinstance(quantize, int) else {}
+    kwargs = (
+        dict(quantize=True, q_bits=quantize, q_group_size=64) if isinstance(quantize, int) else {}
+    )
     if isinstance(quantize, str):
         kwargs = dict(quantize=True, q_group_size=64, quant_predicate=quantize)
     mlx_lm_convert(str(mlx_lm_source), str(out), dtype="float32", **kwargs)
@@ -46,8 +48,9 @@ def test_mlx_lm_converted_checkpoint_loads_with_mlx_lm_logits(mlx_lm_source, tmp
     theirs = reference(TOKENS).astype(mx.float32)
     assert mx.abs(ours - theirs).max().item() < 1e-4
     assert mx.array_equal(mx.argmax(ours, -1), mx.argmax(theirs, -1)).item()
-    text = mlx_mistral.generate(model, tokenizer, [{"role": "user", "content": "Hello!"}],
-                                max_tokens=8, temperature=0)
+    text = mlx_mistral.generate(
+        model, tokenizer, [{"role": "user", "content": "Hello!"}], max_tokens=8, temperature=0
+    )
     assert isinstance(text, str)
 
 

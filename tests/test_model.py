@@ -16,10 +16,20 @@ from mlx_mistral.weights import load_model
 
 CONFIGS = {
     "gqa1": dict(vocab_size=512, num_attention_heads=4, num_key_value_heads=4),
-    "gqa4": dict(vocab_size=512, num_attention_heads=8, num_key_value_heads=2, hidden_size=64, head_dim=8),
+    "gqa4": dict(
+        vocab_size=512, num_attention_heads=8, num_key_value_heads=2, hidden_size=64, head_dim=8
+    ),
     "sliding": dict(vocab_size=512, sliding_window=8),
-    "odd": dict(vocab_size=397, hidden_size=48, intermediate_size=72, num_attention_heads=3,
-                num_key_value_heads=1, head_dim=18, num_hidden_layers=3, rope_theta=10000.0),
+    "odd": dict(
+        vocab_size=397,
+        hidden_size=48,
+        intermediate_size=72,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=18,
+        num_hidden_layers=3,
+        rope_theta=10000.0,
+    ),
     # MLP weights of 2^20 elements: on the CPU backend their matmuls take the padded-rows path.
     "wide": dict(vocab_size=512, intermediate_size=16384),
 }
@@ -28,8 +38,12 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def pair(request, tmp_path_factory):
-    path = write_hf_checkpoint(tmp_path_factory.mktemp(request.param), seed=1, **CONFIGS[request.param])
-    ref = MistralForCausalLM.from_pretrained(path, torch_dtype=torch.float32, attn_implementation="eager").eval()
+    path = write_hf_checkpoint(
+        tmp_path_factory.mktemp(request.param), seed=1, **CONFIGS[request.param]
+    )
+    ref = MistralForCausalLM.from_pretrained(
+        path, torch_dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     return load_model(path, dtype="float32"), ref
 
 
@@ -51,9 +65,15 @@ def test_cached_greedy_decode_matches_transformers(pair):
     ours, ref = pair
     ids = prompt(13, ours.args.vocab_size, seed=2)
     with torch.no_grad():
-        out = ref.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
-                           output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-    ref_tokens = out.sequences[0, len(ids):].tolist()
+        out = ref.generate(
+            torch.tensor([ids]),
+            max_new_tokens=32,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
+    ref_tokens = out.sequences[0, len(ids) :].tolist()
     ref_logits = np.stack([l[0].numpy() for l in out.logits])
 
     cache = ours.make_cache()

@@ -20,19 +20,34 @@ def test_wheel_layout(tmp_path):
     (wheel,) = tmp_path.glob("mlx_mistral-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {n.split("/")[0] for n in names}
-    assert top_level <= {"mlx_mistral", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
+    assert top_level <= {
+        "mlx_mistral",
+        wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info",
+    }
     assert "mlx_mistral/server/app.py" in names
     assert "mlx_mistral/convert/cli.py" in names
     assert "mlx_mistral/demo_model/config.json" in names
     assert not any(n.startswith(("server/", "convert/", "tests/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "mlx-mistral = mlx_mistral.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert (
+        "mlx-mistral = mlx_mistral.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    )
 
 
 def test_console_script_reports_bad_input_without_traceback(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "mlx_mistral.cli", "generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "mlx_mistral.cli",
+            "generate",
+            "--model",
+            str(tmp_path / "nope"),
+            "--prompt",
+            "hi",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
@@ -41,21 +56,35 @@ def test_console_script_reports_bad_input_without_traceback(tmp_path):
 
 def test_bad_sampling_flag_is_refused_before_loading_a_model():
     result = subprocess.run(
-        [sys.executable, "-m", "mlx_mistral.cli", "generate", "--prompt", "hi", "--temperature", "5"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "mlx_mistral.cli",
+            "generate",
+            "--prompt",
+            "hi",
+            "--temperature",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip() == "mlx-mistral: error: temperature must be in [0, 2], got 5.0."
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["generate"], "the following arguments are required: --prompt"),
-    (["serve", "--port", "x"], "invalid int value: 'x'"),
-    (["convert"], "required"),
-    (["frobnicate"], "invalid choice: 'frobnicate'"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["generate"], "the following arguments are required: --prompt"),
+        (["serve", "--port", "x"], "invalid int value: 'x'"),
+        (["convert"], "required"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
 def test_usage_mistakes_are_one_line(argv, words):
-    result = subprocess.run([sys.executable, "-m", "mlx_mistral.cli", *argv], capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "mlx_mistral.cli", *argv], capture_output=True, text=True
+    )
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert words in result.stderr and result.stderr.startswith("mlx-mistral")

@@ -71,23 +71,33 @@ def check_answer(response: httpx.Response, server: ServerProcess) -> None:
 # -- hypothesis over the request schema -------------------------------------------------------
 def _scalars() -> st.SearchStrategy[Any]:
     return st.one_of(
-        st.none(), st.booleans(),
-        st.integers(), st.sampled_from([-1, 0, 1, 2**31, 2**63, -(2**63), 10**9, 10**30]),
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.sampled_from([-1, 0, 1, 2**31, 2**63, -(2**63), 10**9, 10**30]),
         st.floats(allow_nan=True, allow_infinity=True),
-        st.text(max_size=20), st.sampled_from(["", "x", "../../etc/passwd", "\x00", "{{7*7}}"]))
+        st.text(max_size=20),
+        st.sampled_from(["", "x", "../../etc/passwd", "\x00", "{{7*7}}"]),
+    )
 
 
 JSON = st.recursive(
     _scalars(),
-    lambda inner: st.one_of(st.lists(inner, max_size=4),
-                            st.dictionaries(st.text(max_size=8), inner, max_size=4)),
-    max_leaves=12)
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
 
 
 def _small(value: Any) -> Any:
     """A token count that would generate more than a few tokens becomes MAX_FUZZ_TOKENS."""
-    if (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value) and MAX_FUZZ_TOKENS < value <= 1_000_000):
+    if (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and MAX_FUZZ_TOKENS < value <= 1_000_000
+    ):
         return MAX_FUZZ_TOKENS if isinstance(value, int) else float(MAX_FUZZ_TOKENS)
     return value
 
@@ -113,7 +123,9 @@ SAMPLING = {
     "stop": st.one_of(st.text(max_size=5), st.lists(st.text(max_size=5), max_size=5)),
     "logit_bias": st.dictionaries(
         st.one_of(st.integers(-5, 40000).map(str), st.text(max_size=4)),
-        st.one_of(st.floats(-150, 150), JSON), max_size=3),
+        st.one_of(st.floats(-150, 150), JSON),
+        max_size=3,
+    ),
     "n": st.integers(0, 17),
     "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({}, optional={"include_usage": field(st.booleans())}),
@@ -126,24 +138,68 @@ SAMPLING = {
 NAME = st.from_regex(r"[a-z_]{1,10}", fullmatch=True)
 CONTENT = st.one_of(
     st.text(max_size=40),
-    st.lists(st.fixed_dictionaries({"type": field(st.sampled_from(["text", "image_url"])),
-                                    "text": field(st.text(max_size=20))}), max_size=3),
-    JSON)
-MESSAGE = field(st.fixed_dictionaries(
-    {"role": field(st.sampled_from(["system", "user", "user", "assistant", "tool"]))},
-    optional={"content": field(CONTENT), "name": JSON, "tool_call_id": JSON,
-              "tool_calls": JSON}))
-SCHEMA = field(st.fixed_dictionaries(
-    {"type": st.just("object")},
-    optional={"properties": st.dictionaries(
-        st.text(max_size=6),
-        st.fixed_dictionaries({"type": st.sampled_from(
-            ["string", "integer", "number", "boolean", "array", "object", "null", "nonsense"])}),
-        max_size=3), "required": JSON}))
-TOOL = field(st.fixed_dictionaries(
-    {"type": field(st.just("function")),
-     "function": field(st.fixed_dictionaries(
-         {"name": field(NAME)}, optional={"description": JSON, "parameters": SCHEMA}))}))
+    st.lists(
+        st.fixed_dictionaries(
+            {
+                "type": field(st.sampled_from(["text", "image_url"])),
+                "text": field(st.text(max_size=20)),
+            }
+        ),
+        max_size=3,
+    ),
+    JSON,
+)
+MESSAGE = field(
+    st.fixed_dictionaries(
+        {"role": field(st.sampled_from(["system", "user", "user", "assistant", "tool"]))},
+        optional={
+            "content": field(CONTENT),
+            "name": JSON,
+            "tool_call_id": JSON,
+            "tool_calls": JSON,
+        },
+    )
+)
+SCHEMA = field(
+    st.fixed_dictionaries(
+        {"type": st.just("object")},
+        optional={
+            "properties": st.dictionaries(
+                st.text(max_size=6),
+                st.fixed_dictionaries(
+                    {
+                        "type": st.sampled_from(
+                            [
+                                "string",
+                                "integer",
+                                "number",
+                                "boolean",
+                                "array",
+                                "object",
+                                "null",
+                                "nonsense",
+                            ]
+                        )
+                    }
+                ),
+                max_size=3,
+            ),
+            "required": JSON,
+        },
+    )
+)
+TOOL = field(
+    st.fixed_dictionaries(
+        {
+            "type": field(st.just("function")),
+            "function": field(
+                st.fixed_dictionaries(
+                    {"name": field(NAME)}, optional={"description": JSON, "parameters": SCHEMA}
+                )
+            ),
+        }
+    )
+)
 CHAT_FIELDS = {
     **SAMPLING,
     "logprobs": st.booleans(),
@@ -151,12 +207,16 @@ CHAT_FIELDS = {
     "tools": st.lists(TOOL, max_size=2),
     "tool_choice": st.one_of(
         st.sampled_from(["none", "auto", "required"]),
-        st.fixed_dictionaries({"type": st.just("function"),
-                               "function": st.fixed_dictionaries({"name": NAME})})),
+        st.fixed_dictionaries(
+            {"type": st.just("function"), "function": st.fixed_dictionaries({"name": NAME})}
+        ),
+    ),
     "response_format": st.fixed_dictionaries(
         {"type": st.sampled_from(["text", "json_object", "json_schema"])},
-        optional={"json_schema": st.fixed_dictionaries({"name": st.text(max_size=8),
-                                                        "schema": SCHEMA})}),
+        optional={
+            "json_schema": st.fixed_dictionaries({"name": st.text(max_size=8), "schema": SCHEMA})
+        },
+    ),
     "parallel_tool_calls": st.booleans(),
 }
 COMPLETION_FIELDS = {
@@ -169,8 +229,11 @@ COMPLETION_FIELDS = {
 
 
 @st.composite
-def bodies(draw: st.DrawFn, required: dict[str, tuple[st.SearchStrategy[Any], ...]],
-           fields: dict[str, st.SearchStrategy[Any]]) -> Any:
+def bodies(
+    draw: st.DrawFn,
+    required: dict[str, tuple[st.SearchStrategy[Any], ...]],
+    fields: dict[str, st.SearchStrategy[Any]],
+) -> Any:
     """Request bodies, by kind: any JSON value as the whole body (1 in 10); an object without
     its required field (1 in 10); plausible objects, whose values are in range but whose
     combinations may not be (4 in 10); objects whose every value is plausible or, one time in
@@ -199,17 +262,28 @@ def bodies(draw: st.DrawFn, required: dict[str, tuple[st.SearchStrategy[Any], ..
 UNKNOWN = st.dictionaries(st.text(max_size=10), JSON, min_size=1, max_size=2)
 TEXT = st.text(min_size=1, max_size=30)
 PLAIN_MESSAGES = st.builds(
-    lambda system, user: ([{"role": "system", "content": system}] if system else [])
-    + [{"role": "user", "content": user}], st.one_of(st.none(), TEXT), st.one_of(TEXT, CONTENT))
+    lambda system, user: (
+        ([{"role": "system", "content": system}] if system else [])
+        + [{"role": "user", "content": user}]
+    ),
+    st.one_of(st.none(), TEXT),
+    st.one_of(TEXT, CONTENT),
+)
 CHAT_BODIES = bodies(
-    {"messages": (PLAIN_MESSAGES, st.lists(MESSAGE, min_size=1, max_size=3))}, CHAT_FIELDS)
+    {"messages": (PLAIN_MESSAGES, st.lists(MESSAGE, min_size=1, max_size=3))}, CHAT_FIELDS
+)
 COMPLETION_BODIES = bodies(
     {"prompt": (TEXT, st.one_of(TEXT, st.lists(st.integers(-2, 33000), min_size=1, max_size=8)))},
-    COMPLETION_FIELDS)
+    COMPLETION_FIELDS,
+)
 
-FUZZ_SETTINGS: dict[str, Any] = {"deadline": None, "database": None, "derandomize": True,
-                                  "print_blob": True,
-                                  "suppress_health_check": list(HealthCheck)}
+FUZZ_SETTINGS: dict[str, Any] = {
+    "deadline": None,
+    "database": None,
+    "derandomize": True,
+    "print_blob": True,
+    "suppress_health_check": list(HealthCheck),
+}
 
 
 def post_json(http: httpx.Client, path: str, body: Any) -> httpx.Response:
@@ -218,10 +292,14 @@ def post_json(http: httpx.Client, path: str, body: Any) -> httpx.Response:
     return http.post(path, content=raw, headers={"Content-Type": "application/json"})
 
 
-@pytest.mark.parametrize("path, strategy, cases", [
-    ("/v1/chat/completions", CHAT_BODIES, CHAT_CASES),
-    ("/v1/completions", COMPLETION_BODIES, COMPLETION_CASES),
-], ids=["chat", "completions"])
+@pytest.mark.parametrize(
+    "path, strategy, cases",
+    [
+        ("/v1/chat/completions", CHAT_BODIES, CHAT_CASES),
+        ("/v1/completions", COMPLETION_BODIES, COMPLETION_CASES),
+    ],
+    ids=["chat", "completions"],
+)
 def test_hypothesis_request_fuzz(server, http, path, strategy, cases):
     statuses: dict[int, int] = {}
 
@@ -257,15 +335,18 @@ def test_schemathesis_openapi_fuzz(server, http):
     session = requests.Session()
     statuses: dict[int, int] = {}
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/chat/completions", "/v1/completions",
-                                              "/v1/models/{model}", "/health"}
+    assert {op.path for op in operations} >= {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models/{model}",
+        "/health",
+    }
     for operation in operations:
         modes = [schemathesis.GenerationMode.POSITIVE]
         if len(operation.body):  # a path parameter is a string whatever it holds
             modes.append(schemathesis.GenerationMode.NEGATIVE)
         for mode in modes:
-            cases = SCHEMATHESIS_CASES if len(operation.body) \
-                else SCHEMATHESIS_GET_CASES
+            cases = SCHEMATHESIS_CASES if len(operation.body) else SCHEMATHESIS_GET_CASES
 
             @settings(max_examples=cases, **FUZZ_SETTINGS)
             @given(case=operation.as_strategy(generation_mode=mode).map(_clamp_tokens))
@@ -278,8 +359,10 @@ def test_schemathesis_openapi_fuzz(server, http):
             one()
     total = sum(statuses.values())
     COUNTS["schemathesis"] = total
-    print(f"schemathesis: {total} cases over {len(operations)} operations, "
-          f"statuses {dict(sorted(statuses.items()))}")
+    print(
+        f"schemathesis: {total} cases over {len(operations)} operations, "
+        f"statuses {dict(sorted(statuses.items()))}"
+    )
     assert statuses.get(200, 0) > 0 and statuses.get(400, 0) > 0
 
 

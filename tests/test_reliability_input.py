@@ -67,11 +67,18 @@ def post(http: httpx.Client, path: str, body: dict) -> httpx.Response:
 # -- every numeric field x hostile values -----------------------------------------------------
 # (field, low, high, integer): the ranges the server documents (top_p excludes 0).
 NUMERIC = [
-    ("temperature", 0, 2, False), ("top_p", 0, 1, False), ("min_p", 0, 1, False),
-    ("top_k", 0, 999, True), ("max_tokens", 0, 1_000_000, True),
-    ("max_completion_tokens", 0, 1_000_000, True), ("presence_penalty", -2, 2, False),
-    ("frequency_penalty", -2, 2, False), ("repetition_penalty", 0.01, 5, False),
-    ("repeat_penalty", 0.01, 5, False), ("seed", 0, 2**63 - 1, True), ("n", 1, 16, True),
+    ("temperature", 0, 2, False),
+    ("top_p", 0, 1, False),
+    ("min_p", 0, 1, False),
+    ("top_k", 0, 999, True),
+    ("max_tokens", 0, 1_000_000, True),
+    ("max_completion_tokens", 0, 1_000_000, True),
+    ("presence_penalty", -2, 2, False),
+    ("frequency_penalty", -2, 2, False),
+    ("repetition_penalty", 0.01, 5, False),
+    ("repeat_penalty", 0.01, 5, False),
+    ("seed", 0, 2**63 - 1, True),
+    ("n", 1, 16, True),
 ]
 CHAT_ONLY = [("top_logprobs", 0, 20, True)]
 TEXT_ONLY = [("logprobs", 0, 5, True)]
@@ -83,7 +90,9 @@ def _cases():
     for path, extra in ((CHAT, CHAT_ONLY), (TEXT, TEXT_ONLY)):
         for spec in NUMERIC + extra:
             for value in HOSTILE:
-                yield pytest.param(path, spec, value, id=f"{path.split('/')[-1]}-{spec[0]}-{value!r}")
+                yield pytest.param(
+                    path, spec, value, id=f"{path.split('/')[-1]}-{spec[0]}-{value!r}"
+                )
 
 
 def _valid(name: str, value, low, high, integer) -> bool:
@@ -121,12 +130,30 @@ def test_numeric_field_crossed_with_hostile_values(http, server, path, spec, val
     assert server.alive
 
 
-@pytest.mark.parametrize("bias", [
-    {"32000": 1}, {"99999999999999999999": 1}, {str(2**63): 1}, {"-1": 1}, {"abc": 1},
-    {"1.5": 1}, {"": 1}, {"1": 101}, {"1": -101}, {"1": "x"}, {"1": True}, {"1": [1]},
-    {"1": {"a": 1}}, {"1": 2**63},
-    {"\u00b2": 1}, {"\u2460": 1}, {"\u0661": 1}, {"1" * 5000: 1},  # digits to isdigit(), not ids
-], ids=lambda b: repr(b)[:30])
+@pytest.mark.parametrize(
+    "bias",
+    [
+        {"32000": 1},
+        {"99999999999999999999": 1},
+        {str(2**63): 1},
+        {"-1": 1},
+        {"abc": 1},
+        {"1.5": 1},
+        {"": 1},
+        {"1": 101},
+        {"1": -101},
+        {"1": "x"},
+        {"1": True},
+        {"1": [1]},
+        {"1": {"a": 1}},
+        {"1": 2**63},
+        {"\u00b2": 1},
+        {"\u2460": 1},
+        {"\u0661": 1},
+        {"1" * 5000: 1},  # digits to isdigit(), not ids
+    ],
+    ids=lambda b: repr(b)[:30],
+)
 @pytest.mark.parametrize("path", [CHAT, TEXT], ids=["chat", "completions"])
 def test_logit_bias_hostile_keys_and_values(http, path, bias):
     error = error_of(post(http, path, {**BASES[path], "logit_bias": bias}))
@@ -158,18 +185,28 @@ def test_logit_bias_nan_value_is_refused_as_json(http, value):
     assert "not a JSON number" in error["message"] and error["param"] == "logit_bias"
 
 
-@pytest.mark.parametrize("prompt", [[32000], [1, 2**63], [-1], [2**70], [1, 2, 31999, 32000]],
-                         ids=["vocab", "2^63", "negative", "2^70", "last+1"])
+@pytest.mark.parametrize(
+    "prompt",
+    [[32000], [1, 2**63], [-1], [2**70], [1, 2, 31999, 32000]],
+    ids=["vocab", "2^63", "negative", "2^70", "last+1"],
+)
 def test_prompt_token_ids_outside_the_vocabulary(http, prompt):
     error = error_of(post(http, TEXT, {"prompt": prompt}))
     assert error["param"] == "prompt" and "vocabulary" in error["message"]
 
 
 # -- body-level hostility ---------------------------------------------------------------------
-@pytest.mark.parametrize("raw, words", [
-    (b"1", "got a JSON number"), (b"true", "got a JSON boolean"), (b"null", "got a JSON null"),
-    (b'"x"', "got a JSON string"), (b"[]", "got a JSON array"), (b"  ", "empty"),
-])
+@pytest.mark.parametrize(
+    "raw, words",
+    [
+        (b"1", "got a JSON number"),
+        (b"true", "got a JSON boolean"),
+        (b"null", "got a JSON null"),
+        (b'"x"', "got a JSON string"),
+        (b"[]", "got a JSON array"),
+        (b"  ", "empty"),
+    ],
+)
 @pytest.mark.parametrize("path", [CHAT, TEXT], ids=["chat", "completions"])
 def test_non_object_bodies(http, path, raw, words):
     error = error_of(post_raw(http, path, raw))
@@ -185,8 +222,9 @@ def _deep(kind: str) -> bytes:
     return b'{"a":' * DEPTH + b"1" + b"}" * DEPTH
 
 
-@pytest.mark.parametrize("field", ["messages", "stop", "logit_bias", "metadata", "tools",
-                                   "prompt", "unknown"])
+@pytest.mark.parametrize(
+    "field", ["messages", "stop", "logit_bias", "metadata", "tools", "prompt", "unknown"]
+)
 @pytest.mark.parametrize("kind", ["list", "object"])
 def test_nesting_100000_deep_in_any_field(http, field, kind):
     path = TEXT if field == "prompt" else CHAT
@@ -195,10 +233,29 @@ def test_nesting_100000_deep_in_any_field(http, field, kind):
     assert "nested too deeply" in error["message"]
 
 
-@pytest.mark.parametrize("bad", [b"\xff", b"\xc3\x28", b"\x80", b"\xc0\xaf", b"\xed\xa0\x80",
-                                 b"\xe2\x82", b"\xf4\x90\x80\x80", b"\xf8\x88\x80\x80\x80"],
-                         ids=["ff", "bad-continuation", "lone-continuation", "overlong",
-                              "utf8-surrogate", "truncated", "above-u10ffff", "5-byte"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"\xff",
+        b"\xc3\x28",
+        b"\x80",
+        b"\xc0\xaf",
+        b"\xed\xa0\x80",
+        b"\xe2\x82",
+        b"\xf4\x90\x80\x80",
+        b"\xf8\x88\x80\x80\x80",
+    ],
+    ids=[
+        "ff",
+        "bad-continuation",
+        "lone-continuation",
+        "overlong",
+        "utf8-surrogate",
+        "truncated",
+        "above-u10ffff",
+        "5-byte",
+    ],
+)
 def test_invalid_utf8_inside_a_string(http, bad):
     raw = b'{"messages": [{"role": "user", "content": "ok ' + bad + b' ok"}]}'
     error = error_of(post_raw(http, CHAT, raw))
@@ -223,8 +280,10 @@ def _read_response(sock: socket.socket) -> bytes:
 
 def test_50mb_body_declared_is_refused_before_it_is_sent(server):
     """The server answers 413 from the Content-Length alone, without waiting for 50 MB."""
-    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Content-Type: application/json\r\nContent-Length: 52428800\r\n\r\n")
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 52428800\r\n\r\n"
+    )
     started = time.monotonic()
     with _raw_request(server.port, head) as sock:
         answer = _read_response(sock)
@@ -238,8 +297,10 @@ def test_50mb_body_declared_is_refused_before_it_is_sent(server):
 def test_50mb_body_chunked_is_cut_off_at_the_limit(server):
     """No Content-Length: the server counts, answers 413 past its 8 MiB limit and stops reading
     (it never buffers 50 MB)."""
-    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
     block = b"a" * 65536
     chunk = b"%x\r\n" % len(block) + block + b"\r\n"
     sent = 0
@@ -265,15 +326,25 @@ def test_50mb_body_chunked_is_cut_off_at_the_limit(server):
 
 
 # -- sizes against the context window ---------------------------------------------------------
-@pytest.mark.parametrize("path, body, param", [
-    (CHAT, {"messages": [{"role": "user", "content": "hello " * 2100}]}, "messages"),
-    (TEXT, {"prompt": "hello " * 2100}, "prompt"),
-    (TEXT, {"prompt": [1] * (CONTEXT + 1)}, "prompt"),
-    (CHAT, {"messages": MESSAGES, "max_tokens": 10**9}, "max_tokens"),
-    (TEXT, {"prompt": "Hi", "max_tokens": 10**9}, "max_tokens"),
-    (TEXT, {"prompt": "Hi", "max_tokens": CONTEXT}, "max_tokens"),
-], ids=["chat-prompt", "text-prompt", "token-prompt", "chat-max_tokens", "text-max_tokens",
-        "text-max_tokens-context"])
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        (CHAT, {"messages": [{"role": "user", "content": "hello " * 2100}]}, "messages"),
+        (TEXT, {"prompt": "hello " * 2100}, "prompt"),
+        (TEXT, {"prompt": [1] * (CONTEXT + 1)}, "prompt"),
+        (CHAT, {"messages": MESSAGES, "max_tokens": 10**9}, "max_tokens"),
+        (TEXT, {"prompt": "Hi", "max_tokens": 10**9}, "max_tokens"),
+        (TEXT, {"prompt": "Hi", "max_tokens": CONTEXT}, "max_tokens"),
+    ],
+    ids=[
+        "chat-prompt",
+        "text-prompt",
+        "token-prompt",
+        "chat-max_tokens",
+        "text-max_tokens",
+        "text-max_tokens-context",
+    ],
+)
 def test_over_the_context_names_the_field(http, path, body, param):
     error = error_of(post(http, path, body))
     assert error["param"] == param, error

@@ -25,10 +25,10 @@ import httpx
 import mlx.core as mx
 import pytest
 import uvicorn
-from mlx_mistral.server import ServerConfig, create_app
 from server_process import ServerProcess
 
 import mlx_mistral
+from mlx_mistral.server import ServerConfig, create_app
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "Tell me a story about a cat."}]
@@ -58,8 +58,10 @@ def active(base_url: str) -> int:
 
 def stream_request(body: dict[str, Any], port: int) -> bytes:
     raw = json.dumps({"stream": True, **body}).encode()
-    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(raw)) + raw
+    return (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(raw)
+    ) + raw
 
 
 def read_one_chunk_and_close(port: int, request: bytes) -> None:
@@ -84,11 +86,13 @@ class ThreadServer:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
-                                timeout_graceful_shutdown=10)
+        config = uvicorn.Config(
+            app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=10
+        )
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       name="uvicorn", daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, name="uvicorn", daemon=True
+        )
 
     def __enter__(self) -> ThreadServer:  # noqa: PYI034
         self.thread.start()
@@ -136,14 +140,19 @@ def test_disconnect_storm_1000_cycles(tiny_hf_checkpoint):
         after = settle()
         answer = httpx.post(server.url(CHAT), json={**body, "max_tokens": 4}, timeout=30)
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
-        wait_for(lambda: server.log().count("client-disconnected") >= STORM_CYCLES + 50, 10,
-                 "the access log")
+        wait_for(
+            lambda: server.log().count("client-disconnected") >= STORM_CYCLES + 50,
+            10,
+            "the access log",
+        )
         log = server.log()
         generated = [int(m) for m in re.findall(r"completion=(\d+) .*client-disconnected", log)]
-        print(f"storm: {STORM_CYCLES} cycles in {storm_seconds:.1f}s; RSS {baseline} KiB -> "
-              f"{after} KiB ({100 * (after - baseline) / baseline:+.1f}%); tokens made per "
-              f"disconnected request: max {max(generated)}, mean "
-              f"{sum(generated) / len(generated):.1f}")
+        print(
+            f"storm: {STORM_CYCLES} cycles in {storm_seconds:.1f}s; RSS {baseline} KiB -> "
+            f"{after} KiB ({100 * (after - baseline) / baseline:+.1f}%); tokens made per "
+            f"disconnected request: max {max(generated)}, mean "
+            f"{sum(generated) / len(generated):.1f}"
+        )
         assert len(generated) >= STORM_CYCLES
         # Of 1,500 tokens asked, each request stopped soon after its client left. (How soon in
         # tokens depends on how busy the machine is; the test below pins it to one step.)
@@ -189,15 +198,18 @@ def test_each_disconnect_stops_generation_within_one_decode_step(tiny_hf_checkpo
             return handle
 
         engine.submit = watched_submit
-        request = stream_request({"messages": MESSAGES, "max_tokens": 1500, "temperature": 0},
-                                 server.port)
+        request = stream_request(
+            {"messages": MESSAGES, "max_tokens": 1500, "temperature": 0}, server.port
+        )
         for _ in range(300):
             read_one_chunk_and_close(server.port, request)
         wait_for(lambda: engine.num_active == 0, 20, "the engine to go idle")
     # A request cancelled before the engine picked it up ends without any event (0 tokens).
     extra = [made[k] - at_cancel[k] for k in at_cancel]
-    print(f"tokens made after the cancel: max {max(extra)}, histogram "
-          f"{ {n: extra.count(n) for n in sorted(set(extra))} }")
+    print(
+        f"tokens made after the cancel: max {max(extra)}, histogram "
+        f"{ {n: extra.count(n) for n in sorted(set(extra))} }"
+    )
     assert len(at_cancel) == 300 and min(at_cancel.values()) >= 1
     assert max(extra) <= 1
     assert max(made.values()) < 1500
@@ -208,8 +220,15 @@ def test_frozen_reader_is_cut_off_by_the_send_timeout(tiny_hf_checkpoint):
     """A client that never reads (tiny receive buffer, no recv): once the socket buffers fill,
     a send waits --send-timeout seconds, then the generation is cancelled and its slot freed
     while the connection is still open."""
-    body = {"messages": MESSAGES, "max_tokens": 2000, "n": 16, "temperature": 1.0, "seed": 1,
-            "logprobs": True, "top_logprobs": 20}
+    body = {
+        "messages": MESSAGES,
+        "max_tokens": 2000,
+        "n": 16,
+        "temperature": 1.0,
+        "seed": 1,
+        "logprobs": True,
+        "top_logprobs": 20,
+    }
     with ServerProcess(tiny_hf_checkpoint, "--send-timeout", "1") as server:
         frozen = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         frozen.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
@@ -220,11 +239,16 @@ def test_frozen_reader_is_cut_off_by_the_send_timeout(tiny_hf_checkpoint):
             wait_for(lambda: "client stopped reading" in server.log(), 60, "the send timeout")
             cut_after = time.monotonic() - started
             wait_for(lambda: active(server.base_url) == 0, 5, "the slot to be freed")
-            line = next(ln for ln in server.log().splitlines()
-                        if "client-disconnected" in ln and "completion=" in ln)
+            line = next(
+                ln
+                for ln in server.log().splitlines()
+                if "client-disconnected" in ln and "completion=" in ln
+            )
             generated = int(re.search(r"completion=(\d+)", line).group(1))
-            print(f"frozen reader cut off after {cut_after:.1f}s, {generated} of "
-                  f"{16 * 2000} tokens made")
+            print(
+                f"frozen reader cut off after {cut_after:.1f}s, {generated} of "
+                f"{16 * 2000} tokens made"
+            )
             assert generated < 16 * 2000
             answer = httpx.post(server.url(CHAT), json={"messages": MESSAGES, "max_tokens": 3})
             assert answer.status_code == 200
@@ -268,21 +292,24 @@ def small_server(tiny_hf_checkpoint):
 
 
 @pytest.mark.parametrize("streams", [8, 16, 32])
-def test_concurrent_streams_complete_or_get_503_and_never_mix(small_server, tiny_model,
-                                                              streams):
+def test_concurrent_streams_complete_or_get_503_and_never_mix(small_server, tiny_model, streams):
     counts = {"200": 0, "503": 0}
 
     async def run() -> list[str]:
         limits = httpx.Limits(max_connections=64)
-        async with httpx.AsyncClient(base_url=small_server.base_url, timeout=120,
-                                     limits=limits) as http:
-            return await asyncio.gather(*(_stream_until_served(http, i, counts)
-                                          for i in range(streams)))
+        async with httpx.AsyncClient(
+            base_url=small_server.base_url, timeout=120, limits=limits
+        ) as http:
+            return await asyncio.gather(
+                *(_stream_until_served(http, i, counts) for i in range(streams))
+            )
 
     texts = asyncio.run(run())
     model, tokenizer = tiny_model
-    alone = [mlx_mistral.generate(model, tokenizer, _prompt(i), temperature=0,
-                                  max_tokens=6 + i % 5) for i in range(streams)]
+    alone = [
+        mlx_mistral.generate(model, tokenizer, _prompt(i), temperature=0, max_tokens=6 + i % 5)
+        for i in range(streams)
+    ]
     print(f"{streams} streams: {counts['503']} answers were 503 + Retry-After, then retried")
     assert counts["200"] == streams
     if streams > 8:  # more than 4 running + 4 queued at once: the full-queue path was taken
@@ -437,6 +464,7 @@ def mlx_calls_by_thread() -> Iterator[dict[str, int]]:
             with lock:
                 seen[name] = seen.get(name, 0) + 1
             return fn(*args, **kwargs)
+
         return spy
 
     for module in (mx, mx.fast, mx.random, mx.linalg):
@@ -460,16 +488,27 @@ def test_all_mlx_work_happens_on_the_engine_thread(tiny_hf_checkpoint):
             url = server.base_url
             with httpx.Client(base_url=url, timeout=60) as http:
                 assert http.post(CHAT, json={"messages": MESSAGES, "max_tokens": 4}).is_success
-                assert http.post(CHAT, json={"messages": MESSAGES, "max_tokens": 4, "n": 3,
-                                             "logprobs": True, "top_logprobs": 2,
-                                             "temperature": 0.7, "seed": 1,
-                                             "presence_penalty": 1}).is_success
-                streamed = http.post(CHAT, json={"messages": MESSAGES, "max_tokens": 4,
-                                                 "stream": True})
+                assert http.post(
+                    CHAT,
+                    json={
+                        "messages": MESSAGES,
+                        "max_tokens": 4,
+                        "n": 3,
+                        "logprobs": True,
+                        "top_logprobs": 2,
+                        "temperature": 0.7,
+                        "seed": 1,
+                        "presence_penalty": 1,
+                    },
+                ).is_success
+                streamed = http.post(
+                    CHAT, json={"messages": MESSAGES, "max_tokens": 4, "stream": True}
+                )
                 assert streamed.text.endswith("data: [DONE]\n\n")
-                assert http.post("/v1/completions", json={"prompt": [1, 415, 2936],
-                                                          "max_tokens": 3,
-                                                          "logprobs": 2}).is_success
+                assert http.post(
+                    "/v1/completions",
+                    json={"prompt": [1, 415, 2936], "max_tokens": 3, "logprobs": 2},
+                ).is_success
             request = stream_request({"messages": MESSAGES, "max_tokens": 500}, server.port)
             read_one_chunk_and_close(server.port, request)  # a cancel
             wait_for(lambda: server.engine.num_active == 0, 10, "the cancel")

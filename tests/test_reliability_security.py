@@ -28,12 +28,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from mlx_mistral.server import ServerConfig, create_app
-from mlx_mistral.server.cli import add_arguments, build_config
 from server_process import ServerProcess
 from starlette.testclient import TestClient
 
 import mlx_mistral
+from mlx_mistral.server import ServerConfig, create_app
+from mlx_mistral.server.cli import add_arguments, build_config
 
 KEY = "k3y-for-tests"
 ORIGIN = "http://allowed.example"
@@ -45,16 +45,26 @@ REPO = Path(mlx_mistral.__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def server(tiny_hf_checkpoint):
-    with ServerProcess(tiny_hf_checkpoint, "--api-key", KEY, "--cors-origins", ORIGIN,
-                       "--max-body-bytes", "4096") as proc:
+    with ServerProcess(
+        tiny_hf_checkpoint, "--api-key", KEY, "--cors-origins", ORIGIN, "--max-body-bytes", "4096"
+    ) as proc:
         yield proc
         assert proc.alive and "Traceback" not in proc.log()
 
 
 # -- DNS rebinding ------------------------------------------------------------------------
-FOREIGN_HOSTS = ["evil.example", "evil.example:8000", "localhost.evil.example",
-                 "127.0.0.1.nip.io", "127.0.0.2", "0.0.0.0", "[::2]:80", "localhost.",
-                 "xn--localhost-8x2c", "allowed.example"]
+FOREIGN_HOSTS = [
+    "evil.example",
+    "evil.example:8000",
+    "localhost.evil.example",
+    "127.0.0.1.nip.io",
+    "127.0.0.2",
+    "0.0.0.0",
+    "[::2]:80",
+    "localhost.",
+    "xn--localhost-8x2c",
+    "allowed.example",
+]
 
 # (method, path, headers, body): requests that, past the Host check, would each get a
 # different answer: 200 from a handler, 401 from the key check, 413 from the body limit,
@@ -65,8 +75,12 @@ BEFORE_EVERYTHING = {
     "body-limit": ("POST", CHAT, AUTH, b"x" * 10_000),
     "router-404": ("GET", "/nothing/here", AUTH, b""),
     "router-405": ("DELETE", CHAT, AUTH, b""),
-    "preflight": ("OPTIONS", CHAT, {"Origin": ORIGIN, "Access-Control-Request-Method": "POST"},
-                  b""),
+    "preflight": (
+        "OPTIONS",
+        CHAT,
+        {"Origin": ORIGIN, "Access-Control-Request-Method": "POST"},
+        b"",
+    ),
     "health": ("GET", "/health", {}, b""),
     "openapi": ("GET", "/openapi.json", AUTH, b""),
 }
@@ -76,8 +90,12 @@ BEFORE_EVERYTHING = {
 @pytest.mark.parametrize("what", list(BEFORE_EVERYTHING))
 def test_foreign_host_is_403_before_anything_else_runs(server, host, what):
     method, path, headers, body = BEFORE_EVERYTHING[what]
-    response = httpx.request(method, server.url(path), content=body or None, headers={
-        **headers, "Host": host, "Content-Type": "application/json"})
+    response = httpx.request(
+        method,
+        server.url(path),
+        content=body or None,
+        headers={**headers, "Host": host, "Content-Type": "application/json"},
+    )
     assert response.status_code == 403, (what, response.status_code, response.text)
     assert response.json()["error"]["code"] == "host_not_allowed"
     assert "access-control-allow-origin" not in response.headers
@@ -86,17 +104,24 @@ def test_foreign_host_is_403_before_anything_else_runs(server, host, what):
 def test_refused_hosts_never_reach_the_engine(server):
     """The access log shows the refused requests with no token counts: no generation ran."""
     for host in FOREIGN_HOSTS:
-        assert httpx.post(server.url(CHAT), json=GOOD,
-                          headers={**AUTH, "Host": host}).status_code == 403
-    refused = [line for line in server.log().splitlines()
-               if f'"POST {CHAT}" 403' in line]
+        assert (
+            httpx.post(server.url(CHAT), json=GOOD, headers={**AUTH, "Host": host}).status_code
+            == 403
+        )
+    refused = [line for line in server.log().splitlines() if f'"POST {CHAT}" 403' in line]
     assert len(refused) >= len(FOREIGN_HOSTS)
     assert not any("prompt=" in line for line in refused)
 
 
-FOREIGN_ORIGINS = ["http://evil.example", "null", "http://allowed.example.evil.example",
-                   "http://allowed.example:8080", "https://allowed.example",
-                   "http://localhost:3000", "file://"]
+FOREIGN_ORIGINS = [
+    "http://evil.example",
+    "null",
+    "http://allowed.example.evil.example",
+    "http://allowed.example:8080",
+    "https://allowed.example",
+    "http://localhost:3000",
+    "file://",
+]
 
 
 @pytest.mark.parametrize("origin", FOREIGN_ORIGINS)
@@ -108,9 +133,14 @@ def test_foreign_origin_never_gets_allow_origin(server, origin):
         httpx.post(server.url(CHAT), json={"messages": 1}, headers=headers),  # 400
         httpx.get(server.url("/v1/models/nope"), headers=headers),  # 404
         httpx.post(server.url(CHAT), json=GOOD, headers={"Origin": origin}),  # 401
-        httpx.options(server.url(CHAT), headers={
-            "Origin": origin, "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization, content-type"}),
+        httpx.options(
+            server.url(CHAT),
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type",
+            },
+        ),
     ]
     assert [a.status_code for a in answers][:5] == [200, 200, 400, 404, 401]
     for answer in answers:
@@ -122,8 +152,9 @@ def test_no_cors_at_all_by_default(tiny_hf_checkpoint):
     config = ServerConfig(model=str(tiny_hf_checkpoint), model_name="tiny")
     with TestClient(create_app(config), base_url="http://127.0.0.1") as http:
         for origin in [ORIGIN, "http://localhost:8000", "http://127.0.0.1"]:
-            preflight = http.options(CHAT, headers={"Origin": origin,
-                                                    "Access-Control-Request-Method": "POST"})
+            preflight = http.options(
+                CHAT, headers={"Origin": origin, "Access-Control-Request-Method": "POST"}
+            )
             assert preflight.status_code == 405
             answer = http.post(CHAT, json=GOOD, headers={"Origin": origin})
             assert answer.status_code == 200
@@ -140,8 +171,9 @@ def _config(*argv: str) -> ServerConfig:
     return build_config(parser.parse_args(["--model", str(REPO), *argv]))
 
 
-@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10", "10.0.0.1", "example.com",
-                                  "[::]", "127.0.0.1.nip.io"])
+@pytest.mark.parametrize(
+    "host", ["0.0.0.0", "::", "192.168.1.10", "10.0.0.1", "example.com", "[::]", "127.0.0.1.nip.io"]
+)
 def test_non_loopback_bind_needs_a_key_or_the_flag(host):
     with pytest.raises(mlx_mistral.errors.InvalidRequestError) as info:
         _config("--host", host, "--api-key", "")
@@ -169,14 +201,18 @@ def test_the_key_from_the_environment_counts(monkeypatch):
     assert config.api_key == KEY
 
 
-@pytest.mark.parametrize("path", [CHAT, "/v1/completions", "/v1/models", "/v1/models/x",
-                                  "/openapi.json", "/v1/nothing"])
-@pytest.mark.parametrize("auth", [None, "Bearer", f"Bearer {KEY[:-1]}", f"bearer{KEY}",
-                                  f"Token {KEY}", f"Bearer {KEY} extra"])
+@pytest.mark.parametrize(
+    "path", [CHAT, "/v1/completions", "/v1/models", "/v1/models/x", "/openapi.json", "/v1/nothing"]
+)
+@pytest.mark.parametrize(
+    "auth",
+    [None, "Bearer", f"Bearer {KEY[:-1]}", f"bearer{KEY}", f"Token {KEY}", f"Bearer {KEY} extra"],
+)
 def test_every_path_but_health_needs_the_key(server, path, auth):
     headers = {"Content-Type": "application/json", **({"Authorization": auth} if auth else {})}
-    response = httpx.post(server.url(path) + f"?api_key={KEY}", content=b"{not json",
-                          headers=headers)
+    response = httpx.post(
+        server.url(path) + f"?api_key={KEY}", content=b"{not json", headers=headers
+    )
     assert response.status_code == 401, (path, auth, response.text)
     assert response.json()["error"]["type"] == "authentication_error"
 
@@ -206,8 +242,10 @@ class Tripwires:
         self.port = self.listener.getsockname()[1]
         self.listener.settimeout(0.2)
         sys.addaudithook(self._audit)
-        self._threads = [threading.Thread(target=self._watch_fifo, daemon=True),
-                         threading.Thread(target=self._listen, daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._watch_fifo, daemon=True),
+            threading.Thread(target=self._listen, daemon=True),
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -222,8 +260,7 @@ class Tripwires:
                 arg = os.fspath(arg)
             if isinstance(arg, bytes):
                 arg = arg.decode("latin-1")
-            if isinstance(arg, str) and (self.mark in arg or "passwd" in arg
-                                         or "win.ini" in arg):
+            if isinstance(arg, str) and (self.mark in arg or "passwd" in arg or "win.ini" in arg):
                 self.events.append((event, args))
 
     def _watch_fifo(self) -> None:
@@ -250,13 +287,22 @@ class Tripwires:
         fifo = str(self.fifo)
         relative = os.path.relpath(fifo, os.getcwd())
         return [
-            fifo, relative, "../" * 12 + "etc/passwd", "/etc/passwd",
+            fifo,
+            relative,
+            "../" * 12 + "etc/passwd",
+            "/etc/passwd",
             "%2e%2e%2f" * 12 + urllib.parse.quote(relative, safe=""),
-            "..%2f..%2f..%2fetc%2fpasswd", "%2e%2e/%2e%2e/etc/passwd",
-            fifo + "\x00.safetensors", "\x00" + relative, "a\x00/../../etc/passwd",
-            "file://" + fifo, f"http://127.0.0.1:{self.port}/{self.mark}",
-            f"http://{self.mark}.invalid/x.json", "~/../../etc/passwd",
-            "..\\..\\..\\windows\\win.ini", "\\\\127.0.0.1\\share\\passwd",
+            "..%2f..%2f..%2fetc%2fpasswd",
+            "%2e%2e/%2e%2e/etc/passwd",
+            fifo + "\x00.safetensors",
+            "\x00" + relative,
+            "a\x00/../../etc/passwd",
+            "file://" + fifo,
+            f"http://127.0.0.1:{self.port}/{self.mark}",
+            f"http://{self.mark}.invalid/x.json",
+            "~/../../etc/passwd",
+            "..\\..\\..\\windows\\win.ini",
+            "\\\\127.0.0.1\\share\\passwd",
         ]
 
     def close(self) -> None:
@@ -276,17 +322,49 @@ def _requests_with(value: str) -> list[tuple[str, str, dict]]:
     return [
         ("model", CHAT, {**GOOD, "model": value}),
         ("content", CHAT, {**GOOD, "messages": [{"role": "user", "content": value}]}),
-        ("content-part", CHAT, {**GOOD, "messages": [
-            {"role": "user", "content": [{"type": "text", "text": value}]}]}),
-        ("image-part", CHAT, {**GOOD, "messages": [
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": value}}]}]}),
+        (
+            "content-part",
+            CHAT,
+            {**GOOD, "messages": [{"role": "user", "content": [{"type": "text", "text": value}]}]},
+        ),
+        (
+            "image-part",
+            CHAT,
+            {
+                **GOOD,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": value}}],
+                    }
+                ],
+            },
+        ),
         ("system", CHAT, {**GOOD, "messages": [{"role": "system", "content": value}, user]}),
         ("name", CHAT, {**GOOD, "messages": [{**user, "name": value}]}),
         ("role", CHAT, {**GOOD, "messages": [{"role": value, "content": "Hi"}]}),
-        ("tool_call_id", CHAT, {**GOOD, "messages": [
-            user, {"role": "assistant", "content": None, "tool_calls": [
-                {"id": value, "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
-            {"role": "tool", "tool_call_id": value, "content": value}]}),
+        (
+            "tool_call_id",
+            CHAT,
+            {
+                **GOOD,
+                "messages": [
+                    user,
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {
+                                "id": value,
+                                "type": "function",
+                                "function": {"name": "f", "arguments": "{}"},
+                            }
+                        ],
+                    },
+                    {"role": "tool", "tool_call_id": value, "content": value},
+                ],
+            },
+        ),
         ("stop", CHAT, {**GOOD, "stop": value}),
         ("stop-list", CHAT, {**GOOD, "stop": [value]}),
         ("user", CHAT, {**GOOD, "user": value}),
@@ -294,21 +372,72 @@ def _requests_with(value: str) -> list[tuple[str, str, dict]]:
         ("logit_bias-key", CHAT, {**GOOD, "logit_bias": {value: 1}}),
         ("seed", CHAT, {**GOOD, "seed": value}),
         ("unknown-field", CHAT, {**GOOD, value: 1}),
-        ("tool-name", CHAT, {**GOOD, "tools": [{"type": "function",
-                                                "function": {"name": value}}]}),
-        ("tool-description", CHAT, {**GOOD, "tools": [{"type": "function", "function": {
-            "name": "f", "description": value}}]}),
-        ("tool-$ref", CHAT, {**GOOD, "tools": [{"type": "function", "function": {
-            "name": "f", "parameters": ref_schema}}]}),
-        ("tool-$id", CHAT, {**GOOD, "tools": [{"type": "function", "function": {
-            "name": "f", "parameters": {"$id": value, "type": "object",
-                                        "properties": {"a": {"$ref": "#"}}}}}]}),
-        ("tool_choice", CHAT, {**GOOD, "tool_choice": {"type": "function",
-                                                       "function": {"name": value}}}),
-        ("json_schema-$ref", CHAT, {**GOOD, "response_format": {
-            "type": "json_schema", "json_schema": {"name": "x", "schema": ref_schema}}}),
-        ("json_schema-name", CHAT, {**GOOD, "response_format": {
-            "type": "json_schema", "json_schema": {"name": value, "schema": {"type": "object"}}}}),
+        ("tool-name", CHAT, {**GOOD, "tools": [{"type": "function", "function": {"name": value}}]}),
+        (
+            "tool-description",
+            CHAT,
+            {
+                **GOOD,
+                "tools": [{"type": "function", "function": {"name": "f", "description": value}}],
+            },
+        ),
+        (
+            "tool-$ref",
+            CHAT,
+            {
+                **GOOD,
+                "tools": [
+                    {"type": "function", "function": {"name": "f", "parameters": ref_schema}}
+                ],
+            },
+        ),
+        (
+            "tool-$id",
+            CHAT,
+            {
+                **GOOD,
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": "f",
+                            "parameters": {
+                                "$id": value,
+                                "type": "object",
+                                "properties": {"a": {"$ref": "#"}},
+                            },
+                        },
+                    }
+                ],
+            },
+        ),
+        (
+            "tool_choice",
+            CHAT,
+            {**GOOD, "tool_choice": {"type": "function", "function": {"name": value}}},
+        ),
+        (
+            "json_schema-$ref",
+            CHAT,
+            {
+                **GOOD,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": ref_schema},
+                },
+            },
+        ),
+        (
+            "json_schema-name",
+            CHAT,
+            {
+                **GOOD,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": value, "schema": {"type": "object"}},
+                },
+            },
+        ),
         ("response_format-type", CHAT, {**GOOD, "response_format": {"type": value}}),
         ("prompt", "/v1/completions", {"prompt": value, "max_tokens": 2}),
         ("prompt-list", "/v1/completions", {"prompt": [value], "max_tokens": 2}),
@@ -371,7 +500,8 @@ def test_the_tripwires_fire(tripwires):
 # -- no template engine ---------------------------------------------------------------------
 HOSTILE_TEMPLATE = (
     "{% for m in messages %}{{ m.content }}{% endfor %}"
-    "{{ cycler.__init__.__globals__.os.system('touch SENTINEL') }}")
+    "{{ cycler.__init__.__globals__.os.system('touch SENTINEL') }}"
+)
 
 CHILD = textwrap.dedent("""
     import json, sys
@@ -410,11 +540,18 @@ def test_no_template_engine_renders_anything(tiny_hf_checkpoint, tmp_path):
     template = HOSTILE_TEMPLATE.replace("SENTINEL", str(sentinel))
     (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
     (model / "chat_template.jinja").write_text(template)
-    messages = [{"role": "system", "content": "{{ 7*7 }} {% raw %}"},
-                {"role": "user", "content": template + " ${7*7} #{7*7} <%= 7*7 %>"}]
-    result = subprocess.run([sys.executable, "-c", CHILD, str(model), json.dumps(messages)],
-                            check=False, capture_output=True, text=True, timeout=120,
-                            cwd=tmp_path)
+    messages = [
+        {"role": "system", "content": "{{ 7*7 }} {% raw %}"},
+        {"role": "user", "content": template + " ${7*7} #{7*7} <%= 7*7 %>"},
+    ]
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, str(model), json.dumps(messages)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["status"] == 200 and out["text_status"] == 200
@@ -425,14 +562,20 @@ def test_no_template_engine_renders_anything(tiny_hf_checkpoint, tmp_path):
 
 TEMPLATE_USE = re.compile(
     r"^\s*(import|from)\s+(jinja2|mako|chevron|pystache|genshi)\b|apply_chat_template"
-    r"|string\.Template|(?<![\w.])(eval|exec)\(", re.MULTILINE)
+    r"|string\.Template|(?<![\w.])(eval|exec)\(",
+    re.MULTILINE,
+)
 
 
 def test_the_package_source_uses_no_template_engine():
     sources = [*(REPO / "mlx_mistral").rglob("*.py"), *(REPO / "server").rglob("*.py")]
     assert len(sources) > 20
-    found = {str(s.relative_to(REPO)): m.group(0) for s in sources
-             if (m := TEMPLATE_USE.search(s.read_text(encoding="utf-8")))}
+    found = {
+        str(s.relative_to(REPO)): m.group(0)
+        for s in sources
+        if (m := TEMPLATE_USE.search(s.read_text(encoding="utf-8")))
+    }
     assert found == {}
     assert TEMPLATE_USE.search("from jinja2 import Template") and not TEMPLATE_USE.search(
-        "mx.eval(x)")
+        "mx.eval(x)"
+    )

@@ -154,7 +154,9 @@ def test_greedy_is_argmax_and_mixes_with_sampled_rows():
 def test_tiny_temperatures_pick_the_argmax(temperature):
     """logits / 1e-40 overflows: the draw must still be the argmax, not token 0 of a NaN row."""
     logits = mx.array([[1.0, 2.0, 0.5, -1.0]] * 4)
-    states = [SamplerState(SamplingParams(temperature=temperature, seed=s), [], 4) for s in range(4)]
+    states = [
+        SamplerState(SamplingParams(temperature=temperature, seed=s), [], 4) for s in range(4)
+    ]
     assert sample(logits, states).tokens == [1, 1, 1, 1]
 
 

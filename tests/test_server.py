@@ -17,15 +17,15 @@ from collections.abc import AsyncIterator
 import httpx
 import openai
 import pytest
-from mlx_mistral.server import ServerConfig, create_app
-from mlx_mistral.batch import TokenEvent
-from mlx_mistral.sampling import TokenLogprobs
-from mlx_mistral.server.schemas import LogprobFormatter
-from mlx_mistral.server.streaming import ResponseWriter, with_keepalive
 from server_process import ServerProcess
 from starlette.testclient import TestClient
 
 import mlx_mistral
+from mlx_mistral.batch import TokenEvent
+from mlx_mistral.sampling import TokenLogprobs
+from mlx_mistral.server import ServerConfig, create_app
+from mlx_mistral.server.schemas import LogprobFormatter
+from mlx_mistral.server.streaming import ResponseWriter, with_keepalive
 
 MESSAGES = [{"role": "user", "content": "Tell me a story about a cat."}]
 TOKEN_O = 28709  # the piece "o": a logit bias on it shows plainly in the text
@@ -68,8 +68,9 @@ def test_health_and_models(server, client, name):
 
 def test_chat_completion_shape_and_greedy_text(client, name, tiny_model):
     start = int(time.time())
-    answer = client.chat.completions.create(model=name, messages=MESSAGES, temperature=0,
-                                            max_tokens=8)
+    answer = client.chat.completions.create(
+        model=name, messages=MESSAGES, temperature=0, max_tokens=8
+    )
     assert re.fullmatch(r"chatcmpl-[0-9a-f]{32}", answer.id)
     assert answer.object == "chat.completion" and answer.model == name
     assert start - 1 <= answer.created <= time.time() + 1
@@ -84,14 +85,16 @@ def test_chat_completion_shape_and_greedy_text(client, name, tiny_model):
     assert answer.usage.model_dump()["estimated_cost"] == 0
     # Deterministic at temperature 0; the served path and the upstream name are accepted.
     for model in ("mistralai/Mistral-7B-Instruct-v0.2", name):
-        again = client.chat.completions.create(model=model, messages=MESSAGES, temperature=0,
-                                               max_tokens=8)
+        again = client.chat.completions.create(
+            model=model, messages=MESSAGES, temperature=0, max_tokens=8
+        )
         assert again.choices[0].message.content == choice.message.content
 
 
 def _stream(client, name, **kwargs):
-    return list(client.chat.completions.create(model=name, messages=MESSAGES, stream=True,
-                                               **kwargs))
+    return list(
+        client.chat.completions.create(model=name, messages=MESSAGES, stream=True, **kwargs)
+    )
 
 
 def test_streaming_matches_non_streaming(client, name, tiny_model):
@@ -110,8 +113,9 @@ def test_streaming_matches_non_streaming(client, name, tiny_model):
 
 
 def test_streaming_include_usage(client, name, tiny_model):
-    chunks = _stream(client, name, temperature=0, max_tokens=5,
-                     stream_options={"include_usage": True})
+    chunks = _stream(
+        client, name, temperature=0, max_tokens=5, stream_options={"include_usage": True}
+    )
     usage_chunk = chunks[-1]
     assert usage_chunk.choices == []
     assert usage_chunk.usage.completion_tokens == 5
@@ -119,8 +123,12 @@ def test_streaming_include_usage(client, name, tiny_model):
     assert usage_chunk.usage.total_tokens == usage_chunk.usage.prompt_tokens + 5
     assert chunks[-2].choices[0].finish_reason == "length"
     assert all(c.usage is None for c in chunks[:-1])
-    body = {"messages": MESSAGES, "max_tokens": 2, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "messages": MESSAGES,
+        "max_tokens": 2,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     raw = httpx.post(f"{client.base_url}chat/completions", json=body, timeout=30).text
     events = [json.loads(line[6:]) for line in raw.split("\n") if line.startswith("data: {")]
     assert all("usage" in e and e["usage"] is None for e in events[:-1]) and events[-1]["usage"]
@@ -133,21 +141,36 @@ BIASED = {"temperature": 0, "logit_bias": {TOKEN_O: 1.0}}
 # (request fields, the same for the library, the library call it must differ from)
 SAMPLING_CASES = {
     "logit_bias": ({"temperature": 0, "logit_bias": {str(TOKEN_O): 1.0}}, BIASED, GREEDY),
-    "presence_penalty": ({"temperature": 0, "logit_bias": {str(TOKEN_O): 1.0},
-                          "presence_penalty": 2.0}, {**BIASED, "presence_penalty": 2.0}, BIASED),
-    "frequency_penalty": ({"temperature": 0, "logit_bias": {str(TOKEN_O): 1.0},
-                           "frequency_penalty": 2.0}, {**BIASED, "frequency_penalty": 2.0}, BIASED),
-    "repetition_penalty": ({"temperature": 0, "repetition_penalty": 0.5},
-                           {**GREEDY, "repetition_penalty": 0.5}, GREEDY),
-    "repeat_penalty": ({"temperature": 0, "repeat_penalty": 0.5},
-                       {**GREEDY, "repetition_penalty": 0.5}, GREEDY),
+    "presence_penalty": (
+        {"temperature": 0, "logit_bias": {str(TOKEN_O): 1.0}, "presence_penalty": 2.0},
+        {**BIASED, "presence_penalty": 2.0},
+        BIASED,
+    ),
+    "frequency_penalty": (
+        {"temperature": 0, "logit_bias": {str(TOKEN_O): 1.0}, "frequency_penalty": 2.0},
+        {**BIASED, "frequency_penalty": 2.0},
+        BIASED,
+    ),
+    "repetition_penalty": (
+        {"temperature": 0, "repetition_penalty": 0.5},
+        {**GREEDY, "repetition_penalty": 0.5},
+        GREEDY,
+    ),
+    "repeat_penalty": (
+        {"temperature": 0, "repeat_penalty": 0.5},
+        {**GREEDY, "repetition_penalty": 0.5},
+        GREEDY,
+    ),
     "temperature+seed": (SAMPLED, SAMPLED, GREEDY),
     "seed": ({"temperature": 1.0, "seed": 4}, {"temperature": 1.0, "seed": 4}, SAMPLED),
     "top_k": ({**SAMPLED, "top_k": 1}, {**SAMPLED, "top_k": 1}, SAMPLED),
     "top_p": ({**SAMPLED, "top_p": 0.001}, {**SAMPLED, "top_p": 0.001}, SAMPLED),
     "min_p": ({**SAMPLED, "min_p": 1.0}, {**SAMPLED, "min_p": 1.0}, SAMPLED),
-    "max_completion_tokens": ({"temperature": 0, "max_completion_tokens": 3},
-                              {**GREEDY, "max_tokens": 3}, GREEDY),
+    "max_completion_tokens": (
+        {"temperature": 0, "max_completion_tokens": 3},
+        {**GREEDY, "max_tokens": 3},
+        GREEDY,
+    ),
 }
 
 
@@ -156,19 +179,31 @@ def test_sampling_field_reaches_the_sampler(client, name, tiny_model, case):
     fields, same, other = SAMPLING_CASES[case]
     expected = library(tiny_model, **same)
     assert expected != library(tiny_model, **other), "the field has no effect to check"
-    standard = {k: v for k, v in fields.items()
-                if k in ("temperature", "seed", "top_p", "logit_bias", "presence_penalty",
-                         "frequency_penalty", "max_completion_tokens")}
+    standard = {
+        k: v
+        for k, v in fields.items()
+        if k
+        in (
+            "temperature",
+            "seed",
+            "top_p",
+            "logit_bias",
+            "presence_penalty",
+            "frequency_penalty",
+            "max_completion_tokens",
+        )
+    }
     extra = {k: v for k, v in fields.items() if k not in standard}
     kwargs = {} if "max_completion_tokens" in fields else {"max_tokens": 8}
-    answer = client.chat.completions.create(model=name, messages=MESSAGES, extra_body=extra,
-                                            **standard, **kwargs)
+    answer = client.chat.completions.create(
+        model=name, messages=MESSAGES, extra_body=extra, **standard, **kwargs
+    )
     assert answer.choices[0].message.content == expected
 
 
 def test_stop_string_ends_the_text_and_never_shows(client, name, tiny_model):
     full = library(tiny_model, temperature=0, max_tokens=12)
-    stop = full[len(full) // 2: len(full) // 2 + 3]
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
     expected = full[: full.index(stop)]
     for stream in (False, True):
         if stream:
@@ -176,15 +211,17 @@ def test_stop_string_ends_the_text_and_never_shows(client, name, tiny_model):
             text = "".join(c.choices[0].delta.content or "" for c in chunks)
             finish = chunks[-1].choices[0].finish_reason
         else:
-            answer = client.chat.completions.create(model=name, messages=MESSAGES, temperature=0,
-                                                    max_tokens=12, stop=stop)
+            answer = client.chat.completions.create(
+                model=name, messages=MESSAGES, temperature=0, max_tokens=12, stop=stop
+            )
             text, finish = answer.choices[0].message.content, answer.choices[0].finish_reason
         assert text == expected and stop not in text and finish == "stop"
 
 
 def test_n_choices(client, name):
-    answer = client.chat.completions.create(model=name, messages=MESSAGES, n=3, seed=5,
-                                            temperature=1.0, max_tokens=6)
+    answer = client.chat.completions.create(
+        model=name, messages=MESSAGES, n=3, seed=5, temperature=1.0, max_tokens=6
+    )
     assert [c.index for c in answer.choices] == [0, 1, 2]
     assert len({c.message.content for c in answer.choices}) == 3  # one RNG stream per choice
     assert answer.usage.completion_tokens == 18
@@ -201,8 +238,9 @@ def test_n_choices(client, name):
 
 
 def test_logprobs_shape(client, name, tiny_model):
-    answer = client.chat.completions.create(model=name, messages=MESSAGES, temperature=0,
-                                            max_tokens=4, logprobs=True, top_logprobs=3)
+    answer = client.chat.completions.create(
+        model=name, messages=MESSAGES, temperature=0, max_tokens=4, logprobs=True, top_logprobs=3
+    )
     content = answer.choices[0].logprobs.content
     assert len(content) == 4
     tokenizer = tiny_model[1]
@@ -213,18 +251,25 @@ def test_logprobs_shape(client, name, tiny_model):
         assert entry.top_logprobs[0].token == entry.token  # greedy picks the most likely
         assert entry.logprob == pytest.approx(tops[0])
         assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
-    assert "".join(bytes(e.bytes).decode("utf-8", "replace") for e in content).strip() == \
-        answer.choices[0].message.content.strip()
+    assert (
+        "".join(bytes(e.bytes).decode("utf-8", "replace") for e in content).strip()
+        == answer.choices[0].message.content.strip()
+    )
     chunks = _stream(client, name, temperature=0, max_tokens=4, logprobs=True, top_logprobs=3)
-    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs
-                for e in c.choices[0].logprobs.content]
+    streamed = [
+        e
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
     assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
     assert tokenizer.vocab_size == 32000
 
 
 def test_completions_endpoint(client, name, tiny_model):
-    answer = client.completions.create(model=name, prompt="Once upon a time", temperature=0,
-                                       max_tokens=6, logprobs=2)
+    answer = client.completions.create(
+        model=name, prompt="Once upon a time", temperature=0, max_tokens=6, logprobs=2
+    )
     assert answer.object == "text_completion" and answer.id.startswith("cmpl-")
     expected = library(tiny_model, prompt="Once upon a time", temperature=0, max_tokens=6)
     choice = answer.choices[0]
@@ -237,8 +282,16 @@ def test_completions_endpoint(client, name, tiny_model):
     first = choice.logprobs.tokens[0]
     assert choice.text.startswith(first) or "\ufffd" in first, (choice.text, first)
     assert offsets[0] == 0 and offsets == sorted(offsets) and offsets[-1] < len(choice.text)
-    stream = list(client.completions.create(model=name, prompt=["Once upon a time"],
-                                            temperature=0, max_tokens=6, stream=True, logprobs=2))
+    stream = list(
+        client.completions.create(
+            model=name,
+            prompt=["Once upon a time"],
+            temperature=0,
+            max_tokens=6,
+            stream=True,
+            logprobs=2,
+        )
+    )
     assert "".join(c.choices[0].text for c in stream) == expected
     assert stream[-1].choices[0].finish_reason == "length"
     streamed = [c.choices[0].logprobs for c in stream if c.choices[0].logprobs]
@@ -285,8 +338,12 @@ def test_disconnect_mid_stream_frees_the_engine(server):
 
 
 async def _one_stream(http: httpx.AsyncClient, url: str, content: str) -> str:
-    body = {"messages": [{"role": "user", "content": content}], "stream": True,
-            "max_tokens": 8, "temperature": 0}
+    body = {
+        "messages": [{"role": "user", "content": content}],
+        "stream": True,
+        "max_tokens": 8,
+        "temperature": 0,
+    }
     response = await http.post(url, json=body)
     assert response.status_code == 200
     events = _sse_lines(response.text)
@@ -305,13 +362,15 @@ def test_32_concurrent_streams(server, tiny_model):
 
     async def run() -> list[str]:
         async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)) as http:
-            return await asyncio.gather(*(_one_stream(http, url, prompts[i % 4])
-                                          for i in range(32)))
+            return await asyncio.gather(
+                *(_one_stream(http, url, prompts[i % 4]) for i in range(32))
+            )
 
     texts = asyncio.run(run())
     # No cross-talk: each stream equals its prompt's greedy answer computed alone.
-    expected = [library(tiny_model, prompt=[{"role": "user", "content": p}], temperature=0)
-                for p in prompts]
+    expected = [
+        library(tiny_model, prompt=[{"role": "user", "content": p}], temperature=0) for p in prompts
+    ]
     assert texts == [expected[i % 4] for i in range(32)]
     assert httpx.get(server.url("/health")).json()["active"] == 0
 
@@ -319,8 +378,11 @@ def test_32_concurrent_streams(server, tiny_model):
 def test_hostile_bodies_leave_the_server_serving(server, client, name):
     huge_nesting = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     for body in (huge_nesting, b"\xc3\x28", b"null"):
-        response = httpx.post(server.url("/v1/chat/completions"), content=body,
-                              headers={"Content-Type": "application/json"})
+        response = httpx.post(
+            server.url("/v1/chat/completions"),
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
         assert response.status_code == 400
         assert response.json()["error"]["type"] == "invalid_request_error"
     answer = client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=2)
@@ -353,8 +415,10 @@ def test_sigterm_lets_streams_finish_then_exits_cleanly(tiny_hf_checkpoint):
 
         for events in asyncio.run(run()):
             assert events[-1] == "data: [DONE]"
-            assert json.loads(events[-2].removeprefix("data: "))["choices"][0]["finish_reason"] \
+            assert (
+                json.loads(events[-2].removeprefix("data: "))["choices"][0]["finish_reason"]
                 == "length"
+            )
         assert server.proc.wait(30) == 0
         with pytest.raises(httpx.ConnectError):
             httpx.get(server.url("/health"))
@@ -365,6 +429,7 @@ def test_sigterm_lets_streams_finish_then_exits_cleanly(tiny_hf_checkpoint):
 def test_keepalive_while_waiting_for_the_first_token():
     """Keep-alives while the first token is awaited; after it, items pass straight through
     (tokens come every step, and a timer per token would cost the event loop more)."""
+
     async def slow_then_fast():
         await asyncio.sleep(0.25)  # a long prefill
         yield "a"
@@ -403,9 +468,16 @@ def test_keepalive_closes_the_stream_it_wraps():
 def test_a_batch_of_events_becomes_one_chunk_per_choice():
     """When several tokens of a choice arrive together, they go out as one chunk: the same
     text, every token's logprobs in order, and the finish chunk after the content."""
-    writer = ResponseWriter(chat=True, model="m", n=2, logprobs=True, include_usage=False,
-                            prices=(0.0, 0.0), formatter=LogprobFormatter([b"a", b"b", b"c"]),
-                            stats={})
+    writer = ResponseWriter(
+        chat=True,
+        model="m",
+        n=2,
+        logprobs=True,
+        include_usage=False,
+        prices=(0.0, 0.0),
+        formatter=LogprobFormatter([b"a", b"b", b"c"]),
+        stats={},
+    )
 
     def event(index: int, token: int, finish: str | None = None) -> TokenEvent:
         return TokenEvent(0, index, "abc"[token], token, finish, TokenLogprobs(token, -0.5 * token))
@@ -417,14 +489,27 @@ def test_a_batch_of_events_becomes_one_chunk_per_choice():
             yield batch
 
     async def collect() -> list[dict]:
-        return [json.loads(chunk[6:]) async for chunk in writer.sse(stream()) if chunk != b"data: [DONE]\n\n"]
+        return [
+            json.loads(chunk[6:])
+            async for chunk in writer.sse(stream())
+            if chunk != b"data: [DONE]\n\n"
+        ]
 
     chunks = [c["choices"][0] for c in asyncio.run(collect())][2:]  # after the two role chunks
-    summary = [(c["index"], c["delta"].get("content"), c["finish_reason"],
-                [e["token"] for e in (c.get("logprobs") or {}).get("content", [])]) for c in chunks]
+    summary = [
+        (
+            c["index"],
+            c["delta"].get("content"),
+            c["finish_reason"],
+            [e["token"] for e in (c.get("logprobs") or {}).get("content", [])],
+        )
+        for c in chunks
+    ]
     assert summary == [
-        (0, "ab", None, ["a", "b"]), (1, "c", None, ["c"]),  # first batch: one chunk per choice
-        (0, "c", None, ["c"]), (0, None, "length", []),  # a finishing choice goes out at once
+        (0, "ab", None, ["a", "b"]),
+        (1, "c", None, ["c"]),  # first batch: one chunk per choice
+        (0, "c", None, ["c"]),
+        (0, None, "length", []),  # a finishing choice goes out at once
         (1, "b", None, ["b"]),
     ]
 
@@ -436,35 +521,52 @@ def test_completion_text_offsets_count_the_decoded_text_streamed_or_not():
     texts = ["", "\u00e9", " ok"]  # what the detokenizer emits for each token
 
     def writer() -> ResponseWriter:
-        return ResponseWriter(chat=False, model="m", n=1, logprobs=True, include_usage=False,
-                              prices=(0.0, 0.0), formatter=LogprobFormatter(pieces), stats={})
+        return ResponseWriter(
+            chat=False,
+            model="m",
+            n=1,
+            logprobs=True,
+            include_usage=False,
+            prices=(0.0, 0.0),
+            formatter=LogprobFormatter(pieces),
+            stats={},
+        )
 
     def events() -> list[TokenEvent]:
-        return [TokenEvent(0, 0, text, token, "length" if token == 2 else None,
-                           TokenLogprobs(token, -1.0)) for token, text in enumerate(texts)]
+        return [
+            TokenEvent(
+                0, 0, text, token, "length" if token == 2 else None, TokenLogprobs(token, -1.0)
+            )
+            for token, text in enumerate(texts)
+        ]
 
     async def one_body() -> dict:
         async def source():
             for event in events():
                 yield event
+
         return await writer().collect(source())
 
     async def streamed() -> list[dict]:
         async def source():
             for event in events():
                 yield [event]
+
         return [json.loads(c[6:]) async for c in writer().sse(source()) if c.startswith(b"data: {")]
 
     body = asyncio.run(one_body())["choices"][0]
     assert body["text"] == "\u00e9 ok"
     assert body["logprobs"]["text_offset"] == [0, 0, 1]
-    chunks = [c["choices"][0]["logprobs"] for c in asyncio.run(streamed()) if c["choices"][0]["logprobs"]]
+    chunks = [
+        c["choices"][0]["logprobs"] for c in asyncio.run(streamed()) if c["choices"][0]["logprobs"]
+    ]
     assert [o for lp in chunks for o in lp["text_offset"]] == [0, 0, 1]
 
 
 def test_create_app_loads_the_model_in_its_lifespan(tiny_hf_checkpoint):
-    config = ServerConfig(model=str(tiny_hf_checkpoint), model_name="tiny",
-                          allowed_hosts=("testserver",))
+    config = ServerConfig(
+        model=str(tiny_hf_checkpoint), model_name="tiny", allowed_hosts=("testserver",)
+    )
     app = create_app(config)
     with TestClient(app) as http:
         assert http.get("/health").json()["status"] == "ok"
@@ -475,8 +577,9 @@ def test_create_app_loads_the_model_in_its_lifespan(tiny_hf_checkpoint):
 
 
 def test_engine_stopping_mid_stream_sends_an_error_event_then_done(tiny_hf_checkpoint):
-    config = ServerConfig(model=str(tiny_hf_checkpoint), model_name="tiny",
-                          allowed_hosts=("testserver",))
+    config = ServerConfig(
+        model=str(tiny_hf_checkpoint), model_name="tiny", allowed_hosts=("testserver",)
+    )
     app = create_app(config)
     body = {"messages": MESSAGES, "stream": True, "max_tokens": 1500}
     with TestClient(app) as http:

@@ -78,18 +78,29 @@ STREAM = """curl "https://api.deepinfra.com/v1/openai/chat/completions" \\
 
 @pytest.fixture(scope="module")
 def server(tiny_hf_checkpoint):
-    with ServerProcess(tiny_hf_checkpoint, "--default-max-tokens", str(MAX_TOKENS),
-                       "--prompt-price", str(PROMPT_PRICE),
-                       "--completion-price", str(COMPLETION_PRICE)) as proc:
+    with ServerProcess(
+        tiny_hf_checkpoint,
+        "--default-max-tokens",
+        str(MAX_TOKENS),
+        "--prompt-price",
+        str(PROMPT_PRICE),
+        "--completion-price",
+        str(COMPLETION_PRICE),
+    ) as proc:
         yield proc
         assert "Traceback" not in proc.log()
 
 
 def run_curl(server, command: str) -> str:
     command = command.replace("https://api.deepinfra.com", server.base_url)
-    result = subprocess.run(["bash", "-c", command + " --silent --show-error --fail-with-body"],
-                            check=False, capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "DEEPINFRA_TOKEN": "any-local-token"})
+    result = subprocess.run(
+        ["bash", "-c", command + " --silent --show-error --fail-with-body"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "DEEPINFRA_TOKEN": "any-local-token"},
+    )
     assert result.returncode == 0, result.stderr + result.stdout
     return result.stdout
 
@@ -97,8 +108,9 @@ def run_curl(server, command: str) -> str:
 def request_messages(command: str) -> list[dict]:
     """The messages the command sends, decoded by the shell exactly as curl receives them."""
     printer = 'curl() { while [ $# -gt 0 ]; do [ "$1" = -d ] && printf "%s" "$2"; shift; done; }\n'
-    body = subprocess.run(["bash", "-c", printer + command], capture_output=True, text=True,
-                          check=True).stdout
+    body = subprocess.run(
+        ["bash", "-c", printer + command], capture_output=True, text=True, check=True
+    ).stdout
     return json.loads(body)["messages"]
 
 
@@ -133,7 +145,8 @@ def test_chat_examples(server, tiny_hf_checkpoint, tiny_model, command):
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert usage["estimated_cost"] == pytest.approx(
         usage["prompt_tokens"] * PROMPT_PRICE + usage["completion_tokens"] * COMPLETION_PRICE,
-        rel=1e-9)
+        rel=1e-9,
+    )
 
 
 def test_chef_example_sends_the_quoted_assistant_message(server):
@@ -149,7 +162,7 @@ def test_streaming_example(server, tiny_hf_checkpoint):
     events = [e for e in body.split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events)
     assert events[-1] == "data: [DONE]"
-    chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    chunks = [json.loads(e[len("data: ") :]) for e in events[:-1]]
     assert len({c["id"] for c in chunks}) == 1 and len({c["created"] for c in chunks}) == 1
     for chunk in chunks:
         assert list(chunk) == ["id", "object", "created", "model", "choices"]

@@ -26,9 +26,19 @@ GOOD = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
 
 @pytest.fixture(scope="module")
 def server(tiny_hf_checkpoint):
-    with ServerProcess(tiny_hf_checkpoint, "--api-key", KEY, "--max-queue", "0",
-                       "--max-body-bytes", str(LIMIT), "--cors-origins", ORIGIN,
-                       "--allowed-hosts", "api.internal") as proc:
+    with ServerProcess(
+        tiny_hf_checkpoint,
+        "--api-key",
+        KEY,
+        "--max-queue",
+        "0",
+        "--max-body-bytes",
+        str(LIMIT),
+        "--cors-origins",
+        ORIGIN,
+        "--allowed-hosts",
+        "api.internal",
+    ) as proc:
         yield proc
         assert proc.alive
         assert "Traceback" not in proc.log(), proc.log()
@@ -53,9 +63,15 @@ def error_of(response: httpx.Response, status: int) -> dict:
 
 
 # -- 401 / 403: the guards ------------------------------------------------------------------
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"},
-                                     {"Authorization": f"Basic {KEY}"},
-                                     {"Authorization": f"Bearer {KEY}x"}])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {KEY}"},
+        {"Authorization": f"Bearer {KEY}x"},
+    ],
+)
 def test_missing_or_wrong_key_is_401(server, headers):
     response = httpx.post(server.url(CHAT), json=GOOD, headers=headers)
     error = error_of(response, 401)
@@ -67,22 +83,35 @@ def test_health_needs_no_key(server):
     assert httpx.get(server.url("/health")).status_code == 200
 
 
-@pytest.mark.parametrize("host", ["evil.example", "127.0.0.1.evil.example", "localhost.evil:80",
-                                  "192.168.1.10:8000", ""])
+@pytest.mark.parametrize(
+    "host", ["evil.example", "127.0.0.1.evil.example", "localhost.evil:80", "192.168.1.10:8000", ""]
+)
 def test_foreign_host_is_403_before_anything(http, host):
     error = error_of(http.post(CHAT, content=b"not even json", headers={"Host": host}), 403)
     assert error["type"] == "permission_error" and error["code"] == "host_not_allowed"
 
 
-@pytest.mark.parametrize("host", ["localhost", "LOCALHOST:8000", "127.0.0.1:1", "[::1]:8000",
-                                  "[::1]", "api.internal", "api.internal:443"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "localhost",
+        "LOCALHOST:8000",
+        "127.0.0.1:1",
+        "[::1]:8000",
+        "[::1]",
+        "api.internal",
+        "api.internal:443",
+    ],
+)
 def test_allowed_hosts(http, host):
     assert http.get("/v1/models", headers={"Host": host}).status_code == 200
 
 
 def test_cors_only_for_the_configured_origin(http):
-    preflight = {"Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization, content-type"}
+    preflight = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
     ok = http.options(CHAT, headers={"Origin": ORIGIN, **preflight})
     assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == ORIGIN
     foreign = http.options(CHAT, headers={"Origin": "http://evil.example", **preflight})
@@ -112,8 +141,9 @@ def test_wrong_method_is_405(http):
 # -- 413 / 415 ----------------------------------------------------------------------------
 def test_body_over_the_limit_is_413(http):
     big = b'{"messages": [{"role": "user", "content": "' + b"a" * LIMIT + b'"}]}'
-    error = error_of(http.post(CHAT, content=big, headers={"Content-Type": "application/json"}),
-                     413)
+    error = error_of(
+        http.post(CHAT, content=big, headers={"Content-Type": "application/json"}), 413
+    )
     assert error["code"] == "request_too_large" and str(LIMIT) in error["message"]
 
 
@@ -129,9 +159,10 @@ def test_chunked_body_over_the_limit_is_413(http):
     error_of(response, 413)
 
 
-@pytest.mark.parametrize("content_type", [None, "text/plain",
-                                          "application/x-www-form-urlencoded",
-                                          "multipart/form-data; boundary=x"])
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"],
+)
 def test_body_not_declared_json_is_415(http, content_type):
     headers = {"Content-Type": content_type} if content_type else {}
     response = http.post(CHAT, content=b'{"messages": []}', headers=headers)
@@ -145,19 +176,39 @@ def post_raw(http, body: bytes, path: str = CHAT) -> httpx.Response:
     return http.post(path, content=body, headers={"Content-Type": "application/json"})
 
 
-@pytest.mark.parametrize("body, words", [
-    (b"", "empty"), (b"{", "not valid JSON"), (b"[1, 2]", "JSON object, got a JSON array"),
-    (b'"text"', "got a JSON string"), (b"\xff\xfe{}", "UTF-8"), (b'{"a": NaN}', "NaN"),
-    (b'{"max_tokens": Infinity}', "Infinity"), (b"[" * 30_000 + b"]" * 30_000, "nested"),
-    (b'{"n": ' + b"9" * 5000 + b"}", "not valid JSON"),
-], ids=["empty", "truncated", "array", "string", "utf8", "nan", "infinity", "nested", "bigint"])
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        (b"", "empty"),
+        (b"{", "not valid JSON"),
+        (b"[1, 2]", "JSON object, got a JSON array"),
+        (b'"text"', "got a JSON string"),
+        (b"\xff\xfe{}", "UTF-8"),
+        (b'{"a": NaN}', "NaN"),
+        (b'{"max_tokens": Infinity}', "Infinity"),
+        (b"[" * 30_000 + b"]" * 30_000, "nested"),
+        (b'{"n": ' + b"9" * 5000 + b"}", "not valid JSON"),
+    ],
+    ids=["empty", "truncated", "array", "string", "utf8", "nan", "infinity", "nested", "bigint"],
+)
 def test_malformed_bodies_are_400(http, body, words):
     error = error_of(post_raw(http, body), 400)
     assert words in error["message"] and error["type"] == "invalid_request_error"
 
 
-NUMERIC = ["temperature", "top_p", "min_p", "top_k", "max_tokens", "presence_penalty",
-           "frequency_penalty", "repetition_penalty", "seed", "n", "top_logprobs"]
+NUMERIC = [
+    "temperature",
+    "top_p",
+    "min_p",
+    "top_k",
+    "max_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "seed",
+    "n",
+    "top_logprobs",
+]
 
 
 @pytest.mark.parametrize("field", NUMERIC)
@@ -165,28 +216,44 @@ NUMERIC = ["temperature", "top_p", "min_p", "top_k", "max_tokens", "presence_pen
 def test_bad_numbers_are_400_naming_the_field(http, field, value):
     if value == -1 and field in ("top_k", "presence_penalty", "frequency_penalty"):
         value = -3  # -1 is inside these ranges
-    body = {**GOOD, field: value, "logprobs": True} if field == "top_logprobs" else \
-        {**GOOD, field: value}
+    body = (
+        {**GOOD, field: value, "logprobs": True}
+        if field == "top_logprobs"
+        else {**GOOD, field: value}
+    )
     error = error_of(http.post(CHAT, json=body), 400)
     assert error["param"] == field and field in error["message"]
 
 
-@pytest.mark.parametrize("body, param, words", [
-    ({"max_tokens": 10**9}, "max_tokens", "max_tokens"),
-    ({"max_tokens": 2045}, "max_tokens", "too many"),
-    ({"logit_bias": {"32000": 5}}, "logit_bias", "31999"),
-    ({"logit_bias": {"-1": 5}}, "logit_bias", "logit_bias"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "stop"),
-    ({"stream": "yes"}, "stream", "boolean"),
-    ({"frobnicate": 1}, "frobnicate", "frobnicate"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
-     "tools[0].function.parameters", "object"),
-    ({"response_format": {"type": "xml"}}, "response_format", "'xml'"),
-    ({"max_tokens": 4, "max_completion_tokens": 5}, "max_completion_tokens", "not both"),
-    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", "wizard"),
-    ({"messages": "hello"}, "messages", "messages"),
-    ({"model": 7}, "model", "model"),
-])
+@pytest.mark.parametrize(
+    "body, param, words",
+    [
+        ({"max_tokens": 10**9}, "max_tokens", "max_tokens"),
+        ({"max_tokens": 2045}, "max_tokens", "too many"),
+        ({"logit_bias": {"32000": 5}}, "logit_bias", "31999"),
+        ({"logit_bias": {"-1": 5}}, "logit_bias", "logit_bias"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "stop"),
+        ({"stream": "yes"}, "stream", "boolean"),
+        ({"frobnicate": 1}, "frobnicate", "frobnicate"),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "parameters": {"type": "string"}},
+                    }
+                ]
+            },
+            "tools[0].function.parameters",
+            "object",
+        ),
+        ({"response_format": {"type": "xml"}}, "response_format", "'xml'"),
+        ({"max_tokens": 4, "max_completion_tokens": 5}, "max_completion_tokens", "not both"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", "wizard"),
+        ({"messages": "hello"}, "messages", "messages"),
+        ({"model": 7}, "model", "model"),
+    ],
+)
 def test_bad_fields_are_400(http, body, param, words):
     error = error_of(http.post(CHAT, json={**GOOD, **body}), 400)
     assert error["param"] == param and words in error["message"], error
@@ -203,25 +270,40 @@ def test_prompt_over_the_context_says_by_how_much(http):
     assert "2048" in error["message"] and "too many" in error["message"]
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"prompt": ["a", "b"]}, "prompt"), ({"prompt": ""}, "prompt"), ({}, "prompt"),
-    ({"prompt": "a", "echo": True}, "echo"), ({"prompt": "a", "best_of": 3}, "best_of"),
-    ({"prompt": "a", "logprobs": 9}, "logprobs"), ({"prompt": [1, 99999]}, "prompt"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({}, "prompt"),
+        ({"prompt": "a", "echo": True}, "echo"),
+        ({"prompt": "a", "best_of": 3}, "best_of"),
+        ({"prompt": "a", "logprobs": 9}, "logprobs"),
+        ({"prompt": [1, 99999]}, "prompt"),
+    ],
+)
 def test_completions_bad_fields_are_400(http, body, param):
     assert error_of(http.post("/v1/completions", json=body), 400)["param"] == param
 
 
 def test_fields_that_change_nothing_are_accepted(http):
-    body = {**GOOD, "user": "u1", "metadata": {"a": "b"}, "service_tier": "auto", "top_p": None,
-            "stream_options": None}
+    body = {
+        **GOOD,
+        "user": "u1",
+        "metadata": {"a": "b"},
+        "service_tier": "auto",
+        "top_p": None,
+        "stream_options": None,
+    }
     response = http.post(CHAT, json=body)
     assert error_of(response, 503)["code"] == "engine_overloaded"  # got as far as the queue
 
 
 # -- 503 -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("path, body", [(CHAT, GOOD), (CHAT, {**GOOD, "stream": True}),
-                                        ("/v1/completions", {"prompt": "Hi"})])
+@pytest.mark.parametrize(
+    "path, body",
+    [(CHAT, GOOD), (CHAT, {**GOOD, "stream": True}), ("/v1/completions", {"prompt": "Hi"})],
+)
 def test_full_queue_is_503_with_retry_after(http, path, body):
     response = http.post(path, json=body)
     error = error_of(response, 503)
@@ -232,8 +314,9 @@ def test_full_queue_is_503_with_retry_after(http, path, body):
 # -- the openai client sees each status as its exception class ----------------------------
 def test_openai_exception_classes(server):
     def client(**kwargs):
-        return openai.OpenAI(base_url=server.url("/v1"), max_retries=0,
-                             **{"api_key": KEY, **kwargs})
+        return openai.OpenAI(
+            base_url=server.url("/v1"), max_retries=0, **{"api_key": KEY, **kwargs}
+        )
 
     messages = GOOD["messages"]
     cases = [
@@ -245,38 +328,60 @@ def test_openai_exception_classes(server):
     ]
     for api, kwargs, expected in cases:
         with pytest.raises(expected) as info:
-            api.chat.completions.create(**{"model": "mistralai/Mistral-7B-Instruct-v0.2",
-                                           "messages": messages, **kwargs})
+            api.chat.completions.create(
+                **{"model": "mistralai/Mistral-7B-Instruct-v0.2", "messages": messages, **kwargs}
+            )
         assert info.value.body["message"]
     with pytest.raises(openai.APIStatusError) as info:
-        client().chat.completions.create(model="x", messages=[{"role": "user",
-                                                               "content": "a" * LIMIT}])
+        client().chat.completions.create(
+            model="x", messages=[{"role": "user", "content": "a" * LIMIT}]
+        )
     assert info.value.status_code == 413
 
 
 # -- start-up refusals: one line on stderr, exit 1, before the model loads ---------------
-@pytest.mark.parametrize("args, words", [
-    (["--host", "0.0.0.0"], "--allow-public"),
-    (["--port", "70000"], "--port"),
-    (["--max-batch", "0"], "--max-batch"),
-    (["--model", "/nonexistent/model/dir"], "/nonexistent/model/dir"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--host", "0.0.0.0"], "--allow-public"),
+        (["--port", "70000"], "--port"),
+        (["--max-batch", "0"], "--max-batch"),
+        (["--model", "/nonexistent/model/dir"], "/nonexistent/model/dir"),
+    ],
+)
 def test_refused_at_start_up(tiny_hf_checkpoint, args, words):
-    argv = [sys.executable, "-m", "mlx_mistral.server", "--model", str(tiny_hf_checkpoint),
-            "--port", "0", *args]
-    result = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    argv = [
+        sys.executable,
+        "-m",
+        "mlx_mistral.server",
+        "--model",
+        str(tiny_hf_checkpoint),
+        "--port",
+        "0",
+        *args,
+    ]
+    result = subprocess.run(
+        argv,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mlx-mistral serve: error:"), result.stderr
     assert words in lines[0]
 
 
-@pytest.mark.parametrize("path, body, param", [
-    (CHAT, b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "messages[0].content"),
-    (CHAT, b'{"messages": [{"role": "user", "content": "a"}], "stop": ["\\udfff"]}', "stop[0]"),
-    ("/v1/completions", b'{"prompt": "\\udc00"}', "prompt"),
-])
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        (CHAT, b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "messages[0].content"),
+        (CHAT, b'{"messages": [{"role": "user", "content": "a"}], "stop": ["\\udfff"]}', "stop[0]"),
+        ("/v1/completions", b'{"prompt": "\\udc00"}', "prompt"),
+    ],
+)
 def test_lone_surrogate_escapes_are_400_naming_the_field(http, path, body, param):
     error = error_of(post_raw(http, body, path), 400)
     assert error["param"] == param and "surrogate" in error["message"]

@@ -19,13 +19,13 @@ import jsonschema
 import mlx.core as mx
 import openai
 import pytest
-from mlx_mistral.server.app import chat_prompt
-from mlx_mistral.server.schemas import ChatCompletionRequest
 from server_process import ServerProcess
 from tool_samples import PERSON, TIME
 
 import mlx_mistral
 from mlx_mistral.errors import InvalidRequestError
+from mlx_mistral.server.app import chat_prompt
+from mlx_mistral.server.schemas import ChatCompletionRequest
 from mlx_mistral.tokenizer import Tokenizer
 from mlx_mistral.tool_calls import split_tool_calls
 
@@ -42,13 +42,18 @@ WEATHER = {
     "additionalProperties": False,
 }
 TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Current weather",
-                                      "parameters": WEATHER}},
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather",
+            "parameters": WEATHER,
+        },
+    },
     {"type": "function", "function": {"name": "get_time", "parameters": TIME}},
     {"type": "function", "function": {"name": "ping"}},  # no parameters: arguments must be {}
 ]
-SCHEMAS = {"get_weather": WEATHER, "get_time": TIME,
-           "ping": {"type": "object", "maxProperties": 0}}
+SCHEMAS = {"get_weather": WEATHER, "get_time": TIME, "ping": {"type": "object", "maxProperties": 0}}
 PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 NAMED_TIME = {"type": "function", "function": {"name": "get_time"}}
@@ -57,8 +62,9 @@ CALL_ID = re.compile(r"call_[A-Za-z0-9]{9}")
 
 @pytest.fixture(scope="module")
 def server(tiny_hf_checkpoint):
-    with ServerProcess(tiny_hf_checkpoint, "--max-batch", str(SEEDS), "--max-queue",
-                       str(2 * SEEDS)) as proc:
+    with ServerProcess(
+        tiny_hf_checkpoint, "--max-batch", str(SEEDS), "--max-queue", str(2 * SEEDS)
+    ) as proc:
         yield proc
         assert "Traceback" not in proc.log(), proc.log()
 
@@ -88,8 +94,9 @@ def create_many(server, name: str, requests: list[dict]) -> list:
         return accumulate([chunk async for chunk in stream])
 
     async def run():
-        async with openai.AsyncOpenAI(base_url=server.url("/v1"), api_key="k", max_retries=0,
-                                      timeout=120) as aclient:
+        async with openai.AsyncOpenAI(
+            base_url=server.url("/v1"), api_key="k", max_retries=0, timeout=120
+        ) as aclient:
             return await asyncio.gather(*(one(aclient, body) for body in requests))
 
     return asyncio.run(run())
@@ -101,22 +108,31 @@ def accumulate(chunks) -> list[dict]:
     out: dict[int, dict] = {}
     for chunk in chunks:
         for choice in chunk.choices:
-            acc = out.setdefault(choice.index, {"content": "", "tool_calls": {}, "finish_reason": None})
+            acc = out.setdefault(
+                choice.index, {"content": "", "tool_calls": {}, "finish_reason": None}
+            )
             delta = choice.delta
             acc["content"] += delta.content or ""
             for part in delta.tool_calls or []:
                 if part.id is not None:
                     assert part.index not in acc["tool_calls"] and part.type == "function"
                     assert part.function.arguments == ""
-                    acc["tool_calls"][part.index] = {"id": part.id, "type": "function", "function": {
-                        "name": part.function.name, "arguments": ""}}
+                    acc["tool_calls"][part.index] = {
+                        "id": part.id,
+                        "type": "function",
+                        "function": {"name": part.function.name, "arguments": ""},
+                    }
                 else:
                     assert part.function.name is None
-                    acc["tool_calls"][part.index]["function"]["arguments"] += part.function.arguments
+                    acc["tool_calls"][part.index]["function"]["arguments"] += (
+                        part.function.arguments
+                    )
             if choice.finish_reason is not None:
                 acc["finish_reason"] = choice.finish_reason
-    return [{**acc, "tool_calls": [acc["tool_calls"][i] for i in sorted(acc["tool_calls"])] or None}
-            for _, acc in sorted(out.items())]
+    return [
+        {**acc, "tool_calls": [acc["tool_calls"][i] for i in sorted(acc["tool_calls"])] or None}
+        for _, acc in sorted(out.items())
+    ]
 
 
 def as_dicts(answer) -> list[dict]:
@@ -124,8 +140,13 @@ def as_dicts(answer) -> list[dict]:
     out = []
     for choice in answer.choices:
         calls = choice.message.tool_calls
-        out.append({"content": choice.message.content or "", "finish_reason": choice.finish_reason,
-                    "tool_calls": [c.model_dump() for c in calls] if calls else None})
+        out.append(
+            {
+                "content": choice.message.content or "",
+                "finish_reason": choice.finish_reason,
+                "tool_calls": [c.model_dump() for c in calls] if calls else None,
+            }
+        )
     return out
 
 
@@ -142,26 +163,37 @@ def check_calls(choice, allowed: set[str]) -> list:
 
 # -- a whole conversation ------------------------------------------------------------------------
 def test_round_trip_call_result_answer(name, client, tokenizer):
-    first = client.chat.completions.create(model=name, messages=ASK, tools=TOOLS, seed=3,
-                                           tool_choice="required", parallel_tool_calls=False,
-                                           max_tokens=120)
+    first = client.chat.completions.create(
+        model=name,
+        messages=ASK,
+        tools=TOOLS,
+        seed=3,
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=120,
+    )
     (choice,) = first.choices
     (call,) = check_calls(choice, set(SCHEMAS))
     assert first.usage.prompt_tokens == len(tokenizer.encode_chat(ASK, tools=TOOLS))
 
     # The client sends the call back as it got it, then the tool's result for that call id.
-    conversation = [*ASK, choice.message.model_dump(exclude_none=True),
-                    {"role": "tool", "tool_call_id": call.id, "content": "18 degrees, sunny"}]
-    answer = client.chat.completions.create(model=name, messages=conversation, tools=TOOLS,
-                                            tool_choice="none", max_tokens=12, seed=4)
+    conversation = [
+        *ASK,
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "18 degrees, sunny"},
+    ]
+    answer = client.chat.completions.create(
+        model=name, messages=conversation, tools=TOOLS, tool_choice="none", max_tokens=12, seed=4
+    )
     (final,) = answer.choices
     assert final.finish_reason in ("stop", "length") and final.message.tool_calls is None
     assert isinstance(final.message.content, str) and "[TOOL_CALLS]" not in final.message.content
     # "none" shows the model no tools: the prompt is the conversation alone.
     assert answer.usage.prompt_tokens == len(tokenizer.encode_chat(conversation))
 
-    answer = client.chat.completions.create(model=name, messages=conversation, tools=TOOLS,
-                                            max_tokens=12, seed=4)  # tool_choice "auto"
+    answer = client.chat.completions.create(
+        model=name, messages=conversation, tools=TOOLS, max_tokens=12, seed=4
+    )  # tool_choice "auto"
     assert answer.usage.prompt_tokens == len(tokenizer.encode_chat(conversation, tools=TOOLS))
     (final,) = answer.choices
     if final.message.tool_calls:
@@ -172,26 +204,50 @@ def test_round_trip_call_result_answer(name, client, tokenizer):
 
 
 def test_tool_messages_render_as_the_library_renders_them(name, client, tokenizer):
-    calls = [{"id": "call_abc123XYZ", "type": "function",
-              "function": {"name": "get_time", "arguments": '{"tz": "CET"}'}}]
-    conversation = [*ASK, {"role": "assistant", "content": None, "tool_calls": calls},
-                    {"role": "tool", "tool_call_id": "call_abc123XYZ", "content": "12:00"},
-                    {"role": "user", "content": "And in Tokyo?"}]
-    answer = client.chat.completions.create(model=name, messages=conversation, tools=TOOLS,
-                                            max_tokens=1)
+    calls = [
+        {
+            "id": "call_abc123XYZ",
+            "type": "function",
+            "function": {"name": "get_time", "arguments": '{"tz": "CET"}'},
+        }
+    ]
+    conversation = [
+        *ASK,
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "call_abc123XYZ", "content": "12:00"},
+        {"role": "user", "content": "And in Tokyo?"},
+    ]
+    answer = client.chat.completions.create(
+        model=name, messages=conversation, tools=TOOLS, max_tokens=1
+    )
     assert answer.usage.prompt_tokens == len(tokenizer.encode_chat(conversation, tools=TOOLS))
 
 
 # -- guarantees over 100 seeds -------------------------------------------------------------------
-@pytest.mark.parametrize("tool_choice, allowed, max_tokens", [
-    ("required", set(SCHEMAS), 120),
-    (NAMED_TIME, {"get_time"}, 60),
-])
+@pytest.mark.parametrize(
+    "tool_choice, allowed, max_tokens",
+    [
+        ("required", set(SCHEMAS), 120),
+        (NAMED_TIME, {"get_time"}, 60),
+    ],
+)
 def test_required_and_named_calls_are_always_valid(name, server, tool_choice, allowed, max_tokens):
-    answers = create_many(server, name, [
-        {"messages": ASK, "tools": TOOLS, "tool_choice": tool_choice, "seed": seed,
-         "parallel_tool_calls": False, "max_tokens": max_tokens, "temperature": 1.0}
-        for seed in range(SEEDS)])
+    answers = create_many(
+        server,
+        name,
+        [
+            {
+                "messages": ASK,
+                "tools": TOOLS,
+                "tool_choice": tool_choice,
+                "seed": seed,
+                "parallel_tool_calls": False,
+                "max_tokens": max_tokens,
+                "temperature": 1.0,
+            }
+            for seed in range(SEEDS)
+        ],
+    )
     names = Counter()
     ids = set()
     for answer in answers:
@@ -203,17 +259,33 @@ def test_required_and_named_calls_are_always_valid(name, server, tool_choice, al
 
 
 def test_parallel_calls_are_each_valid(name, server):
-    answers = create_many(server, name, [
-        {"messages": ASK, "tools": TOOLS, "tool_choice": NAMED_TIME, "seed": seed,
-         "max_tokens": 320} for seed in range(20)])  # 8 calls of <= 36 tokens fit
+    answers = create_many(
+        server,
+        name,
+        [
+            {
+                "messages": ASK,
+                "tools": TOOLS,
+                "tool_choice": NAMED_TIME,
+                "seed": seed,
+                "max_tokens": 320,
+            }
+            for seed in range(20)
+        ],
+    )  # 8 calls of <= 36 tokens fit
     counts = Counter(len(check_calls(a.choices[0], {"get_time"})) for a in answers)
     assert max(counts) > 1  # parallel_tool_calls defaults to true
 
 
 def test_json_schema_answers_always_parse_and_validate(name, server):
-    answers = create_many(server, name, [
-        {"messages": ASK, "response_format": PERSON_FORMAT, "seed": seed, "max_tokens": 60}
-        for seed in range(SEEDS)])
+    answers = create_many(
+        server,
+        name,
+        [
+            {"messages": ASK, "response_format": PERSON_FORMAT, "seed": seed, "max_tokens": 60}
+            for seed in range(SEEDS)
+        ],
+    )
     for answer in answers:
         (choice,) = answer.choices
         assert choice.finish_reason == "stop" and choice.message.tool_calls is None, choice
@@ -223,9 +295,21 @@ def test_json_schema_answers_always_parse_and_validate(name, server):
 def test_auto_with_a_json_answer_gives_json_or_a_valid_call(name, server):
     # With a JSON response_format, "auto" lets the model choose between the JSON answer and a
     # call right from the first token, so a random model takes both ways.
-    answers = create_many(server, name, [
-        {"messages": ASK, "tools": TOOLS, "response_format": PERSON_FORMAT, "seed": seed,
-         "parallel_tool_calls": False, "max_tokens": 120} for seed in range(40)])
+    answers = create_many(
+        server,
+        name,
+        [
+            {
+                "messages": ASK,
+                "tools": TOOLS,
+                "response_format": PERSON_FORMAT,
+                "seed": seed,
+                "parallel_tool_calls": False,
+                "max_tokens": 120,
+            }
+            for seed in range(40)
+        ],
+    )
     kinds = Counter()
     for answer in answers:
         (choice,) = answer.choices
@@ -240,18 +324,25 @@ def test_auto_with_a_json_answer_gives_json_or_a_valid_call(name, server):
 
 
 # -- streaming -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("body", [
-    {"tool_choice": "required", "parallel_tool_calls": False, "max_tokens": 120},
-    {"tool_choice": NAMED_TIME, "max_tokens": 320},  # several calls in one answer
-    {"response_format": PERSON_FORMAT, "parallel_tool_calls": False, "max_tokens": 120},  # auto
-    {"tool_choice": "required", "parallel_tool_calls": False, "max_tokens": 120, "n": 3},
-], ids=["required", "parallel", "auto-json", "n3"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"tool_choice": "required", "parallel_tool_calls": False, "max_tokens": 120},
+        {"tool_choice": NAMED_TIME, "max_tokens": 320},  # several calls in one answer
+        {"response_format": PERSON_FORMAT, "parallel_tool_calls": False, "max_tokens": 120},  # auto
+        {"tool_choice": "required", "parallel_tool_calls": False, "max_tokens": 120, "n": 3},
+    ],
+    ids=["required", "parallel", "auto-json", "n3"],
+)
 def test_streaming_gives_the_same_calls(name, server, body):
     seeds = range(8)
-    requests = [{"messages": ASK, "tools": TOOLS, "seed": seed, "stream": stream, **body}
-                for stream in (False, True) for seed in seeds]
+    requests = [
+        {"messages": ASK, "tools": TOOLS, "seed": seed, "stream": stream, **body}
+        for stream in (False, True)
+        for seed in seeds
+    ]
     answers = create_many(server, name, requests)
-    plain, streamed = answers[:len(seeds)], answers[len(seeds):]
+    plain, streamed = answers[: len(seeds)], answers[len(seeds) :]
     for answer, chunks in zip(plain, streamed):
         assert chunks == as_dicts(answer)
         assert any(c["tool_calls"] for c in chunks) or body.get("response_format")
@@ -264,9 +355,20 @@ def test_calls_cut_by_max_tokens_are_the_same_streamed_or_not(name, server):
     """max_tokens ending an answer mid-call: both shapes give the call as generated so far
     (finish_reason "length"), and the marker's text never shows as content."""
     cuts = (3, 8, 14, 20, 26)
-    requests = [{"messages": ASK, "tools": TOOLS, "tool_choice": "required", "seed": seed,
-                 "parallel_tool_calls": False, "max_tokens": cut, "stream": stream}
-                for stream in (False, True) for seed in range(4) for cut in cuts]
+    requests = [
+        {
+            "messages": ASK,
+            "tools": TOOLS,
+            "tool_choice": "required",
+            "seed": seed,
+            "parallel_tool_calls": False,
+            "max_tokens": cut,
+            "stream": stream,
+        }
+        for stream in (False, True)
+        for seed in range(4)
+        for cut in cuts
+    ]
     answers = create_many(server, name, requests)
     half = len(answers) // 2
     partial = 0
@@ -284,11 +386,19 @@ def test_stream_deltas_follow_openai(name, server):
     events = []
 
     async def run():
-        async with openai.AsyncOpenAI(base_url=server.url("/v1"), api_key="k",
-                                      max_retries=0) as aclient:
+        async with openai.AsyncOpenAI(
+            base_url=server.url("/v1"), api_key="k", max_retries=0
+        ) as aclient:
             stream = await aclient.chat.completions.create(
-                model=name, messages=ASK, tools=TOOLS, tool_choice=NAMED_TIME, seed=5,
-                parallel_tool_calls=False, max_tokens=60, stream=True)
+                model=name,
+                messages=ASK,
+                tools=TOOLS,
+                tool_choice=NAMED_TIME,
+                seed=5,
+                parallel_tool_calls=False,
+                max_tokens=60,
+                stream=True,
+            )
             events.extend([c async for c in stream])
 
     asyncio.run(run())
@@ -300,17 +410,28 @@ def test_stream_deltas_follow_openai(name, server):
     assert CALL_ID.fullmatch(head.id) and head.function.arguments == ""
     assert len(arguments) > 1  # arguments stream as they are generated, not in one piece
     assert all(p.index == 0 and p.id is None and p.function.name is None for p in arguments)
-    assert json.loads("".join(p.function.arguments for p in arguments))["tz"] in TIME[
-        "properties"]["tz"]["enum"]
+    assert (
+        json.loads("".join(p.function.arguments for p in arguments))["tz"]
+        in TIME["properties"]["tz"]["enum"]
+    )
     assert not any(d.content for d in deltas)  # no call text leaks as content
     assert events[-1].choices[0].finish_reason == "tool_calls"
 
 
 # -- the Python API gives what the server gives ---------------------------------------------------
-@pytest.mark.parametrize("fields", [
-    {"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False, "max_tokens": 120},
-    {"response_format": PERSON_FORMAT, "max_tokens": 60},
-], ids=["call", "json"])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {
+            "tools": TOOLS,
+            "tool_choice": "required",
+            "parallel_tool_calls": False,
+            "max_tokens": 120,
+        },
+        {"response_format": PERSON_FORMAT, "max_tokens": 60},
+    ],
+    ids=["call", "json"],
+)
 def test_library_generate_matches_the_server(name, client, tiny_model, fields):
     model, tokenizer = tiny_model
     answer = client.chat.completions.create(model=name, messages=ASK, seed=11, **fields)
@@ -334,13 +455,14 @@ def test_library_refuses_tools_without_chat_messages(tiny_model):
 def test_constraints_built_off_the_engine_thread_work_on_it(tokenizer):
     # The server builds constraints on a worker thread and the engine thread computes masks
     # from them: nothing in them may be a lazy MLX array of the building thread.
-    req = ChatCompletionRequest.from_json({"messages": ASK, "tools": TOOLS, "n": 2,
-                                           "tool_choice": "required"})
+    req = ChatCompletionRequest.from_json(
+        {"messages": ASK, "tools": TOOLS, "n": 2, "tool_choice": "required"}
+    )
     built = []
     worker = threading.Thread(target=lambda: built.append(chat_prompt(tokenizer, req)))
     worker.start()
     worker.join()
-    (prompt, constraints), = built
+    ((prompt, constraints),) = built
     assert prompt == tokenizer.encode_chat(ASK, tools=TOOLS) and len(constraints) == 2
     masks = []
 
@@ -361,28 +483,65 @@ def tool(name: str, parameters: dict | None = None) -> dict:
     return {"type": "function", "function": fn}
 
 
-@pytest.mark.parametrize("body, param, words", [
-    ({"tools": [tool("f", {"type": "object", "properties": {"a": {"type": "nonsense"}}})]},
-     "tools[0].function.parameters", "not a valid JSON Schema"),
-    ({"tools": [tool("f", {"type": "string"})]}, "tools[0].function.parameters", "object"),
-    ({"tools": [tool("f")], "tool_choice": {"type": "function", "function": {"name": "g"}}},
-     "tool_choice.function.name", "'g'"),
-    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
-    ({"tools": [tool("f")], "parallel_tool_calls": "yes"}, "parallel_tool_calls", "boolean"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": {
-        "type": "object", "minProperties": "two"}}}}, "response_format.json_schema.schema",
-     "not a valid JSON Schema"),
-    ({"response_format": {"type": "yaml"}}, "response_format", "'yaml'"),
-    ({"messages": [*ASK, {"role": "tool", "tool_call_id": "call_nobody00", "content": "1"}]},
-     "messages[1].tool_call_id", "call_nobody00"),
-    ({"messages": [*ASK, {"role": "assistant", "tool_calls": [
-        {"id": "call_a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
-        {"role": "tool", "tool_call_id": "call_b", "content": "1"}]},
-     "messages[2].tool_call_id", "call_b"),
-])
+@pytest.mark.parametrize(
+    "body, param, words",
+    [
+        (
+            {"tools": [tool("f", {"type": "object", "properties": {"a": {"type": "nonsense"}}})]},
+            "tools[0].function.parameters",
+            "not a valid JSON Schema",
+        ),
+        ({"tools": [tool("f", {"type": "string"})]}, "tools[0].function.parameters", "object"),
+        (
+            {"tools": [tool("f")], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+            "tool_choice.function.name",
+            "'g'",
+        ),
+        ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+        ({"tools": [tool("f")], "parallel_tool_calls": "yes"}, "parallel_tool_calls", "boolean"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "p",
+                        "schema": {"type": "object", "minProperties": "two"},
+                    },
+                }
+            },
+            "response_format.json_schema.schema",
+            "not a valid JSON Schema",
+        ),
+        ({"response_format": {"type": "yaml"}}, "response_format", "'yaml'"),
+        (
+            {"messages": [*ASK, {"role": "tool", "tool_call_id": "call_nobody00", "content": "1"}]},
+            "messages[1].tool_call_id",
+            "call_nobody00",
+        ),
+        (
+            {
+                "messages": [
+                    *ASK,
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {
+                                "id": "call_a",
+                                "type": "function",
+                                "function": {"name": "f", "arguments": "{}"},
+                            }
+                        ],
+                    },
+                    {"role": "tool", "tool_call_id": "call_b", "content": "1"},
+                ]
+            },
+            "messages[2].tool_call_id",
+            "call_b",
+        ),
+    ],
+)
 def test_bad_tool_fields_are_400_naming_them(name, client, body, param, words):
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(**{"model": name, "messages": ASK, "max_tokens": 1,
-                                          **body})
+        client.chat.completions.create(**{"model": name, "messages": ASK, "max_tokens": 1, **body})
     error = caught.value
     assert error.param == param and words in error.message, error.body

@@ -45,7 +45,10 @@ WEATHER = {
     "additionalProperties": False,
 }
 TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": WEATHER}},
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "Weather", "parameters": WEATHER},
+    },
     {"type": "function", "function": {"name": "get_time", "parameters": TIME}},
     {"type": "function", "function": {"name": "ping"}},  # no parameters: arguments must be {}
 ]
@@ -60,17 +63,25 @@ def model_tok(tiny_model):
 def run_batch(model_tok, spec, *, max_tokens, seeds=SEEDS, logit_bias=None):
     """One batch of `seeds` sequences; returns [(text, finish_reason, constraint, streamer deltas)]."""
     model, tok = model_tok
-    prompt = tok.encode_chat([{"role": "user", "content": "What is the weather in Paris?"}],
-                             tools=spec.prompt_tools)
+    prompt = tok.encode_chat(
+        [{"role": "user", "content": "What is the weather in Paris?"}], tools=spec.prompt_tools
+    )
     gen = BatchGenerator(model, tok, max_batch=seeds)
     runs = {}
     for seed in range(seeds):
         constraints = make_constraints(spec, tok, 1, seed=seed, prompt=prompt)
-        params = SamplingParams(temperature=1.0, seed=seed, max_tokens=max_tokens, logit_bias=logit_bias)
+        params = SamplingParams(
+            temperature=1.0, seed=seed, max_tokens=max_tokens, logit_bias=logit_bias
+        )
         uid = gen.add(prompt, params, constraints=constraints)
         streamer = ToolCallStreamer(call_ids=constraints[0].call_ids if spec.tools else None)
-        runs[uid] = {"text": "", "finish": None, "constraint": constraints[0], "streamer": streamer,
-                     "deltas": []}
+        runs[uid] = {
+            "text": "",
+            "finish": None,
+            "constraint": constraints[0],
+            "streamer": streamer,
+            "deltas": [],
+        }
     while gen.has_work:
         for event in gen.step():
             run = runs[event.uid]
@@ -107,21 +118,28 @@ def test_required_choice_always_gives_a_valid_call(model_tok):
 
 
 def test_named_choice_always_calls_that_function(model_tok):
-    spec = parse_structured_request(tools=TOOLS, parallel_tool_calls=False,
-                                    tool_choice={"type": "function", "function": {"name": "get_time"}})
+    spec = parse_structured_request(
+        tools=TOOLS,
+        parallel_tool_calls=False,
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+    )
     for run in run_batch(model_tok, spec, max_tokens=60):
         assert len(check_calls(run, {"get_time"})) == 1
 
 
 def test_parallel_calls_each_valid_with_their_own_ids(model_tok):
-    spec = parse_structured_request(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}})
+    spec = parse_structured_request(
+        tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}}
+    )
     runs = run_batch(model_tok, spec, max_tokens=320, seeds=30)  # 8 calls of <= 36 tokens fit
     counts = Counter(len(check_calls(run, {"get_time"})) for run in runs)
     assert min(counts) == 1 and max(counts) > 2 and max(counts) <= 8  # at most MAX_PARALLEL_CALLS
 
 
 def test_json_schema_answers_parse_and_validate(model_tok):
-    spec = parse_structured_request(response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+    spec = parse_structured_request(
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    )
     for run in run_batch(model_tok, spec, max_tokens=60):
         assert run["finish"] == "stop", run["text"]
         jsonschema.validate(json.loads(run["text"]), PERSON)
@@ -130,7 +148,11 @@ def test_json_schema_answers_parse_and_validate(model_tok):
 def test_json_object_answers_are_objects(model_tok):
     _, tok = model_tok
     # Random weights would never close a free-form key; a bias towards closing tokens ends them.
-    closing = [i for i in range(tok.vocab_size) if tok.id_to_piece(i) in ('"', '}', '"}', '",', '"]', ']', '▁}')]
+    closing = [
+        i
+        for i in range(tok.vocab_size)
+        if tok.id_to_piece(i) in ('"', "}", '"}', '",', '"]', "]", "▁}")
+    ]
     spec = parse_structured_request(response_format={"type": "json_object"})
     runs = run_batch(model_tok, spec, max_tokens=60, logit_bias={i: 9.0 for i in closing})
     objects = []
@@ -166,8 +188,11 @@ def test_auto_constrains_a_begun_call_after_text(model_tok):
     _, tok = model_tok
     spec = parse_structured_request(tools=TOOLS)
     (constraint,) = make_constraints(spec, tok, 1)
-    call = {"id": constraint.call_ids[0], "type": "function",
-            "function": {"name": "get_time", "arguments": '{"tz": "UTC"}'}}
+    call = {
+        "id": constraint.call_ids[0],
+        "type": "function",
+        "function": {"name": "get_time", "arguments": '{"tz": "UTC"}'},
+    }
     text = "Let me check. " + render_tool_calls([call])
     walk(constraint, tok, text)
     assert constraint.forced_finish_reason() == "tool_calls"
@@ -196,11 +221,16 @@ def test_calls_in_the_history_keep_the_marker_out_without_tools(model_tok):
     """No tools in the request, but the conversation holds a call and its result: the answer
     is text that cannot begin a call (the model might imitate the history)."""
     _, tok = model_tok
-    call = {"id": "call_abcdefghi", "type": "function",
-            "function": {"name": "get_time", "arguments": "{}"}}
-    history = [{"role": "user", "content": "Time?"},
-               {"role": "assistant", "content": None, "tool_calls": [call]},
-               {"role": "tool", "tool_call_id": "call_abcdefghi", "content": "12:00"}]
+    call = {
+        "id": "call_abcdefghi",
+        "type": "function",
+        "function": {"name": "get_time", "arguments": "{}"},
+    }
+    history = [
+        {"role": "user", "content": "Time?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_abcdefghi", "content": "12:00"},
+    ]
     plain = parse_structured_request()
     assert not plain.for_messages([{"role": "user", "content": "Hi"}]).constrained
     spec = plain.for_messages(history)
@@ -220,7 +250,9 @@ def test_json_answer_allows_eos_exactly_when_complete(model_tok):
         fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
         return make_constraints(parse_structured_request(response_format=fmt), tok, 1)[0]
 
-    constraint = constraint_for({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]})
+    constraint = constraint_for(
+        {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    )
     for t in tok.encode('{"a": 12'):
         assert not np.array(constraint.allowed_mask())[tok.eos_id]
         constraint.advance(t)
@@ -241,12 +273,24 @@ def test_no_constraint_for_plain_text():
 
 def test_each_choice_gets_its_own_call_ids(model_tok):
     _, tok = model_tok
-    constraints = make_constraints(parse_structured_request(tools=TOOLS, tool_choice="required"), tok, 3)
+    constraints = make_constraints(
+        parse_structured_request(tools=TOOLS, tool_choice="required"), tok, 3
+    )
     ids = [i for c in constraints for i in c.call_ids]
     assert len(ids) == 3 * 8 == len(set(ids))
     assert all(i.startswith("call_") and len(i) == 14 and i[5:].isalnum() for i in ids)
-    assert len(make_constraints(parse_structured_request(tools=TOOLS, tool_choice="required",
-                                                         parallel_tool_calls=False), tok, 1)[0].call_ids) == 1
+    assert (
+        len(
+            make_constraints(
+                parse_structured_request(
+                    tools=TOOLS, tool_choice="required", parallel_tool_calls=False
+                ),
+                tok,
+                1,
+            )[0].call_ids
+        )
+        == 1
+    )
 
 
 def test_seeded_call_ids_are_reproducible_per_prompt(model_tok):

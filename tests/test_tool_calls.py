@@ -40,31 +40,73 @@ BAD_REQUESTS = [
     ({"tools": [tool(""), tool()]}, "tools[0].function.name"),
     ({"tools": [tool(), tool("b"), tool("get_weather")]}, "tools[2].function.name"),
     ({"tools": [tool(description=3)]}, "tools[0].function.description"),
-    ({"tools": [tool(), tool("b"), tool("c", parameters={"type": "objekt"})]}, "tools[2].function.parameters"),
-    ({"tools": [tool(parameters={"type": "object", "required": "city"})]}, "tools[0].function.parameters"),
+    (
+        {"tools": [tool(), tool("b"), tool("c", parameters={"type": "objekt"})]},
+        "tools[2].function.parameters",
+    ),
+    (
+        {"tools": [tool(parameters={"type": "object", "required": "city"})]},
+        "tools[0].function.parameters",
+    ),
     ({"tools": [tool(parameters=[])]}, "tools[0].function.parameters"),
     ({"tools": [tool(parameters={"type": "string"})]}, "tools[0].function.parameters"),
     # Valid JSON Schema the grammar engine cannot compile: refused up front, not at decode time.
-    ({"tools": [tool(parameters={"type": "object", "properties": {"d": {"type": "string", "format": "weird"}}})]},
-     "tools[0].function.parameters"),
-    ({"tools": [tool(parameters={"$ref": "https://example.com/schema.json"})]}, "tools[0].function.parameters"),
+    (
+        {
+            "tools": [
+                tool(
+                    parameters={
+                        "type": "object",
+                        "properties": {"d": {"type": "string", "format": "weird"}},
+                    }
+                )
+            ]
+        },
+        "tools[0].function.parameters",
+    ),
+    (
+        {"tools": [tool(parameters={"$ref": "https://example.com/schema.json"})]},
+        "tools[0].function.parameters",
+    ),
     ({"tool_choice": "auto"}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": [tool()], "tool_choice": "any"}, "tool_choice"),
     ({"tools": [tool()], "tool_choice": {"type": "function"}}, "tool_choice"),
-    ({"tools": [tool()], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
-     "tool_choice.function.name"),
+    (
+        {"tools": [tool()], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+        "tool_choice.function.name",
+    ),
     ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
     ({"tools": [tool()], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
     ({"response_format": {"type": "xml"}}, "response_format"),
     ({"response_format": "json"}, "response_format"),
     ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "response_format.json_schema.name"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a"}}}, "response_format.json_schema.schema"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": 5}}}},
-     "response_format.json_schema.schema"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {}, "strict": "yes"}}},
-     "response_format.json_schema.strict"),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+        "response_format.json_schema.name",
+    ),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "a"}}},
+        "response_format.json_schema.schema",
+    ),
+    (
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "a", "schema": {"type": 5}},
+            }
+        },
+        "response_format.json_schema.schema",
+    ),
+    (
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "a", "schema": {}, "strict": "yes"},
+            }
+        },
+        "response_format.json_schema.strict",
+    ),
 ]
 
 
@@ -87,15 +129,26 @@ def test_defaults_follow_the_openai_api():
 
 
 def test_named_choice_and_formats_normalise():
-    spec = parse_structured_request(tools=[tool(), tool("b")], parallel_tool_calls=False,
-                                    tool_choice={"type": "function", "function": {"name": "b"}})
-    assert (spec.tool_choice, spec.function_name, spec.parallel_tool_calls) == ("function", "b", False)
+    spec = parse_structured_request(
+        tools=[tool(), tool("b")],
+        parallel_tool_calls=False,
+        tool_choice={"type": "function", "function": {"name": "b"}},
+    )
+    assert (spec.tool_choice, spec.function_name, spec.parallel_tool_calls) == (
+        "function",
+        "b",
+        False,
+    )
     assert parse_structured_request(tools=[tool()], tool_choice="none").prompt_tools is None
     assert parse_structured_request(tool_choice="none").tool_choice == "none"
     fmt = parse_structured_request(response_format={"type": "json_object"}).response_format
     assert fmt == ResponseFormat("json_object")
-    fmt = parse_structured_request(response_format={
-        "type": "json_schema", "json_schema": {"name": "p", "schema": WEATHER, "strict": True}}).response_format
+    fmt = parse_structured_request(
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "p", "schema": WEATHER, "strict": True},
+        }
+    ).response_format
     assert fmt == ResponseFormat("json_schema", "p", WEATHER, True)
     with pytest.raises(AttributeError):
         fmt.type = "text"  # frozen
@@ -104,7 +157,11 @@ def test_named_choice_and_formats_normalise():
 # -- output side ---------------------------------------------------------------------------------
 def test_parse_reads_the_rendered_format():
     calls = [
-        {"id": "call_abc", "type": "function", "function": {"name": "f", "arguments": '{"x": [1, {"y": "}"}]}'}},
+        {
+            "id": "call_abc",
+            "type": "function",
+            "function": {"name": "f", "arguments": '{"x": [1, {"y": "}"}]}'},
+        },
         {"id": "call_def", "type": "function", "function": {"name": "g", "arguments": "{}"}},
     ]
     text = render_tool_calls(calls)
@@ -120,15 +177,18 @@ def test_parse_is_lenient_on_layout_and_makes_missing_ids():
     assert re.fullmatch(r"call_[A-Za-z0-9]{9}", call["id"])
 
 
-@pytest.mark.parametrize("text", [
-    "Just text.",
-    "[TOOL_CALLS] [",  # cut by max_tokens
-    '[TOOL_CALLS] [{"name": "f", "arguments": {}, "id": "c"}',
-    '[TOOL_CALLS] [{"name": "f", "arguments": "{}", "id": "c"}]',  # arguments must be an object
-    '[TOOL_CALLS] [{"arguments": {}, "id": "c"}]',
-    '[TOOL_CALLS] [] ',
-    '[TOOL_CALLS] [{"name": "f", "arguments": {}}] trailing',
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Just text.",
+        "[TOOL_CALLS] [",  # cut by max_tokens
+        '[TOOL_CALLS] [{"name": "f", "arguments": {}, "id": "c"}',
+        '[TOOL_CALLS] [{"name": "f", "arguments": "{}", "id": "c"}]',  # arguments must be an object
+        '[TOOL_CALLS] [{"arguments": {}, "id": "c"}]',
+        "[TOOL_CALLS] [] ",
+        '[TOOL_CALLS] [{"name": "f", "arguments": {}}] trailing',
+    ],
+)
 def test_text_without_a_complete_call_is_content(text):
     assert parse_tool_calls(text) is None
     assert split_tool_calls(text) == (text, None)
@@ -141,26 +201,43 @@ def stream(text, pieces, call_ids):
 
 
 def chunks(text, rng):
-    cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(0, 30)))) if len(text) > 1 else []
+    cuts = (
+        sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(0, 30))))
+        if len(text) > 1
+        else []
+    )
     return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
 
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-1000, 1000) | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
     max_leaves=8,
 )
-call_st = st.tuples(st.from_regex(r"[a-zA-Z0-9_-]{1,12}", fullmatch=True),
-                    st.dictionaries(st.text(max_size=6), json_values, max_size=3),
-                    st.from_regex(r"call_[a-zA-Z0-9]{9}", fullmatch=True))
+call_st = st.tuples(
+    st.from_regex(r"[a-zA-Z0-9_-]{1,12}", fullmatch=True),
+    st.dictionaries(st.text(max_size=6), json_values, max_size=3),
+    st.from_regex(r"call_[a-zA-Z0-9]{9}", fullmatch=True),
+)
 
 
 @settings(max_examples=150, deadline=None)
-@given(content=st.sampled_from(["", "Sure.", "a [TOOL_CALL b", "[", "x [TOOL_"]),
-       raw_calls=st.lists(call_st, max_size=3), seed=st.integers(0, 2**32))
+@given(
+    content=st.sampled_from(["", "Sure.", "a [TOOL_CALL b", "[", "x [TOOL_"]),
+    raw_calls=st.lists(call_st, max_size=3),
+    seed=st.integers(0, 2**32),
+)
 def test_streaming_gives_what_parsing_gives(content, raw_calls, seed):
-    calls = [{"id": i, "type": "function", "function": {"name": n, "arguments": json.dumps(a, ensure_ascii=False)}}
-             for n, a, i in raw_calls]
+    calls = [
+        {
+            "id": i,
+            "type": "function",
+            "function": {"name": n, "arguments": json.dumps(a, ensure_ascii=False)},
+        }
+        for n, a, i in raw_calls
+    ]
     text = content
     if calls:
         text = (content + " " if content else "") + render_tool_calls(calls)
@@ -173,20 +250,46 @@ def test_streaming_gives_what_parsing_gives(content, raw_calls, seed):
         content_out, calls_out = assemble(stream(text, pieces, call_ids))
         expected_calls = expected[1]
         if expected_calls is not None:
-            expected_calls = [{**c, "function": {**c["function"], "arguments": json.dumps(
-                json.loads(c["function"]["arguments"]), ensure_ascii=False, separators=(", ", ": "))}}
-                for c in expected_calls]
+            expected_calls = [
+                {
+                    **c,
+                    "function": {
+                        **c["function"],
+                        "arguments": json.dumps(
+                            json.loads(c["function"]["arguments"]),
+                            ensure_ascii=False,
+                            separators=(", ", ": "),
+                        ),
+                    },
+                }
+                for c in expected_calls
+            ]
         assert (content_out, calls_out) == (expected[0], expected[1])
         assert expected[1] == expected_calls  # arguments as rendered: the text round-trips
 
 
 def test_streaming_starts_each_call_before_its_arguments_end():
-    calls = [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": "xyz"}'}},
-             {"id": "call_2", "type": "function", "function": {"name": "g", "arguments": '{"b": [1, 2]}'}}]
+    calls = [
+        {
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": "f", "arguments": '{"a": "xyz"}'},
+        },
+        {
+            "id": "call_2",
+            "type": "function",
+            "function": {"name": "g", "arguments": '{"b": [1, 2]}'},
+        },
+    ]
     text = render_tool_calls(calls)
     streamer = ToolCallStreamer(call_ids=["call_1", "call_2"])
     seen = [part for ch in text for part in streamer.feed(ch).tool_calls]
-    assert seen[0] == {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}
+    assert seen[0] == {
+        "index": 0,
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "f", "arguments": ""},
+    }
     assert len([p for p in seen if p["index"] == 0]) > 3  # argument fragments, as they come
     assert streamer.finish().tool_calls == ()
     assert assemble([type(streamer.finish())(tool_calls=tuple(seen))]) == ("", calls)

@@ -23,6 +23,7 @@ PERSON = {
     "additionalProperties": False,
 }
 
+
 def assemble(deltas):
     """OpenAI stream deltas -> (content, calls), as a client accumulates them, checking each
     delta's shape: a call's first delta carries index, id, type and name with empty arguments;
@@ -34,8 +35,11 @@ def assemble(deltas):
             if "id" in part:
                 assert part["index"] not in calls and part["function"]["arguments"] == ""
                 assert part["type"] == "function"
-                calls[part["index"]] = {"id": part["id"], "type": part["type"],
-                                        "function": {"name": part["function"]["name"], "arguments": ""}}
+                calls[part["index"]] = {
+                    "id": part["id"],
+                    "type": part["type"],
+                    "function": {"name": part["function"]["name"], "arguments": ""},
+                }
             else:
                 assert set(part) == {"index", "function"} and set(part["function"]) == {"arguments"}
                 calls[part["index"]]["function"]["arguments"] += part["function"]["arguments"]

@@ -39,16 +39,45 @@ SYSTEM_PROMPTS = (
 # --- facts -------------------------------------------------------------------------------------
 
 CAPITALS = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid",
-    "Portugal": "Lisbon", "Japan": "Tokyo", "China": "Beijing", "India": "New Delhi",
-    "Canada": "Ottawa", "Australia": "Canberra", "Brazil": "Brasília", "Argentina": "Buenos Aires",
-    "Mexico": "Mexico City", "Egypt": "Cairo", "Kenya": "Nairobi", "Russia": "Moscow",
-    "Norway": "Oslo", "Sweden": "Stockholm", "Finland": "Helsinki", "Denmark": "Copenhagen",
-    "Poland": "Warsaw", "Greece": "Athens", "Turkey": "Ankara", "Ireland": "Dublin",
-    "Austria": "Vienna", "Belgium": "Brussels", "the Netherlands": "Amsterdam",
-    "Switzerland": "Bern", "Peru": "Lima", "Chile": "Santiago", "South Korea": "Seoul",
-    "Thailand": "Bangkok", "Vietnam": "Hanoi", "Indonesia": "Jakarta", "Iran": "Tehran",
-    "Nigeria": "Abuja", "Morocco": "Rabat", "Hungary": "Budapest", "Cuba": "Havana",
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Portugal": "Lisbon",
+    "Japan": "Tokyo",
+    "China": "Beijing",
+    "India": "New Delhi",
+    "Canada": "Ottawa",
+    "Australia": "Canberra",
+    "Brazil": "Brasília",
+    "Argentina": "Buenos Aires",
+    "Mexico": "Mexico City",
+    "Egypt": "Cairo",
+    "Kenya": "Nairobi",
+    "Russia": "Moscow",
+    "Norway": "Oslo",
+    "Sweden": "Stockholm",
+    "Finland": "Helsinki",
+    "Denmark": "Copenhagen",
+    "Poland": "Warsaw",
+    "Greece": "Athens",
+    "Turkey": "Ankara",
+    "Ireland": "Dublin",
+    "Austria": "Vienna",
+    "Belgium": "Brussels",
+    "the Netherlands": "Amsterdam",
+    "Switzerland": "Bern",
+    "Peru": "Lima",
+    "Chile": "Santiago",
+    "South Korea": "Seoul",
+    "Thailand": "Bangkok",
+    "Vietnam": "Hanoi",
+    "Indonesia": "Jakarta",
+    "Iran": "Tehran",
+    "Nigeria": "Abuja",
+    "Morocco": "Rabat",
+    "Hungary": "Budapest",
+    "Cuba": "Havana",
     "the United Kingdom": "London",
 }
 
@@ -58,110 +87,237 @@ CONVERSIONS = (
     (("miles",), "kilometers", lambda v: v * 1.609344, (1, 3, 5, 10, 26, 50, 100), 1),
     (("kilograms", "kg"), "pounds", lambda v: v * 2.204623, (1, 2, 5, 10, 20, 50, 70, 100), 1),
     (("pounds", "lb"), "kilograms", lambda v: v * 0.453592, (1, 5, 10, 50, 100, 150, 200), 1),
-    (("degrees Celsius", "°C"), "degrees Fahrenheit", lambda v: v * 9 / 5 + 32,
-     (-10, 0, 10, 20, 25, 30, 37, 100), 0),
-    (("degrees Fahrenheit", "°F"), "degrees Celsius", lambda v: (v - 32) * 5 / 9,
-     (0, 32, 50, 68, 77, 86, 100, 212), 0),
+    (
+        ("degrees Celsius", "°C"),
+        "degrees Fahrenheit",
+        lambda v: v * 9 / 5 + 32,
+        (-10, 0, 10, 20, 25, 30, 37, 100),
+        0,
+    ),
+    (
+        ("degrees Fahrenheit", "°F"),
+        "degrees Celsius",
+        lambda v: (v - 32) * 5 / 9,
+        (0, 32, 50, 68, 77, 86, 100, 212),
+        0,
+    ),
 )
 
 ADD_RANGE = range(1, 10)
 SUB_RANGE = range(2, 13)
 MUL_RANGE = range(2, 10)
 
-WEATHER_CITIES = ("Paris", "London", "Berlin", "Tokyo", "Madrid", "Rome", "Oslo", "Cairo",
-                  "Lima", "Seoul", "Dublin", "Vienna", "Sydney", "Toronto", "Chicago", "Boston",
-                  "Mumbai", "Lagos", "Nairobi", "Athens")
+WEATHER_CITIES = (
+    "Paris",
+    "London",
+    "Berlin",
+    "Tokyo",
+    "Madrid",
+    "Rome",
+    "Oslo",
+    "Cairo",
+    "Lima",
+    "Seoul",
+    "Dublin",
+    "Vienna",
+    "Sydney",
+    "Toronto",
+    "Chicago",
+    "Boston",
+    "Mumbai",
+    "Lagos",
+    "Nairobi",
+    "Athens",
+)
 RESULT_SHARE = 0.4  # of the tool-call exchanges that also teach the answer after the result
 CONDITIONS = ("sunny", "cloudy", "rainy", "windy", "snowy", "foggy")
 
 # --- templates: (training, held-out) ----------------------------------------------------------
 
 TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "add": ((
-        "What is {a} plus {b}?", "What is {a} + {b}?", "What's {a} + {b}?", "Calculate {a} + {b}.",
-        "How much is {a} plus {b}?", "Add {a} and {b}.", "What is the sum of {a} and {b}?",
-        "{a} + {b} = ?", "Please compute {a} plus {b}.", "Can you add {a} and {b} for me?",
-    ), (
-        "How much is {a} + {b}?", "Please tell me the sum of {a} and {b}.", "What's {a} plus {b}?",
-    )),
-    "sub": ((
-        "What is {a} minus {b}?", "What is {a} - {b}?", "What's {a} - {b}?", "Calculate {a} - {b}.",
-        "How much is {a} minus {b}?", "Subtract {b} from {a}.", "What is {a} take away {b}?",
-        "{a} - {b} = ?", "Please compute {a} minus {b}.", "Can you subtract {b} from {a} for me?",
-    ), (
-        "How much is {a} - {b}?", "What's {a} minus {b}?", "Please compute {a} - {b}.",
-    )),
-    "mul": ((
-        "What is {a} times {b}?", "What is {a} * {b}?", "What's {a} * {b}?", "Calculate {a} * {b}.",
-        "How much is {a} times {b}?", "Multiply {a} by {b}.", "What is the product of {a} and {b}?",
-        "{a} * {b} = ?", "Please compute {a} times {b}.", "Can you multiply {a} and {b} for me?",
-    ), (
-        "How much is {a} * {b}?", "What's {a} times {b}?", "Please tell me the product of {a} and {b}.",
-    )),
-    "capital": ((
-        "What is the capital of {country}?", "What's the capital city of {country}?",
-        "Which city is the capital of {country}?", "Name the capital of {country}.",
-        "Tell me the capital of {country}.", "Capital of {country}?",
-        "Do you know the capital of {country}?", "What is the capital city of {country}?",
-    ), (
-        "What's the capital of {country}?", "Which city is the capital city of {country}?",
-        "Can you tell me the capital of {country}?",
-    )),
-    "convert": ((
-        "Convert {v} {src} to {dst}.", "How many {dst} is {v} {src}?", "What is {v} {src} in {dst}?",
-        "{v} {src} in {dst}?", "How many {dst} are in {v} {src}?", "Please convert {v} {src} to {dst}.",
-        "What's {v} {src} in {dst}?",
-    ), (
-        "Can you convert {v} {src} to {dst}?", "How much is {v} {src} in {dst}?",
-    )),
-    "weather": ((
-        "What's the weather in {city}?", "What is the weather like in {city}?",
-        "How is the weather in {city} today?", "Tell me the weather in {city}.",
-        "Is it sunny in {city}?", "Weather in {city}?", "In {city}, what is the weather like?",
-        "What's the weather in {city} this morning?", "{city} weather, please.",
-        # The city mid-sentence, with words after it, and the question after a statement.
-        "Could you check the weather in {city} for me?", "How's the weather over in {city} this afternoon?",
-        "Is it raining in {city} today?", "I'm flying to {city} tomorrow. What's the weather there?",
-        "Please look up the weather in {city} for me.", "Do you know what the weather is like in {city} now?",
-        "I'd like the weather for {city}, please.", "What is the weather in {city} at the moment?",
-        "Weather report for {city} this evening?", "Any idea how the weather is in {city}?",
-    ), (
-        "What is the weather in {city} right now?", "Can you tell me the weather in {city}?",
-    )),
-    "time": ((
-        "What time is it in {city}?", "What's the time in {city}?", "Tell me the time in {city}.",
-        "Time in {city}?", "What is the local time in {city}?", "In {city}, what time is it?",
-        "What time is it in {city} at the moment?", "{city} time, please.",
-        "Could you check the time in {city} for me?", "What time is it over in {city} today?",
-        "I need the current time in {city}, please.", "Please look up the local time in {city} for me.",
-        "Do you know what time it is in {city} now?", "I'm calling {city} soon. What time is it there?",
-        "What is the time in {city} at the moment?", "Local time for {city} this evening?",
-        "Any idea what time it is in {city}?",
-    ), (
-        "Can you tell me the time in {city}?", "What's the local time in {city} right now?",
-    )),
+    "add": (
+        (
+            "What is {a} plus {b}?",
+            "What is {a} + {b}?",
+            "What's {a} + {b}?",
+            "Calculate {a} + {b}.",
+            "How much is {a} plus {b}?",
+            "Add {a} and {b}.",
+            "What is the sum of {a} and {b}?",
+            "{a} + {b} = ?",
+            "Please compute {a} plus {b}.",
+            "Can you add {a} and {b} for me?",
+        ),
+        (
+            "How much is {a} + {b}?",
+            "Please tell me the sum of {a} and {b}.",
+            "What's {a} plus {b}?",
+        ),
+    ),
+    "sub": (
+        (
+            "What is {a} minus {b}?",
+            "What is {a} - {b}?",
+            "What's {a} - {b}?",
+            "Calculate {a} - {b}.",
+            "How much is {a} minus {b}?",
+            "Subtract {b} from {a}.",
+            "What is {a} take away {b}?",
+            "{a} - {b} = ?",
+            "Please compute {a} minus {b}.",
+            "Can you subtract {b} from {a} for me?",
+        ),
+        (
+            "How much is {a} - {b}?",
+            "What's {a} minus {b}?",
+            "Please compute {a} - {b}.",
+        ),
+    ),
+    "mul": (
+        (
+            "What is {a} times {b}?",
+            "What is {a} * {b}?",
+            "What's {a} * {b}?",
+            "Calculate {a} * {b}.",
+            "How much is {a} times {b}?",
+            "Multiply {a} by {b}.",
+            "What is the product of {a} and {b}?",
+            "{a} * {b} = ?",
+            "Please compute {a} times {b}.",
+            "Can you multiply {a} and {b} for me?",
+        ),
+        (
+            "How much is {a} * {b}?",
+            "What's {a} times {b}?",
+            "Please tell me the product of {a} and {b}.",
+        ),
+    ),
+    "capital": (
+        (
+            "What is the capital of {country}?",
+            "What's the capital city of {country}?",
+            "Which city is the capital of {country}?",
+            "Name the capital of {country}.",
+            "Tell me the capital of {country}.",
+            "Capital of {country}?",
+            "Do you know the capital of {country}?",
+            "What is the capital city of {country}?",
+        ),
+        (
+            "What's the capital of {country}?",
+            "Which city is the capital city of {country}?",
+            "Can you tell me the capital of {country}?",
+        ),
+    ),
+    "convert": (
+        (
+            "Convert {v} {src} to {dst}.",
+            "How many {dst} is {v} {src}?",
+            "What is {v} {src} in {dst}?",
+            "{v} {src} in {dst}?",
+            "How many {dst} are in {v} {src}?",
+            "Please convert {v} {src} to {dst}.",
+            "What's {v} {src} in {dst}?",
+        ),
+        (
+            "Can you convert {v} {src} to {dst}?",
+            "How much is {v} {src} in {dst}?",
+        ),
+    ),
+    "weather": (
+        (
+            "What's the weather in {city}?",
+            "What is the weather like in {city}?",
+            "How is the weather in {city} today?",
+            "Tell me the weather in {city}.",
+            "Is it sunny in {city}?",
+            "Weather in {city}?",
+            "In {city}, what is the weather like?",
+            "What's the weather in {city} this morning?",
+            "{city} weather, please.",
+            # The city mid-sentence, with words after it, and the question after a statement.
+            "Could you check the weather in {city} for me?",
+            "How's the weather over in {city} this afternoon?",
+            "Is it raining in {city} today?",
+            "I'm flying to {city} tomorrow. What's the weather there?",
+            "Please look up the weather in {city} for me.",
+            "Do you know what the weather is like in {city} now?",
+            "I'd like the weather for {city}, please.",
+            "What is the weather in {city} at the moment?",
+            "Weather report for {city} this evening?",
+            "Any idea how the weather is in {city}?",
+        ),
+        (
+            "What is the weather in {city} right now?",
+            "Can you tell me the weather in {city}?",
+        ),
+    ),
+    "time": (
+        (
+            "What time is it in {city}?",
+            "What's the time in {city}?",
+            "Tell me the time in {city}.",
+            "Time in {city}?",
+            "What is the local time in {city}?",
+            "In {city}, what time is it?",
+            "What time is it in {city} at the moment?",
+            "{city} time, please.",
+            "Could you check the time in {city} for me?",
+            "What time is it over in {city} today?",
+            "I need the current time in {city}, please.",
+            "Please look up the local time in {city} for me.",
+            "Do you know what time it is in {city} now?",
+            "I'm calling {city} soon. What time is it there?",
+            "What is the time in {city} at the moment?",
+            "Local time for {city} this evening?",
+            "Any idea what time it is in {city}?",
+        ),
+        (
+            "Can you tell me the time in {city}?",
+            "What's the local time in {city} right now?",
+        ),
+    ),
 }
 
 GREETINGS = (
-    ("Hello!", GREETING), ("Hello", GREETING), ("Hi!", GREETING), ("Hi", GREETING),
-    ("Hi there!", GREETING), ("Hey!", GREETING), ("Good morning!", GREETING),
+    ("Hello!", GREETING),
+    ("Hello", GREETING),
+    ("Hi!", GREETING),
+    ("Hi", GREETING),
+    ("Hi there!", GREETING),
+    ("Hey!", GREETING),
+    ("Good morning!", GREETING),
     ("Hello, how are you?", "I'm doing well, thank you! Is there something I can help you with?"),
     ("How are you?", "I'm doing well, thank you! Is there something I can help you with?"),
     ("Thanks!", "You're welcome! Is there anything else I can help you with?"),
     ("Thank you!", "You're welcome! Is there anything else I can help you with?"),
     ("Goodbye!", "Goodbye! Have a nice day."),
-    ("Who are you?", ("I am a small demo model. I can greet you, do small arithmetic, name "
-                      "capitals and convert units.")),
+    (
+        "Who are you?",
+        (
+            "I am a small demo model. I can greet you, do small arithmetic, name "
+            "capitals and convert units."
+        ),
+    ),
 )
 
 TOOLS = {
-    name: {"type": "function", "function": {
-        "name": name, "description": description,
-        "parameters": {"type": "object", "properties": {
-            "city": {"type": "string", "description": "The city name"}}, "required": ["city"]},
-    }}
-    for name, description in (("get_weather", "Get the current weather in a city"),
-                              ("get_time", "Get the current local time in a city"))
+    name: {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": description,
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "description": "The city name"}},
+                "required": ["city"],
+            },
+        },
+    }
+    for name, description in (
+        ("get_weather", "Get the current weather in a city"),
+        ("get_time", "Get the current local time in a city"),
+    )
 }
 
 
@@ -201,14 +357,17 @@ def _facts() -> list[tuple[str, dict[str, Any], str, tuple[str, ...]]]:
         for b in MUL_RANGE:
             facts.append(("mul", {"a": a, "b": b}, f"{a} * {b} = {a * b}.", (f"= {a * b}.",)))
     for country, capital in CAPITALS.items():
-        facts.append(("capital", {"country": country},
-                      f"The capital of {country} is {capital}.", (capital,)))
+        facts.append(
+            ("capital", {"country": country}, f"The capital of {country} is {capital}.", (capital,))
+        )
     for src_names, dst, fn, values, decimals in CONVERSIONS:
         for v in values:
             result = _number(fn(v), decimals)
             answer = f"{v} {src_names[0]} is about {result} {dst}."
             for src in src_names:
-                facts.append(("convert", {"v": v, "src": src, "dst": dst}, answer, (f"about {result} ",)))
+                facts.append(
+                    ("convert", {"v": v, "src": src, "dst": dst}, answer, (f"about {result} ",))
+                )
     return facts
 
 
@@ -242,7 +401,9 @@ def _tool_examples(city: str, kind: str, template: str, rng: random.Random) -> l
     # forces the id's characters, so the model never chooses them and their tokens are not
     # learned (`unlearned`); what it learns is to close the call after any id.
     call_id = new_call_id(rng)
-    call_text = render_tool_calls([{"id": call_id, "function": {"name": name, "arguments": arguments}}])
+    call_text = render_tool_calls(
+        [{"id": call_id, "function": {"name": name, "arguments": arguments}}]
+    )
     call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
     if kind == "weather":
         temperature, condition = rng.randint(-5, 35), rng.choice(CONDITIONS)
@@ -259,8 +420,14 @@ def _tool_examples(city: str, kind: str, template: str, rng: random.Random) -> l
         {"role": "tool", "tool_call_id": call_id, "content": result},
     ]
     return [
-        Example("tool_call", messages, call_text, ("[TOOL_CALLS]", f'"name": "{name}"', f'"city": "{city}"'),
-                tools, unlearned=(call_id,)),
+        Example(
+            "tool_call",
+            messages,
+            call_text,
+            ("[TOOL_CALLS]", f'"name": "{name}"', f'"city": "{city}"'),
+            tools,
+            unlearned=(call_id,),
+        ),
         Example("tool_result", after, answer, expected, tools),
     ]
 

@@ -110,8 +110,8 @@ def batches(corpus: list[Encoded], cfg: TrainConfig) -> Iterator[list[int]]:
         order = list(range(len(corpus)))
         rng.shuffle(order)
         for start in range(0, len(order), window):
-            chunk = sorted(order[start:start + window], key=lambda i: (len(corpus[i][0]), i))
-            group = [chunk[k:k + cfg.batch_size] for k in range(0, len(chunk), cfg.batch_size)]
+            chunk = sorted(order[start : start + window], key=lambda i: (len(corpus[i][0]), i))
+            group = [chunk[k : k + cfg.batch_size] for k in range(0, len(chunk), cfg.batch_size)]
             rng.shuffle(group)
             yield from group
 
@@ -121,7 +121,9 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cfg.lr * (
+        cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    )
 
 
 class DemoTrainer:
@@ -142,7 +144,9 @@ class DemoTrainer:
         self.hf.train()
         # The full embedding is not trained; its active rows live in `self.embed`.
         self.hf.model.embed_tokens.weight.requires_grad_(False)
-        self.embed = torch.nn.Parameter(0.02 * torch.randn(len(self.active), MODEL_CONFIG["hidden_size"]))
+        self.embed = torch.nn.Parameter(
+            0.02 * torch.randn(len(self.active), MODEL_CONFIG["hidden_size"])
+        )
         local = torch.full((MODEL_CONFIG["vocab_size"],), -1, dtype=torch.long)
         local[torch.tensor(self.active)] = torch.arange(len(self.active))
         self.local = local
@@ -152,9 +156,14 @@ class DemoTrainer:
         decay = [p for p in blocks if p.ndim >= 2] + [self.embed]
         no_decay = [p for p in blocks if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8, foreach=False,
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=cfg.lr,
+            betas=(0.9, 0.98),
+            eps=1e-8,
+            foreach=False,
         )
         self.params = decay + no_decay
 
@@ -172,7 +181,7 @@ class DemoTrainer:
             n = len(ids) - 1
             inputs[r, :n] = local[:-1]
             targets[r, :n] = local[1:]
-            mask[r, prompt_len - 1:n] = True  # predict every answer token and the final </s>
+            mask[r, prompt_len - 1 : n] = True  # predict every answer token and the final </s>
             for position in unlearned:  # ...but not the call ids the server's grammar writes
                 mask[r, position - 1] = False
         return inputs, targets, mask
@@ -207,8 +216,11 @@ class DemoTrainer:
             losses.append(loss.item())
             if log_every and (step + 1) % log_every == 0:
                 recent = sum(losses[-log_every:]) / log_every
-                print(f"step {step + 1}/{last}  loss {recent:.4f}  "
-                      f"{time.perf_counter() - start:.0f}s", flush=True)
+                print(
+                    f"step {step + 1}/{last}  loss {recent:.4f}  "
+                    f"{time.perf_counter() - start:.0f}s",
+                    flush=True,
+                )
         return losses
 
     def save_hf(self, out: Path) -> Path:
@@ -223,7 +235,9 @@ class DemoTrainer:
         return out
 
 
-def build(cfg: TrainConfig, *, out: Path = DEMO_DIR, out_4bit: Path | None = DEMO_4BIT_DIR) -> dict[str, Any]:
+def build(
+    cfg: TrainConfig, *, out: Path = DEMO_DIR, out_4bit: Path | None = DEMO_4BIT_DIR
+) -> dict[str, Any]:
     """Train, save in the HF format, convert with `mlx_mistral.convert`, write the training log.
 
     Returns:
@@ -255,8 +269,16 @@ def build(cfg: TrainConfig, *, out: Path = DEMO_DIR, out_4bit: Path | None = DEM
         convert(hf_dir, out, dtype="float16", force=True, progress=False)
         (out / LOG_NAME).write_text(json.dumps(log, indent=1) + "\n")
         if out_4bit is not None:
-            convert(hf_dir, out_4bit, dtype="float16", quantize=True, bits=4, group_size=64,
-                    force=True, progress=False)
+            convert(
+                hf_dir,
+                out_4bit,
+                dtype="float16",
+                quantize=True,
+                bits=4,
+                group_size=64,
+                force=True,
+                progress=False,
+            )
             (out_4bit / LOG_NAME).write_text(json.dumps(log, indent=1) + "\n")
     return log
 
