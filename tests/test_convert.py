@@ -426,7 +426,24 @@ def test_force_refuses_to_replace_what_no_conversion_wrote(hf_f32, tmp_path, kin
 PAUSE_FIFO_ENV = "MLX_MISTRAL_CONVERT_PAUSE_FIFO"
 
 
-def start_paused(src: Path, out: Path, fifo: Path) -> tuple[subprocess.Popen, int]:
+@pytest.fixture
+def paused(hf_f32, tmp_path):
+    """start_paused on the tiny checkpoint; a converter a failed test left waiting is killed."""
+    started: list[subprocess.Popen] = []
+
+    def start(out: Path, fifo: Path) -> tuple[subprocess.Popen, int]:
+        return start_paused(hf_f32, out, fifo, started)
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def start_paused(
+    src: Path, out: Path, fifo: Path, started: list[subprocess.Popen]
+) -> tuple[subprocess.Popen, int]:
     """Start a conversion in small shards and wait until it blocks after its first shard.
 
     Returns:
@@ -438,6 +455,7 @@ def start_paused(src: Path, out: Path, fifo: Path) -> tuple[subprocess.Popen, in
     env = {**os.environ, PAUSE_FIFO_ENV: str(fifo)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)  # fmt: skip
+    started.append(proc)
     # Waiting for a state, not racing: the converter stays blocked until the FIFO is closed.
     deadline = time.monotonic() + 120
     while True:
@@ -464,9 +482,9 @@ def shards_in(directory: Path) -> list[str]:
 
 @pytest.mark.parametrize("name,code,word", [("SIGINT", 130, "interrupted"),
                                             ("SIGTERM", 143, "terminated")])  # fmt: skip
-def test_interrupt_mid_way_leaves_nothing(hf_f32, tmp_path, name, code, word):
+def test_interrupt_mid_way_leaves_nothing(paused, tmp_path, name, code, word):
     out = tmp_path / "out"
-    proc, fifo = start_paused(hf_f32, out, tmp_path / "pause")
+    proc, fifo = paused(out, tmp_path / "pause")
     [tmp] = temporaries(tmp_path)
     [shard] = shards_in(tmp)  # truly mid-way: one shard of several written
     assert shard.startswith("model-00001-of-") and shard != "model-00001-of-00001.safetensors"
@@ -478,9 +496,9 @@ def test_interrupt_mid_way_leaves_nothing(hf_f32, tmp_path, name, code, word):
     assert not out.exists() and leftovers(tmp_path) == []
 
 
-def test_stale_temporary_of_a_dead_conversion_is_removed(hf_f32, tmp_path):
+def test_stale_temporary_of_a_dead_conversion_is_removed(paused, hf_f32, tmp_path):
     out = tmp_path / "out"
-    proc, fifo = start_paused(hf_f32, out, tmp_path / "pause")
+    proc, fifo = paused(out, tmp_path / "pause")
     proc.kill()  # SIGKILL: no clean-up can run
     proc.wait()
     os.close(fifo)
@@ -492,9 +510,9 @@ def test_stale_temporary_of_a_dead_conversion_is_removed(hf_f32, tmp_path):
     assert leftovers(tmp_path) == [] and (out / "config.json").is_file()
 
 
-def test_temporary_of_a_live_conversion_is_kept(hf_f32, tmp_path):
+def test_temporary_of_a_live_conversion_is_kept(paused, hf_f32, tmp_path):
     out = tmp_path / "out"
-    proc, fifo = start_paused(hf_f32, out, tmp_path / "pause")
+    proc, fifo = paused(out, tmp_path / "pause")
     [live] = temporaries(tmp_path)
     written = _snapshot(live)
     other = run_cli(hf_f32, "--out", out, "--no-progress")  # a second conversion meanwhile
