@@ -8,23 +8,8 @@ the decode step one batched forward for all rows, whatever their lengths.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
 
 import mlx.core as mx
-
-
-class KVCache(Protocol):
-    """What the attention layer needs from a cache."""
-
-    @property
-    def offset(self) -> int: ...
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]: ...
-
-    def trim(self, n: int) -> int: ...
-
-    @property
-    def state(self) -> tuple[mx.array | None, mx.array | None]: ...
 
 
 class BatchKVCache:
@@ -41,7 +26,7 @@ class BatchKVCache:
         self.left_padding = [int(p) for p in left_padding]
         self.length = 0  # the shared write index (padding included)
 
-    # -- protocol ---------------------------------------------------------------------------
+    # -- what attention reads and writes ----------------------------------------------------------
     @property
     def offset(self) -> int:
         return self.length
