@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from starlette.types import Receive, Scope, Send
 
@@ -95,7 +96,7 @@ class ChoiceTally:
     offsets: list[int] = field(default_factory=list)  # where each of those tokens' text starts
 
 
-class ResponseWriter:
+class ResponseWriter(ABC):
     """Builds the answer to one request from its engine events; one subclass per dialect.
 
     This base does what every dialect shares: it consumes the engine's events (cancelled ones
@@ -112,10 +113,10 @@ class ResponseWriter:
         stats: the request's access-log record (token counts, time to first token).
     """
 
-    id_prefix = "resp"
+    id_prefix: ClassVar[str]  # of the answer's id
     media_type = b"text/event-stream; charset=utf-8"
     keepalive = KEEPALIVE
-    # Whether the tokens of one choice that arrive together go out as one delta (see `sse`).
+    # Whether the tokens of one choice that arrive together go out as one delta (see `_chunks`).
     merges_tokens = True
 
     def __init__(
@@ -139,10 +140,11 @@ class ResponseWriter:
         self.text_offsets = [0] * self.n  # characters sent so far, per choice
 
     # -- what a dialect renders ------------------------------------------------------------------
+    @abstractmethod
     def response(self, choices: list[ChoiceTally]) -> dict[str, Any]:
         """The whole body of a non-streamed answer."""
-        raise NotImplementedError
 
+    @abstractmethod
     def delta(
         self,
         index: int,
@@ -152,11 +154,10 @@ class ResponseWriter:
         tool_calls: tuple[dict[str, Any], ...] = (),
     ) -> bytes:
         """One streamed chunk for choice `index`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def chunk_logprobs(self, event: TokenEvent) -> Any:
         """The logprobs of one token as a streamed chunk carries them (see `_merge_logprobs`)."""
-        raise NotImplementedError
 
     def opening(self) -> list[bytes]:
         """What the stream sends before the first event."""
@@ -166,9 +167,9 @@ class ResponseWriter:
         """What ends a stream that succeeded."""
         return []
 
+    @abstractmethod
     def failure(self, exc: MistralError) -> list[bytes]:
         """What ends a stream that failed with `exc`."""
-        raise NotImplementedError
 
     def stream_content(self, event: TokenEvent) -> tuple[str, tuple[dict[str, Any], ...]]:
         """The streamed text of one event and the tool-call deltas read out of it."""
