@@ -1,9 +1,7 @@
 """OpenAI's wire formats: chat.completion(.chunk) and the legacy text_completion.
 
 Both stream as `data: {json}` events ending in `data: [DONE]`, and end a failed stream with an
-error event then `[DONE]`. A chat request with tools reads the calls out of the text with a
-`ToolCallStreamer` per choice, and one body adds up what the stream would have sent
-(`assemble_tool_calls`).
+error event then `[DONE]`.
 """
 
 from __future__ import annotations
@@ -13,12 +11,10 @@ from typing import Any
 
 from mlx_mistral.batch import TokenEvent
 from mlx_mistral.errors import MistralError
-from mlx_mistral.sampling_params import SamplingParams
-from mlx_mistral.tool_calls import StreamDelta, ToolCallStreamer, assemble_tool_calls
 
 from .errors import error_event
 from .schemas import chat_choice, chunk_choice, completion_choice, envelope, usage
-from .streaming import ChoiceTally, ResponseWriter, Served
+from .streaming import ChoiceTally, Delta, ResponseWriter
 
 DONE = b"data: [DONE]\n\n"
 
@@ -67,49 +63,25 @@ class OpenAIWriter(ResponseWriter):
 
 
 class ChatCompletionWriter(OpenAIWriter):
-    """/v1/chat/completions.
-
-    Args:
-        call_ids: a request with tools: per choice, the ids its grammar forces into its calls
-            (`GrammarConstraint.call_ids`); None when answers hold no tool calls.
-        (the others: see `ResponseWriter`)
-    """
+    """/v1/chat/completions: a choice that made tool calls finishes with "tool_calls"."""
 
     id_prefix = "chatcmpl"
     response_object = "chat.completion"
     chunk_object = "chat.completion.chunk"
 
-    def __init__(
-        self,
-        served: Served,
-        params: SamplingParams,
-        *,
-        include_usage: bool,
-        stats: dict[str, Any],
-        call_ids: list[tuple[str, ...]] | None = None,
-    ):
-        super().__init__(served, params, include_usage=include_usage, stats=stats)
-        self.call_ids = call_ids
-        self.streamers = [ToolCallStreamer(call_ids=ids) for ids in call_ids or ()]
-        self.called = [False] * self.n  # streamed: the choice has sent a tool call
-        # Call text becomes tool_calls deltas, one chunk per token, never content.
-        self.merges_tokens = not self.streamers
-
     def response(self, choices: list[ChoiceTally]) -> dict[str, Any]:
         rendered = []
         for i, choice in enumerate(choices):
-            text, calls = "".join(choice.texts), None
-            if self.call_ids is not None:  # exactly what the stream would have sent
-                text, calls = assemble_tool_calls(choice.texts, self.call_ids[i])
+            entries = [self.formatter.chat(lp) for lp in choice.logprobs] if self.logprobs else None
             reason = choice.finish_reason
-            if calls and reason == "stop":
-                reason = "tool_calls"
-            entries = [self.formatter.chat(lp) for lp in choice.logprobs]
-            rendered.append(chat_choice(i, text, reason, entries if self.logprobs else None, calls))
+            rendered.append(chat_choice(i, choice.text, reason, entries, choice.tool_calls))
         return self._body(rendered)
 
     def chunk_logprobs(self, event: TokenEvent) -> Any:
         return {"content": [self.formatter.chat(event.logprobs)]}
+
+    def finish_reason(self, reason: str | None, called: bool) -> str | None:
+        return "tool_calls" if called and reason == "stop" else reason
 
     def opening(self) -> list[bytes]:
         return [
@@ -117,34 +89,14 @@ class ChatCompletionWriter(OpenAIWriter):
             for i in range(self.n)
         ]
 
-    def stream_content(self, event: TokenEvent) -> tuple[str, tuple[dict[str, Any], ...]]:
-        if not self.streamers:
-            return event.text, ()
-        streamer = self.streamers[event.index]
-        delta = streamer.feed(event.text)
-        if event.finish_reason is not None:
-            last = streamer.finish()
-            delta = StreamDelta(delta.content + last.content, delta.tool_calls + last.tool_calls)
-        self.called[event.index] |= bool(delta.tool_calls)
-        return delta.content, delta.tool_calls
-
-    def stream_finish_reason(self, index: int, reason: str) -> str:
-        return "tool_calls" if self.called[index] and reason == "stop" else reason
-
-    def delta(
-        self,
-        index: int,
-        text: str,
-        finish: str | None,
-        logprobs: Any,
-        tool_calls: tuple[dict[str, Any], ...] = (),
-    ) -> bytes:
-        delta: dict[str, Any] = {}
-        if finish is None and (text or not tool_calls):
-            delta["content"] = text
-        if tool_calls:
-            delta["tool_calls"] = list(tool_calls)
-        return self._chunk([chunk_choice(index, delta, finish, logprobs)])
+    def delta(self, delta: Delta) -> bytes:
+        fields: dict[str, Any] = {}
+        if delta.finish_reason is None and (delta.text or not delta.tool_calls):
+            fields["content"] = delta.text
+        if delta.tool_calls:
+            fields["tool_calls"] = list(delta.tool_calls)
+        choice = chunk_choice(delta.index, fields, delta.finish_reason, delta.logprobs)
+        return self._chunk([choice])
 
 
 class CompletionWriter(OpenAIWriter):
@@ -159,18 +111,12 @@ class CompletionWriter(OpenAIWriter):
             lp = None
             if self.logprobs:
                 lp = self.formatter.completion(choice.logprobs, choice.offsets)
-            rendered.append(completion_choice(i, "".join(choice.texts), choice.finish_reason, lp))
+            rendered.append(completion_choice(i, choice.text, choice.finish_reason, lp))
         return self._body(rendered)
 
     def chunk_logprobs(self, event: TokenEvent) -> Any:
         return self.formatter.completion([event.logprobs], [self.text_offsets[event.index]])
 
-    def delta(
-        self,
-        index: int,
-        text: str,
-        finish: str | None,
-        logprobs: Any,
-        tool_calls: tuple[dict[str, Any], ...] = (),
-    ) -> bytes:
-        return self._chunk([completion_choice(index, text, finish, logprobs)])
+    def delta(self, delta: Delta) -> bytes:
+        choice = completion_choice(delta.index, delta.text, delta.finish_reason, delta.logprobs)
+        return self._chunk([choice])

@@ -25,6 +25,7 @@ from mlx_mistral.batch import TokenEvent
 from mlx_mistral.engine import RequestHandle
 from mlx_mistral.errors import MistralError
 from mlx_mistral.sampling_params import SamplingParams
+from mlx_mistral.tool_calls import StreamDelta, ToolCallStreamer, assemble_tool_calls
 
 from .errors import InternalServerError
 from .schemas import LogprobFormatter, new_id, now
@@ -86,6 +87,17 @@ class Served:
     formatter: LogprobFormatter
 
 
+@dataclass(frozen=True)
+class Delta:
+    """What one streamed chunk says about choice `index`."""
+
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: Any = None  # as `chunk_logprobs` renders them, merged over the chunk's tokens
+    tool_calls: tuple[dict[str, Any], ...] = ()
+
+
 @dataclass
 class ChoiceTally:
     """One choice of a whole (non-streamed) answer, as the events built it up."""
@@ -94,30 +106,35 @@ class ChoiceTally:
     finish_reason: str | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # tokens that get an entry
     offsets: list[int] = field(default_factory=list)  # where each of those tokens' text starts
+    # Once complete: the content, and the tool calls read out of the text (None: not read).
+    text: str = ""
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ResponseWriter(ABC):
     """Builds the answer to one request from its engine events; one subclass per dialect.
 
     This base does what every dialect shares: it consumes the engine's events (cancelled ones
-    skipped), counts tokens for usage and the access log, tallies each choice, sends keep-alives
-    while the first token is awaited (`with_keepalive` items that are None), merges the tokens
-    of one choice that arrive together into one delta, and ends a failed stream with the
-    dialect's error event. A subclass renders only its wire format: `response` (the whole
-    body), `delta` (one streamed chunk), `chunk_logprobs`, `opening`, `closing` and `failure`.
+    skipped), counts tokens for usage and the access log, tallies each choice, reads tool calls
+    out of the text (a `ToolCallStreamer` per choice; one body adds up what the stream would
+    have sent, `assemble_tool_calls`), sends keep-alives while the first token is awaited
+    (`with_keepalive` items that are None), merges the tokens of one choice that arrive
+    together into one delta, and ends a failed stream with the dialect's error event. A
+    subclass renders only its wire format: `response` (the whole body), `delta` (one streamed
+    chunk), `chunk_logprobs`, `finish_reason`, `opening`, `closing` and `failure`.
 
     Args:
         served: the server's model name, prices and logprob formatter.
         params: the request's sampling parameters (`n` choices; `logprobs`).
         include_usage: streaming only: send a usage chunk at the end.
         stats: the request's access-log record (token counts, time to first token).
+        call_ids: a request with tools: per choice, the ids its grammar forces into its calls
+            (`GrammarConstraint.call_ids`); None when answers hold no tool calls.
     """
 
     id_prefix: ClassVar[str]  # of the answer's id
     media_type = b"text/event-stream; charset=utf-8"
     keepalive = KEEPALIVE
-    # Whether the tokens of one choice that arrive together go out as one delta (see `_chunks`).
-    merges_tokens = True
 
     def __init__(
         self,
@@ -126,6 +143,7 @@ class ResponseWriter(ABC):
         *,
         include_usage: bool,
         stats: dict[str, Any],
+        call_ids: list[tuple[str, ...]] | None = None,
     ):
         self.id = new_id(self.id_prefix)
         self.created = now()
@@ -138,6 +156,11 @@ class ResponseWriter(ABC):
         self.prompt_tokens = 0
         self.completion_tokens = [0] * self.n
         self.text_offsets = [0] * self.n  # characters sent so far, per choice
+        self.call_ids = call_ids
+        self.streamers = [ToolCallStreamer(call_ids=ids) for ids in call_ids or ()]
+        self.called = [False] * self.n  # streamed: the choice has sent a tool call
+        # Call text becomes tool-call deltas, one chunk per token, never content.
+        self.merges_tokens = not self.streamers
 
     # -- what a dialect renders ------------------------------------------------------------------
     @abstractmethod
@@ -145,15 +168,8 @@ class ResponseWriter(ABC):
         """The whole body of a non-streamed answer."""
 
     @abstractmethod
-    def delta(
-        self,
-        index: int,
-        text: str,
-        finish: str | None,
-        logprobs: Any,
-        tool_calls: tuple[dict[str, Any], ...] = (),
-    ) -> bytes:
-        """One streamed chunk for choice `index`."""
+    def delta(self, delta: Delta) -> bytes:
+        """One streamed chunk."""
 
     @abstractmethod
     def chunk_logprobs(self, event: TokenEvent) -> Any:
@@ -171,12 +187,9 @@ class ResponseWriter(ABC):
     def failure(self, exc: MistralError) -> list[bytes]:
         """What ends a stream that failed with `exc`."""
 
-    def stream_content(self, event: TokenEvent) -> tuple[str, tuple[dict[str, Any], ...]]:
-        """The streamed text of one event and the tool-call deltas read out of it."""
-        return event.text, ()
-
-    def stream_finish_reason(self, index: int, reason: str) -> str:
-        """The finish reason a stream reports for choice `index`."""
+    def finish_reason(self, reason: str | None, called: bool) -> str | None:
+        """The finish reason the dialect reports for the engine's `reason`, for a choice that
+        made tool calls (`called`) or not."""
         return reason
 
     # -- the shared part -------------------------------------------------------------------------
@@ -208,6 +221,11 @@ class ResponseWriter(ABC):
             self.text_offsets[event.index] += len(event.text)
             if event.finish_reason is not None:
                 choice.finish_reason = event.finish_reason
+        for i, choice in enumerate(choices):
+            choice.text = "".join(choice.texts)
+            if self.call_ids is not None:  # exactly what the stream would have sent
+                choice.text, choice.tool_calls = assemble_tool_calls(choice.texts, self.call_ids[i])
+            choice.finish_reason = self.finish_reason(choice.finish_reason, bool(choice.tool_calls))
         return self.response(choices)
 
     async def collect_while_connected(self, handle: RequestHandle, receive: Receive) -> dict:
@@ -234,6 +252,18 @@ class ResponseWriter(ABC):
             return parts[0]
         return {key: [entry for part in parts for entry in part[key]] for key in parts[0]}
 
+    def _stream_content(self, event: TokenEvent) -> tuple[str, tuple[dict[str, Any], ...]]:
+        """The streamed text of one event and the tool-call deltas read out of it."""
+        if not self.streamers:
+            return event.text, ()
+        streamer = self.streamers[event.index]
+        delta = streamer.feed(event.text)
+        if event.finish_reason is not None:
+            last = streamer.finish()
+            delta = StreamDelta(delta.content + last.content, delta.tool_calls + last.tool_calls)
+        self.called[event.index] |= bool(delta.tool_calls)
+        return delta.content, delta.tool_calls
+
     def _chunks(self, batch: list[TokenEvent]) -> Iterator[bytes]:
         """The chunks for one list of events: the events of one choice become one chunk (when
         the model outruns the server a chunk carries several tokens, and the text is the same)
@@ -243,7 +273,7 @@ class ResponseWriter(ABC):
         def flush(index: int) -> bytes | None:
             texts, logprobs = pending.pop(index, ((), ()))
             text, merged = "".join(texts), self._merge_logprobs(list(logprobs))
-            return self.delta(index, text, None, merged) if text or merged else None
+            return self.delta(Delta(index, text, logprobs=merged)) if text or merged else None
 
         for event in batch:
             if event.finish_reason == "cancelled":
@@ -251,21 +281,21 @@ class ResponseWriter(ABC):
             self._record(event)
             # Before the text is counted: a completions entry names where its token starts.
             logprobs = self.chunk_logprobs(event) if self._has_logprob(event) else None
-            text, calls = self.stream_content(event)
+            text, calls = self._stream_content(event)
             if self.merges_tokens:
                 texts, parts = pending.setdefault(event.index, ([], []))
                 texts.append(text)
                 if logprobs is not None:
                     parts.append(logprobs)
             elif text or calls or logprobs is not None:
-                yield self.delta(event.index, text, None, logprobs, calls)
+                yield self.delta(Delta(event.index, text, logprobs=logprobs, tool_calls=calls))
             self.text_offsets[event.index] += len(event.text)
             if event.finish_reason is not None:
                 chunk = flush(event.index)
                 if chunk is not None:
                     yield chunk
-                reason = self.stream_finish_reason(event.index, event.finish_reason)
-                yield self.delta(event.index, "", reason, None)
+                reason = self.finish_reason(event.finish_reason, self.called[event.index])
+                yield self.delta(Delta(event.index, finish_reason=reason))
         for index in list(pending):
             chunk = flush(index)
             if chunk is not None:
