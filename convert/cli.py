@@ -12,10 +12,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mlx_mistral.checkpoint_files import INDEX_FILE
+from mlx_mistral.device import DTYPES
 from mlx_mistral.errors import ConversionError, MistralError
 
 from .pipeline import DEFAULT_MAX_SHARD_BYTES, convert
-from .quantize import DTYPES, SUPPORTED_GROUP_SIZES
+from .quantize import SUPPORTED_GROUP_SIZES
 
 _UNITS = {
     "": 1, "b": 1,
@@ -94,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _summary(out: Path) -> str:
-    index = json.loads((out / "model.safetensors.index.json").read_text(encoding="utf-8"))
+    index = json.loads((out / INDEX_FILE).read_text(encoding="utf-8"))
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     shards = len(set(index["weight_map"].values()))
     q = config.get("quantization")
