@@ -39,6 +39,9 @@ log = logging.getLogger("mlx_mistral.server")
 
 Phase = Literal["idle", "header", "body"]
 
+LINGER_SECONDS = 2.0
+"""After a refusal, how long input is still read (and dropped) before the socket closes."""
+
 
 @dataclass(frozen=True)
 class HttpLimits:
@@ -94,6 +97,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._refusal: MistralError | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._phase: Phase | None = None
+        self._discarding = False  # refused: the answer is sent, input is read and dropped
 
     # -- timers -----------------------------------------------------------------------------
     def _arm(self, phase: Phase) -> None:
@@ -149,6 +153,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def eof_received(self) -> bool | None:
         # A half-close after a complete request still wants the answer: keep the transport
         # open for writing (returning True) and close once the response is sent.
+        if self._discarding:
+            return None
         if self.cycle is not None and not self.cycle.response_complete and not self._in_body:
             self.cycle.keep_alive = False
             return True
@@ -159,6 +165,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         return self._phase == "body"
 
     def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return
         self._unset_keepalive_if_required()
         if self._in_head and self._phase != "header":
             self._arm("header")  # the first byte of a head starts its clock
@@ -206,7 +214,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             b"connection: close\r\n\r\n",
         ]
         self.transport.write(b"".join(head) + body)
-        self.transport.close()
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        # A lingering close, as nginx does: closing a socket with unread input resets the
+        # connection, and the reset can destroy the answer before a client still sending
+        # reads it. So end our side, discard what still comes for a moment, then close.
+        self.transport.write_eof()
+        self._discarding = True
+        self._timer = self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
     def _stop(self, error: MistralError) -> None:
         self._refusal = error
