@@ -46,7 +46,7 @@ from .schemas import (
     check_content_type,
     parse_body,
 )
-from .security import build_middleware
+from .security import build_middleware, is_authenticated
 from .streaming import EventStreamResponse, ResponseWriter, Served, with_keepalive
 
 log = logging.getLogger("mlx_mistral.server")
@@ -276,6 +276,8 @@ async def health(request: Request) -> Response:
         )
     if engine is None or not engine.alive:
         return JSONResponse({"status": "unavailable"}, status_code=503)
+    if not is_authenticated(request.scope):  # liveness is public; the details need the key
+        return JSONResponse({"status": "ok"})
     return JSONResponse(
         {"status": "ok", "model": state.config.model_name, "active": engine.num_active}
     )
