@@ -24,7 +24,8 @@ from typing import Any
 from mlx_mistral.errors import InvalidRequestError
 from mlx_mistral.sampling import TokenLogprobs
 from mlx_mistral.sampling_params import SamplingParams
-from mlx_mistral.tool_calls import StructuredRequest, parse_structured_request
+from mlx_mistral.tools.spec import StructuredRequest
+from mlx_mistral.tools.validation import parse_structured_request
 
 from .errors import UnsupportedMediaTypeError
 

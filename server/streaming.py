@@ -22,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 from mlx_mistral.batch import TokenEvent
 from mlx_mistral.errors import MistralError
-from mlx_mistral.tool_calls import StreamDelta, ToolCallStreamer, assemble_tool_calls
+from mlx_mistral.tools.parsing import StreamDelta, ToolCallStreamer, assemble_tool_calls
 
 from .errors import InternalServerError, error_event
 from .schemas import (
