@@ -256,7 +256,7 @@ class ChatCompletionRequest:
 
     `messages` is kept as sent: the chat encoder validates it against the model's format and
     names the bad field. `tools`, `tool_choice`, `parallel_tool_calls` and `response_format`
-    are validated here, into `structured` (`mlx_mistral.tool_calls`).
+    are validated here, into `structured` (`mlx_mistral.tools.validation`).
     """
 
     messages: Any

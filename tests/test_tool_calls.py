@@ -9,19 +9,13 @@ import re
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tool_samples import assemble
+from tool_samples import WEATHER, assemble
 
 from mlx_mistral.chat import render_tool_calls
 from mlx_mistral.errors import InvalidRequestError
-from mlx_mistral.tool_calls import (
-    ResponseFormat,
-    ToolCallStreamer,
-    parse_structured_request,
-    parse_tool_calls,
-    split_tool_calls,
-)
-
-WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+from mlx_mistral.tools.parsing import ToolCallStreamer, parse_tool_calls, split_tool_calls
+from mlx_mistral.tools.spec import ResponseFormat, ToolSpec
+from mlx_mistral.tools.validation import parse_structured_request
 
 
 def tool(name="get_weather", **fn):
@@ -125,7 +119,7 @@ def test_defaults_follow_the_openai_api():
     assert spec.prompt_tools is None
     spec = parse_structured_request(tools=[tool(description="Weather", parameters=WEATHER)])
     assert spec.tool_choice == "auto" and spec.constrained
-    assert spec.prompt_tools == [tool(description="Weather", parameters=WEATHER)]
+    assert spec.prompt_tools == (ToolSpec("get_weather", "Weather", WEATHER),)
 
 
 def test_named_choice_and_formats_normalise():
