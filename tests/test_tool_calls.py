@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import random
 import re
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -297,3 +299,19 @@ def test_content_is_held_only_while_it_may_be_the_marker():
     streamer = ToolCallStreamer()
     assert streamer.feed("trailing ").content == "trailing"
     assert streamer.finish().content == " "
+
+
+# -- imports -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "module",
+    ["mlx_mistral.tools.parsing", "mlx_mistral.tools.format", "mlx_mistral.tools.spec"],
+)
+def test_reading_and_writing_calls_loads_neither_mlx_nor_llguidance(module):
+    """The plain-text side of tools is pure Python: a client-side parser, or a process that only
+    renders prompts, must not pay for (or need) MLX and the grammar engine."""
+    code = (
+        f"import sys, {module}\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'llguidance')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -133,7 +133,7 @@ def new_call_id(rng: random.Random | None = None) -> str:
 
     Example:
         >>> new_call_id(random.Random(0))
-        'call_2yW4AcqGF'
+        'call_2yW4Acq9G'
     """
     choose = rng.choice if rng is not None else secrets.choice
     return CALL_ID_PREFIX + "".join(choose(_ALPHANUM) for _ in range(CALL_ID_CHARS))
