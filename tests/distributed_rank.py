@@ -19,9 +19,10 @@ from pathlib import Path
 
 import mlx_mistral  # first: its BLAS preload must precede mlx's import
 
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
+# isort: split
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
 
 # Token ids below 512, the smallest test vocabulary; two rows of one length.
 BATCH = [[1, 415, 2936, 9060, 285, 1142, 20], [1, 22, 333, 44, 505, 6, 77]]
