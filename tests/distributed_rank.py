@@ -5,7 +5,8 @@
 
 Per checkpoint and rank it writes OUT_DIR/NAME-rankR.npz (logits of a batch without a cache, and
 of a prefill plus decode steps through the KV cache) and OUT_DIR/NAME-rankR.json (greedy tokens,
-parameter bytes, the process's resident-memory growth while loading, KV heads per layer cache).
+parameter bytes, the process's resident-memory growth from loading, after it and at its peak,
+and the KV heads in a layer's cache).
 The first checkpoint is loaded first, so its memory growth is measured in a fresh process.
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -25,13 +25,17 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 # Token ids below 512, the smallest test vocabulary; two rows of one length.
-BATCH = [[1, 415, 2936, 9060, 285, 1142, 20], [1, 22, 333, 44, 505, 6, 77]]
-PROMPT = [1, 415, 2936, 9060, 285, 1142]
+BATCH = [[1, 415, 293, 96, 285, 114, 20], [1, 22, 333, 44, 505, 6, 77]]
+PROMPT = [1, 415, 293, 96, 285, 114]
 
 
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def resident_bytes(field: str = "VmRSS") -> int:
+    """This process's resident size now (VmRSS) or at its peak so far (VmHWM), from Linux."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def record(name: str, path: str, group: mx.distributed.Group, out: Path) -> None:
@@ -41,6 +45,7 @@ def record(name: str, path: str, group: mx.distributed.Group, out: Path) -> None
     gc.collect()
     mx.clear_cache()
     rss_growth = resident_bytes() - rss_before
+    peak_growth = resident_bytes("VmHWM") - rss_before
 
     logits = model(mx.array(BATCH))
     cache = model.make_cache(batch_size=len(BATCH))
@@ -66,6 +71,7 @@ def record(name: str, path: str, group: mx.distributed.Group, out: Path) -> None
         "parameter_bytes": sum(v.nbytes for _, v in tree_flatten(model.parameters())),
         "layer_bytes": layer_bytes * len(model.layers),
         "rss_growth": rss_growth,
+        "peak_growth": peak_growth,
         "kv_heads": int(cache[0].keys.shape[1]),
     }
     (out / f"{name}-rank{rank}.json").write_text(json.dumps(facts))
