@@ -15,6 +15,16 @@ cost an all-gather of the logits every step).
 The sharded layers are MLX's own (float and quantized). `load_sharded` reads only this rank's
 rows or columns of each tensor straight from the safetensors files, so no rank ever holds the
 whole model; `shard_model` shards a model already in memory.
+
+Run the same script on every rank, e.g. two processes on this machine over TCP:
+`mlx.launch --backend ring -n 2 script.py`, where script.py does
+
+    >>> import mlx.core as mx, mlx_mistral
+    >>> model, tokenizer = mlx_mistral.load(path, group=mx.distributed.init())  # doctest: +SKIP
+    >>> mlx_mistral.generate(model, tokenizer, "Hello", temperature=0)  # doctest: +SKIP
+
+Every rank must make the same calls in the same order (each forward all-reduces twice per
+layer); sampling with temperature 0 or a fixed seed keeps the ranks' tokens identical.
 """
 
 from __future__ import annotations
@@ -100,7 +110,6 @@ def shard_model(model: Model, group: mx.distributed.Group) -> Model:
         # The attention reshapes by its head counts: this rank's share of them.
         layer.self_attn.n_heads //= size
         layer.self_attn.n_kv_heads //= size
-    model.group = group  # lets callers (generate, the engine) see that the model is sharded
     return model
 
 

@@ -4,9 +4,9 @@
     mlx.launch --backend ring -n 2 -- python tests/distributed_rank.py OUT_DIR NAME=CHECKPOINT ...
 
 Per checkpoint and rank it writes OUT_DIR/NAME-rankR.npz (logits of a batch without a cache, and
-of a prefill plus decode steps through the KV cache) and OUT_DIR/NAME-rankR.json (greedy tokens,
-parameter bytes, the process's resident-memory growth from loading, after it and at its peak,
-and the KV heads in a layer's cache).
+of a prefill plus decode steps through the KV cache) and OUT_DIR/NAME-rankR.json (greedy and
+seeded sampled tokens, parameter bytes, the process's resident-memory growth from loading, after
+it and at its peak, and the KV heads in a layer's cache).
 The first checkpoint is loaded first, so its memory growth is measured in a fresh process.
 """
 
@@ -55,19 +55,19 @@ def record(name: str, path: str, group: mx.distributed.Group, out: Path) -> None
     cached = mx.concatenate(steps, axis=1)
     mx.eval(logits, cached)
 
-    tokens = [
-        chunk.token
-        for chunk in mlx_mistral.stream_generate(
-            model, tokenizer, PROMPT, max_tokens=12, temperature=0
-        )
-        if chunk.token is not None
-    ]
+    def sample(**sampling) -> list[int]:
+        chunks = mlx_mistral.stream_generate(model, tokenizer, PROMPT, max_tokens=12, **sampling)
+        return [chunk.token for chunk in chunks if chunk.token is not None]
+
+    tokens = sample(temperature=0)
+    sampled = sample(temperature=0.8, top_p=0.95, seed=7)
     layer_bytes = sum(v.nbytes for _, v in tree_flatten(model.layers[0].parameters()))
     rank = group.rank()
     np.savez(out / f"{name}-rank{rank}.npz", logits=np.array(logits), cached=np.array(cached))
     facts = {
         "size": group.size(),
         "tokens": tokens,
+        "sampled": sampled,
         "parameter_bytes": sum(v.nbytes for _, v in tree_flatten(model.parameters())),
         "layer_bytes": layer_bytes * len(model.layers),
         "rss_growth": rss_growth,

@@ -161,14 +161,21 @@ def test_two_ranks_give_the_one_process_logits(runs, name):
         for key in ("logits", "cached"):
             assert arrays[key].shape == reference[key].shape
             np.testing.assert_allclose(arrays[key], reference[key], rtol=1e-5, atol=1e-5)
+    # Every rank gets the same all-reduced sums, so the same logits to the bit: what lets each
+    # rank sample on its own and still agree.
+    (_, first), (_, second) = ring[name]
+    for key in ("logits", "cached"):
+        assert np.array_equal(first[key], second[key])
 
 
 @pytest.mark.parametrize("name", ["float", "q4"])
-def test_greedy_generation_is_identical(runs, name):
+@pytest.mark.parametrize("kind", ["tokens", "sampled"])
+def test_generation_is_identical(runs, name, kind):
+    """Greedy, and sampled with a seed (temperature 0.8, top_p 0.95)."""
     single, ring = runs
-    expected = single[name][0][0]["tokens"]
+    expected = single[name][0][0][kind]
     assert len(expected) == 12
-    assert [facts["tokens"] for facts, _ in ring[name]] == [expected, expected]
+    assert [facts[kind] for facts, _ in ring[name]] == [expected, expected]
 
 
 @pytest.mark.parametrize("name", ["float", "q4", "wide"])
