@@ -39,18 +39,12 @@ import numpy as np
 from mlx.nn.layers.distributed import shard_linear
 from mlx.utils import tree_flatten
 
+from .checkpoint_files import IGNORED_SUFFIXES, safetensors_files
 from .config import ModelArgs, read_config
 from .device import default_compute_dtype, parse_dtype
 from .errors import ModelLoadError
 from .model import Model
-from .weights import (
-    IGNORED_SUFFIXES,
-    _materialize,
-    _quantized_layers,
-    check_weights,
-    quantization_of,
-    safetensors_files,
-)
+from .weights import check_weights, materialize, quantization_of, quantized_layers_predicate
 
 # Module name -> MLX sharding. Column-sharded layers split their outputs (axis 0 of weight,
 # scales and biases); row-sharded layers split their inputs (the last axis, which a quantized
@@ -140,7 +134,7 @@ def load_sharded(
             model,
             group_size=quant["group_size"],
             bits=quant["bits"],
-            class_predicate=_quantized_layers(config["quantization"], tensors.names),
+            class_predicate=quantized_layers_predicate(config["quantization"], tensors.names),
         )
     check_weights(model, tensors.names)
     shard_model(model, group)
@@ -161,7 +155,7 @@ def load_sharded(
         weights.append((name, array))
     model.load_weights(weights, strict=True)
     del weights
-    _materialize(model, compute)
+    materialize(model, compute)
     model.eval()
     return model
 

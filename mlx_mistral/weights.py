@@ -46,7 +46,7 @@ def quantization_of(config: dict[str, Any]) -> dict[str, int] | None:
         raise ModelLoadError(f"config.json has a malformed quantization block: {quant!r}") from None
 
 
-def _quantized_layers(block: dict[str, Any], weights: dict[str, mx.array]):
+def quantized_layers_predicate(block: dict[str, Any], weights: dict[str, mx.array]):
     """`nn.quantize`'s predicate: which layers are quantized, and how.
 
     A layer is quantized when its `.scales` are in the checkpoint. Its bits and group size are
@@ -124,7 +124,7 @@ def load_model(
             model,
             group_size=quant["group_size"],
             bits=quant["bits"],
-            class_predicate=_quantized_layers(config["quantization"], weights),
+            class_predicate=quantized_layers_predicate(config["quantization"], weights),
         )
     check_weights(model, weights)
     float_weights = [w for w in weights.values() if mx.issubdtype(w.dtype, mx.floating)]
@@ -136,12 +136,12 @@ def load_model(
         for k, v in weights.items()
     }
     model.load_weights(list(weights.items()), strict=True)
-    _materialize(model, compute)
+    materialize(model, compute)
     model.eval()
     return model
 
 
-def _materialize(model: Model, compute: mx.Dtype) -> None:
+def materialize(model: Model, compute: mx.Dtype) -> None:
     """Read the weights into memory layer by layer, logging progress (a 7B model takes a while
     from disk; mx.load maps the files lazily, so this is where the reading happens)."""
     total = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
