@@ -334,7 +334,8 @@ def to_openai_messages(messages: list[Any]) -> list[dict[str, Any]]:
             raise fail(f"{where}.role", f"must be one of {', '.join(ROLES)}, got {role!r:.100}")
         if msg.get("images"):
             raise fail(f"{where}.images", "this model reads text only")
-        content = msg.get("content") or ""
+        content = msg.get("content")
+        content = "" if content is None else content
         if not isinstance(content, str):
             raise fail(f"{where}.content", "must be a string")
         if role == "assistant":
