@@ -411,6 +411,9 @@ def create_app(
         Route("/health", health, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
     ]
+    from .ollama import ollama_routes  # it imports this module's handlers' shared parts
+
+    routes += ollama_routes()
     middleware = [Middleware(AccessLog), *build_middleware(config)]
     app = Starlette(
         routes=routes,

@@ -45,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks one)")
     parser.add_argument(
+        "--ollama-port",
+        type=int,
+        default=None,
+        help="also listen on this port (Ollama's is 11434), for apps that assume Ollama's",
+    )
+    parser.add_argument(
         "--api-key",
         default=None,
         help=f"bearer key clients must send (default: ${API_KEY_ENV}; none: any token is "
@@ -206,6 +212,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         is_demo=is_demo,
         host=args.host,
         port=args.port,
+        ollama_port=args.ollama_port,
         api_key=read_api_key(args),
         allowed_hosts=tuple(args.allowed_hosts),
         cors_origins=tuple(args.cors_origins),
@@ -250,19 +257,25 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    sockets: list[socket.socket] = []
+    port = args.port
     try:
         config = build_config(args)
         from mlx_mistral.hub import resolve_model_path
 
         resolve_model_path(config.model)  # a missing model fails before the port is taken
-        sock = bind_socket(config.host, config.port)
+        # --ollama-port: a second listener of the same app, behind the same guards.
+        for port in (config.port, config.ollama_port):
+            if port is not None:
+                sockets.append(bind_socket(config.host, port))
     except MistralError as exc:
         print(f"mlx-mistral serve: error: {exc.message}", file=sys.stderr)
         return 1
     except OSError as exc:
+        for sock in sockets:
+            sock.close()
         print(
-            f"mlx-mistral serve: error: cannot listen on {args.host}:{args.port}: "
-            f"{exc.strerror or exc}",
+            f"mlx-mistral serve: error: cannot listen on {args.host}:{port}: {exc.strerror or exc}",
             file=sys.stderr,
         )
         return 1
@@ -274,11 +287,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         engine = start_engine(config, lambda: load(config.model))
     except MistralError as exc:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         print(f"mlx-mistral serve: error: {exc.message}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - e.g. an unreadable file: one line, not a traceback
-        sock.close()
+        for sock in sockets:
+            sock.close()
         print(
             f"mlx-mistral serve: error: cannot load {config.model}: {type(exc).__name__}: {exc}",
             file=sys.stderr,
@@ -309,7 +324,8 @@ def run(args: argparse.Namespace) -> int:
         timeout_keep_alive=config.idle_timeout_seconds,  # type: ignore[arg-type]
         timeout_graceful_shutdown=int(config.drain_timeout_seconds),
     )
-    host, port = sock.getsockname()[:2]
+    host, port = sockets[0].getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
     log = logging.getLogger("mlx_mistral.server")
     if args.api_key is not None:
         log.warning(
@@ -320,14 +336,17 @@ def run(args: argparse.Namespace) -> int:
     log.info(
         "serving %s on http://%s:%d/v1%s",
         config.model_name,
-        f"[{host}]" if ":" in host else host,
+        shown,
         port,
         "" if config.api_key else " (no API key)",
     )
+    for sock in sockets[1:]:
+        log.info("serving the Ollama API on http://%s:%d too", shown, sock.getsockname()[1])
     try:
-        Server(uv_config).run(sockets=[sock])
+        Server(uv_config).run(sockets=sockets)
     except KeyboardInterrupt:
         return 130
     finally:
-        sock.close()
+        for sock in sockets:
+            sock.close()
     return 0

@@ -157,6 +157,7 @@ class ServerConfig:
     idle_timeout_seconds: float = 15.0
     header_timeout_seconds: float = 60.0
     body_timeout_seconds: float = 60.0
+    ollama_port: int | None = None  # also serve on this port (Ollama's apps assume 11434)
     accepted_model_names: frozenset[str] = field(default=frozenset(), compare=False)
 
     def __post_init__(self) -> None:
@@ -165,6 +166,12 @@ class ServerConfig:
                 raise InvalidRequestError(f"{flag} {message}", param=flag)
 
         need(0 <= self.port <= 65535, "--port", f"must be in [0, 65535], got {self.port}")
+        if self.ollama_port is not None:
+            need(
+                0 <= self.ollama_port <= 65535,
+                "--ollama-port",
+                f"must be in [0, 65535], got {self.ollama_port}",
+            )
         need(
             self.max_body_bytes >= 1024,
             "--max-body-bytes",

@@ -5,7 +5,8 @@ Two fuzzers, one server (tiny random checkpoint, `--default-max-tokens 2`):
   plausible value or an arbitrary JSON value (nested lists and objects, huge integers, NaN,
   wrong types), plus unknown fields and arbitrary messages, tools and response formats;
 - schemathesis over the OpenAPI document the server publishes (/openapi.json), in both its
-  positive (schema-valid) and negative (schema-violating) modes, on every operation.
+  positive (schema-valid) and negative (schema-violating) modes, on every operation;
+- hypothesis over Ollama's /api/chat and /api/generate bodies, whose errors are Ollama's shape.
 
 Valid `max_tokens` values are clamped to 3 so the cases that pass validation generate only a
 few tokens. Case counts: `RELIABILITY_FUZZ_SCALE` multiplies them. Scale 1 runs 10,453 cases
@@ -316,6 +317,113 @@ def test_hypothesis_request_fuzz(server, http, path, strategy, cases):
     print(f"{path}: {total} cases, statuses {dict(sorted(statuses.items()))}")
     assert total >= cases
     assert statuses.get(200, 0) >= cases // 50, "too few cases passed validation to fuzz the engine"
+
+
+# -- hypothesis over Ollama's /api/chat and /api/generate ------------------------------------
+OLLAMA_CASES = int(1000 * SCALE)  # per endpoint
+OLLAMA_OPTIONS = st.fixed_dictionaries(
+    {},
+    optional={
+        **{name: field(SAMPLING[name]) for name in ("temperature", "top_p", "min_p", "top_k")},
+        **{name: field(SAMPLING[name]) for name in ("stop", "presence_penalty", "repeat_penalty")},
+        "num_predict": field(st.integers(-3, 50)),
+        "seed": field(st.integers(-2, 2**63)),
+        "num_ctx": field(st.integers(-1, 40000)),
+        "mirostat": field(st.integers(0, 2)),
+        "repeat_last_n": field(st.integers(-2, 128)),
+        "num_gpu": JSON,
+    },
+)
+OLLAMA_MESSAGE = field(
+    st.fixed_dictionaries(
+        {"role": field(st.sampled_from(["system", "user", "assistant", "tool"]))},
+        optional={
+            "content": field(st.text(max_size=30)),
+            "images": JSON,
+            "tool_name": field(NAME),
+            "tool_call_id": JSON,
+            "tool_calls": field(
+                st.lists(
+                    st.fixed_dictionaries(
+                        {
+                            "function": field(
+                                st.fixed_dictionaries({"name": field(NAME), "arguments": JSON})
+                            )
+                        }
+                    ),
+                    max_size=2,
+                )
+            ),
+        },
+    )
+)
+OLLAMA_FIELDS = {
+    "stream": st.booleans(),
+    "format": st.one_of(st.sampled_from(["json", "", "yaml"]), SCHEMA),
+    "options": OLLAMA_OPTIONS,
+    "keep_alive": st.one_of(st.text(max_size=4), st.integers(-1, 600)),
+    "think": st.booleans(),
+}
+MODEL = (st.sampled_from(["mistral:7b", "m"]), JSON)
+
+
+def _clamp_num_predict(body: Any) -> Any:
+    if isinstance(body, dict) and isinstance(body.get("options"), dict):
+        if "num_predict" in body["options"]:
+            body["options"]["num_predict"] = _small(body["options"]["num_predict"])
+    return body
+
+
+OLLAMA_CHAT_BODIES = bodies(
+    {"model": MODEL, "messages": (PLAIN_MESSAGES, st.lists(OLLAMA_MESSAGE, max_size=3))},
+    {**OLLAMA_FIELDS, "tools": st.lists(TOOL, max_size=2)},
+).map(_clamp_num_predict)
+OLLAMA_GENERATE_BODIES = bodies(
+    {"model": MODEL, "prompt": (TEXT, JSON)},
+    {
+        **OLLAMA_FIELDS,
+        "system": TEXT,
+        "raw": st.booleans(),
+        "context": st.lists(st.integers(-2, 33000), max_size=8),
+        "suffix": st.text(max_size=3),
+        "images": JSON,
+    },
+).map(_clamp_num_predict)
+
+
+def check_ollama_answer(response: httpx.Response, server: ServerProcess) -> None:
+    """No 5xx; an error is Ollama's {"error": "..."}; a stream's lines are JSON objects, the
+    last one done (or an error)."""
+    assert server.alive, "the server process exited"
+    assert response.status_code < 500, (response.status_code, response.text[:500])
+    if response.status_code >= 400:
+        error = response.json()
+        assert list(error) == ["error"] and isinstance(error["error"], str) and error["error"]
+        return
+    lines = [json.loads(line) for line in response.text.splitlines()]
+    assert lines and all(isinstance(line, dict) for line in lines)
+    assert lines[-1].get("done") is True or "error" in lines[-1], lines[-1]
+
+
+@pytest.mark.parametrize(
+    "path, strategy",
+    [("/api/chat", OLLAMA_CHAT_BODIES), ("/api/generate", OLLAMA_GENERATE_BODIES)],
+    ids=["ollama-chat", "ollama-generate"],
+)
+def test_hypothesis_ollama_fuzz(server, http, path, strategy):
+    statuses: dict[int, int] = {}
+
+    @settings(max_examples=OLLAMA_CASES, **FUZZ_SETTINGS)
+    @given(body=strategy)
+    def one(body: Any) -> None:
+        response = post_json(http, path, body)
+        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        check_ollama_answer(response, server)
+
+    one()
+    COUNTS[path] = sum(statuses.values())
+    print(f"{path}: {COUNTS[path]} cases, statuses {dict(sorted(statuses.items()))}")
+    assert statuses.get(200, 0) >= OLLAMA_CASES // 50, "too few cases passed validation"
 
 
 # -- schemathesis over /openapi.json ------------------------------------------------------

@@ -1,0 +1,220 @@
+"""Ollama's API over the one engine: the routes and their handlers.
+
+`/api/chat` and `/api/generate` run through the same chat prompt path, engine and constrained
+decoding as `/v1/chat/completions` (`app.chat_prompt`, `app._generate`); `ollama_protocol`
+validates their bodies and `ollama_writer` renders Ollama's NDJSON. `/api/tags`, `/api/show`,
+`/api/ps` describe the served model (`ollama_models`). The model-management endpoints (pull,
+push, create, copy, delete) and embeddings answer a clear error: this server serves one chat
+model.
+
+Every error is Ollama's `{"error": "<message>"}` with the HTTP status of the typed error (the
+guards in `security` run first, as for every path, and answer in their own shape).
+
+Model names: any name is served (Ollama clients send names such as "mistral:7b" that they were
+configured with); answers echo the name asked for, as Ollama does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from typing import Any
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from mlx_mistral.errors import EngineDeadError, InvalidRequestError, MistralError
+
+from .app import (
+    Handler,
+    RequestPlan,
+    ServerState,
+    _generate,
+    _read_json,
+    _stats,
+    chat_prompt,
+)
+from .errors import InternalServerError
+from .ollama_models import OLLAMA_VERSION, ModelDescription, describe
+from .ollama_protocol import OllamaRequest
+from .ollama_writer import OllamaChatWriter, OllamaGenerateWriter, error_body, load_response
+from .schemas import ChatCompletionRequest
+
+log = logging.getLogger("mlx_mistral.server")
+
+RUNNING = "Ollama is running"
+"""What `GET /` answers: apps probe for exactly this text to find a running server."""
+
+MODEL_MANAGEMENT = ("pull", "push", "create", "copy", "delete")
+EMBEDDINGS = ("embed", "embeddings")
+
+
+class NotServedError(MistralError):
+    """An Ollama endpoint this server does not serve (HTTP 501)."""
+
+    status = 501
+    type = "invalid_request_error"
+    code = "not_implemented"
+
+
+def ollama_error(exc: MistralError) -> JSONResponse:
+    headers = {}
+    if getattr(exc, "retry_after", None):
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))  # type: ignore[attr-defined]
+    return JSONResponse(error_body(exc), status_code=exc.status, headers=headers)
+
+
+def ollama_guarded(handler: Handler) -> Handler:
+    """Render any error of a handler in Ollama's shape (never a traceback)."""
+
+    @functools.wraps(handler)
+    async def route(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except MistralError as exc:
+            return ollama_error(exc)
+        except ClientDisconnect:  # left while sending its body: nobody reads the answer
+            return Response(status_code=400)
+        except Exception:  # noqa: BLE001 - a bug must not reach the client as a traceback
+            log.exception("unexpected error on %s %s", request.method, request.url.path)
+            return ollama_error(
+                InternalServerError("the server hit an internal error; see its log")
+            )
+
+    return route
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+async def _description(request: Request) -> ModelDescription:
+    """The served model's description, built on first use (it reads the checkpoint's files)."""
+    cached = getattr(request.app.state, "ollama_model", None)
+    if cached is not None:
+        return cached
+    state = _state(request)
+    engine = state.engine
+    if engine is None or engine.model is None or engine.context_length is None:
+        raise EngineDeadError("the engine is not running; restart the server")
+    config = state.config
+    description = await asyncio.to_thread(
+        describe, config.model, config.model_name, engine.model.args, engine.context_length
+    )
+    request.app.state.ollama_model = description
+    return description
+
+
+# -- the model's description ----------------------------------------------------------------------
+async def running(request: Request) -> Response:
+    return PlainTextResponse(RUNNING)
+
+
+@ollama_guarded
+async def version(request: Request) -> Response:
+    return JSONResponse({"version": OLLAMA_VERSION})
+
+
+@ollama_guarded
+async def tags(request: Request) -> Response:
+    return JSONResponse({"models": [(await _description(request)).tag()]})
+
+
+@ollama_guarded
+async def ps(request: Request) -> Response:
+    return JSONResponse({"models": [(await _description(request)).process()]})
+
+
+@ollama_guarded
+async def show(request: Request) -> Response:
+    body = await _read_json(request)
+    name = body.get("model", body.get("name"))  # "name": Ollama's older spelling
+    if not isinstance(name, str) or not name:
+        raise InvalidRequestError("model: is required (the name /api/tags lists)", param="model")
+    # Every name is served (see the module docstring); `verbose` adds nothing here.
+    return JSONResponse((await _description(request)).show())
+
+
+@ollama_guarded
+async def not_served(request: Request) -> Response:
+    what = request.url.path.rsplit("/", 1)[-1]
+    served = (await _description(request)).name
+    if what in EMBEDDINGS:
+        reason = f"embeddings are not served here: {served} is a chat model"
+    else:
+        reason = f"models cannot be managed here: this server serves one model, {served}"
+    raise NotServedError(f"/api/{what}: {reason}")
+
+
+# -- generation -------------------------------------------------------------------------------
+@ollama_guarded
+async def chat(request: Request) -> Response:
+    state = _state(request)
+    req = OllamaRequest.chat(await _read_json(request))
+    if req.loads_only:
+        return JSONResponse(load_response(req.model, chat=True))
+    engine = state.live_engine()
+    as_openai = ChatCompletionRequest(req.messages, req.params, structured=req.structured)
+    prompt, constraints = await asyncio.to_thread(chat_prompt, engine.tokenizer, as_openai)
+    call_ids = None
+    if req.parses_tool_calls and constraints:
+        call_ids = [c.call_ids for c in constraints]
+    writer = OllamaChatWriter(
+        state.served, req.params, model=req.model, stats=_stats(request), call_ids=call_ids
+    )
+    params = state.fit_max_tokens(req.params, req.max_tokens_given, len(prompt))
+    plan = RequestPlan(prompt, params, writer, req.stream, constraints=constraints)
+    return await _generate(request, engine, plan)
+
+
+@ollama_guarded
+async def generate(request: Request) -> Response:
+    state = _state(request)
+    req = OllamaRequest.generate(await _read_json(request))
+    if req.loads_only:
+        return JSONResponse(load_response(req.model, chat=False))
+    engine = state.live_engine()
+    constraints: Any = None
+    if req.raw:
+        prompt = await asyncio.to_thread(engine.tokenizer.encode, req.prompt, bos=True)
+    else:
+        as_openai = ChatCompletionRequest(req.messages, req.params, structured=req.structured)
+        prompt, constraints = await asyncio.to_thread(chat_prompt, engine.tokenizer, as_openai)
+        if req.context:  # the earlier conversation, then this turn (its <s> is the context's)
+            prompt = [*req.context, *prompt[1:]]
+    writer = OllamaGenerateWriter(
+        state.served,
+        req.params,
+        model=req.model,
+        stats=_stats(request),
+        context=None if req.raw else list(prompt),
+    )
+    params = state.fit_max_tokens(req.params, req.max_tokens_given, len(prompt))
+    plan = RequestPlan(
+        prompt,
+        params,
+        writer,
+        req.stream,
+        "prompt",
+        continuation=req.raw,
+        constraints=constraints,
+    )
+    return await _generate(request, engine, plan)
+
+
+def ollama_routes() -> list[Route]:
+    """The routes of Ollama's API (`GET /` included: apps probe it)."""
+    routes = [
+        Route("/", running, methods=["GET"]),
+        Route("/api/version", version, methods=["GET"]),
+        Route("/api/tags", tags, methods=["GET"]),
+        Route("/api/ps", ps, methods=["GET"]),
+        Route("/api/show", show, methods=["POST"]),
+        Route("/api/chat", chat, methods=["POST"]),
+        Route("/api/generate", generate, methods=["POST"]),
+    ]
+    for name in (*MODEL_MANAGEMENT, *EMBEDDINGS):
+        routes.append(Route(f"/api/{name}", not_served, methods=["POST", "DELETE"]))
+    return routes
