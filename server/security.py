@@ -58,7 +58,8 @@ class HostFilter:
 
 
 class ApiKeyAuth:
-    """401 unless the request carries `Authorization: Bearer <key>` (compared in constant time).
+    """401 unless the request carries `Authorization: Bearer <key>` or `x-api-key: <key>` (the
+    anthropic SDK's header), compared in constant time.
 
     With no key configured every request passes, whatever token it carries (clients such as the
     openai package always send one).
@@ -73,11 +74,14 @@ class ApiKeyAuth:
             await self.app(scope, receive, send)
             return
         header = _header(scope, b"authorization")
-        if header is None:
-            message = "missing API key: send 'Authorization: Bearer <key>'"
+        api_key = _header(scope, b"x-api-key")
+        if header is None and api_key is None:
+            message = "missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
         else:
-            scheme, _, token = header.partition(b" ")
-            if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            scheme, _, token = (header or b"").partition(b" ")
+            tokens = [token.strip()] if scheme.lower() == b"bearer" else []
+            tokens += [] if api_key is None else [api_key.strip()]
+            if any(hmac.compare_digest(t, self.key) for t in tokens):
                 await self.app(scope, receive, send)
                 return
             message = "invalid API key"
@@ -136,7 +140,7 @@ def build_middleware(config: ServerConfig) -> list[Middleware]:
                 CORSMiddleware,
                 allow_origins=list(config.cors_origins),
                 allow_methods=["GET", "POST", "OPTIONS"],
-                allow_headers=["Authorization", "Content-Type"],
+                allow_headers=["Authorization", "Content-Type", "X-Api-Key", "Anthropic-Version"],
                 max_age=600,
             )
         )
