@@ -409,6 +409,9 @@ def create_app(
         Route("/health", health, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
     ]
+    from .anthropic_writer import ROUTES as anthropic_routes  # it imports this module
+
+    routes += anthropic_routes
     middleware = [Middleware(AccessLog), *build_middleware(config)]
     app = Starlette(
         routes=routes,
