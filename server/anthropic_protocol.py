@@ -190,7 +190,7 @@ def _params(fields: dict[str, Any]) -> SamplingParams:
             f"max_tokens must be an integer of at least 1, got {max_tokens!r:.100}",
             param="max_tokens",
         )
-    stops = fields.get("stop_sequences", ())
+    stops = fields.get("stop_sequences", [])
     if not isinstance(stops, list):
         raise InvalidRequestError(
             f"stop_sequences must be a list of strings, got {stops!r:.100}", param="stop_sequences"
