@@ -211,7 +211,7 @@ def _check_thinking(thinking: Any) -> None:
     if not isinstance(thinking, dict) or thinking.get("type") not in _THINKING_TYPES:
         raise InvalidRequestError(
             f"thinking must be an object whose type is one of {', '.join(_THINKING_TYPES)}",
-            param="thinking.type",
+            param="thinking",
         )
     budget = thinking.get("budget_tokens")
     if thinking["type"] == "enabled" and (isinstance(budget, bool) or not isinstance(budget, int)):
@@ -236,23 +236,23 @@ def _system(system: Any) -> list[dict[str, Any]]:
 def _text_block(block: Any, where: str) -> str:
     if not isinstance(block, dict) or block.get("type") != "text":
         got = block.get("type") if isinstance(block, dict) else type(block).__name__
-        raise InvalidRequestError(
-            f"{where} must be a text block, got {got!r:.100}", param=f"{where}.type"
-        )
+        raise InvalidRequestError(f"{where} must be a text block, got {got!r:.100}", param=where)
     if not isinstance(block.get("text"), str):
         raise InvalidRequestError(f"{where}.text must be a string", param=f"{where}.text")
     return block["text"]
 
 
+_BLOCK_SIDES = {"tool_use": "an assistant", "tool_result": "a user"}
+
+
 def _refuse_block(kind: Any, where: str) -> InvalidRequestError:
     if kind in ("image", "document"):
-        reason = "Mistral-7B-Instruct-v0.2 reads text only"
+        reason = "not supported: Mistral-7B-Instruct-v0.2 reads text only"
+    elif kind in _BLOCK_SIDES:
+        reason = f"allowed only in {_BLOCK_SIDES[kind]} message"
     else:
-        reason = "this server does not run server-side tools"
-    return InvalidRequestError(
-        f"{where} is a {kind!r:.100} block, which is not supported: {reason}",
-        param=f"{where}.type",
-    )
+        reason = "not supported here (text, tool_use and tool_result blocks are)"
+    return InvalidRequestError(f"{where} has type {kind!r:.100}, which is {reason}", param=where)
 
 
 def _messages(raw: Any) -> list[dict[str, Any]]:
@@ -291,7 +291,7 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
         raise InvalidRequestError(
             f"messages[{len(raw) - 1}] is a final assistant message (a prefill), which is not "
             "supported yet: end the conversation with a user message",
-            param=f"messages[{len(raw) - 1}].role",
+            param=f"messages[{len(raw) - 1}]",
         )
     return out
 
@@ -318,7 +318,7 @@ def _user(blocks: list[tuple[str, Any]], call_ids: set[str]) -> list[dict[str, A
 def _not_a_block(block: Any, where: str) -> InvalidRequestError:
     return InvalidRequestError(
         f"{where} must be a content block object with a type, got {block!r:.100}",
-        param=f"{where}.type",
+        param=where,
     )
 
 

@@ -296,7 +296,7 @@ BAD_REQUESTS = [
         "messages[0].content[1]",
     ),
     ({"messages": [{"role": "system", "content": "x"}, *HELLO]}, "messages[0].role"),
-    ({"messages": [*HELLO, {"role": "assistant", "content": "Hel"}]}, "messages[1].role"),
+    ({"messages": [*HELLO, {"role": "assistant", "content": "Hel"}]}, "messages[1]"),
     ({"messages": HELLO, "top_k": -1}, "top_k"),
     ({"messages": HELLO, "stop_sequences": [""]}, "stop_sequences"),
     ({"messages": HELLO, "frequency_penalty": 1}, "frequency_penalty"),
@@ -352,7 +352,8 @@ def test_the_sdk_raises_the_anthropic_error(client):
             ],
         )
     assert caught.value.body["error"]["type"] == "invalid_request_error"
-    assert "messages[0].content[0]" in caught.value.message and "image" in caught.value.message
+    message = caught.value.message
+    assert "messages[0].content[0] has type 'image'" in message and "text only" in message
 
 
 # -- the API key ---------------------------------------------------------------------------------
