@@ -299,7 +299,7 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
 def _user(blocks: list[tuple[str, Any]], call_ids: set[str]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for where, block in blocks:
-        kind = block.get("type") if isinstance(block, dict) else None
+        kind = _block_type(block)
         if kind == "text":
             text = _text_block(block, where)
             if out and out[-1]["role"] == "user":
@@ -313,6 +313,12 @@ def _user(blocks: list[tuple[str, Any]], call_ids: set[str]) -> list[dict[str, A
         else:
             raise _refuse_block(kind, where)
     return out
+
+
+def _block_type(block: Any) -> str | None:
+    """A block's type when it is an object with a string type (else None: not a block)."""
+    kind = block.get("type") if isinstance(block, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 def _not_a_block(block: Any, where: str) -> InvalidRequestError:
@@ -347,7 +353,7 @@ def _tool_result(block: dict[str, Any], where: str, call_ids: set[str]) -> dict[
 def _assistant(where: str, blocks: list[tuple[str, Any]], call_ids: set[str]) -> dict[str, Any]:
     texts, calls = [], []
     for at, block in blocks:
-        kind = block.get("type") if isinstance(block, dict) else None
+        kind = _block_type(block)
         if kind == "text":
             texts.append(_text_block(block, at))
         elif kind == "tool_use":
@@ -420,7 +426,7 @@ def _tool_choice(raw: Any, *, has_tools: bool) -> tuple[Any, bool | None]:
     """(OpenAI tool_choice, parallel_tool_calls) for an Anthropic tool_choice."""
     if raw is None:
         return None, None
-    kind = raw.get("type") if isinstance(raw, dict) else None
+    kind = _block_type(raw)
     if kind not in _TOOL_CHOICES:
         raise InvalidRequestError(
             'tool_choice must be {"type": "auto"}, {"type": "any"}, {"type": "none"} or '
