@@ -55,6 +55,7 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    stop_sequence: str | None = None  # the stop string that ended the text ("stop" only)
 
 
 @dataclass
@@ -440,6 +441,7 @@ class BatchGenerator:
             prompt_tokens=len(request.prompt),
             completion_tokens=len(seq.tokens),
             cached_tokens=request.cached_tokens,
+            stop_sequence=seq.stop.matched if finish == "stop" else None,
         )
 
     def _room_for_next(self, seq: _Sequence, request: _Request) -> bool:

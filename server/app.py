@@ -414,6 +414,9 @@ def create_app(
     from .ollama import ollama_routes  # it imports this module's handlers' shared parts
 
     routes += ollama_routes()
+    from .anthropic_writer import ROUTES as anthropic_routes  # it imports this module
+
+    routes += anthropic_routes
     middleware = [Middleware(AccessLog), *build_middleware(config)]
     app = Starlette(
         routes=routes,

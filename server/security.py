@@ -85,7 +85,8 @@ class HostFilter:
 
 
 class ApiKeyAuth:
-    """401 unless the request carries `Authorization: Bearer <key>` (compared in constant time).
+    """401 unless the request carries `Authorization: Bearer <key>` or `x-api-key: <key>` (the
+    anthropic SDK's header), compared in constant time.
 
     With no key configured every request passes, whatever token it carries (clients such as the
     openai package always send one).
@@ -100,24 +101,27 @@ class ApiKeyAuth:
             await self.app(scope, receive, send)
             return
         header = _header(scope, b"authorization")
-        if self.key is None or self._matches(header):
+        api_key = _header(scope, b"x-api-key")
+        if self.key is None or self._matches(header, api_key):
             scope[AUTHENTICATED] = True
             await self.app(scope, receive, send)
             return
         if scope["path"] in UNAUTHENTICATED_PATHS:
             await self.app(scope, receive, send)
             return
-        if header is None:
-            message = "missing API key: send 'Authorization: Bearer <key>'"
+        if header is None and api_key is None:
+            message = "missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
         else:
             message = "invalid API key"
         await send_error(send, AuthenticationError(message), {"WWW-Authenticate": "Bearer"})
 
-    def _matches(self, header: bytes | None) -> bool:
-        if header is None or self.key is None:
+    def _matches(self, header: bytes | None, api_key: bytes | None) -> bool:
+        if self.key is None:
             return False
-        scheme, _, token = header.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+        scheme, _, token = (header or b"").partition(b" ")
+        tokens = [token.strip()] if scheme.lower() == b"bearer" else []
+        tokens += [] if api_key is None else [api_key.strip()]
+        return any(hmac.compare_digest(t, self.key) for t in tokens)
 
 
 class BodyLimit:
@@ -172,7 +176,7 @@ def build_middleware(config: ServerConfig) -> list[Middleware]:
                 CORSMiddleware,
                 allow_origins=list(config.cors_origins),
                 allow_methods=["GET", "POST", "OPTIONS"],
-                allow_headers=["Authorization", "Content-Type"],
+                allow_headers=["Authorization", "Content-Type", "X-Api-Key", "Anthropic-Version"],
                 max_age=600,
             )
         )

@@ -474,6 +474,86 @@ def test_schemathesis_openapi_fuzz(server, http):
     assert statuses.get(200, 0) > 0 and statuses.get(400, 0) > 0
 
 
+# -- Anthropic's /v1/messages: the same fuzzer, Anthropic's fields and error shape -----------------
+MESSAGES_CASES = int(1000 * SCALE)
+BLOCK = field(
+    st.fixed_dictionaries(
+        {"type": field(st.sampled_from(["text", "image", "tool_use", "tool_result", "thinking"]))},
+        optional={
+            "text": field(TEXT),
+            "id": JSON,
+            "name": JSON,
+            "input": JSON,
+            "tool_use_id": JSON,
+        },
+    )
+)
+ANTHROPIC_MESSAGE = field(
+    st.fixed_dictionaries(
+        {"role": field(st.sampled_from(["user", "user", "assistant", "system"]))},
+        optional={"content": field(st.one_of(TEXT, st.lists(BLOCK, max_size=3)))},
+    )
+)
+ANTHROPIC_FIELDS = {
+    "model": st.sampled_from(["claude-sonnet-4-5", "../../etc/passwd"]),
+    "system": st.one_of(TEXT, st.lists(BLOCK, max_size=2)),
+    "stop_sequences": st.lists(st.text(max_size=5), max_size=5),
+    "temperature": st.floats(0, 2),
+    "top_p": st.floats(0, 1),
+    "top_k": st.integers(0, 999),
+    "stream": st.booleans(),
+    "tools": st.lists(
+        field(st.fixed_dictionaries({"name": field(NAME), "input_schema": SCHEMA})), max_size=2
+    ),
+    "tool_choice": st.fixed_dictionaries(
+        {"type": st.sampled_from(["auto", "any", "none", "tool"])}, optional={"name": NAME}
+    ),
+    "thinking": st.fixed_dictionaries(
+        {"type": st.sampled_from(["enabled", "disabled", "adaptive"])},
+        optional={"budget_tokens": JSON},
+    ),
+    "metadata": JSON,
+    "mcp_servers": JSON,
+}
+MESSAGES_BODIES = bodies(
+    {
+        "messages": (
+            st.builds(lambda text: [{"role": "user", "content": text}], TEXT),
+            st.lists(ANTHROPIC_MESSAGE, min_size=1, max_size=3),
+        ),
+        "max_tokens": (st.integers(1, MAX_FUZZ_TOKENS), JSON),
+    },
+    ANTHROPIC_FIELDS,
+)
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])
+def test_hypothesis_anthropic_fuzz(server, http, path):
+    """Never a 5xx; an error is Anthropic's shape; a stream ends with message_stop."""
+    statuses: dict[int, int] = {}
+
+    @settings(max_examples=MESSAGES_CASES, **FUZZ_SETTINGS)
+    @given(body=MESSAGES_BODIES)
+    def one(body: Any) -> None:
+        response = post_json(http, path, body)
+        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        assert server.alive, "the server process exited"
+        assert response.status_code < 500, (response.status_code, response.text[:500])
+        if response.status_code >= 400:
+            error = response.json()
+            assert error["type"] == "error" and error["error"]["message"], error
+        elif response.headers["content-type"].startswith("text/event-stream"):
+            assert response.text.endswith('event: message_stop\ndata: {"type": "message_stop"}\n\n')
+        else:
+            answer = response.json()  # a message, or count_tokens' {"input_tokens": n}
+            assert "input_tokens" in answer.get("usage", answer), answer
+
+    one()
+    COUNTS[path] = sum(statuses.values())
+    print(f"{path}: {COUNTS[path]} cases, statuses {dict(sorted(statuses.items()))}")
+    assert statuses.get(200, 0) >= MESSAGES_CASES // 50, "too few cases passed validation"
+
+
 def test_total_fuzz_cases(server):
     """The fuzzers above together ran the number of cases the project promises (at scale 1)."""
     if len(COUNTS) < 3:

@@ -1,0 +1,263 @@
+"""Anthropic's Messages API, answer side: the `message` object, its event stream, its errors,
+and the two endpoints (`POST /v1/messages`, `POST /v1/messages/count_tokens`).
+
+A stream is Anthropic's sequence of named events (`event: <type>` then `data: {json}`):
+
+    message_start, ping,
+    (content_block_start, content_block_delta*, content_block_stop)*   text, then tool_use blocks
+    message_delta (stop_reason, stop_sequence, usage), message_stop
+
+Text comes as `text_delta`s and a call's arguments as `input_json_delta`s; keep-alives are
+`ping` events; a stream that fails ends with an `error` event. Usage follows Anthropic's split:
+`input_tokens` are the prompt tokens the prefix cache did not hold, `cache_read_input_tokens`
+the ones it did (their sum is what `count_tokens` answers). Any model name is served: clients
+such as Claude Code send `claude-*` names, and `model` in the answer names what served it.
+`max_tokens` is a ceiling: past what the context window leaves, it is lowered to fit, and an
+answer that fills the window stops with "model_context_window_exceeded".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import json
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from mlx_mistral.batch import TokenEvent
+from mlx_mistral.errors import MistralError
+from mlx_mistral.sampling_params import SamplingParams
+
+from .anthropic_protocol import MessagesRequest
+from .app import Handler, RequestPlan, _generate, _read_json, _state, _stats, chat_prompt, guarded
+from .errors import error_headers
+from .streaming import ChoiceTally, Delta, ResponseWriter, Served
+
+# Anthropic's error types by HTTP status (its API answers overload as 529; ours stays 503).
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def error_body(exc: MistralError) -> dict[str, Any]:
+    """`{"type": "error", "error": {"type", "message"}}`; the message names the field."""
+    message = exc.message
+    if exc.param and exc.param not in message:
+        message = f"{exc.param}: {message}"
+    kind = ERROR_TYPES.get(exc.status, "api_error" if exc.status >= 500 else ERROR_TYPES[400])
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def sse_event(payload: dict[str, Any]) -> bytes:
+    """One named event: `event: <type>` then its data."""
+    data = json.dumps(payload, ensure_ascii=False)
+    return f"event: {payload['type']}\ndata: {data}\n\n".encode()
+
+
+def anthropic_errors(handler: Handler) -> Handler:
+    """Answer a handler's typed errors in Anthropic's shape (`guarded` renders the rest)."""
+
+    @functools.wraps(handler)
+    async def route(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except MistralError as exc:
+            return JSONResponse(error_body(exc), exc.status, headers=error_headers(exc))
+
+    return guarded(route)
+
+
+class MessagesWriter(ResponseWriter):
+    """Renders one answer as an Anthropic `message` or its event stream (one choice).
+
+    Args:
+        prompt_length: the prompt's tokens (`message_start` is sent before any engine event).
+        window_limited: max_tokens was lowered to what the context window leaves.
+        (the rest as `ResponseWriter`)
+    """
+
+    id_prefix = "msg"
+    keepalive = sse_event({"type": "ping"})
+
+    def __init__(
+        self,
+        served: Served,
+        params: SamplingParams,
+        *,
+        stats: dict[str, Any],
+        call_ids: list[tuple[str, ...]] | None,
+        prompt_length: int,
+        window_limited: bool,
+    ):
+        super().__init__(served, params, include_usage=True, stats=stats, call_ids=call_ids)
+        self.id = self.id.replace("-", "_", 1)  # Anthropic's ids read "msg_..."
+        self.prompt_tokens = prompt_length
+        self.window_limited = window_limited
+        self.cached_tokens = 0
+        self.stop_sequence: str | None = None
+        self.block = -1  # the index of the content block the stream has open (or last closed)
+        self.block_open = False
+        self.block_type: str | None = None
+
+    # -- the engine's side -----------------------------------------------------------------
+    def _record(self, event: TokenEvent) -> None:
+        super()._record(event)
+        self.cached_tokens = max(self.cached_tokens, event.cached_tokens)
+        if event.finish_reason is not None:
+            self.stop_sequence = event.stop_sequence
+
+    def finish_reason(self, reason: str | None, called: bool) -> str | None:
+        if reason == "tool_calls" or (called and reason == "stop"):
+            return "tool_use"
+        if reason == "stop":
+            return "stop_sequence" if self.stop_sequence is not None else "end_turn"
+        if reason == "length":
+            return "model_context_window_exceeded" if self.window_limited else "max_tokens"
+        return reason
+
+    def _usage(self) -> dict[str, Any]:
+        return {
+            "input_tokens": self.prompt_tokens - self.cached_tokens,
+            "output_tokens": sum(self.completion_tokens),
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": self.cached_tokens,
+        }
+
+    def _message(self, content: list[dict[str, Any]], stop_reason: str | None) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.served.model,
+            "content": content,
+            "stop_reason": stop_reason,
+            "stop_sequence": self.stop_sequence if stop_reason == "stop_sequence" else None,
+            "usage": self._usage(),
+        }
+
+    # -- one body --------------------------------------------------------------------------
+    def response(self, choices: list[ChoiceTally]) -> dict[str, Any]:
+        choice = choices[0]
+        content: list[dict[str, Any]] = []
+        if choice.text:
+            content.append({"type": "text", "text": choice.text})
+        for call in choice.tool_calls or ():
+            fn = call["function"]
+            block = {"id": call["id"], "name": fn["name"], "input": json.loads(fn["arguments"])}
+            content.append({"type": "tool_use", **block})
+        return self._message(content, choice.finish_reason)
+
+    # -- the stream ------------------------------------------------------------------------
+    def opening(self) -> list[bytes]:
+        # How much of the prompt the prefix cache holds is known once the engine runs it: here
+        # the whole prompt counts as input, and the final message_delta states the split (the
+        # SDK takes message_delta's counts over message_start's).
+        start = {"type": "message_start", "message": self._message([], None)}
+        return [sse_event(start), self.keepalive]
+
+    def _start_block(self, block: dict[str, Any]) -> list[bytes]:
+        out = self._stop_block()
+        self.block += 1
+        self.block_open, self.block_type = True, block["type"]
+        start = {"type": "content_block_start", "index": self.block, "content_block": block}
+        out.append(sse_event(start))
+        return out
+
+    def _stop_block(self) -> list[bytes]:
+        if not self.block_open:
+            return []
+        self.block_open = False
+        return [sse_event({"type": "content_block_stop", "index": self.block})]
+
+    def _block_delta(self, delta: dict[str, Any]) -> bytes:
+        return sse_event({"type": "content_block_delta", "index": self.block, "delta": delta})
+
+    def delta(self, delta: Delta) -> bytes:
+        out: list[bytes] = []
+        if delta.text:
+            if not (self.block_open and self.block_type == "text"):
+                out += self._start_block({"type": "text", "text": ""})
+            out.append(self._block_delta({"type": "text_delta", "text": delta.text}))
+        for call in delta.tool_calls:
+            fn = call["function"]
+            if "id" in call:  # a call's first delta: its id and name
+                block = {"type": "tool_use", "id": call["id"], "name": fn["name"], "input": {}}
+                out += self._start_block(block)
+            if fn.get("arguments"):
+                out.append(
+                    self._block_delta({"type": "input_json_delta", "partial_json": fn["arguments"]})
+                )
+        if delta.finish_reason is not None:
+            out += self._stop_block()
+            reason = delta.finish_reason
+            stop_sequence = self.stop_sequence if reason == "stop_sequence" else None
+            body = {"stop_reason": reason, "stop_sequence": stop_sequence}
+            out.append(sse_event({"type": "message_delta", "delta": body, "usage": self._usage()}))
+        return b"".join(out)
+
+    def chunk_logprobs(self, event: TokenEvent) -> Any:
+        return None  # the Messages API has no logprobs (never asked for)
+
+    def closing(self) -> list[bytes]:
+        return [sse_event({"type": "message_stop"})]
+
+    def failure(self, exc: MistralError) -> list[bytes]:
+        return [sse_event(error_body(exc))]
+
+
+# -- the endpoints -----------------------------------------------------------------------------
+def _fit_to_window(params: SamplingParams, room: int | None) -> tuple[SamplingParams, bool]:
+    """Lower max_tokens to the `room` the context window leaves (clients such as Claude Code
+    send 32000 as a ceiling); (params, whether it was lowered)."""
+    if room is None or room <= 0 or params.max_tokens is None or params.max_tokens <= room:
+        return params, False  # no room at all: the engine names the prompt as too long
+    return dataclasses.replace(params, max_tokens=room), True
+
+
+@anthropic_errors
+async def create_message(request: Request) -> Response:
+    state = _state(request)
+    req = MessagesRequest.from_json(await _read_json(request))
+    engine = state.live_engine()  # any model name: see the module docstring
+    chat = req.as_chat()
+    prompt, constraints = await asyncio.to_thread(chat_prompt, engine.tokenizer, chat)
+    call_ids = [c.call_ids for c in constraints] if chat.parses_tool_calls and constraints else None
+    context = engine.context_length
+    params, limited = _fit_to_window(req.params, None if context is None else context - len(prompt))
+    writer = MessagesWriter(
+        state.served,
+        params,
+        stats=_stats(request),
+        call_ids=call_ids,
+        prompt_length=len(prompt),
+        window_limited=limited,
+    )
+    plan = RequestPlan(prompt, params, writer, req.stream, constraints=constraints)
+    return await _generate(request, engine, plan)
+
+
+@anthropic_errors
+async def count_tokens(request: Request) -> Response:
+    """The exact prompt length `create_message` would run (chat_prompt without the grammars)."""
+    req = MessagesRequest.from_json(await _read_json(request), count_only=True)
+    tokenizer = _state(request).live_engine().tokenizer
+    chat = req.as_chat()
+    tools = chat.structured.for_messages(chat.messages).prompt_tools
+    prompt = await asyncio.to_thread(tokenizer.encode_chat, chat.messages, tools=tools)
+    return JSONResponse({"input_tokens": len(prompt)})
+
+
+ROUTES = [
+    Route("/v1/messages", create_message, methods=["POST"]),
+    Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
+]
