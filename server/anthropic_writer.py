@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mlx_mistral.batch import TokenEvent
+from mlx_mistral.chat import encode_chat_request
 from mlx_mistral.errors import MistralError
 from mlx_mistral.sampling_params import SamplingParams
 
@@ -252,8 +253,9 @@ async def count_tokens(request: Request) -> Response:
     req = MessagesRequest.from_json(await _read_json(request), count_only=True)
     tokenizer = _state(request).live_engine().tokenizer
     chat = req.as_chat()
-    tools = chat.structured.for_messages(chat.messages).prompt_tools
-    prompt = await asyncio.to_thread(tokenizer.encode_chat, chat.messages, tools=tools)
+    prompt, _ = await asyncio.to_thread(
+        encode_chat_request, tokenizer, chat.messages, chat.structured
+    )
     return JSONResponse({"input_tokens": len(prompt)})
 
 
