@@ -39,6 +39,7 @@ from .config import ServerConfig
 from .errors import EXCEPTION_HANDLERS, error_response, handle_unexpected
 from .openai_writers import ChatCompletionWriter, CompletionWriter
 from .openapi import openapi_json
+from .responses import ResponsesAPI
 from .schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -409,6 +410,7 @@ def create_app(
         Route("/health", health, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
     ]
+    routes += ResponsesAPI().routes()
     middleware = [Middleware(AccessLog), *build_middleware(config)]
     app = Starlette(
         routes=routes,
