@@ -180,7 +180,7 @@ class ResponsesRequest:
         """`exc` from the chat encoder (naming `messages[k]`) renamed to the input item."""
         match = re.match(r"messages\[(\d+)\]", exc.param or "")
         if match is None:
-            return exc
+            return _renamed(exc, "messages", "input") if exc.param == "messages" else exc
         k = int(match.group(1)) - (self.instructions is not None) - history_len
         where = self.origins[k] if 0 <= k < len(self.origins) else "previous_response_id"
         return _renamed(exc, match.group(0), where)
@@ -213,6 +213,12 @@ def _check_no_ops(fields: dict[str, Any]) -> None:
     for name in ("metadata", "reasoning", "stream_options"):
         if name in fields and not isinstance(fields[name], dict):
             raise _bad(f"{name} must be an object", name)
+    for name in ("user", "service_tier", "prompt_cache_key", "safety_identifier"):
+        if name in fields and not isinstance(fields[name], str):
+            raise _bad(f"{name} must be a string", name)
+    top = fields.get("top_logprobs", 0)
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20:
+        raise _bad(f"top_logprobs must be an integer in [0, 20], got {top!r:.100}", "top_logprobs")
 
 
 def _chat_request(fields: dict[str, Any], messages: list[dict[str, Any]]) -> ChatCompletionRequest:
@@ -351,7 +357,7 @@ def _input_messages(raw: Any) -> tuple[list[dict[str, Any]], list[str], list[str
                 content if isinstance(content, str) else _joined(content)
             ):
                 # An empty answer (ours, sent back by a client): the chat format cannot hold an
-                # empty assistant turn, and dropping it renders the same prompt.
+                # empty assistant turn; without it the user turns around it are joined.
                 open_call = False
                 continue
             messages.append({"role": role, "content": content})
