@@ -272,7 +272,7 @@ def _tools(raw: Any) -> list[dict[str, Any]]:
         if not isinstance(tool, dict):
             raise _bad(f"{where} must be an object", where)
         kind = tool.get("type")
-        if kind in BUILT_IN_TOOLS:
+        if isinstance(kind, str) and kind in BUILT_IN_TOOLS:
             raise _bad(
                 f"{where}: the built-in {BUILT_IN_TOOLS[kind]} tool ({kind!r}) is not available "
                 "on this server; only function tools are",
@@ -300,7 +300,7 @@ def _tool_choice(raw: Any) -> Any:
     if isinstance(raw, dict) and raw.get("type") == "function":
         return {"type": "function", "function": {"name": raw.get("name")}}
     kind = raw.get("type") if isinstance(raw, dict) else None
-    if kind in BUILT_IN_TOOLS:
+    if isinstance(kind, str) and kind in BUILT_IN_TOOLS:
         raise _bad(
             f"tool_choice names the built-in {BUILT_IN_TOOLS[kind]} tool, which is not "
             "available on this server",
