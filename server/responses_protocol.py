@@ -141,8 +141,7 @@ class ResponsesRequest:
         if instructions is not None and not isinstance(instructions, str):
             raise _bad("instructions must be a string", "instructions")
         messages, origins, system = _input_messages(fields["input"])
-        if system:
-            instructions = "\n\n".join([instructions, *system] if instructions else system)
+        prompt = "\n\n".join([instructions, *system] if instructions else system) or instructions
         previous = fields.get("previous_response_id")
         if previous is not None and not isinstance(previous, str):
             raise _bad("previous_response_id must be a string", "previous_response_id")
@@ -166,7 +165,7 @@ class ResponsesRequest:
             "previous_response_id": previous,
             "top_logprobs": chat.params.top_logprobs,
         }
-        return cls(chat, instructions, tuple(messages), tuple(origins), previous, store, echo)
+        return cls(chat, prompt, tuple(messages), tuple(origins), previous, store, echo)
 
     def messages(self, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The chat messages to encode: the system prompt, `history` (a previous response's

@@ -286,7 +286,9 @@ def test_event_sequence_for_a_call_on_raw_bytes(tiny):
         "stream": True,
         "max_output_tokens": 200,
     }
+    # A random model under a closed schema: the call is short and always ends.
     body["tools"][0]["parameters"]["properties"] = {"city": {"enum": ["Paris", "Rome"]}}
+    body["tools"][0]["parameters"]["additionalProperties"] = False
     events = raw_events(tiny, body)
     assert sequence(events) == (
         "created in_progress output_item.added function_call_arguments.delta* "
