@@ -77,6 +77,7 @@ class ResponsesWriter(ResponseWriter):
         self.message: dict[str, Any] | None = None  # the message item being streamed
         self.texts: list[str] = []
         self.text_logprobs: list[dict[str, Any]] = []
+        self.held_logprobs: list[dict[str, Any]] = []
         self.call: dict[str, Any] | None = None  # the function_call item being streamed
         self.finish: str | None = None
 
@@ -177,10 +178,12 @@ class ResponsesWriter(ResponseWriter):
             self.finish = delta.finish_reason
             events += self._close_message() + self._close_call()
             return b"".join(events)
-        logprobs = delta.logprobs["content"] if delta.logprobs else []
+        # A token whose text is held back (half a character) sends its logprob with the next text.
+        self.held_logprobs += delta.logprobs["content"] if delta.logprobs else []
         if delta.text:
             events += self._open_message()
             self.texts.append(delta.text)
+            logprobs, self.held_logprobs = self.held_logprobs, []
             self.text_logprobs += logprobs
             events.append(
                 self._event(

@@ -258,6 +258,22 @@ def test_json_schema_format_is_enforced(tiny, tiny_hf_checkpoint):
         assert response.text.format.type == "json_schema"
 
 
+def test_logprobs_when_included(tiny, tiny_hf_checkpoint):
+    client = client_of(tiny)
+    asked = {"include": ["message.output_text.logprobs"], "top_logprobs": 2}
+    response = client.responses.create(
+        model=tiny_hf_checkpoint.name, input="Hi", max_output_tokens=4, **asked
+    )
+    logprobs = response.output[0].content[0].logprobs
+    assert len(logprobs) == 4 and all(len(lp.top_logprobs) == 2 for lp in logprobs)
+    assert all(lp.logprob <= 0 for lp in logprobs)
+    events = raw_events(tiny, {"input": "Hi", "max_output_tokens": 4, "stream": True, **asked})
+    streamed = [lp for e in events if e["type"].endswith("text.delta") for lp in e["logprobs"]]
+    assert len(streamed) == 4
+    plain = client.responses.create(model=tiny_hf_checkpoint.name, input="Hi", max_output_tokens=4)
+    assert plain.output[0].content[0].logprobs == []
+
+
 # -- raw bytes -------------------------------------------------------------------------------
 def test_event_sequence_for_text_on_raw_bytes(tiny):
     events = raw_events(tiny, {"input": "Hi", "stream": True, "max_output_tokens": 8})
