@@ -3,8 +3,9 @@
 Example:
     >>> import mlx_mistral
     >>> model, tokenizer = mlx_mistral.load(mlx_mistral.demo_model_path())
+    >>> greedy = mlx_mistral.SamplingParams(max_tokens=16, temperature=0)
     >>> text = mlx_mistral.generate(model, tokenizer, [{"role": "user", "content": "Hello!"}],
-    ...                             max_tokens=16, temperature=0)
+    ...                             params=greedy)
 """
 
 from . import _blas
@@ -15,7 +16,7 @@ from .demo import demo_model_path
 from .engine import Engine, EngineConfig
 from .generate import GenerationChunk, batch_generate, generate, stream_generate
 from .loader import load
-from .sampling_params import SamplingParams
+from .sampling.params import SamplingParams
 
 __version__ = "0.1.0"
 

@@ -31,7 +31,7 @@ from mlx_mistral.errors import (
     MistralError,
     ModelNotFoundError,
 )
-from mlx_mistral.sampling_params import SamplingParams
+from mlx_mistral.sampling.params import SamplingParams
 from mlx_mistral.structured import GrammarConstraint, make_constraints
 from mlx_mistral.tokenizer import Tokenizer
 

@@ -13,8 +13,8 @@ MODULES = [
     "mlx_mistral.generate",
     "mlx_mistral.engine",
     "mlx_mistral.model",
-    "mlx_mistral.sampling",
-    "mlx_mistral.sampling_params",
+    "mlx_mistral.sampling.sampler",
+    "mlx_mistral.sampling.params",
     "mlx_mistral.stopping",
     "mlx_mistral.tokenizer",
 ]

@@ -22,7 +22,8 @@ from starlette.testclient import TestClient
 
 import mlx_mistral
 from mlx_mistral.batch import TokenEvent
-from mlx_mistral.sampling import TokenLogprobs
+from mlx_mistral.sampling.params import SamplingParams
+from mlx_mistral.sampling.sampler import TokenLogprobs
 from mlx_mistral.server import ServerConfig, create_app
 from mlx_mistral.server.schemas import LogprobFormatter
 from mlx_mistral.server.streaming import ResponseWriter, with_keepalive
@@ -51,7 +52,8 @@ def name(tiny_hf_checkpoint):
 def library(tiny_model, **kwargs) -> str:
     model, tokenizer = tiny_model
     prompt = kwargs.pop("prompt", MESSAGES)
-    return mlx_mistral.generate(model, tokenizer, prompt, **{"max_tokens": 8, **kwargs})
+    params = SamplingParams(**{"max_tokens": 8, **kwargs})
+    return mlx_mistral.generate(model, tokenizer, prompt, params=params)
 
 
 def test_health_and_models(server, client, name):

@@ -17,7 +17,7 @@ from tool_samples import PERSON, TIME, assemble
 
 from mlx_mistral.batch import BatchGenerator
 from mlx_mistral.chat import render_tool_calls
-from mlx_mistral.sampling_params import SamplingParams
+from mlx_mistral.sampling.params import SamplingParams
 from mlx_mistral.structured import (
     GrammarConstraint,
     bitmask_to_mlx,
