@@ -27,7 +27,8 @@ from .errors import ContextLengthExceededError, InvalidRequestError
 from .model import Model
 from .prefix_cache import PrefixCache
 from .sampling.params import SamplingParams
-from .sampling.sampler import PendingSample, SamplerState, TokenLogprobs, sample_async
+from .sampling.sampler import PendingSample, TokenLogprobs, sample_async
+from .sampling.state import SamplerState
 from .stopping import StopMatcher
 from .tokenizer import Tokenizer
 

@@ -14,6 +14,7 @@ MODULES = [
     "mlx_mistral.engine",
     "mlx_mistral.model",
     "mlx_mistral.sampling.sampler",
+    "mlx_mistral.sampling.state",
     "mlx_mistral.sampling.params",
     "mlx_mistral.stopping",
     "mlx_mistral.tokenizer",

@@ -16,7 +16,8 @@ import pytest
 from mlx_mistral.errors import InvalidRequestError
 from mlx_mistral.sampling.filters import HEAD_WIDTH, apply_min_p, apply_top_k, apply_top_p
 from mlx_mistral.sampling.params import FIELDS, MAX_N, SamplingParams
-from mlx_mistral.sampling.sampler import SamplerState, sample
+from mlx_mistral.sampling.sampler import sample
+from mlx_mistral.sampling.state import SamplerState
 
 ALPHA = 0.001
 N_DRAWS = 20_000
