@@ -6,8 +6,10 @@
 Command line: `mlx-mistral convert SRC --out DIR [--dtype ...] [-q --bits 4 --group-size 64]`.
 """
 
+from mlx_mistral.device import DTYPES
+
 from .pipeline import DEFAULT_MAX_SHARD_BYTES, convert, output_config
-from .quantize import DTYPES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantConfig
+from .quantize import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantConfig
 from .weight_map import TensorSpec, check_source, expected_tensors
 
 __all__ = [

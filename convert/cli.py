@@ -5,13 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from mlx_mistral.checkpoint_files import INDEX_FILE
+from mlx_mistral.device import DTYPES
 from mlx_mistral.errors import ConversionError, MistralError
 
 from .pipeline import DEFAULT_MAX_SHARD_BYTES, convert
-from .quantize import DTYPES, SUPPORTED_GROUP_SIZES
+from .quantize import SUPPORTED_GROUP_SIZES
 
 _UNITS = {
     "": 1, "b": 1,
@@ -76,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--force",
         action="store_true",
-        help="replace DIR if it exists (only once the new output is complete)",
+        help="replace DIR if it holds only an earlier conversion (once the new one is complete)",
     )
     parser.add_argument(
         "--max-shard-size",
@@ -90,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _summary(out: Path) -> str:
-    index = json.loads((out / "model.safetensors.index.json").read_text(encoding="utf-8"))
+    index = json.loads((out / INDEX_FILE).read_text(encoding="utf-8"))
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     shards = len(set(index["weight_map"].values()))
     q = config.get("quantization")
@@ -99,12 +105,40 @@ def _summary(out: Path) -> str:
     return f"wrote {out} ({kind}, {gib:.2f} GiB in {shards} shard{'s' * (shards > 1)})"
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the converter stands so that its clean-up runs, as Ctrl-C's does."""
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into `Terminated` while converting (the default would skip the clean-up and
+    leave a temporary directory as large as the model)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; a library caller keeps its own
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run a conversion from parsed arguments; print one line on error, never a traceback.
 
     Returns:
-        0 on success, 1 when the conversion is refused or fails, 130 when interrupted.
+        0 on success, 1 when the conversion is refused or fails, 130 when interrupted (SIGINT),
+        143 when terminated (SIGTERM); interrupted or terminated, it leaves nothing behind.
     """
+    with _sigterm_raises():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if not args.quantize and (args.bits is not None or args.group_size is not None):
             raise ConversionError("--bits and --group-size apply only with -q/--quantize")
@@ -128,5 +162,8 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; no output was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("error: terminated; no output was written", file=sys.stderr)
+        return 128 + signal.SIGTERM
     print(_summary(out))
     return 0

@@ -2,14 +2,16 @@
 
 Order matters for the user: every refusal (options, output directory, config, tensor names and
 shapes, tokenizer) happens before any weight is read, and the output appears under its final
-name only once it is complete.
+name only once it is complete (see output_dir.py for what --force may replace).
+
+Test hook: when the environment variable MLX_MISTRAL_CONVERT_PAUSE_FIFO names a FIFO, the
+converter blocks on it after each shard, so a test can interrupt it there without a race.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import sys
 from pathlib import Path
@@ -22,6 +24,7 @@ from mlx_mistral.config import ModelArgs
 from mlx_mistral.errors import ConversionError
 from mlx_mistral.hub import resolve_model_path
 
+from .output_dir import check_replaceable, make_parents, remove_stale, replace, sibling
 from .quantize import QuantConfig, parse_dtype, plan_outputs, transform
 from .source import SourceCheckpoint
 from .weight_map import TensorSpec, check_source
@@ -37,6 +40,10 @@ OPTIONAL_FILES = (
     "generation_config.json",
     "chat_template.jinja",
 )
+# What a conversion writes besides weights and their index: all `--force` may replace.
+SIDE_FILES = ("config.json", REQUIRED_TOKENIZER_FILE, *OPTIONAL_FILES)
+# Test hook: the path of a FIFO to block on after each shard (see `_pause_between_shards`).
+PAUSE_FIFO_ENV = "MLX_MISTRAL_CONVERT_PAUSE_FIFO"
 
 
 def output_config(
@@ -66,25 +73,14 @@ def output_config(
 
 
 def _check_out(out: Path, src: Path, force: bool) -> None:
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise ConversionError(f"output {out} already exists (pass --force to replace it)")
-        if not out.is_dir() or out.is_symlink():
-            raise ConversionError(f"output {out} exists and is not a directory; not replacing it")
+    exists = out.exists() or out.is_symlink()
+    if exists and not force:
+        raise ConversionError(f"output {out} already exists (pass --force to replace it)")
     src_real, out_real = src.resolve(), out.resolve()
     if src_real == out_real or out_real in src_real.parents:
         raise ConversionError(f"output {out} would overwrite the source checkpoint {src}")
-
-
-def _make_parents(directory: Path) -> Path | None:
-    """Create `directory` and its missing ancestors; return the topmost one created, if any."""
-    top = None
-    for parent in [directory, *directory.parents]:
-        if parent.exists():
-            break
-        top = parent
-    directory.mkdir(parents=True, exist_ok=True)
-    return top
+    if exists:
+        check_replaceable(out, SIDE_FILES)
 
 
 def _write_weights(
@@ -99,6 +95,7 @@ def _write_weights(
     outputs = [o for spec in specs for o in plan_outputs(spec, dtype, quant)]
     shards = plan_shards(outputs, max_shard_bytes)
     pending = iter(specs)
+    pause_fifo = os.environ.get(PAUSE_FIFO_ENV)
     with tqdm(
         total=len(specs), unit="tensor", desc="Converting", file=sys.stderr, disable=not progress
     ) as bar:
@@ -120,10 +117,23 @@ def _write_weights(
                     writer.write(name, array)
                     del array
                     if not produced:
-                        # Freed buffers stay in MLX's cache; give them back so RSS tracks one tensor.
+                        # Freed buffers stay in MLX's cache: give them back, so RSS tracks one
+                        # tensor.
                         mx.clear_cache()
+            if pause_fifo:
+                _pause_between_shards(pause_fifo)
     write_index(tmp, shards, total_parameters=sum(_numel(s.shape) for s in specs))
     return len(shards)
+
+
+def _pause_between_shards(fifo: str) -> None:
+    """Block until something opens `fifo` for writing and closes it (a test hook; off if unset).
+
+    A test that signals the converter while it waits here knows a shard is on disk and the
+    conversion unfinished, instead of racing it; a signal's handler runs inside the wait.
+    """
+    with open(fifo, "rb") as pipe:
+        pipe.read()
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -131,21 +141,6 @@ def _numel(shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= d
     return n
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` to `out`; an old `out` goes only once the new one is in place."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = _sibling(out, "old")
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def convert(
@@ -165,6 +160,7 @@ def convert(
     Tensors are streamed one at a time, so memory holds about one tensor, not the checkpoint.
     The result is written to a temporary directory beside `out` and renamed when complete; on
     any failure (or Ctrl-C) the temporary directory is removed and `out` is left as it was.
+    Temporaries that dead conversions to the same `out` left behind are removed first.
 
     Args:
         src: a local checkpoint directory or a Hugging Face repo id.
@@ -173,7 +169,8 @@ def convert(
         quantize: store Linear and Embedding weights quantized (affine, mlx-lm's layout).
         bits: bits per quantized weight (4 or 8; also 2, 3, 5, 6).
         group_size: weights per scale/bias group: 32, 64 or 128.
-        force: replace an existing `out` (only after the new output is complete).
+        force: replace an existing `out`, only if it holds nothing but an earlier conversion's
+            output, and only after the new output is complete.
         max_shard_bytes: the most tensor bytes in one safetensors shard.
         progress: show a progress bar on stderr.
 
@@ -187,7 +184,9 @@ def convert(
 
     Example:
         >>> from mlx_mistral.convert import convert
-        >>> path = convert("mistralai/Mistral-7B-Instruct-v0.2", "mistral-4bit", quantize=True)  # doctest: +SKIP
+        >>> path = convert(  # doctest: +SKIP
+        ...     "mistralai/Mistral-7B-Instruct-v0.2", "mistral-4bit", quantize=True
+        ... )
     """
     target = parse_dtype(dtype)
     quant_settings = QuantConfig(bits=bits, group_size=group_size)
@@ -210,9 +209,10 @@ def convert(
         )
     specs = check_source(source.args, source.shapes)
 
-    created = _make_parents(out.parent)
+    created = make_parents(out.parent)
+    remove_stale(out, SIDE_FILES)
     # os.mkdir honours the umask (mkdtemp would leave the final directory private).
-    tmp = _sibling(out, "tmp")
+    tmp = sibling(out, "tmp")
     try:
         os.mkdir(tmp)
         _write_weights(tmp, source, specs, target, quant, max_shard_bytes, progress)
@@ -221,7 +221,7 @@ def convert(
         for name in (REQUIRED_TOKENIZER_FILE, *OPTIONAL_FILES):
             if (root / name).is_file():
                 shutil.copyfile(root / name, tmp / name)
-        _replace(tmp, out)
+        replace(tmp, out, force=force, side_files=SIDE_FILES)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if created is not None:
@@ -232,8 +232,3 @@ def convert(
 
 def _dumps(config: dict[str, Any]) -> str:
     return json.dumps(config, indent=4) + "\n"
-
-
-def _sibling(out: Path, tag: str) -> Path:
-    """A fresh hidden name beside `out` (same filesystem, so the final rename is atomic)."""
-    return out.parent / f".{out.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"

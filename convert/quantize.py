@@ -12,15 +12,11 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from mlx_mistral.device import dtype_named
 from mlx_mistral.errors import ConversionError
 
 from .weight_map import Shape, TensorSpec
 
-DTYPES: dict[str, mx.Dtype] = {
-    "float16": mx.float16,
-    "bfloat16": mx.bfloat16,
-    "float32": mx.float32,
-}
 # The widths mx.quantize packs in affine mode (4 and 8 are the ones worth using on Mistral).
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 # The group sizes mx.quantize accepts.
@@ -28,17 +24,15 @@ SUPPORTED_GROUP_SIZES = (32, 64, 128)
 
 
 def parse_dtype(name: str) -> mx.Dtype:
-    """The MLX dtype for "float16" | "bfloat16" | "float32".
+    """The output dtype named `name` (a key of `DTYPES`).
 
     Raises:
         ConversionError: any other name.
     """
     try:
-        return DTYPES[name]
-    except (KeyError, TypeError):
-        raise ConversionError(
-            f"dtype {name!r} is not supported (choose from {', '.join(DTYPES)})"
-        ) from None
+        return dtype_named(name)
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from None
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,12 @@ from typing import Any
 
 import mlx.core as mx
 
+from mlx_mistral.checkpoint_files import safetensors_files
 from mlx_mistral.config import SUPPORTED_MODEL_TYPES, ModelArgs, read_config
 from mlx_mistral.errors import ConversionError, ModelLoadError
 
 from .weight_map import Shape
 
-INDEX_FILE = "model.safetensors.index.json"
 # Float dtypes (safetensors codes) a source tensor may have.
 FLOAT_CODES = {"F16": mx.float16, "BF16": mx.bfloat16, "F32": mx.float32}
 _ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
@@ -83,30 +83,6 @@ def read_header(path: Path) -> dict[str, tuple[str, Shape, tuple[int, int]]]:
     return tensors
 
 
-def _weight_files(root: Path) -> list[Path]:
-    index = root / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ConversionError(f"{index} is not a valid safetensors index ({exc})") from None
-        files = sorted(set(weight_map.values()))
-        for name in files:
-            if not (root / name).is_file():
-                raise ConversionError(f"{index.name} lists {name}, which is not in {root}")
-        return [root / name for name in files]
-    files = sorted(root.glob("model*.safetensors"))
-    if files:
-        return files
-    others = sorted(p.name for p in root.glob("*.safetensors")) + sorted(
-        p.name for p in root.glob("*.bin")
-    )
-    hint = (
-        f" (found {', '.join(others[:3])}: not Hugging Face model*.safetensors)" if others else ""
-    )
-    raise ConversionError(f"no model*.safetensors weights in {root}{hint}")
-
-
 def _check_config(root: Path, config: dict[str, Any]) -> ModelArgs:
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -141,11 +117,12 @@ class SourceCheckpoint:
         self.root = root
         try:
             self.config = read_config(root)
+            self.args = _check_config(root, self.config)
+            files = safetensors_files(root, hf_names_only=True)
         except ModelLoadError as exc:
             raise ConversionError(exc.message) from None
-        self.args = _check_config(root, self.config)
         self.tensors: dict[str, SourceTensor] = {}
-        for file in _weight_files(root):
+        for file in files:
             for name, (code, shape, _) in read_header(file).items():
                 if name in self.tensors:
                     raise ConversionError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from mlx_mistral.checkpoint_files import IGNORED_SUFFIXES
 from mlx_mistral.config import ModelArgs
 from mlx_mistral.errors import ConversionError
 
@@ -68,9 +69,6 @@ GLOBAL_TEMPLATES: dict[str, tuple[ShapeFn, bool]] = {
     FINAL_NORM: (lambda a: (a.hidden_size,), False),
     LM_HEAD: (lambda a: (a.vocab_size, a.hidden_size), True),
 }
-
-# Buffers some exporters save that carry no weights (RoPE frequencies are recomputed).
-IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 _MAX_LISTED = 3
 

@@ -17,9 +17,10 @@ from typing import BinaryIO
 
 import mlx.core as mx
 
+from mlx_mistral.checkpoint_files import INDEX_FILE
+
 from .quantize import OutputTensor
 
-INDEX_FILE = "model.safetensors.index.json"
 SAFETENSORS_CODES = {mx.float16: "F16", mx.bfloat16: "BF16", mx.float32: "F32", mx.uint32: "U32"}
 # mlx-lm stamps its files this way; readers use it to tell MLX layouts from PyTorch ones.
 METADATA = {"format": "mlx"}

@@ -8,23 +8,8 @@ the decode step one batched forward for all rows, whatever their lengths.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
 
 import mlx.core as mx
-
-
-class KVCache(Protocol):
-    """What the attention layer needs from a cache."""
-
-    @property
-    def offset(self) -> int: ...
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]: ...
-
-    def trim(self, n: int) -> int: ...
-
-    @property
-    def state(self) -> tuple[mx.array | None, mx.array | None]: ...
 
 
 class BatchKVCache:
@@ -41,7 +26,7 @@ class BatchKVCache:
         self.left_padding = [int(p) for p in left_padding]
         self.length = 0  # the shared write index (padding included)
 
-    # -- protocol ---------------------------------------------------------------------------
+    # -- what attention reads and writes ---------------------------------------------------------
     @property
     def offset(self) -> int:
         return self.length
@@ -71,31 +56,14 @@ class BatchKVCache:
         self.length -= n
         return n
 
-    # -- positions and masks -----------------------------------------------------------------
+    # -- positions -------------------------------------------------------------------------------
     def positions(self) -> int | mx.array:
         """RoPE position of the next token: an int when rows are aligned, else an array [B]."""
         if not any(self.left_padding):
             return self.length
         return mx.array([self.length - p for p in self.left_padding])
 
-    def make_mask(self, n: int, window: int | None = None) -> mx.array | str | None:
-        """The attention mask for `n` new queries: causal, padding-aware, sliding-window."""
-        total = self.length + n
-        padded = any(self.left_padding)
-        windowed = window is not None and total > window
-        if not padded and not windowed:
-            return None if n == 1 else "causal"
-        q_idx = mx.arange(self.length, total)[:, None]
-        k_idx = mx.arange(total)[None]
-        mask = q_idx >= k_idx
-        if windowed:
-            mask = mask & (q_idx - k_idx < window)
-        if padded:
-            pad = mx.array(self.left_padding)[:, None, None, None]
-            mask = mask[None, None] & (k_idx[None, None] >= pad)  # (B, 1, n, total)
-        return mask
-
-    # -- batch surgery (the engine adds and removes rows between steps) -----------------------
+    # -- batch surgery (the engine adds and removes rows between steps) --------------------------
     def _grow(self, keys: mx.array, values: mx.array, needed: int) -> None:
         B, H, _, D = keys.shape
         capacity = ((needed + self.step - 1) // self.step) * self.step

@@ -34,8 +34,6 @@ class ModelArgs:
     sliding_window: int | None = None
     tie_word_embeddings: bool = False
     model_type: str = "mistral"
-    bos_token_id: int = 1
-    eos_token_id: int = 2
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -47,7 +45,8 @@ class ModelArgs:
             )
 
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
-        """KV-cache bytes one token costs (keys + values, all layers): 128 KiB for v0.2 in float16."""
+        """KV-cache bytes one token costs (keys + values, all layers): 128 KiB for v0.2 in
+        float16."""
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
 
     @classmethod
@@ -72,8 +71,6 @@ class ModelArgs:
             raise ModelLoadError(
                 f"rope type {rope_type!r} is not supported (only the default RoPE)"
             )
-        if isinstance(values.get("eos_token_id"), list):
-            values["eos_token_id"] = values["eos_token_id"][0]
         names = {f.name for f in dataclasses.fields(cls)}
         try:
             return cls(**{k: v for k, v in values.items() if k in names and v is not None})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .checkpoint_files import safetensors_files
 from .errors import MistralError, ModelNotFoundError
 from .hub import DEFAULT_REPO
 
@@ -28,8 +29,6 @@ def demo_model_path() -> Path:
 
 
 def _complete_checkpoint(path: Path) -> bool:
-    from .weights import safetensors_files
-
     try:
         return (path / "config.json").is_file() and all(
             f.is_file() for f in safetensors_files(path)

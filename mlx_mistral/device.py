@@ -22,10 +22,22 @@ def default_compute_dtype(checkpoint_dtype: mx.Dtype | None = None) -> mx.Dtype:
     return mx.float32
 
 
-def parse_dtype(name: str | mx.Dtype | None) -> mx.Dtype | None:
-    if name is None or isinstance(name, mx.Dtype):
-        return name
+def dtype_named(name: str) -> mx.Dtype:
+    """The MLX dtype for "float16" | "bfloat16" | "float32".
+
+    Raises:
+        ValueError: any other name.
+    """
     try:
         return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}") from None
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"dtype {name!r} is not supported (choose from {', '.join(DTYPES)})"
+        ) from None
+
+
+def parse_dtype(name: str | mx.Dtype | None) -> mx.Dtype | None:
+    """A compute dtype given by name or as an MLX dtype; None (the device's default) passes."""
+    if name is None or isinstance(name, mx.Dtype):
+        return name
+    return dtype_named(name)

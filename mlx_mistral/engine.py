@@ -248,6 +248,11 @@ class Engine:
             self._thread.join(timeout)
 
     @property
+    def context_length(self) -> int | None:
+        """The model's context window in tokens; None until the model is loaded."""
+        return None if self.generator is None else self.generator.context_length
+
+    @property
     def num_active(self) -> int:
         return len(self._handles) + self._queued
 

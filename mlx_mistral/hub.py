@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .checkpoint_files import INDEX_FILE
 from .errors import ModelNotFoundError
 
 DEFAULT_REPO = "mistralai/Mistral-7B-Instruct-v0.2"
@@ -16,7 +17,7 @@ CHECKPOINT_PATTERNS = [
     # model*.safetensors, not *.safetensors: some Mistral repos also ship the same weights as
     # consolidated.safetensors (Mistral's own format), which would double the download.
     "model*.safetensors",
-    "model.safetensors.index.json",
+    INDEX_FILE,
     "tokenizer.model",
     "tokenizer.json",
     "tokenizer_config.json",

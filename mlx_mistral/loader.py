@@ -27,7 +27,8 @@ def load(
         (model, tokenizer)
 
     Raises:
-        ModelNotFoundError: the checkpoint cannot be found or fetched (one sentence saying what to run).
+        ModelNotFoundError: the checkpoint cannot be found or fetched (one sentence saying what
+            to run).
         ModelLoadError: the checkpoint is not a readable Mistral model.
 
     Example:

@@ -12,7 +12,7 @@ import mlx.nn as nn
 
 from .cache import BatchKVCache, make_cache
 from .config import ModelArgs
-from .padded_linear import Linear
+from .padded_linear import PaddedLinear
 
 
 class Attention(nn.Module):
@@ -24,10 +24,10 @@ class Attention(nn.Module):
         self.scale = args.head_dim**-0.5
         self.rope_theta = args.rope_theta
         dim = args.hidden_size
-        self.q_proj = Linear(dim, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = Linear(self.n_heads * self.head_dim, dim, bias=False)
+        self.q_proj = PaddedLinear(dim, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = PaddedLinear(dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = PaddedLinear(dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = PaddedLinear(self.n_heads * self.head_dim, dim, bias=False)
 
     def __call__(
         self,
@@ -56,9 +56,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.gate_proj = PaddedLinear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = PaddedLinear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = PaddedLinear(args.intermediate_size, args.hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -77,12 +77,55 @@ class TransformerBlock(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+def attention_mask(
+    n: int, offset: int = 0, left_padding: Sequence[int] = (), window: int | None = None
+) -> mx.array | str | None:
+    """The mask for `n` new queries after `offset` cached positions: causal, hiding each row's
+    left padding, and limited to the last `window` keys.
+
+    Returns None (one query sees everything) or "causal" when no position needs hiding beyond
+    causality: the fused attention kernel then builds the mask itself.
+    """
+    total = offset + n
+    padded = any(left_padding)
+    windowed = window is not None and total > window
+    if not padded and not windowed:
+        return None if n == 1 else "causal"
+    q_idx = mx.arange(offset, total)[:, None]
+    k_idx = mx.arange(total)[None]
+    mask = q_idx >= k_idx
+    if windowed:
+        mask = mask & (q_idx - k_idx < window)
+    if padded:
+        pad = mx.array(left_padding)[:, None, None, None]
+        mask = mask[None, None] & (k_idx[None, None] >= pad)  # (B, 1, n, total)
+    return mask
+
+
 class MistralModel(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
+        self.sliding_window = args.sliding_window
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, tokens: mx.array, cache: Sequence[BatchKVCache] | None = None) -> mx.array:
+        """Token ids (B, L) -> the final normed hidden states (B, L, D)."""
+        h = self.embed_tokens(tokens)  # (B, L, D)
+        if cache is None:
+            positions: int | mx.array = 0
+            mask = attention_mask(tokens.shape[1], window=self.sliding_window)
+            caches: Sequence[BatchKVCache | None] = [None] * len(self.layers)
+        else:
+            positions = cache[0].positions()
+            mask = attention_mask(
+                tokens.shape[1], cache[0].length, cache[0].left_padding, self.sliding_window
+            )
+            caches = cache
+        for layer, layer_cache in zip(self.layers, caches):
+            h = layer(h, mask, positions, layer_cache)
+        return self.norm(h)
 
 
 class Model(nn.Module):
@@ -103,7 +146,7 @@ class Model(nn.Module):
         self.args = args
         self.model = MistralModel(args)
         if not args.tie_word_embeddings:
-            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.lm_head = PaddedLinear(args.hidden_size, args.vocab_size, bias=False)
 
     def __call__(self, tokens: mx.array, cache: Sequence[BatchKVCache] | None = None) -> mx.array:
         return self.project(self.hidden_states(tokens, cache))
@@ -112,20 +155,7 @@ class Model(nn.Module):
         self, tokens: mx.array, cache: Sequence[BatchKVCache] | None = None
     ) -> mx.array:
         """The final normed hidden states (B, T, D); the engine projects only the rows it needs."""
-        L = tokens.shape[1]
-        h = self.model.embed_tokens(tokens)  # (B, L, D)
-        window = self.args.sliding_window
-        if cache is None:
-            positions: int | mx.array = 0
-            mask = BatchKVCache([0] * tokens.shape[0]).make_mask(L, window) if L > 1 else None
-            layer_caches: Sequence[BatchKVCache | None] = [None] * len(self.model.layers)
-        else:
-            positions = cache[0].positions()
-            mask = cache[0].make_mask(L, window)
-            layer_caches = cache
-        for layer, layer_cache in zip(self.model.layers, layer_caches):
-            h = layer(h, mask, positions, layer_cache)
-        return self.model.norm(h)
+        return self.model(tokens, cache)
 
     def project(self, h: mx.array) -> mx.array:
         """Hidden states -> logits."""

@@ -21,7 +21,7 @@ MIN_WEIGHT_ELEMENTS = 1 << 20
 ROWS = range(4, 65)  # row counts that are padded (when not already a multiple)
 
 
-class Linear(nn.Linear):
+class PaddedLinear(nn.Linear):
     """`nn.Linear` (same parameters, same checkpoint names) with CPU row padding."""
 
     def __init__(self, input_dims: int, output_dims: int, bias: bool = True):

@@ -9,7 +9,6 @@ between the two packages in both directions.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .checkpoint_files import IGNORED_SUFFIXES, safetensors_files
 from .config import ModelArgs, read_config
 from .device import default_compute_dtype, parse_dtype
 from .errors import ModelLoadError
@@ -25,35 +25,10 @@ from .model import Model
 
 log = logging.getLogger("mlx_mistral.weights")
 
-# Buffers some HF checkpoints carry that are recomputed here.
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def safetensors_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise ModelLoadError(f"{index} is not a valid safetensors index: {exc}") from None
-        return [path / name for name in sorted(set(weight_map.values()))]
-    # Prefer HF's model*.safetensors: a repo may also carry consolidated.safetensors (the same
-    # weights under Mistral's own tensor names).
-    files = sorted(path.glob("model*.safetensors")) or sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(
-            f"no *.safetensors weights in {path} (PyTorch .bin checkpoints are not read)"
-        )
-    return files
-
 
 def read_weights(path: Path) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
     for file in safetensors_files(path):
-        if not file.is_file():
-            raise ModelLoadError(
-                f"weight shard {file.name} listed in the index is missing from {path}"
-            )
         try:
             weights.update(mx.load(str(file)))
         except Exception as exc:
@@ -111,9 +86,8 @@ def check_weights(model: Model, weights: dict[str, mx.array]) -> None:
         )
     for name, param in expected.items():
         if weights[name].shape != param.shape:
-            raise ModelLoadError(
-                f"tensor {name} has shape {tuple(weights[name].shape)}, expected {tuple(param.shape)}"
-            )
+            found, wanted = tuple(weights[name].shape), tuple(param.shape)
+            raise ModelLoadError(f"tensor {name} has shape {found}, expected {wanted}")
 
 
 def load_model(path: str | Path, *, dtype: str | mx.Dtype | None = None) -> Model:

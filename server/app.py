@@ -37,6 +37,7 @@ from mlx_mistral.tokenizer import Tokenizer
 
 from .config import ServerConfig
 from .errors import EXCEPTION_HANDLERS, error_response, handle_unexpected
+from .openai_writers import ChatCompletionWriter, CompletionWriter
 from .openapi import openapi_json
 from .schemas import (
     ChatCompletionRequest,
@@ -45,8 +46,8 @@ from .schemas import (
     check_content_type,
     parse_body,
 )
-from .security import build_middleware
-from .streaming import EventStreamResponse, ResponseWriter, wait_for_disconnect, with_keepalive
+from .security import build_middleware, is_authenticated
+from .streaming import EventStreamResponse, ResponseWriter, Served, with_keepalive
 
 log = logging.getLogger("mlx_mistral.server")
 access_log = logging.getLogger("mlx_mistral.server.access")
@@ -62,7 +63,7 @@ class ServerState:
     engine: Engine | None = None
     started: int = dataclasses.field(default_factory=lambda: int(time.time()))
     draining: bool = False
-    formatter: LogprobFormatter | None = None
+    served: Served | None = None  # set at start-up, once the tokenizer is loaded
 
     def live_engine(self) -> Engine:
         if self.draining:
@@ -85,9 +86,10 @@ class ServerState:
         """Apply the server's default max_tokens to a request that set none, within the context
         left (a default must never turn a fitting prompt into a context-length error)."""
         default = self.config.default_max_tokens
-        if given or default is None or self.engine is None or self.engine.generator is None:
+        context = None if self.engine is None else self.engine.context_length
+        if given or default is None or context is None:
             return params
-        room = self.engine.generator.context_length - prompt_len
+        room = context - prompt_len
         if room <= 0:
             return params  # the engine answers context_length_exceeded, naming the prompt
         return dataclasses.replace(params, max_tokens=min(default, room))
@@ -100,8 +102,8 @@ class ServerState:
             "owned_by": "mlx-mistral",
             "demo": self.config.is_demo,
         }
-        if self.engine is not None and self.engine.generator is not None:
-            card["context_length"] = self.engine.generator.context_length
+        if self.engine is not None and self.engine.context_length is not None:
+            card["context_length"] = self.engine.context_length
         return card
 
 
@@ -169,61 +171,47 @@ def chat_prompt(
     return prompt, make_constraints(spec, tokenizer, params.n, seed=params.seed, prompt=prompt)
 
 
-async def _generate(
-    request: Request,
-    state: ServerState,
-    engine: Engine,
-    prompt: list[int],
-    req: ChatCompletionRequest | CompletionRequest,
-    *,
-    chat: bool,
-    constraints: Sequence[GrammarConstraint] | None = None,
-) -> Response:
-    params = state.fit_max_tokens(req.params, req.max_tokens_given, len(prompt))
+@dataclasses.dataclass(frozen=True)
+class RequestPlan:
+    """One generation as its endpoint planned it: what the engine runs, who writes the answer.
+
+    Attributes:
+        prompt: the prompt's token ids.
+        params: the sampling parameters, the server's default max_tokens applied.
+        writer: renders the answer in the endpoint's format.
+        stream: answer with an event stream (else one JSON body).
+        prompt_field: the request field that errors about the prompt name.
+        continuation: the output continues a raw-text prompt (see `Engine.submit`).
+        constraints: per choice, the grammar that constrains it (tools, JSON formats).
+    """
+
+    prompt: list[int]
+    params: SamplingParams
+    writer: ResponseWriter
+    stream: bool
+    prompt_field: str = "messages"
+    continuation: bool = False
+    constraints: Sequence[GrammarConstraint] | None = None
+
+
+async def _generate(request: Request, engine: Engine, plan: RequestPlan) -> Response:
     handle = engine.submit(
-        prompt,
-        params,
-        constraints=constraints,
+        plan.prompt,
+        plan.params,
+        constraints=plan.constraints,
         loop=asyncio.get_running_loop(),
-        prompt_field="messages" if chat else "prompt",
-        continuation=not chat,
+        prompt_field=plan.prompt_field,
+        continuation=plan.continuation,
     )
-    stats = _stats(request)
-    config = state.config
-    call_ids = None
-    if isinstance(req, ChatCompletionRequest) and req.parses_tool_calls and constraints:
-        call_ids = [c.call_ids for c in constraints]
-    writer = ResponseWriter(
-        chat=chat,
-        model=config.model_name,
-        n=params.n,
-        logprobs=params.logprobs,
-        include_usage=req.include_usage,
-        formatter=state.formatter,
-        stats=stats,
-        prices=(config.prompt_price, config.completion_price),
-        call_ids=call_ids,
+    if not plan.stream:
+        return JSONResponse(await plan.writer.collect_while_connected(handle, request.receive))
+    config = _state(request).config
+    return EventStreamResponse(
+        plan.writer,
+        with_keepalive(handle.batches(), config.keepalive_seconds),
+        cancel=handle.cancel,  # type: ignore[return-value]
+        send_timeout=config.send_timeout_seconds,
     )
-    if req.stream:
-        events = with_keepalive(handle.batches(), config.keepalive_seconds)
-        return EventStreamResponse(
-            writer.sse(events),
-            cancel=handle.cancel,  # type: ignore[return-value]
-            send_timeout=config.send_timeout_seconds,
-            stats=stats,
-        )
-
-    def on_disconnect(task: asyncio.Task) -> None:
-        if not task.cancelled():
-            stats["disconnected"] = True
-            handle.cancel()
-
-    watcher = asyncio.create_task(wait_for_disconnect(request.receive))
-    watcher.add_done_callback(on_disconnect)
-    try:
-        return JSONResponse(await writer.collect(handle))
-    finally:
-        watcher.cancel()
 
 
 @guarded
@@ -233,7 +221,19 @@ async def chat_completions(request: Request) -> Response:
     state.check_model(req.model)
     engine = state.live_engine()
     prompt, constraints = await asyncio.to_thread(chat_prompt, engine.tokenizer, req)
-    return await _generate(request, state, engine, prompt, req, chat=True, constraints=constraints)
+    call_ids = None
+    if req.parses_tool_calls and constraints:
+        call_ids = [c.call_ids for c in constraints]
+    writer = ChatCompletionWriter(
+        state.served,
+        req.params,
+        include_usage=req.include_usage,
+        stats=_stats(request),
+        call_ids=call_ids,
+    )
+    params = state.fit_max_tokens(req.params, req.max_tokens_given, len(prompt))
+    plan = RequestPlan(prompt, params, writer, req.stream, constraints=constraints)
+    return await _generate(request, engine, plan)
 
 
 @guarded
@@ -246,7 +246,12 @@ async def completions(request: Request) -> Response:
         prompt = await asyncio.to_thread(engine.tokenizer.encode, req.prompt, bos=True)
     else:
         prompt = req.prompt  # token ids; the engine checks they are in the vocabulary
-    return await _generate(request, state, engine, prompt, req, chat=False)
+    writer = CompletionWriter(
+        state.served, req.params, include_usage=req.include_usage, stats=_stats(request)
+    )
+    params = state.fit_max_tokens(req.params, req.max_tokens_given, len(prompt))
+    plan = RequestPlan(prompt, params, writer, req.stream, "prompt", continuation=True)
+    return await _generate(request, engine, plan)
 
 
 @guarded
@@ -271,6 +276,8 @@ async def health(request: Request) -> Response:
         )
     if engine is None or not engine.alive:
         return JSONResponse({"status": "unavailable"}, status_code=503)
+    if not is_authenticated(request.scope):  # liveness is public; the details need the key
+        return JSONResponse({"status": "ok"})
     return JSONResponse(
         {"status": "ok", "model": state.config.model_name, "active": engine.num_active}
     )
@@ -333,7 +340,11 @@ def _lifespan(state: ServerState, load: Callable[[], Any] | None):
 
                 loader = functools.partial(load_checkpoint, config.model)
             state.engine = await asyncio.to_thread(start_engine, config, loader)
-        state.formatter = LogprobFormatter(state.engine.tokenizer.token_bytes())
+        state.served = Served(
+            config.model_name,
+            (config.prompt_price, config.completion_price),
+            LogprobFormatter(state.engine.tokenizer.token_bytes()),
+        )
         yield
         begin_drain(app)
         log.info("shutting down: finishing %d in-flight request(s)", state.engine.num_active)

@@ -15,9 +15,10 @@ import socket
 import sys
 from types import FrameType
 
-from mlx_mistral.errors import MistralError
+from mlx_mistral.errors import InvalidRequestError, MistralError
 
-from .config import DEFAULT_MAX_BODY_BYTES, ServerConfig, served_name
+from .config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES, ServerConfig, served_name
+from .protocol import HttpLimits, protocol_class
 
 API_KEY_ENV = "MLX_MISTRAL_API_KEY"
 DEMO_NAME = "mlx-mistral-demo"
@@ -45,8 +46,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks one)")
     parser.add_argument(
         "--api-key",
-        default=os.environ.get(API_KEY_ENV),
-        help=f"bearer key clients must send (default: ${API_KEY_ENV}; none: any token is accepted)",
+        default=None,
+        help=f"bearer key clients must send (default: ${API_KEY_ENV}; none: any token is "
+        "accepted). Other users of the machine can read it in `ps`: prefer the environment "
+        "variable or --api-key-file",
+    )
+    parser.add_argument(
+        "--api-key-file",
+        default=None,
+        metavar="PATH",
+        help="read the bearer key from this file (its first line)",
     )
     parser.add_argument(
         "--allowed-hosts",
@@ -75,6 +84,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_MAX_BODY_BYTES,
         help=f"largest request body (default {DEFAULT_MAX_BODY_BYTES})",
+    )
+    parser.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=DEFAULT_MAX_HEADER_BYTES,
+        help="largest request line plus headers; 431 beyond, 414 for a request target over "
+        f"{HttpLimits.max_url_bytes} bytes (default {DEFAULT_MAX_HEADER_BYTES})",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=15.0,
+        help="close a connection that sends no request for this many seconds (default 15)",
+    )
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a request's headers may take to arrive; 408 beyond (default 60)",
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=float,
+        default=60.0,
+        help="close a connection whose request body pauses this many seconds (default 60)",
     )
     parser.add_argument(
         "--max-batch", type=int, default=32, help="most sequences decoded together (default 32)"
@@ -133,6 +167,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def read_api_key(args: argparse.Namespace) -> str | None:
+    """The key from --api-key, else --api-key-file, else $MLX_MISTRAL_API_KEY (else None).
+
+    Raises:
+        InvalidRequestError: both flags are given, or the file cannot be read.
+    """
+    if args.api_key_file is None:
+        return args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    if args.api_key is not None:
+        raise InvalidRequestError(
+            "give --api-key or --api-key-file, not both", param="--api-key-file"
+        )
+    try:
+        with open(args.api_key_file, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(
+            f"--api-key-file: cannot read {args.api_key_file}: {getattr(exc, 'strerror', exc)}",
+            param="--api-key-file",
+        ) from None
+    return lines[0].strip() if lines else ""
+
+
 def build_config(args: argparse.Namespace) -> ServerConfig:
     """The validated settings. Raises MistralError (InvalidRequestError) on a bad flag."""
     if args.model is None:
@@ -149,7 +206,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         is_demo=is_demo,
         host=args.host,
         port=args.port,
-        api_key=args.api_key,
+        api_key=read_api_key(args),
         allowed_hosts=tuple(args.allowed_hosts),
         cors_origins=tuple(args.cors_origins),
         allow_public=args.allow_public,
@@ -163,6 +220,10 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         keepalive_seconds=args.keepalive,
         send_timeout_seconds=args.send_timeout,
         drain_timeout_seconds=args.drain_timeout,
+        max_header_bytes=args.max_header_bytes,
+        idle_timeout_seconds=args.idle_timeout,
+        header_timeout_seconds=args.header_timeout,
+        body_timeout_seconds=args.body_timeout,
     )
 
 
@@ -233,15 +294,29 @@ def run(args: argparse.Namespace) -> int:
                 # A drained SIGTERM is a clean exit (status 0), not death by the signal.
                 self._captured_signals = [s for s in self._captured_signals if s != sig]
 
+    limits = HttpLimits(
+        max_header_bytes=config.max_header_bytes,
+        idle_timeout=config.idle_timeout_seconds,
+        header_timeout=config.header_timeout_seconds,
+        body_timeout=config.body_timeout_seconds,
+    )
     uv_config = uvicorn.Config(
         app,
+        http=protocol_class(limits),  # head size limits and timeouts (see server.protocol)
         log_config=None,
         access_log=False,
         log_level=args.log_level,
+        timeout_keep_alive=config.idle_timeout_seconds,  # type: ignore[arg-type]
         timeout_graceful_shutdown=int(config.drain_timeout_seconds),
     )
     host, port = sock.getsockname()[:2]
     log = logging.getLogger("mlx_mistral.server")
+    if args.api_key is not None:
+        log.warning(
+            "--api-key is visible to every user of this machine (ps, /proc); prefer $%s or "
+            "--api-key-file",
+            API_KEY_ENV,
+        )
     log.info(
         "serving %s on http://%s:%d/v1%s",
         config.model_name,

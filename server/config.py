@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,12 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 """8 MiB: far more than a full 32k-token conversation needs, far less than memory."""
+
+
+DEFAULT_MAX_HEADER_BYTES = 32 * 1024
+"""32 KiB of request line and headers: what nginx (4 x 8 KiB buffers) accepts; h11 and Node
+stop at 16 KiB. An API request carries a few hundred bytes of headers."""
+MIN_HEADER_BYTES, MAX_HEADER_BYTES = 1024, 1024 * 1024
 
 
 def is_loopback(host: str) -> bool:
@@ -27,15 +34,61 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def host_name(value: str) -> str:
-    """The host part of a Host header or an allow-list entry, lower case, without port or
-    IPv6 brackets: "LocalHost:8000" -> "localhost", "[::1]:8000" -> "::1"."""
+_NAME = re.compile(r"[a-z0-9_.-]+")  # a DNS name or an IPv4 address, lower case
+
+
+def parse_host(value: str) -> tuple[str, int | None]:
+    """Split a Host header (or an allow-list entry) into (name, port), strictly.
+
+    The name comes back lower case, an IPv6 address without its brackets:
+    "LocalHost:8000" -> ("localhost", 8000), "[::1]" -> ("::1", None).
+
+    Raises:
+        ValueError: anything but `name[:port]` or `[ipv6][:port]` (RFC 9110 7.2), such as
+            "[::1]evil.example", "localhost:evil" or "localhost:8200@evil.example": a lenient
+            split would read each of them as an allowed name.
+    """
     value = value.strip().lower()
     if value.startswith("["):
-        return value[1:].split("]", 1)[0]
-    if value.count(":") == 1:  # name:port (a bare IPv6 address has several colons)
-        return value.split(":", 1)[0]
-    return value
+        address, sep, rest = value[1:].partition("]")
+        try:
+            ipaddress.IPv6Address(address)
+        except ValueError:
+            raise ValueError(f"{value[:100]!r} is not a bracketed IPv6 address") from None
+        name, port = address, rest
+        if not sep or (port and not port.startswith(":")):
+            raise ValueError(f"{value[:100]!r} has text after its IPv6 address")
+        port = port[1:] if port else None
+    else:
+        name, sep, port = value.partition(":")
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"{value[:100]!r} is not a host name")
+        port = port if sep else None
+    if port is None:
+        return name, None
+    if not (port.isascii() and port.isdigit() and len(port) <= 5 and int(port) <= 65535):
+        raise ValueError(f"{value[:100]!r} has an invalid port")
+    return name, int(port)
+
+
+def host_name(value: str) -> str:
+    """The host part of a Host header or an allow-list entry, lower case, without port or
+    IPv6 brackets: "LocalHost:8000" -> "localhost", "[::1]:8000" -> "::1".
+
+    A bare IPv6 address (as `--host ::1` is written) is its own name.
+
+    Raises:
+        ValueError: `value` is not a host (see `parse_host`).
+    """
+    stripped = value.strip().lower()
+    if stripped.count(":") > 1 and not stripped.startswith("["):
+        return parse_host(f"[{stripped}]")[0]
+    return parse_host(stripped)[0]
+
+
+def host_allowed(name: str, allowed: frozenset[str]) -> bool:
+    """Whether a Host name (from `host_name`) is on the allow-list (from `host_allow_list`)."""
+    return "*" in allowed or name in allowed
 
 
 def served_name(model: str) -> str:
@@ -69,6 +122,11 @@ class ServerConfig:
             left); None means "up to the context window".
         keepalive_seconds: period of SSE comments sent while a stream waits for its first token.
         send_timeout_seconds: a stream whose client stops reading for this long is cancelled.
+        max_header_bytes: the largest request head (request line and headers; 431 beyond).
+        idle_timeout_seconds: a connection that sends no request for this long is closed.
+        header_timeout_seconds: a request head must be complete this long after its first
+            byte (408 beyond).
+        body_timeout_seconds: a request body that pauses for this long is closed.
         drain_timeout_seconds: at shutdown, how long in-flight requests may take to finish.
 
     Raises:
@@ -95,6 +153,10 @@ class ServerConfig:
     keepalive_seconds: float = 10.0
     send_timeout_seconds: float = 60.0
     drain_timeout_seconds: float = 60.0
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    idle_timeout_seconds: float = 15.0
+    header_timeout_seconds: float = 60.0
+    body_timeout_seconds: float = 60.0
     accepted_model_names: frozenset[str] = field(default=frozenset(), compare=False)
 
     def __post_init__(self) -> None:
@@ -108,6 +170,19 @@ class ServerConfig:
             "--max-body-bytes",
             f"must be at least 1024, got {self.max_body_bytes}",
         )
+        need(
+            MIN_HEADER_BYTES <= self.max_header_bytes <= MAX_HEADER_BYTES,
+            "--max-header-bytes",
+            f"must be in [{MIN_HEADER_BYTES}, {MAX_HEADER_BYTES}], got {self.max_header_bytes}",
+        )
+        for entry in self.allowed_hosts:
+            if entry.strip() != "*":
+                try:
+                    host_name(entry)
+                except ValueError as exc:
+                    raise InvalidRequestError(
+                        f"--allowed-hosts: {exc}", param="--allowed-hosts"
+                    ) from None
         need(self.max_batch >= 1, "--max-batch", f"must be at least 1, got {self.max_batch}")
         need(self.max_queue >= 0, "--max-queue", f"must be at least 0, got {self.max_queue}")
         need(
@@ -134,8 +209,11 @@ class ServerConfig:
             ("--keepalive", self.keepalive_seconds),
             ("--send-timeout", self.send_timeout_seconds),
             ("--drain-timeout", self.drain_timeout_seconds),
+            ("--idle-timeout", self.idle_timeout_seconds),
+            ("--header-timeout", self.header_timeout_seconds),
+            ("--body-timeout", self.body_timeout_seconds),
         ):
-            need(value > 0, flag, f"must be positive, got {value}")
+            need(value > 0 and math.isfinite(value), flag, f"must be positive, got {value}")
         if self.api_key is not None:
             need(bool(self.api_key.strip()), "--api-key", "must not be empty")
         # An open port on the network with no key is how local LLM servers get found and used
@@ -156,5 +234,5 @@ class ServerConfig:
     def host_allow_list(self) -> frozenset[str]:
         """Host-header names accepted (lower case, without port or brackets)."""
         names = {*LOOPBACK_HOSTS, host_name(self.host)}
-        names.update(host_name(h) for h in self.allowed_hosts if h.strip())
+        names.update(h.strip() if h.strip() == "*" else host_name(h) for h in self.allowed_hosts)
         return frozenset(names)

@@ -87,11 +87,6 @@ async def send_error(send: Send, exc: MistralError, headers: dict[str, str] | No
     await send({"type": "http.response.body", "body": body})
 
 
-async def handle_mistral_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, MistralError)
-    return error_response(exc)
-
-
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
     """Starlette's own 404/405 (unknown path or method), in OpenAI's shape."""
     assert isinstance(exc, HTTPException)
@@ -117,8 +112,8 @@ async def handle_unexpected(request: Request, exc: Exception) -> Response:
     return error_response(InternalServerError("the server hit an internal error; see its log"))
 
 
+# No MistralError reaches these: every route renders its own (`app.guarded`).
 EXCEPTION_HANDLERS = {
-    MistralError: handle_mistral_error,
     HTTPException: handle_http_exception,
     Exception: handle_unexpected,
 }

@@ -15,11 +15,20 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlx_mistral.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
 
-from .config import ServerConfig, host_name
+from .config import ServerConfig, host_allowed, host_name
 from .errors import PayloadTooLargeError, send_error
 
 UNAUTHENTICATED_PATHS = frozenset({"/health"})
-"""Paths served without a key: liveness probes carry none, and /health reveals nothing."""
+"""Paths served without a key: liveness probes carry none. /health tells a caller without the
+key only whether the server is up (see `is_authenticated`)."""
+
+AUTHENTICATED = "mlx_mistral.authenticated"
+"""Scope key set by `ApiKeyAuth`: True when the request may see more than a liveness answer."""
+
+
+def is_authenticated(scope: Scope) -> bool:
+    """Whether this request carried the key (or no key is configured)."""
+    return bool(scope.get(AUTHENTICATED))
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -31,19 +40,37 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 class HostFilter:
     """403 to any Host header not on the allow-list (DNS rebinding: a hostile page whose name
-    resolves to 127.0.0.1 still sends its own name as Host)."""
+    resolves to 127.0.0.1 still sends its own name as Host); 400 to two Host headers or one
+    that is not `name[:port]` (a lenient split would find an allowed name in either)."""
 
     def __init__(self, app: ASGIApp, *, allowed: frozenset[str]):
         self.app = app
         self.allowed = allowed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or "*" in self.allowed:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        raw = _header(scope, b"host")
-        host = raw.decode("latin-1") if raw is not None else ""
-        if host_name(host) not in self.allowed:
+        hosts = [value for key, value in scope.get("headers", ()) if key == b"host"]
+        if len(hosts) > 1:  # RFC 9112 3.2: which one would the check have meant?
+            await send_error(
+                send, InvalidRequestError("more than one Host header", code="invalid_host")
+            )
+            return
+        host = hosts[0].decode("latin-1") if hosts else ""
+        if "*" in self.allowed:
+            allowed = True
+        elif not host:
+            allowed = False
+        else:
+            try:
+                allowed = host_allowed(host_name(host), self.allowed)
+            except ValueError as exc:
+                await send_error(
+                    send, InvalidRequestError(f"invalid Host header: {exc}", code="invalid_host")
+                )
+                return
+        if not allowed:
             shown = host if host else "(none)"
             await send_error(
                 send,
@@ -69,19 +96,28 @@ class ApiKeyAuth:
         self.key = api_key.encode() if api_key is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.key is None or scope["path"] in UNAUTHENTICATED_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         header = _header(scope, b"authorization")
+        if self.key is None or self._matches(header):
+            scope[AUTHENTICATED] = True
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] in UNAUTHENTICATED_PATHS:
+            await self.app(scope, receive, send)
+            return
         if header is None:
             message = "missing API key: send 'Authorization: Bearer <key>'"
         else:
-            scheme, _, token = header.partition(b" ")
-            if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
-                await self.app(scope, receive, send)
-                return
             message = "invalid API key"
         await send_error(send, AuthenticationError(message), {"WWW-Authenticate": "Bearer"})
+
+    def _matches(self, header: bytes | None) -> bool:
+        if header is None or self.key is None:
+            return False
+        scheme, _, token = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
 
 
 class BodyLimit:

@@ -1,56 +1,43 @@
-"""Engine events -> one JSON response, or a text/event-stream of chunks ending in `data: [DONE]`.
+"""From engine events to an HTTP answer: what every dialect's writer shares, and the stream.
 
-`ResponseWriter` turns the `TokenEvent`s of one request into either shape (chat or legacy
-completions); for a chat request with tools it reads the calls out of the text with a
-`ToolCallStreamer` per choice, and one body adds up what the stream would have sent
-(`assemble_tool_calls`). `EventStreamResponse` is the ASGI response that sends the stream: it
-listens for the client going away and cancels the generation at once (the engine drops the
-sequence at its next step), and it gives up on a client that stops reading for `send_timeout`
-seconds.
+`ResponseWriter` is the base of each endpoint's writer (`openai_writers` has OpenAI's chat and
+legacy completions): it consumes one request's `TokenEvent`s into one body (`collect`) or a
+stream of chunks (`sse`), and its subclass renders only the wire format. `with_keepalive` marks
+the waits before the first token, so a stream can send keep-alives while a long prompt is
+prefilled. `EventStreamResponse` is the ASGI response that sends a stream: it listens for the
+client going away and cancels the generation at once (the engine drops the sequence at its next
+step), and it gives up on a client that stops reading for `send_timeout` seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from starlette.types import Receive, Scope, Send
 
 from mlx_mistral.batch import TokenEvent
+from mlx_mistral.engine import RequestHandle
 from mlx_mistral.errors import MistralError
+from mlx_mistral.sampling.params import SamplingParams
 from mlx_mistral.tool_calls import StreamDelta, ToolCallStreamer, assemble_tool_calls
 
-from .errors import InternalServerError, error_event
-from .schemas import (
-    LogprobFormatter,
-    chat_choice,
-    chunk_choice,
-    completion_choice,
-    envelope,
-    new_id,
-    now,
-    usage,
-)
+from .errors import InternalServerError
+from .schemas import LogprobFormatter, new_id, now
+
+if TYPE_CHECKING:
+    from mlx_mistral.sampling.sampler import TokenLogprobs
 
 log = logging.getLogger("mlx_mistral.server")
 
 T = TypeVar("T")
 
-KEEPALIVE = b": keep-alive\n\n"
-DONE = b"data: [DONE]\n\n"
-SSE_HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-store"),
-    (b"x-accel-buffering", b"no"),  # a reverse proxy must not hold chunks back
-]
-
-
-def sse_data(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients skip it, proxies see traffic
 
 
 async def with_keepalive(events: AsyncIterator[T], interval: float) -> AsyncIterator[T | None]:
@@ -85,50 +72,127 @@ async def with_keepalive(events: AsyncIterator[T], interval: float) -> AsyncIter
             await aclose()
 
 
-class ResponseWriter:
-    """Builds the answer to one request from its engine events.
+@dataclass(frozen=True)
+class Served:
+    """What every answer of this server states: the model's name, its prices, its token texts.
 
-    Args:
-        chat: chat.completion objects (else text_completion).
+    Attributes:
         model: the served model's name.
-        n: number of choices.
-        logprobs: whether the request asked for logprobs.
-        include_usage: streaming only: send a usage chunk before [DONE].
         prices: (per prompt token, per completion token) for usage.estimated_cost.
         formatter: renders logprobs.
+    """
+
+    model: str
+    prices: tuple[float, float]
+    formatter: LogprobFormatter
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one streamed chunk says about choice `index`."""
+
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: Any = None  # as `chunk_logprobs` renders them, merged over the chunk's tokens
+    tool_calls: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass
+class ChoiceTally:
+    """One choice of a whole (non-streamed) answer, as the events built it up."""
+
+    texts: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # tokens that get an entry
+    offsets: list[int] = field(default_factory=list)  # where each of those tokens' text starts
+    # Once complete: the content, and the tool calls read out of the text (None: not read).
+    text: str = ""
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class ResponseWriter(ABC):
+    """Builds the answer to one request from its engine events; one subclass per dialect.
+
+    This base does what every dialect shares: it consumes the engine's events (cancelled ones
+    skipped), counts tokens for usage and the access log, tallies each choice, reads tool calls
+    out of the text (a `ToolCallStreamer` per choice; one body adds up what the stream would
+    have sent, `assemble_tool_calls`), sends keep-alives while the first token is awaited
+    (`with_keepalive` items that are None), merges the tokens of one choice that arrive
+    together into one delta, and ends a failed stream with the dialect's error event. A
+    subclass renders only its wire format: `response` (the whole body), `delta` (one streamed
+    chunk), `chunk_logprobs`, `finish_reason`, `opening`, `closing` and `failure`.
+
+    Args:
+        served: the server's model name, prices and logprob formatter.
+        params: the request's sampling parameters (`n` choices; `logprobs`).
+        include_usage: streaming only: send a usage chunk at the end.
         stats: the request's access-log record (token counts, time to first token).
-        call_ids: chat with tools: per choice, the ids its grammar forces into its calls
+        call_ids: a request with tools: per choice, the ids its grammar forces into its calls
             (`GrammarConstraint.call_ids`); None when answers hold no tool calls.
     """
 
+    id_prefix: ClassVar[str]  # of the answer's id
+    media_type = b"text/event-stream; charset=utf-8"
+    keepalive = KEEPALIVE
+
     def __init__(
         self,
+        served: Served,
+        params: SamplingParams,
         *,
-        chat: bool,
-        model: str,
-        n: int,
-        logprobs: bool,
         include_usage: bool,
-        prices: tuple[float, float],
-        formatter: LogprobFormatter,
         stats: dict[str, Any],
         call_ids: list[tuple[str, ...]] | None = None,
     ):
-        self.chat = chat
-        self.id = new_id("chatcmpl" if chat else "cmpl")
+        self.id = new_id(self.id_prefix)
         self.created = now()
-        self.model = model
-        self.n = n
-        self.logprobs = logprobs
+        self.served = served
+        self.formatter = served.formatter
+        self.n = params.n
+        self.logprobs = params.logprobs
         self.include_usage = include_usage
-        self.prices = prices
-        self.formatter = formatter
         self.stats = stats
         self.prompt_tokens = 0
-        self.completion_tokens = [0] * n
-        self.text_offsets = [0] * n  # completions logprobs count characters per choice
+        self.completion_tokens = [0] * self.n
+        self.text_offsets = [0] * self.n  # characters sent so far, per choice
         self.call_ids = call_ids
+        self.streamers = [ToolCallStreamer(call_ids=ids) for ids in call_ids or ()]
+        self.called = [False] * self.n  # streamed: the choice has sent a tool call
+        # Call text becomes tool-call deltas, one chunk per token, never content.
+        self.merges_tokens = not self.streamers
 
+    # -- what a dialect renders ------------------------------------------------------------------
+    @abstractmethod
+    def response(self, choices: list[ChoiceTally]) -> dict[str, Any]:
+        """The whole body of a non-streamed answer."""
+
+    @abstractmethod
+    def delta(self, delta: Delta) -> bytes:
+        """One streamed chunk."""
+
+    @abstractmethod
+    def chunk_logprobs(self, event: TokenEvent) -> Any:
+        """The logprobs of one token as a streamed chunk carries them (see `_merge_logprobs`)."""
+
+    def opening(self) -> list[bytes]:
+        """What the stream sends before the first event."""
+        return []
+
+    def closing(self) -> list[bytes]:
+        """What ends a stream that succeeded."""
+        return []
+
+    @abstractmethod
+    def failure(self, exc: MistralError) -> list[bytes]:
+        """What ends a stream that failed with `exc`."""
+
+    def finish_reason(self, reason: str | None, called: bool) -> str | None:
+        """The finish reason the dialect reports for the engine's `reason`, for a choice that
+        made tool calls (`called`) or not."""
+        return reason
+
+    # -- the shared part -------------------------------------------------------------------------
     def _record(self, event: TokenEvent) -> None:
         self.prompt_tokens = max(self.prompt_tokens, event.prompt_tokens)
         self.completion_tokens[event.index] = event.completion_tokens
@@ -137,87 +201,50 @@ class ResponseWriter:
         self.stats["prompt_tokens"] = self.prompt_tokens
         self.stats["completion_tokens"] = sum(self.completion_tokens)
 
-    def _usage(self) -> dict[str, Any]:
-        return usage(
-            self.prompt_tokens,
-            sum(self.completion_tokens),
-            prompt_price=self.prices[0],
-            completion_price=self.prices[1],
-        )
-
     def _has_logprob(self, event: TokenEvent) -> bool:
         # The token that ends a choice with "stop" (</s>, or the end of a stop string) is not
         # part of the content, so it gets no logprob entry.
         return self.logprobs and event.logprobs is not None and event.finish_reason != "stop"
 
-    def _token_logprobs(self, event: TokenEvent) -> Any:
-        """The logprobs field of one streamed chunk, or None."""
-        if not self._has_logprob(event):
-            return None
-        if self.chat:
-            return {"content": [self.formatter.chat(event.logprobs)]}
-        return self.formatter.completion([event.logprobs], [self.text_offsets[event.index]])
-
     async def collect(self, events: AsyncIterator[TokenEvent]) -> dict[str, Any]:
         """The whole response object. Raises the engine's MistralError if it fails."""
-        texts: list[list[str]] = [[] for _ in range(self.n)]
-        finish: list[str | None] = [None] * self.n
-        entries: list[list[Any]] = [[] for _ in range(self.n)]
-        offsets: list[list[int]] = [[] for _ in range(self.n)]  # completions: as the stream counts
+        choices = [ChoiceTally() for _ in range(self.n)]
         async for event in events:
             if event.finish_reason == "cancelled":
                 continue
             self._record(event)
+            choice = choices[event.index]
             if self._has_logprob(event):
-                lp = event.logprobs
-                entries[event.index].append(self.formatter.chat(lp) if self.chat else lp)
-                offsets[event.index].append(self.text_offsets[event.index])
-            texts[event.index].append(event.text)
+                choice.logprobs.append(event.logprobs)
+                choice.offsets.append(self.text_offsets[event.index])
+            choice.texts.append(event.text)
             self.text_offsets[event.index] += len(event.text)
             if event.finish_reason is not None:
-                finish[event.index] = event.finish_reason
-        choices = []
-        for i in range(self.n):
-            text = "".join(texts[i])
-            if self.chat:
-                calls = None
-                if self.call_ids is not None:  # exactly what the stream would have sent
-                    text, calls = assemble_tool_calls(texts[i], self.call_ids[i])
-                reason = "tool_calls" if calls and finish[i] == "stop" else finish[i]
-                choices.append(
-                    chat_choice(i, text, reason, entries[i] if self.logprobs else None, calls)
-                )
-            else:
-                lp = self.formatter.completion(entries[i], offsets[i]) if self.logprobs else None
-                choices.append(completion_choice(i, text, finish[i], lp))
-        kind = "chat.completion" if self.chat else "text_completion"
-        return envelope(kind, self.id, self.created, self.model, choices, self._usage())
+                choice.finish_reason = event.finish_reason
+        for i, choice in enumerate(choices):
+            choice.text = "".join(choice.texts)
+            if self.call_ids is not None:  # exactly what the stream would have sent
+                choice.text, choice.tool_calls = assemble_tool_calls(choice.texts, self.call_ids[i])
+            choice.finish_reason = self.finish_reason(choice.finish_reason, bool(choice.tool_calls))
+        return self.response(choices)
 
-    def _chunk(self, choices: list[dict[str, Any]]) -> bytes:
-        kind = "chat.completion.chunk" if self.chat else "text_completion"
-        chunk = envelope(kind, self.id, self.created, self.model, choices)
-        if self.include_usage:  # as OpenAI: null on every chunk but the last
-            chunk["usage"] = None
-        return sse_data(chunk)
+    async def collect_while_connected(self, handle: RequestHandle, receive: Receive) -> dict:
+        """`collect` the request's events, cancelling the generation if the client leaves."""
 
-    def _delta(
-        self,
-        index: int,
-        text: str,
-        finish: str | None,
-        logprobs: Any,
-        tool_calls: tuple[dict[str, Any], ...] = (),
-    ) -> bytes:
-        if self.chat:
-            delta: dict[str, Any] = {}
-            if finish is None and (text or not tool_calls):
-                delta["content"] = text
-            if tool_calls:
-                delta["tool_calls"] = list(tool_calls)
-            return self._chunk([chunk_choice(index, delta, finish, logprobs)])
-        return self._chunk([completion_choice(index, text, finish, logprobs)])
+        def on_disconnect(task: asyncio.Task) -> None:
+            if not task.cancelled():
+                self.stats["disconnected"] = True
+                handle.cancel()
 
-    def _merge_logprobs(self, parts: list[Any]) -> Any:
+        watcher = asyncio.create_task(wait_for_disconnect(receive))
+        watcher.add_done_callback(on_disconnect)
+        try:
+            return await self.collect(handle)
+        finally:
+            watcher.cancel()
+
+    @staticmethod
+    def _merge_logprobs(parts: list[Any]) -> Any:
         """One chunk's logprobs from several tokens' (their lists concatenated)."""
         if not parts:
             return None
@@ -225,78 +252,78 @@ class ResponseWriter:
             return parts[0]
         return {key: [entry for part in parts for entry in part[key]] for key in parts[0]}
 
+    def _stream_content(self, event: TokenEvent) -> tuple[str, tuple[dict[str, Any], ...]]:
+        """The streamed text of one event and the tool-call deltas read out of it."""
+        if not self.streamers:
+            return event.text, ()
+        streamer = self.streamers[event.index]
+        delta = streamer.feed(event.text)
+        if event.finish_reason is not None:
+            last = streamer.finish()
+            delta = StreamDelta(delta.content + last.content, delta.tool_calls + last.tool_calls)
+        self.called[event.index] |= bool(delta.tool_calls)
+        return delta.content, delta.tool_calls
+
+    def _chunks(self, batch: list[TokenEvent]) -> Iterator[bytes]:
+        """The chunks for one list of events: the events of one choice become one chunk (when
+        the model outruns the server a chunk carries several tokens, and the text is the same)
+        unless the writer streams each token on its own (`merges_tokens`)."""
+        pending: dict[int, tuple[list[str], list[Any]]] = {}  # choice -> texts, logprobs
+
+        def flush(index: int) -> bytes | None:
+            texts, logprobs = pending.pop(index, ((), ()))
+            text, merged = "".join(texts), self._merge_logprobs(list(logprobs))
+            return self.delta(Delta(index, text, logprobs=merged)) if text or merged else None
+
+        for event in batch:
+            if event.finish_reason == "cancelled":
+                continue
+            self._record(event)
+            # Before the text is counted: a completions entry names where its token starts.
+            logprobs = self.chunk_logprobs(event) if self._has_logprob(event) else None
+            text, calls = self._stream_content(event)
+            if self.merges_tokens:
+                texts, parts = pending.setdefault(event.index, ([], []))
+                texts.append(text)
+                if logprobs is not None:
+                    parts.append(logprobs)
+            elif text or calls or logprobs is not None:
+                yield self.delta(Delta(event.index, text, logprobs=logprobs, tool_calls=calls))
+            self.text_offsets[event.index] += len(event.text)
+            if event.finish_reason is not None:
+                chunk = flush(event.index)
+                if chunk is not None:
+                    yield chunk
+                reason = self.finish_reason(event.finish_reason, self.called[event.index])
+                yield self.delta(Delta(event.index, finish_reason=reason))
+        for index in list(pending):
+            chunk = flush(index)
+            if chunk is not None:
+                yield chunk
+
     async def sse(self, batches: AsyncIterator[list[TokenEvent] | None]) -> AsyncIterator[bytes]:
         """The event stream from lists of events (`RequestHandle.batches`); None items (see
-        `with_keepalive`) become SSE comments.
-
-        The events of one list that belong to one choice become one chunk: when the model
-        outruns the server (a small model, many streams) a chunk carries several tokens, and
-        the text is the same. Tool-call deltas stay one chunk per token.
-        """
-        streamers = [ToolCallStreamer(call_ids=ids) for ids in self.call_ids or ()]
-        called = [False] * self.n
-        if self.chat:
-            for i in range(self.n):
-                yield self._chunk([chunk_choice(i, {"role": "assistant", "content": ""}, None)])
+        `with_keepalive`) become keep-alives."""
+        for chunk in self.opening():
+            yield chunk
         try:
             async for batch in batches:
                 if batch is None:
-                    yield KEEPALIVE
+                    yield self.keepalive
                     continue
-                pending: dict[int, tuple[list[str], list[Any]]] = {}  # choice -> texts, logprobs
-
-                def flush(index: int) -> bytes | None:
-                    texts, logprobs = pending.pop(index, ((), ()))
-                    text, merged = "".join(texts), self._merge_logprobs(list(logprobs))
-                    return self._delta(index, text, None, merged) if text or merged else None
-
-                for event in batch:
-                    if event.finish_reason == "cancelled":
-                        continue
-                    self._record(event)
-                    logprobs = self._token_logprobs(event)
-                    text, calls = event.text, ()
-                    if streamers:  # call text becomes tool_calls deltas, never content
-                        delta = streamers[event.index].feed(text)
-                        if event.finish_reason is not None:
-                            last = streamers[event.index].finish()
-                            delta = StreamDelta(
-                                delta.content + last.content, delta.tool_calls + last.tool_calls
-                            )
-                        text, calls = delta.content, delta.tool_calls
-                        called[event.index] |= bool(calls)
-                        if text or calls or logprobs is not None:
-                            yield self._delta(event.index, text, None, logprobs, calls)
-                    else:
-                        texts, parts = pending.setdefault(event.index, ([], []))
-                        texts.append(text)
-                        if logprobs is not None:
-                            parts.append(logprobs)
-                    self.text_offsets[event.index] += len(event.text)
-                    if event.finish_reason is not None:
-                        chunk = flush(event.index)
-                        if chunk is not None:
-                            yield chunk
-                        reason = event.finish_reason
-                        if called[event.index] and reason == "stop":
-                            reason = "tool_calls"
-                        yield self._delta(event.index, "", reason, None)
-                for index in list(pending):
-                    chunk = flush(index)
-                    if chunk is not None:
-                        yield chunk
+                for chunk in self._chunks(batch):
+                    yield chunk
         except MistralError as exc:
             log.warning("stream %s failed: %s", self.id, exc.message)
-            yield error_event(exc)
+            ending = self.failure(exc)
         else:
-            if self.include_usage:
-                kind = "chat.completion.chunk" if self.chat else "text_completion"
-                yield sse_data(envelope(kind, self.id, self.created, self.model, [], self._usage()))
+            ending = self.closing()
         finally:
             aclose = getattr(batches, "aclose", None)
             if aclose is not None:
                 await aclose()
-        yield DONE
+        for chunk in ending:
+            yield chunk
 
 
 async def wait_for_disconnect(receive: Receive) -> None:
@@ -311,25 +338,27 @@ class EventStreamResponse:
     """An ASGI text/event-stream response bound to a generation.
 
     Args:
-        body: the SSE byte chunks (see `ResponseWriter.sse`).
+        writer: renders the stream (see `ResponseWriter.sse`); its `stats` are the request's
+            access-log record.
+        events: the request's event lists, keep-alive gaps included (see `with_keepalive`).
         cancel: stops the generation (`RequestHandle.cancel`); called when the client leaves,
             stops reading, or the stream ends early.
         send_timeout: seconds one chunk may wait for a client that is not reading.
-        stats: the request's access-log record.
     """
 
     def __init__(
         self,
-        body: AsyncIterator[bytes],
+        writer: ResponseWriter,
+        events: AsyncIterator[list[TokenEvent] | None],
         *,
         cancel: Callable[[], None],
         send_timeout: float,
-        stats: dict[str, Any],
     ):
-        self.body = body
+        self.writer = writer
+        self.body = writer.sse(events)
         self.cancel = cancel
         self.send_timeout = send_timeout
-        self.stats = stats
+        self.stats = writer.stats
 
     async def _watch(self, receive: Receive) -> None:
         await wait_for_disconnect(receive)
@@ -337,7 +366,12 @@ class EventStreamResponse:
         self.cancel()  # at once: the engine drops the sequence before its next decode step
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        headers = [
+            (b"content-type", self.writer.media_type),
+            (b"cache-control", b"no-store"),
+            (b"x-accel-buffering", b"no"),  # a reverse proxy must not hold chunks back
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         watcher = asyncio.create_task(self._watch(receive))
         finished = False
         loop = asyncio.get_running_loop()
@@ -357,17 +391,10 @@ class EventStreamResponse:
             log.warning("client stopped reading for %.0fs; generation cancelled", self.send_timeout)
         except Exception:
             log.exception("stream failed")
+            failure = InternalServerError("the server hit an internal error; see its log")
+            body = b"".join(self.writer.failure(failure))
             try:
-                await send(
-                    {
-                        "type": "http.response.body",
-                        "more_body": False,
-                        "body": error_event(
-                            InternalServerError("the server hit an internal error; see its log")
-                        )
-                        + DONE,
-                    }
-                )
+                await send({"type": "http.response.body", "more_body": False, "body": body})
             except OSError as exc:
                 log.warning("could not report the failure to the client: %s", exc)
         finally:

@@ -4,6 +4,7 @@ and our loader, quantization error bounds, peak memory, refusals, and nothing le
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import resource
@@ -178,8 +179,10 @@ def test_output_config_and_tokenizer_files(hf_bf16, converted):
     assert "quantization" not in float_config and "quantization_config" not in float_config
 
 
-@pytest.mark.parametrize("dtype,bits,group_size", [("float16", 4, 64), ("float16", 8, 64),
-                                                   ("bfloat16", 4, 128), ("float32", 8, 32)])  # fmt: skip
+QUANT_CASES = [("float16", 4, 64), ("float16", 8, 64), ("bfloat16", 4, 128), ("float32", 8, 32)]
+
+
+@pytest.mark.parametrize("dtype,bits,group_size", QUANT_CASES)
 def test_quantized_output_is_identical_to_mlx_lm_convert(hf_f32, converted, tmp_path, capsys,
                                                          dtype, bits, group_size):  # fmt: skip
     from mlx_lm.convert import convert as mlx_lm_convert
@@ -230,8 +233,11 @@ def test_quantized_logits_stay_within_bounds_of_float(hf_f32, converted):
     assert err[8] > 0  # the quantization actually happened
 
 
-@pytest.mark.parametrize("options", [{}, {"quantize": True, "bits": 4}, {"quantize": True, "bits": 8}],
-                         ids=["float", "4bit", "8bit"])  # fmt: skip
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"quantize": True, "bits": 4}, {"quantize": True, "bits": 8}],
+    ids=["float", "4bit", "8bit"],
+)
 def test_our_loader_matches_mlx_lm_on_converted_output(converted, options):
     out = converted("hf_f32", dtype="float32", **options)
     model, _tokenizer = mlx_mistral.load(out, dtype="float32")
@@ -343,10 +349,20 @@ def test_refusals_about_the_output_and_the_source_path(hf_f32, tmp_path):
     assert run_cli(hf_f32, "--out", tmp_path / "y", "--max-shard-size", "5XB").returncode == 2
 
 
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()
+    }
+
+
 def test_force_replaces_only_a_finished_output(hf_f32, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old").write_text("x")
+    # An earlier conversion in several shards: the names a one-shard output must not keep.
+    earlier = run_cli(hf_f32, "--out", out, "--max-shard-size", "100KB", "--no-progress")
+    assert earlier.returncode == 0
+    before = _snapshot(out)
+    old_shard = shards_in(out)[0]
+    assert old_shard.startswith("model-00001-of-")
     # The file-size limit makes writing fail after most tensors (a full disk, reproducibly).
     fsize = 12 * 2**20
 
@@ -356,11 +372,157 @@ def test_force_replaces_only_a_finished_output(hf_f32, tmp_path):
     failed = run_cli(hf_f32, "--out", out, "--dtype", "float32", "--force", preexec_fn=limit)
     assert failed.returncode == 1 and "File too large" in failed.stderr.splitlines()[-1]
     assert "Converting" in failed.stderr  # it failed mid-way, not in a check up front
-    assert sorted(p.name for p in out.iterdir()) == ["old"] and leftovers(tmp_path) == []
+    assert _snapshot(out) == before and leftovers(tmp_path) == []
     result = run_cli(hf_f32, "--out", out, "--force", "--no-progress")
     assert result.returncode == 0
-    assert not (out / "old").exists() and (out / "config.json").is_file()
+    assert not (out / old_shard).exists() and (out / "config.json").is_file()
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
     assert leftovers(tmp_path) == []
+
+
+def _earlier_output_and(extra: str):
+    def make(out: Path, hf_f32: Path) -> None:
+        convert(hf_f32, out, force=True, progress=False)  # over the empty DIR
+        (out / extra).write_text("mine")
+
+    return make
+
+
+def _files(**files: str):
+    def make(out: Path, hf_f32: Path) -> None:
+        for name, text in files.items():
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_text(text)
+
+    return make
+
+
+FOREIGN_OUTPUTS = {  # what --force finds in DIR -> what the refusal names
+    "thesis": (_files(**{"thesis.txt": "years", "sub/notes.txt": "more"}), "holds sub/notes.txt"),
+    "earlier-plus-notes": (_earlier_output_and("notes.txt"), "holds notes.txt"),
+    "earlier-plus-dotfile": (_earlier_output_and(".keep"), "holds .keep"),
+    "transformers-weights": (lambda out, hf: shutil.copytree(hf, out, dirs_exist_ok=True),
+                             "holds model.safetensors"),
+    "tokenizer-only": (_files(**{"tokenizer.model": "x"}), "has no config.json"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(FOREIGN_OUTPUTS))
+def test_force_refuses_to_replace_what_no_conversion_wrote(hf_f32, tmp_path, kind):
+    make, message = FOREIGN_OUTPUTS[kind]
+    out = tmp_path / "out"
+    out.mkdir()
+    make(out, hf_f32)
+    before = _snapshot(out)
+    result = run_cli(hf_f32, "--out", out, "--force", "--no-progress")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+    assert message in result.stderr
+    assert _snapshot(out) == before and leftovers(tmp_path) == []
+
+
+# ---- interrupted and concurrent conversions: the converter pauses between shards on a FIFO ---
+
+PAUSE_FIFO_ENV = "MLX_MISTRAL_CONVERT_PAUSE_FIFO"
+
+
+@pytest.fixture
+def paused(hf_f32, tmp_path):
+    """start_paused on the tiny checkpoint; a converter a failed test left waiting is killed."""
+    started: list[subprocess.Popen] = []
+
+    def start(out: Path, fifo: Path) -> tuple[subprocess.Popen, int]:
+        return start_paused(hf_f32, out, fifo, started)
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def start_paused(
+    src: Path, out: Path, fifo: Path, started: list[subprocess.Popen]
+) -> tuple[subprocess.Popen, int]:
+    """Start a conversion in small shards and wait until it blocks after its first shard.
+
+    Returns:
+        The process, and the FIFO's write end: closing it lets the converter go on.
+    """
+    os.mkfifo(fifo)
+    cmd = [sys.executable, "-m", "mlx_mistral.convert", src, "--out", out,
+           "--max-shard-size", "100KB", "--no-progress"]  # fmt: skip
+    env = {**os.environ, PAUSE_FIFO_ENV: str(fifo)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)  # fmt: skip
+    started.append(proc)
+    # Waiting for a state, not racing: the converter stays blocked until the FIFO is closed.
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            # Succeeds only once the converter has the FIFO open for reading.
+            return proc, os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            _, stderr = proc.communicate()
+            pytest.fail(f"the converter never paused between shards ({proc.returncode}): {stderr}")
+        time.sleep(0.01)
+
+
+def temporaries(parent: Path) -> list[Path]:
+    return sorted(parent.glob(".out.tmp-*"))
+
+
+def shards_in(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("name,code,word", [("SIGINT", 130, "interrupted"),
+                                            ("SIGTERM", 143, "terminated")])  # fmt: skip
+def test_interrupt_mid_way_leaves_nothing(paused, tmp_path, name, code, word):
+    out = tmp_path / "out"
+    proc, fifo = paused(out, tmp_path / "pause")
+    [tmp] = temporaries(tmp_path)
+    [shard] = shards_in(tmp)  # truly mid-way: one shard of several written
+    assert shard.startswith("model-00001-of-") and shard != "model-00001-of-00001.safetensors"
+    proc.send_signal(getattr(signal, name))
+    os.close(fifo)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr
+    assert stderr.strip() == f"error: {word}; no output was written"
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_stale_temporary_of_a_dead_conversion_is_removed(paused, hf_f32, tmp_path):
+    out = tmp_path / "out"
+    proc, fifo = paused(out, tmp_path / "pause")
+    proc.kill()  # SIGKILL: no clean-up can run
+    proc.wait()
+    os.close(fifo)
+    [stale] = temporaries(tmp_path)
+    assert shards_in(stale) and stale.name.startswith(f".out.tmp-{proc.pid}-")
+    result = run_cli(hf_f32, "--out", out, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert f"removed {stale}, left by process {proc.pid}" in result.stderr
+    assert leftovers(tmp_path) == [] and (out / "config.json").is_file()
+
+
+def test_temporary_of_a_live_conversion_is_kept(paused, hf_f32, tmp_path):
+    out = tmp_path / "out"
+    proc, fifo = paused(out, tmp_path / "pause")
+    [live] = temporaries(tmp_path)
+    written = _snapshot(live)
+    other = run_cli(hf_f32, "--out", out, "--no-progress")  # a second conversion meanwhile
+    assert other.returncode == 0 and other.stderr == ""
+    assert temporaries(tmp_path) == [live] and _snapshot(live) == written
+    proc.send_signal(signal.SIGINT)
+    os.close(fifo)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert leftovers(tmp_path) == [] and (out / "config.json").is_file()
 
 
 def test_parse_size():
@@ -424,42 +586,8 @@ RSS_FRACTION = 0.15
 def test_peak_memory_is_a_small_fraction_of_the_checkpoint(big_checkpoint, tmp_path, mode):
     size = sum(p.stat().st_size for p in big_checkpoint.glob("*.safetensors"))
     assert size > 190 * 2**20 and len(list(big_checkpoint.glob("*.safetensors"))) >= 4
-    child = subprocess.run([sys.executable, "-c", RSS_CHILD, big_checkpoint, tmp_path / "out", mode],
-                           capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
+    cmd = [sys.executable, "-c", RSS_CHILD, big_checkpoint, tmp_path / "out", mode]
+    child = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
     growth = json.loads(child.stdout)["growth"]
     assert growth < RSS_FRACTION * size, f"peak RSS grew {growth / 2**20:.1f} MiB"
     assert len(list((tmp_path / "out").glob("*.safetensors"))) >= 2
-
-
-def test_interrupt_mid_way_leaves_nothing(big_checkpoint, tmp_path):
-    for _attempt in range(5):  # if the conversion wins the race and finishes, try again
-        out = tmp_path / "out"
-        shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "mlx_mistral.convert", big_checkpoint, "--out", out,
-               "-q", "--max-shard-size", "40MB", "--no-progress"]  # fmt: skip
-        # At the lowest priority, so that on a busy machine this loop sees the first shard
-        # before the conversion is over; stopped at once, then interrupted where it stood.
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            preexec_fn=lambda: os.nice(19),
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            tmp = [p for p in tmp_path.glob(".out.tmp-*") if any(p.glob("*.safetensors"))]
-            if tmp:
-                proc.send_signal(signal.SIGSTOP)
-                proc.send_signal(signal.SIGINT)
-                proc.send_signal(signal.SIGCONT)
-                break
-            time.sleep(0.001)
-        _, stderr = proc.communicate(timeout=60)
-        if proc.returncode == 0:
-            continue
-        assert proc.returncode == 130, stderr
-        assert stderr.strip() == "error: interrupted; no output was written"
-        assert not out.exists() and leftovers(tmp_path) == []
-        return
-    pytest.fail("the conversion finished before it could be interrupted, five times")

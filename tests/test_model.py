@@ -11,7 +11,7 @@ from transformers import MistralForCausalLM
 
 from mlx_mistral.cache import BatchKVCache, filter_caches, merge_caches
 from mlx_mistral.device import on_gpu
-from mlx_mistral.padded_linear import Linear
+from mlx_mistral.padded_linear import PaddedLinear
 from mlx_mistral.weights import load_model
 
 CONFIGS = {
@@ -135,9 +135,9 @@ def test_cache_grows_in_steps_and_trims():
 def test_padded_linear_gives_each_row_its_own_product():
     """Row counts that get padded (4-64, not multiples of 16) and ones that do not, in 2-D and
     3-D inputs: every output row is the input row times the weight, as numpy computes it."""
-    layer = Linear(256, 4096, bias=False)
+    layer = PaddedLinear(256, 4096, bias=False)
     assert layer.pad_rows == (not on_gpu())
-    assert not Linear(64, 128, bias=False).pad_rows  # small weights: not worth the copy
+    assert not PaddedLinear(64, 128, bias=False).pad_rows  # small weights: not worth the copy
     weight = np.array(layer.weight)
     rng = np.random.default_rng(0)
     for rows in (1, 3, 4, 8, 12, 16, 17, 31, 33, 64, 70):

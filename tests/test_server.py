@@ -25,8 +25,9 @@ from mlx_mistral.batch import TokenEvent
 from mlx_mistral.sampling.params import SamplingParams
 from mlx_mistral.sampling.sampler import TokenLogprobs
 from mlx_mistral.server import ServerConfig, create_app
+from mlx_mistral.server.openai_writers import ChatCompletionWriter, CompletionWriter
 from mlx_mistral.server.schemas import LogprobFormatter
-from mlx_mistral.server.streaming import ResponseWriter, with_keepalive
+from mlx_mistral.server.streaming import Served, with_keepalive
 
 MESSAGES = [{"role": "user", "content": "Tell me a story about a cat."}]
 TOKEN_O = 28709  # the piece "o": a logit bias on it shows plainly in the text
@@ -470,14 +471,10 @@ def test_keepalive_closes_the_stream_it_wraps():
 def test_a_batch_of_events_becomes_one_chunk_per_choice():
     """When several tokens of a choice arrive together, they go out as one chunk: the same
     text, every token's logprobs in order, and the finish chunk after the content."""
-    writer = ResponseWriter(
-        chat=True,
-        model="m",
-        n=2,
-        logprobs=True,
+    writer = ChatCompletionWriter(
+        Served("m", (0.0, 0.0), LogprobFormatter([b"a", b"b", b"c"])),
+        SamplingParams(n=2, logprobs=True),
         include_usage=False,
-        prices=(0.0, 0.0),
-        formatter=LogprobFormatter([b"a", b"b", b"c"]),
         stats={},
     )
 
@@ -522,15 +519,11 @@ def test_completion_text_offsets_count_the_decoded_text_streamed_or_not():
     pieces = [b"\xc3", b"\xa9", b" ok"]  # raw pieces: "\ufffd", "\ufffd", " ok"
     texts = ["", "\u00e9", " ok"]  # what the detokenizer emits for each token
 
-    def writer() -> ResponseWriter:
-        return ResponseWriter(
-            chat=False,
-            model="m",
-            n=1,
-            logprobs=True,
+    def writer() -> CompletionWriter:
+        return CompletionWriter(
+            Served("m", (0.0, 0.0), LogprobFormatter(pieces)),
+            SamplingParams(logprobs=True),
             include_usage=False,
-            prices=(0.0, 0.0),
-            formatter=LogprobFormatter(pieces),
             stats={},
         )
 

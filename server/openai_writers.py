@@ -1,0 +1,122 @@
+"""OpenAI's wire formats: chat.completion(.chunk) and the legacy text_completion.
+
+Both stream as `data: {json}` events ending in `data: [DONE]`, and end a failed stream with an
+error event then `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from mlx_mistral.batch import TokenEvent
+from mlx_mistral.errors import MistralError
+
+from .errors import error_event
+from .schemas import chat_choice, chunk_choice, completion_choice, envelope, usage
+from .streaming import ChoiceTally, Delta, ResponseWriter
+
+DONE = b"data: [DONE]\n\n"
+
+
+def sse_data(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+
+
+class OpenAIWriter(ResponseWriter):
+    """What OpenAI's two formats share: the envelope, the usage object, `[DONE]`."""
+
+    response_object = ""
+    chunk_object = ""
+
+    def _usage(self) -> dict[str, Any]:
+        prompt_price, completion_price = self.served.prices
+        return usage(
+            self.prompt_tokens,
+            sum(self.completion_tokens),
+            prompt_price=prompt_price,
+            completion_price=completion_price,
+        )
+
+    def _envelope(
+        self, kind: str, choices: list[dict[str, Any]], with_usage: bool = False
+    ) -> dict[str, Any]:
+        totals = self._usage() if with_usage else None
+        return envelope(kind, self.id, self.created, self.served.model, choices, totals)
+
+    def _body(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return self._envelope(self.response_object, choices, with_usage=True)
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> bytes:
+        chunk = self._envelope(self.chunk_object, choices)
+        if self.include_usage:  # as OpenAI: null on every chunk but the last
+            chunk["usage"] = None
+        return sse_data(chunk)
+
+    def closing(self) -> list[bytes]:
+        if not self.include_usage:
+            return [DONE]
+        return [sse_data(self._envelope(self.chunk_object, [], with_usage=True)), DONE]
+
+    def failure(self, exc: MistralError) -> list[bytes]:
+        return [error_event(exc), DONE]
+
+
+class ChatCompletionWriter(OpenAIWriter):
+    """/v1/chat/completions: a choice that made tool calls finishes with "tool_calls"."""
+
+    id_prefix = "chatcmpl"
+    response_object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+
+    def response(self, choices: list[ChoiceTally]) -> dict[str, Any]:
+        rendered = []
+        for i, choice in enumerate(choices):
+            entries = [self.formatter.chat(lp) for lp in choice.logprobs] if self.logprobs else None
+            reason = choice.finish_reason
+            rendered.append(chat_choice(i, choice.text, reason, entries, choice.tool_calls))
+        return self._body(rendered)
+
+    def chunk_logprobs(self, event: TokenEvent) -> Any:
+        return {"content": [self.formatter.chat(event.logprobs)]}
+
+    def finish_reason(self, reason: str | None, called: bool) -> str | None:
+        return "tool_calls" if called and reason == "stop" else reason
+
+    def opening(self) -> list[bytes]:
+        return [
+            self._chunk([chunk_choice(i, {"role": "assistant", "content": ""}, None)])
+            for i in range(self.n)
+        ]
+
+    def delta(self, delta: Delta) -> bytes:
+        fields: dict[str, Any] = {}
+        if delta.finish_reason is None and (delta.text or not delta.tool_calls):
+            fields["content"] = delta.text
+        if delta.tool_calls:
+            fields["tool_calls"] = list(delta.tool_calls)
+        choice = chunk_choice(delta.index, fields, delta.finish_reason, delta.logprobs)
+        return self._chunk([choice])
+
+
+class CompletionWriter(OpenAIWriter):
+    """/v1/completions (legacy): logprobs name where each token's text starts in its choice."""
+
+    id_prefix = "cmpl"
+    response_object = chunk_object = "text_completion"
+
+    def response(self, choices: list[ChoiceTally]) -> dict[str, Any]:
+        rendered = []
+        for i, choice in enumerate(choices):
+            lp = None
+            if self.logprobs:
+                lp = self.formatter.completion(choice.logprobs, choice.offsets)
+            rendered.append(completion_choice(i, choice.text, choice.finish_reason, lp))
+        return self._body(rendered)
+
+    def chunk_logprobs(self, event: TokenEvent) -> Any:
+        return self.formatter.completion([event.logprobs], [self.text_offsets[event.index]])
+
+    def delta(self, delta: Delta) -> bytes:
+        choice = completion_choice(delta.index, delta.text, delta.finish_reason, delta.logprobs)
+        return self._chunk([choice])
