@@ -104,7 +104,7 @@ def walk(
 def bench_llguidance(tok: Tokenizer, ids: list[int]) -> tuple[float, list[float]]:
     import llguidance
 
-    from mlx_mistral.structured import make_llg_tokenizer
+    from mlx_mistral.tools.grammar import make_llg_tokenizer
 
     lltok = make_llg_tokenizer(tok)
     grammar = llguidance.LLMatcher.grammar_from_json_schema(
@@ -178,7 +178,7 @@ def bench_mask_to_mlx(tok: Tokenizer, ids: list[int]) -> list[float]:
     import llguidance
     import mlx.core as mx
 
-    from mlx_mistral.structured import bitmask_to_mlx, make_llg_tokenizer
+    from mlx_mistral.tools.grammar import bitmask_to_mlx, make_llg_tokenizer
 
     matcher = llguidance.LLMatcher(
         make_llg_tokenizer(tok),
@@ -203,8 +203,8 @@ def bench_package_grammars(tok: Tokenizer) -> dict[str, list[float]]:
     """The package's own constraints, driven through `TokenConstraint` (mask -> MLX included)."""
     import mlx.core as mx
 
-    from mlx_mistral.structured import make_constraints
-    from mlx_mistral.tool_calls import parse_structured_request
+    from mlx_mistral.tools.grammar import make_constraints
+    from mlx_mistral.tools.validation import parse_structured_request
 
     tools = [
         {"type": "function", "function": {"name": "get_weather", "parameters": SCHEMA}},

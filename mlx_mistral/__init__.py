@@ -8,17 +8,37 @@ Example:
     ...                             params=greedy)
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from . import _blas
 
 _blas.preload()  # before anything imports mlx.core (see _blas for why)
 
-from .demo import demo_model_path
-from .engine import Engine, EngineConfig
-from .generate import GenerationChunk, batch_generate, generate, stream_generate
-from .loader import load
-from .sampling.params import SamplingParams
+if TYPE_CHECKING:
+    from .demo import demo_model_path
+    from .engine import Engine, EngineConfig
+    from .generate import GenerationChunk, batch_generate, generate, stream_generate
+    from .loader import load
+    from .sampling.params import SamplingParams
 
 __version__ = "0.1.0"
+
+# The public names, imported on first use: a light module (the tool-call parser, the chat
+# format) can be imported without loading MLX and the engine.
+_HOMES = {
+    "Engine": ".engine",
+    "EngineConfig": ".engine",
+    "GenerationChunk": ".generate",
+    "SamplingParams": ".sampling.params",
+    "batch_generate": ".generate",
+    "demo_model_path": ".demo",
+    "generate": ".generate",
+    "load": ".loader",
+    "stream_generate": ".generate",
+}
 
 __all__ = [
     "Engine",
@@ -31,3 +51,16 @@ __all__ = [
     "load",
     "stream_generate",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])

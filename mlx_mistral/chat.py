@@ -24,19 +24,23 @@ encoded as the reference encodes `system, user, user` (the reference would split
 into two turns). A conversation must end with a user or tool message (the reference also accepts
 a lone system message).
 
-Tools (v0.2 has no tool tokens, so tools are plain text in this fixed format):
+Tools (v0.2 has no tool tokens, so tools are plain text in the layout of
+`mlx_mistral.tools.format`):
 
 - Tool definitions go at the end of the system prompt (after the system text and a blank line,
   or as the whole system prompt), so the prompt prefix stays the same from turn to turn:
   `[AVAILABLE_TOOLS] [{"name": ..., "description": ..., "parameters": ...}] [/AVAILABLE_TOOLS]`
-  (each function object keeps only the keys the request gave, in that order).
+  (each function object keeps only the keys the request gave, in that order). They come
+  validated (`ToolSpec`s from `mlx_mistral.tools.validation`).
 - An assistant message with `tool_calls` is the answer `[TOOL_CALLS] [{"name": ..., "arguments":
   {...}, "id": ...}]` followed by `</s>`; content given too comes first, then one space.
 - A tool message is `[TOOL_RESULTS] {"call_id": ..., "content": ...} [/TOOL_RESULTS]` inside the
   user-side turn: tool results and user messages next to each other share one `[INST]` turn,
   joined by a blank line. Its `tool_call_id` must name a call made by an earlier assistant message.
 
-All JSON is `json.dumps(..., ensure_ascii=False, separators=(", ", ": "))`.
+Messages are validated once (`parse_chat`) into a `Conversation`, which is rendered
+(`render_chat`) and encoded (`encode_chat`), and which answers questions about the history (does
+it hold tool calls?) without walking unvalidated messages again.
 """
 
 from __future__ import annotations
@@ -47,14 +51,11 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from .errors import InvalidRequestError
+from .tools.format import check_name, render_answer, render_available_tools, render_tool_result
+from .tools.spec import StructuredRequest, ToolCall, ToolSpec
 
 INST_OPEN = "[INST]"
 INST_CLOSE = "[/INST]"
-AVAILABLE_TOOLS_OPEN = "[AVAILABLE_TOOLS]"
-AVAILABLE_TOOLS_CLOSE = "[/AVAILABLE_TOOLS]"
-TOOL_CALLS_PREFIX = "[TOOL_CALLS]"
-TOOL_RESULTS_OPEN = "[TOOL_RESULTS]"
-TOOL_RESULTS_CLOSE = "[/TOOL_RESULTS]"
 JOIN = "\n\n"  # between merged messages, content parts, and system prompt / first user text
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -82,51 +83,89 @@ class ChatTurn:
     text: str
 
 
+@dataclass(frozen=True)
+class MessageGroup:
+    """Consecutive messages of one side: user texts and tool results, or assistant answers."""
+
+    side: Literal["user", "assistant"]
+    texts: tuple[str, ...]  # as rendered (a tool result in its markers), empty ones included
+    calls: tuple[ToolCall, ...] = ()
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """Validated messages: the system text and the groups, ending with a user-side group."""
+
+    system: str
+    groups: tuple[MessageGroup, ...]
+
+    @property
+    def holds_tool_calls(self) -> bool:
+        """Whether an assistant message made a tool call (every tool result answers one)."""
+        return any(group.calls for group in self.groups)
+
+
 def encode_chat(
     tokenizer: TextEncoder,
-    messages: Any,
+    conversation: Conversation,
     *,
-    tools: Sequence[dict[str, Any]] | None = None,
+    tools: Sequence[ToolSpec] | None = None,
 ) -> list[int]:
-    """Encode OpenAI chat messages into v0.2 prompt ids.
+    """Encode a validated conversation into v0.2 prompt ids.
 
     Args:
         tokenizer: Anything with `encode(text)`, `bos_id` and `eos_id` (a `Tokenizer`).
-        messages: The OpenAI `messages` list.
-        tools: The OpenAI `tools` list, or None.
+        conversation: The messages, validated by `parse_chat`.
+        tools: The validated tools to show the model, or None.
 
     Returns:
         Prompt token ids, starting with `<s>` and ending with the last `[/INST]`.
 
-    Raises:
-        InvalidRequestError: If a message or tool is malformed; `param` names it.
-
     Example:
-        >>> encode_chat(tok, [{"role": "user", "content": "Hi"}])  # doctest: +SKIP
+        >>> encode_chat(tok, parse_chat([{"role": "user", "content": "Hi"}]))  # doctest: +SKIP
         [1, 733, 16289, 28793, 15359, 733, 28748, 16289, 28793]
     """
     ids = [tokenizer.bos_id]
-    for turn in render_chat(messages, tools=tools):
+    for turn in render_chat(conversation, tools=tools):
         ids.extend(tokenizer.encode(turn.text))
         if turn.role == "assistant":
             ids.append(tokenizer.eos_id)
     return ids
 
 
-def render_chat(
-    messages: Any, *, tools: Sequence[dict[str, Any]] | None = None
-) -> tuple[ChatTurn, ...]:
-    """Validate messages and render them into turns of text (see the module docstring).
+def encode_chat_request(
+    tokenizer: TextEncoder, messages: Any, spec: StructuredRequest
+) -> tuple[list[int], StructuredRequest]:
+    """The prompt of a chat request, and its structured fields for this conversation.
+
+    The messages are validated once; the conversation then says whether its history holds tool
+    calls (`StructuredRequest.for_history`), and the prompt shows `spec.prompt_tools`.
+
+    Raises:
+        InvalidRequestError: If a message is malformed; `param` names it.
+    """
+    conversation = parse_chat(messages)
+    spec = spec.for_history(conversation.holds_tool_calls)
+    return encode_chat(tokenizer, conversation, tools=spec.prompt_tools), spec
+
+
+def parse_chat(messages: Any) -> Conversation:
+    """Validate OpenAI chat messages into a `Conversation` (see the module docstring).
 
     Args:
         messages: The OpenAI `messages` list.
-        tools: The OpenAI `tools` list, or None.
 
     Returns:
-        The turns, user and assistant alternating, starting and ending with a user turn.
+        The conversation: the system text, and the groups of same-side messages.
 
     Raises:
-        InvalidRequestError: If a message or tool is malformed; `param` names it.
+        InvalidRequestError: If a message is malformed; `param` names it.
+
+    Example:
+        >>> chat = parse_chat(
+        ...     [{"role": "user", "content": "Hi"}, {"role": "system", "content": "S"}])
+        >>> chat.system, chat.groups[0].texts, chat.holds_tool_calls
+        ('S', ('Hi',), False)
     """
     if not isinstance(messages, list):
         raise InvalidRequestError(
@@ -138,8 +177,8 @@ def render_chat(
 
     system_text = ""
     system_at: int | None = None
-    # Groups of consecutive same-side messages: ("user", [texts]) or ("assistant", [texts], [calls]).
-    groups: list[tuple[str, list[str], list[dict[str, Any]]]] = []
+    # Groups of consecutive same-side messages: (side, texts, calls).
+    groups: list[tuple[Literal["user", "assistant"], list[str], list[ToolCall]]] = []
     call_ids: set[str] = set()
     last_role = None
     for i, msg in enumerate(messages):
@@ -173,20 +212,7 @@ def render_chat(
         if role == "user":
             texts.append(content_text(msg.get("content"), param=f"{where}.content"))
         elif role == "tool":
-            call_id = msg.get("tool_call_id")
-            if not isinstance(call_id, str) or not call_id:
-                raise InvalidRequestError(
-                    f"{where}.tool_call_id must be a non-empty string",
-                    param=f"{where}.tool_call_id",
-                )
-            if call_id not in call_ids:
-                raise InvalidRequestError(
-                    f"{where}.tool_call_id {call_id!r} does not match any tool call of an earlier "
-                    "assistant message",
-                    param=f"{where}.tool_call_id",
-                )
-            text = content_text(msg.get("content"), param=f"{where}.content")
-            texts.append(render_tool_result(call_id, text))
+            texts.append(_tool_result(msg, where, call_ids))
         else:
             content = msg.get("content")
             text = "" if content is None else content_text(content, param=f"{where}.content")
@@ -199,7 +225,7 @@ def render_chat(
                 )
             texts.append(text)
             calls.extend(new_calls)
-            call_ids.update(call["id"] for call in new_calls)
+            call_ids.update(call.id for call in new_calls)
 
     if last_role is None:
         raise InvalidRequestError("messages must contain a user message", param="messages")
@@ -208,26 +234,41 @@ def render_chat(
             "the conversation must end with a user or tool message, not an assistant message",
             param="messages",
         )
+    return Conversation(
+        system_text,
+        tuple(MessageGroup(side, tuple(texts), tuple(calls)) for side, texts, calls in groups),
+    )
 
-    system_prompt = system_text
-    if tools is not None:
+
+def render_chat(
+    conversation: Conversation, *, tools: Sequence[ToolSpec] | None = None
+) -> tuple[ChatTurn, ...]:
+    """Render a validated conversation into turns of text (see the module docstring).
+
+    Args:
+        conversation: The messages, validated by `parse_chat`.
+        tools: The validated tools to show the model, or None.
+
+    Returns:
+        The turns, user and assistant alternating, starting and ending with a user turn.
+    """
+    system_prompt = conversation.system
+    if tools:
         tools_text = render_available_tools(tools)
-        system_prompt = f"{system_text}{JOIN}{tools_text}" if system_text else tools_text
+        system_prompt = f"{system_prompt}{JOIN}{tools_text}" if system_prompt else tools_text
 
-    if groups[0][0] == "assistant":
-        groups.insert(0, ("user", [], []))
+    groups = conversation.groups
+    if groups[0].side == "assistant":
+        groups = (MessageGroup("user", ()), *groups)
     turns = []
-    for n, (side, texts, calls) in enumerate(groups):
-        text = _join(texts)
-        if side == "user":
+    for n, group in enumerate(groups):
+        text = _join(group.texts)
+        if group.side == "user":
             if n == 0 and system_prompt:
                 text = system_prompt + JOIN + text
             turns.append(ChatTurn("user", f"{INST_OPEN} {text} {INST_CLOSE}"))
         else:
-            if calls:
-                rendered = _render_calls(calls)
-                text = f"{text} {rendered}" if text else rendered
-            turns.append(ChatTurn("assistant", text))
+            turns.append(ChatTurn("assistant", render_answer(text, group.calls)))
     return tuple(turns)
 
 
@@ -268,48 +309,6 @@ def content_text(content: Any, *, param: str) -> str:
     return _join(texts)
 
 
-def render_available_tools(tools: Sequence[dict[str, Any]]) -> str:
-    """`[AVAILABLE_TOOLS] [...] [/AVAILABLE_TOOLS]` for OpenAI tool definitions.
-
-    Args:
-        tools: OpenAI `tools`: `[{"type": "function", "function": {"name", "description",
-            "parameters"}}]`.
-
-    Returns:
-        The block of text appended to the system prompt.
-
-    Raises:
-        InvalidRequestError: If a tool is malformed (param `tools[i]...`).
-    """
-    if not isinstance(tools, list) or not tools:
-        raise InvalidRequestError("tools must be a non-empty list of tool objects", param="tools")
-    functions = []
-    for i, tool in enumerate(tools):
-        where = f"tools[{i}]"
-        if not isinstance(tool, dict) or tool.get("type") != "function":
-            raise InvalidRequestError(
-                f'{where} must be an object with "type": "function"', param=f"{where}.type"
-            )
-        fn = tool.get("function")
-        if not isinstance(fn, dict):
-            raise InvalidRequestError(
-                f"{where}.function must be an object", param=f"{where}.function"
-            )
-        _check_name(fn.get("name"), f"{where}.function.name")
-        if not isinstance(fn.get("description", ""), str):
-            raise InvalidRequestError(
-                f"{where}.function.description must be a string",
-                param=f"{where}.function.description",
-            )
-        if not isinstance(fn.get("parameters", {}), dict):
-            raise InvalidRequestError(
-                f"{where}.function.parameters must be a JSON Schema object",
-                param=f"{where}.function.parameters",
-            )
-        functions.append({k: fn[k] for k in ("name", "description", "parameters") if k in fn})
-    return f"{AVAILABLE_TOOLS_OPEN} {_dumps(functions)} {AVAILABLE_TOOLS_CLOSE}"
-
-
 def render_tool_calls(calls: Sequence[dict[str, Any]]) -> str:
     """`[TOOL_CALLS] [{"name", "arguments", "id"}, ...]` for OpenAI `tool_calls`.
 
@@ -325,16 +324,28 @@ def render_tool_calls(calls: Sequence[dict[str, Any]]) -> str:
     Raises:
         InvalidRequestError: If a call is malformed (param `tool_calls[j]...`).
     """
-    return _render_calls(_tool_calls(calls, "tool_calls"))
+    return render_answer("", _tool_calls(calls, "tool_calls"))
 
 
-def render_tool_result(call_id: str, content: str) -> str:
-    """`[TOOL_RESULTS] {"call_id": ..., "content": ...} [/TOOL_RESULTS]` for one tool message."""
-    return f"{TOOL_RESULTS_OPEN} {_dumps({'call_id': call_id, 'content': content})} {TOOL_RESULTS_CLOSE}"
+def _tool_result(msg: dict[str, Any], where: str, call_ids: set[str]) -> str:
+    """A tool message as text; its `tool_call_id` must name an earlier call."""
+    call_id = msg.get("tool_call_id")
+    if not isinstance(call_id, str) or not call_id:
+        raise InvalidRequestError(
+            f"{where}.tool_call_id must be a non-empty string",
+            param=f"{where}.tool_call_id",
+        )
+    if call_id not in call_ids:
+        raise InvalidRequestError(
+            f"{where}.tool_call_id {call_id!r} does not match any tool call of an earlier "
+            "assistant message",
+            param=f"{where}.tool_call_id",
+        )
+    return render_tool_result(call_id, content_text(msg.get("content"), param=f"{where}.content"))
 
 
-def _tool_calls(raw: Any, param: str) -> list[dict[str, Any]]:
-    """Validate OpenAI tool calls into `{"name", "arguments", "id"}` dicts (arguments parsed)."""
+def _tool_calls(raw: Any, param: str) -> list[ToolCall]:
+    """Validate OpenAI tool calls (arguments parsed)."""
     if not isinstance(raw, list):
         raise InvalidRequestError(f"{param} must be a list of tool calls", param=param)
     calls = []
@@ -352,7 +363,7 @@ def _tool_calls(raw: Any, param: str) -> list[dict[str, Any]]:
             raise InvalidRequestError(
                 f"{where}.function must be an object", param=f"{where}.function"
             )
-        _check_name(fn.get("name"), f"{where}.function.name")
+        name = check_name(fn.get("name"), f"{where}.function.name")
         arguments = fn.get("arguments")
         if isinstance(arguments, str):
             try:
@@ -367,22 +378,9 @@ def _tool_calls(raw: Any, param: str) -> list[dict[str, Any]]:
                 f"{where}.function.arguments must be a JSON object (as a string)",
                 param=f"{where}.function.arguments",
             )
-        calls.append({"name": fn["name"], "arguments": arguments, "id": call_id})
+        calls.append(ToolCall(name, arguments, call_id))
     return calls
 
 
-def _render_calls(calls: list[dict[str, Any]]) -> str:
-    return f"{TOOL_CALLS_PREFIX} {_dumps(calls)}"
-
-
-def _check_name(name: Any, param: str) -> None:
-    if not isinstance(name, str) or not name:
-        raise InvalidRequestError(f"{param} must be a non-empty string", param=param)
-
-
-def _join(texts: list[str]) -> str:
+def _join(texts: Sequence[str]) -> str:
     return JOIN.join(t for t in texts if t)
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))

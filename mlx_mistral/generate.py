@@ -13,14 +13,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from .batch import BatchGenerator, TokenEvent
+from .chat import encode_chat_request
 from .errors import InvalidRequestError
 from .model import Model
 from .prefix_cache import PrefixCache
 from .sampling.params import SamplingParams
 from .sampling.sampler import TokenLogprobs
-from .structured import make_constraints
 from .tokenizer import Tokenizer
-from .tool_calls import parse_structured_request
+from .tools.grammar import make_constraints
+from .tools.spec import StructuredRequest
+from .tools.validation import parse_structured_request
 
 Prompt = str | Sequence[dict[str, Any]] | Sequence[int]
 
@@ -41,29 +43,31 @@ class GenerationChunk:
 
 
 def prompt_ids(
-    tokenizer: Tokenizer, prompt: Prompt, *, tools: Sequence[dict[str, Any]] | None = None
-) -> list[int]:
-    """Token ids of a prompt: chat messages are formatted as Mistral-Instruct (with `tools`
-    rendered in); a string is raw text (with the BOS token, no chat template); a list of ints
-    is used as is.
+    tokenizer: Tokenizer, prompt: Prompt, spec: StructuredRequest | None = None
+) -> tuple[list[int], StructuredRequest]:
+    """Token ids of a prompt, and `spec` for it: chat messages are formatted as
+    Mistral-Instruct (with `spec.prompt_tools` rendered in, and `spec` told whether the history
+    holds tool calls); a string is raw text (with the BOS token, no chat template); a list of
+    ints is used as is.
 
     Raises:
-        InvalidRequestError: a bad message, or `tools` with a prompt that is not chat messages
+        InvalidRequestError: a bad message, or tools with a prompt that is not chat messages
             (only the chat format shows the model its tools).
     """
+    spec = spec or StructuredRequest()
     if isinstance(prompt, str):
         ids = tokenizer.encode(prompt, bos=True)
     else:
         ids = list(prompt)
         if not _is_token_ids(ids):
-            return tokenizer.encode_chat(ids, tools=tools)
-    if tools:
+            return encode_chat_request(tokenizer, ids, spec)
+    if spec.prompt_tools:
         raise InvalidRequestError(
             "tools need a chat prompt (a list of messages), which shows the model the tools; "
             "this prompt is raw text or token ids",
             param="tools",
         )
-    return ids
+    return ids, spec
 
 
 def _is_token_ids(prompt: Sequence[Any]) -> bool:
@@ -107,9 +111,9 @@ def stream_generate(
         params: the sampling fields, meaning what the chat API's fields mean (default:
             `SamplingParams(max_tokens=DEFAULT_MAX_TOKENS)`); one choice (`n` = 1).
         tools, tool_choice, parallel_tool_calls, response_format: as in the chat API (see
-            `mlx_mistral.tool_calls.parse_structured_request`); tools need chat messages. A
-            call is written as `[TOOL_CALLS] [...]` in the text:
-            `mlx_mistral.tool_calls.split_tool_calls(text)` reads it into OpenAI tool calls.
+            `mlx_mistral.tools.validation.parse_structured_request`); tools need chat
+            messages. A call is written as `[TOOL_CALLS] [...]` in the text:
+            `mlx_mistral.tools.parsing.split_tool_calls(text)` reads it into OpenAI tool calls.
 
     Yields:
         GenerationChunk: text safe to print (whole UTF-8 characters, never part of a stop
@@ -139,8 +143,8 @@ def stream_generate(
         tool_choice=tool_choice,
         parallel_tool_calls=parallel_tool_calls,
         response_format=response_format,
-    ).for_messages(prompt)
-    ids = prompt_ids(tokenizer, prompt, tools=spec.prompt_tools)
+    )
+    ids, spec = prompt_ids(tokenizer, prompt, spec)
     constraints = make_constraints(spec, tokenizer, 1, seed=params.seed, prompt=ids)
     generator = BatchGenerator(model, tokenizer, prefill_chunk=prefill_chunk)
     generator.add(ids, params, constraints=constraints, continuation=continues(prompt))
@@ -165,7 +169,7 @@ def generate(model: Model, tokenizer: Tokenizer, prompt: Prompt, **kwargs: Any) 
         True
 
     Example (a call forced by `tool_choice`; `split_tool_calls` reads it):
-        >>> from mlx_mistral.tool_calls import split_tool_calls
+        >>> from mlx_mistral.tools.parsing import split_tool_calls
         >>> tz = {"type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}},
         ...       "required": ["tz"], "additionalProperties": False}
         >>> tools = [{"type": "function", "function": {"name": "get_time", "parameters": tz}}]
@@ -220,7 +224,7 @@ def batch_generate(
         model, tokenizer, prefill_chunk=prefill_chunk, max_batch=max_batch, prefix_cache=cache
     )
     uids = [
-        generator.add(prompt_ids(tokenizer, p), sp, continuation=continues(p))
+        generator.add(prompt_ids(tokenizer, p)[0], sp, continuation=continues(p))
         for p, sp in zip(prompts, per_prompt)
     ]
     texts = {uid: "" for uid in uids}

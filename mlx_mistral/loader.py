@@ -13,7 +13,10 @@ from .weights import load_model
 
 
 def load(
-    path_or_repo: str | os.PathLike[str], *, dtype: str | mx.Dtype | None = None
+    path_or_repo: str | os.PathLike[str],
+    *,
+    dtype: str | mx.Dtype | None = None,
+    group: mx.distributed.Group | None = None,
 ) -> tuple[Model, Tokenizer]:
     """Load a Mistral checkpoint (HF original or mlx-community quantized).
 
@@ -22,6 +25,8 @@ def load(
             unless HF_HUB_OFFLINE is set).
         dtype: compute dtype ("float16", "bfloat16", "float32"); default float16/bfloat16 on a
             GPU, float32 on the CPU backend.
+        group: `mx.distributed.init()` under `mlx.launch`: each rank loads its tensor-parallel
+            shard and the model gives the full logits on every rank (called in lockstep).
 
     Returns:
         (model, tokenizer)
@@ -38,4 +43,4 @@ def load(
         32000
     """
     path = resolve_model_path(path_or_repo)
-    return load_model(path, dtype=dtype), Tokenizer.from_dir(path)
+    return load_model(path, dtype=dtype, group=group), Tokenizer.from_dir(path)

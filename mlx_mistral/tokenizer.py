@@ -197,17 +197,21 @@ class Tokenizer:
 
         Args:
             messages: OpenAI chat messages.
-            tools: OpenAI tool definitions, or None.
+            tools: OpenAI tool definitions, or None (validated as the chat API validates them).
 
         Returns:
             Prompt token ids, starting with `<s>`.
 
         Raises:
-            InvalidRequestError: If the conversation is malformed (the error names the field).
+            InvalidRequestError: If the conversation or a tool is malformed (the error names the
+                field).
         """
-        from .chat import encode_chat
+        from .chat import encode_chat, parse_chat
+        from .tools.validation import parse_tools
 
-        return encode_chat(self, messages, tools=tools)
+        conversation = parse_chat(messages)
+        specs = None if tools is None else parse_tools(tools)
+        return encode_chat(self, conversation, tools=specs)
 
     def id_to_piece(self, token_id: int) -> str:
         """The SentencePiece piece of an id (e.g. "▁Hello", "<0x0A>", "</s>")."""

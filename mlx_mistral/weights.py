@@ -46,7 +46,7 @@ def quantization_of(config: dict[str, Any]) -> dict[str, int] | None:
         raise ModelLoadError(f"config.json has a malformed quantization block: {quant!r}") from None
 
 
-def _quantized_layers(block: dict[str, Any], weights: dict[str, mx.array]):
+def quantized_layers_predicate(block: dict[str, Any], weights: dict[str, mx.array]):
     """`nn.quantize`'s predicate: which layers are quantized, and how.
 
     A layer is quantized when its `.scales` are in the checkpoint. Its bits and group size are
@@ -90,16 +90,27 @@ def check_weights(model: Model, weights: dict[str, mx.array]) -> None:
             raise ModelLoadError(f"tensor {name} has shape {found}, expected {wanted}")
 
 
-def load_model(path: str | Path, *, dtype: str | mx.Dtype | None = None) -> Model:
+def load_model(
+    path: str | Path,
+    *,
+    dtype: str | mx.Dtype | None = None,
+    group: mx.distributed.Group | None = None,
+) -> Model:
     """Build a Model from a local checkpoint directory and load its weights.
 
     Args:
         path: a directory with config.json and safetensors weights (HF or mlx-community format).
         dtype: compute dtype; default float16/bfloat16 on a GPU, float32 on the CPU backend.
+        group: an `mx.distributed` group of more than one rank: load this rank's tensor-parallel
+            shard (see `mlx_mistral.distributed`).
 
     Raises:
         ModelLoadError: a config or weights that do not describe a Mistral model.
     """
+    if group is not None and group.size() > 1:  # tensor parallel (issue 18): reads one shard
+        from .distributed import load_sharded
+
+        return load_sharded(path, group=group, dtype=dtype)
     path = Path(path)
     config = read_config(path)
     args = ModelArgs.from_dict(config)
@@ -113,7 +124,7 @@ def load_model(path: str | Path, *, dtype: str | mx.Dtype | None = None) -> Mode
             model,
             group_size=quant["group_size"],
             bits=quant["bits"],
-            class_predicate=_quantized_layers(config["quantization"], weights),
+            class_predicate=quantized_layers_predicate(config["quantization"], weights),
         )
     check_weights(model, weights)
     float_weights = [w for w in weights.values() if mx.issubdtype(w.dtype, mx.floating)]
@@ -125,12 +136,12 @@ def load_model(path: str | Path, *, dtype: str | mx.Dtype | None = None) -> Mode
         for k, v in weights.items()
     }
     model.load_weights(list(weights.items()), strict=True)
-    _materialize(model, compute)
+    materialize(model, compute)
     model.eval()
     return model
 
 
-def _materialize(model: Model, compute: mx.Dtype) -> None:
+def materialize(model: Model, compute: mx.Dtype) -> None:
     """Read the weights into memory layer by layer, logging progress (a 7B model takes a while
     from disk; mx.load maps the files lazily, so this is where the reading happens)."""
     total = sum(v.nbytes for _, v in tree_flatten(model.parameters()))

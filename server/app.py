@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mlx_mistral.chat import encode_chat_request
 from mlx_mistral.engine import Engine, EngineConfig
 from mlx_mistral.errors import (
     EngineDeadError,
@@ -32,8 +33,8 @@ from mlx_mistral.errors import (
     ModelNotFoundError,
 )
 from mlx_mistral.sampling.params import SamplingParams
-from mlx_mistral.structured import GrammarConstraint, make_constraints
 from mlx_mistral.tokenizer import Tokenizer
+from mlx_mistral.tools.grammar import GrammarConstraint, make_constraints
 
 from .config import ServerConfig
 from .errors import EXCEPTION_HANDLERS, error_response, handle_unexpected
@@ -163,8 +164,7 @@ def chat_prompt(
     Raises:
         InvalidRequestError: a message or tool that the chat format refuses, naming it.
     """
-    spec = req.structured.for_messages(req.messages)
-    prompt = tokenizer.encode_chat(req.messages, tools=spec.prompt_tools)
+    prompt, spec = encode_chat_request(tokenizer, req.messages, req.structured)
     if not spec.constrained:
         return prompt, None
     params = req.params

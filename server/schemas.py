@@ -24,7 +24,8 @@ from typing import Any
 from mlx_mistral.errors import InvalidRequestError
 from mlx_mistral.sampling.params import FIELDS, SamplingField, SamplingParams
 from mlx_mistral.sampling.sampler import TokenLogprobs
-from mlx_mistral.tool_calls import StructuredRequest, parse_structured_request
+from mlx_mistral.tools.spec import StructuredRequest
+from mlx_mistral.tools.validation import parse_structured_request
 
 from .errors import UnsupportedMediaTypeError
 
@@ -259,7 +260,7 @@ class ChatCompletionRequest:
 
     `messages` is kept as sent: the chat encoder validates it against the model's format and
     names the bad field. `tools`, `tool_choice`, `parallel_tool_calls` and `response_format`
-    are validated here, into `structured` (`mlx_mistral.tool_calls`).
+    are validated here, into `structured` (`mlx_mistral.tools.validation`).
     """
 
     messages: Any

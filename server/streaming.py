@@ -25,7 +25,7 @@ from mlx_mistral.batch import TokenEvent
 from mlx_mistral.engine import RequestHandle
 from mlx_mistral.errors import MistralError
 from mlx_mistral.sampling.params import SamplingParams
-from mlx_mistral.tool_calls import StreamDelta, ToolCallStreamer, assemble_tool_calls
+from mlx_mistral.tools.parsing import StreamDelta, ToolCallStreamer, assemble_tool_calls
 
 from .errors import InternalServerError
 from .schemas import LogprobFormatter, new_id, now

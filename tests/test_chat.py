@@ -10,14 +10,10 @@ from mistral_common.exceptions import MistralCommonException
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from mlx_mistral.chat import (
-    TOOL_CALLS_PREFIX,
-    encode_chat,
-    render_chat,
-    render_tool_calls,
-)
+from mlx_mistral.chat import encode_chat, parse_chat, render_chat, render_tool_calls
 from mlx_mistral.errors import InvalidRequestError
 from mlx_mistral.tokenizer import Tokenizer
+from mlx_mistral.tools.format import TOOL_CALLS_MARKER
 
 # Texts chosen for the tokenizer's edge cases: dummy-prefix spaces, byte fallback (emoji, rare
 # CJK, math letters), newlines and tabs, SentencePiece's own "▁", and spellings of control tokens.
@@ -219,11 +215,12 @@ def test_system_between_users_does_not_split_the_turn(tok):
 
 def test_leading_assistant_gets_an_empty_user_turn(tok):
     messages = [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "u"}]
-    assert [t.text for t in render_chat(messages)] == ["[INST]  [/INST]", "hi", "[INST] u [/INST]"]
+    turns = render_chat(parse_chat(messages))
+    assert [t.text for t in turns] == ["[INST]  [/INST]", "hi", "[INST] u [/INST]"]
 
 
 def test_encode_chat_starts_with_bos_and_ends_after_inst(tok):
-    ids = encode_chat(tok, [{"role": "user", "content": "Hi"}])
+    ids = encode_chat(tok, parse_chat([{"role": "user", "content": "Hi"}]))
     assert ids == [tok.bos_id, *tok.encode("[INST] Hi [/INST]")]
 
 
@@ -325,7 +322,8 @@ CALL = {
 }
 TOOLS_TEXT = (
     '[AVAILABLE_TOOLS] [{"name": "get_weather", "description": "Current weather in a city", '
-    '"parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}] '
+    '"parameters": {"type": "object", "properties": {"city": {"type": "string"}}, '
+    '"required": ["city"]}}] '
     "[/AVAILABLE_TOOLS]"
 )
 CALL_TEXT = (
@@ -372,7 +370,8 @@ def test_tool_call_and_results_round(tok):
         [tok.bos_id]
         + tok.encode(f"[INST] {TOOLS_TEXT}\n\nWeather in Zürich and Bern? [/INST]")
         + tok.encode(
-            '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Zürich"}, "id": "call_1"}, '
+            '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Zürich"}, '
+            '"id": "call_1"}, '
             '{"name": "get_weather", "arguments": {"city": "Bern"}, "id": "call_2"}]'
         )
         + [tok.eos_id]
@@ -397,7 +396,8 @@ def test_tool_turn_can_end_the_conversation_and_content_precedes_calls(tok):
         + tok.encode(f"Let me check. {CALL_TEXT}")
         + [tok.eos_id]
         + tok.encode(
-            '[INST] [TOOL_RESULTS] {"call_id": "call_1", "content": "sunny"} [/TOOL_RESULTS] [/INST]'
+            '[INST] [TOOL_RESULTS] {"call_id": "call_1", "content": "sunny"} [/TOOL_RESULTS] '
+            "[/INST]"
         )
     )
     assert tok.encode_chat(messages) == expected
@@ -405,11 +405,11 @@ def test_tool_turn_can_end_the_conversation_and_content_precedes_calls(tok):
 
 def test_render_tool_calls_is_the_answer_format():
     assert render_tool_calls([CALL]) == CALL_TEXT
-    assert render_tool_calls([CALL]).startswith(TOOL_CALLS_PREFIX + " ")
+    assert render_tool_calls([CALL]).startswith(TOOL_CALLS_MARKER + " ")
     # Arguments given as an object are accepted and render the same.
     as_object = {**CALL, "function": {"name": "get_weather", "arguments": {"city": "Zürich"}}}
     assert render_tool_calls([as_object]) == CALL_TEXT
-    payload = json.loads(CALL_TEXT[len(TOOL_CALLS_PREFIX) :])
+    payload = json.loads(CALL_TEXT[len(TOOL_CALLS_MARKER) :])
     assert payload == [{"name": "get_weather", "arguments": {"city": "Zürich"}, "id": "call_1"}]
 
 
@@ -455,6 +455,11 @@ def test_invalid_tools(tok, tools, param):
         ({**CALL, "type": "code"}, "messages[1].tool_calls[0].type"),
         ({"id": "c", "function": "f"}, "messages[1].tool_calls[0].function"),
         ({"id": "c", "function": {"arguments": "{}"}}, "messages[1].tool_calls[0].function.name"),
+        # One rule for function names, in tools and in the calls of the history alike.
+        (
+            {"id": "c", "function": {"name": "get weather", "arguments": "{}"}},
+            "messages[1].tool_calls[0].function.name",
+        ),
         (
             {"id": "c", "function": {"name": "f", "arguments": "{oops"}},
             "messages[1].tool_calls[0].function.arguments",

@@ -18,6 +18,12 @@ MODULES = [
     "mlx_mistral.sampling.params",
     "mlx_mistral.stopping",
     "mlx_mistral.tokenizer",
+    "mlx_mistral.chat",
+    "mlx_mistral.tools.format",
+    "mlx_mistral.tools.spec",
+    "mlx_mistral.tools.validation",
+    "mlx_mistral.tools.grammar",
+    "mlx_mistral.tools.parsing",
 ]
 
 

@@ -20,8 +20,8 @@ from mlx_mistral.errors import (
     InvalidRequestError,
 )
 from mlx_mistral.prefix_cache import PrefixCache
-from mlx_mistral.structured import make_constraints
-from mlx_mistral.tool_calls import parse_structured_request
+from mlx_mistral.tools.grammar import make_constraints
+from mlx_mistral.tools.validation import parse_structured_request
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 

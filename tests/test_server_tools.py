@@ -20,7 +20,7 @@ import mlx.core as mx
 import openai
 import pytest
 from server_process import ServerProcess
-from tool_samples import PERSON, TIME
+from tool_samples import PERSON, SCHEMAS, TIME, TOOLS
 
 import mlx_mistral
 from mlx_mistral.errors import InvalidRequestError
@@ -28,33 +28,9 @@ from mlx_mistral.sampling.params import SamplingParams
 from mlx_mistral.server.app import chat_prompt
 from mlx_mistral.server.schemas import ChatCompletionRequest
 from mlx_mistral.tokenizer import Tokenizer
-from mlx_mistral.tool_calls import split_tool_calls
+from mlx_mistral.tools.parsing import split_tool_calls
 
 SEEDS = 100
-
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 12},
-        "unit": {"enum": ["celsius", "fahrenheit"]},
-        "days": {"type": "integer", "minimum": 1, "maximum": 14},
-    },
-    "required": ["city", "unit"],
-    "additionalProperties": False,
-}
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Current weather",
-            "parameters": WEATHER,
-        },
-    },
-    {"type": "function", "function": {"name": "get_time", "parameters": TIME}},
-    {"type": "function", "function": {"name": "ping"}},  # no parameters: arguments must be {}
-]
-SCHEMAS = {"get_weather": WEATHER, "get_time": TIME, "ping": {"type": "object", "maxProperties": 0}}
 PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 NAMED_TIME = {"type": "function", "function": {"name": "get_time"}}

@@ -13,46 +13,24 @@ from collections import Counter
 import jsonschema
 import numpy as np
 import pytest
-from tool_samples import PERSON, TIME, assemble
+from tool_samples import PERSON, SCHEMAS, TOOLS, assemble
 
 from mlx_mistral.batch import BatchGenerator
-from mlx_mistral.chat import render_tool_calls
+from mlx_mistral.chat import encode_chat_request, parse_chat, render_tool_calls
+from mlx_mistral.errors import InvalidRequestError
+from mlx_mistral.generate import prompt_ids
 from mlx_mistral.sampling.params import SamplingParams
-from mlx_mistral.structured import (
+from mlx_mistral.tools.grammar import (
     GrammarConstraint,
     bitmask_to_mlx,
     build_grammar,
     make_constraints,
     make_llg_tokenizer,
 )
-from mlx_mistral.tool_calls import (
-    ToolCallStreamer,
-    parse_structured_request,
-    split_tool_calls,
-)
+from mlx_mistral.tools.parsing import ToolCallStreamer, split_tool_calls
+from mlx_mistral.tools.validation import parse_structured_request
 
 SEEDS = 100
-
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 12},
-        "unit": {"enum": ["celsius", "fahrenheit"]},
-        "days": {"type": "integer", "minimum": 1, "maximum": 14},
-        "alerts": {"type": "boolean"},
-    },
-    "required": ["city", "unit"],
-    "additionalProperties": False,
-}
-TOOLS = [
-    {
-        "type": "function",
-        "function": {"name": "get_weather", "description": "Weather", "parameters": WEATHER},
-    },
-    {"type": "function", "function": {"name": "get_time", "parameters": TIME}},
-    {"type": "function", "function": {"name": "ping"}},  # no parameters: arguments must be {}
-]
-SCHEMAS = {"get_weather": WEATHER, "get_time": TIME, "ping": {"type": "object", "maxProperties": 0}}
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +39,10 @@ def model_tok(tiny_model):
 
 
 def run_batch(model_tok, spec, *, max_tokens, seeds=SEEDS, logit_bias=None):
-    """One batch of `seeds` sequences; returns [(text, finish_reason, constraint, streamer deltas)]."""
+    """One batch of `seeds` sequences: [{text, finish, constraint, streamer, deltas}]."""
     model, tok = model_tok
-    prompt = tok.encode_chat(
-        [{"role": "user", "content": "What is the weather in Paris?"}], tools=spec.prompt_tools
+    prompt, spec = encode_chat_request(
+        tok, [{"role": "user", "content": "What is the weather in Paris?"}], spec
     )
     gen = BatchGenerator(model, tok, max_batch=seeds)
     runs = {}
@@ -232,12 +210,19 @@ def test_calls_in_the_history_keep_the_marker_out_without_tools(model_tok):
         {"role": "tool", "tool_call_id": "call_abcdefghi", "content": "12:00"},
     ]
     plain = parse_structured_request()
-    assert not plain.for_messages([{"role": "user", "content": "Hi"}]).constrained
-    spec = plain.for_messages(history)
+    hi = [{"role": "user", "content": "Hi"}]
+    assert not plain.for_history(parse_chat(hi).holds_tool_calls).constrained
+    assert parse_chat(history).holds_tool_calls
+    _, spec = encode_chat_request(tok, history, plain)
     assert spec.constrained and spec.prompt_tools is None
-    assert plain.for_messages(tuple(history)).constrained  # any sequence of messages
-    assert not plain.for_messages("[TOOL_CALLS] raw text").constrained
-    assert not plain.for_messages(1).constrained  # not messages: the chat encoder refuses it
+    # With tools in the request the grammar already knows the calls: the spec is unchanged.
+    with_tools = parse_structured_request(tools=TOOLS, tool_choice="none")
+    assert encode_chat_request(tok, history, with_tools)[1] is with_tools
+    assert prompt_ids(tok, tuple(history), plain)[1].constrained  # any sequence of messages
+    assert not prompt_ids(tok, "[TOOL_CALLS] raw text", plain)[1].constrained
+    with pytest.raises(InvalidRequestError) as info:  # not messages: the chat encoder refuses it
+        encode_chat_request(tok, 1, plain)
+    assert info.value.param == "messages"
     (constraint,) = make_constraints(spec, tok, 1)
     walk(constraint, tok, "It is [TOOL_CALLS")
     assert not np.array(constraint.allowed_mask())[tok.encode("\n]")[2]]

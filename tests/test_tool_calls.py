@@ -5,23 +5,19 @@ from __future__ import annotations
 import json
 import random
 import re
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tool_samples import assemble
+from tool_samples import WEATHER, assemble
 
 from mlx_mistral.chat import render_tool_calls
 from mlx_mistral.errors import InvalidRequestError
-from mlx_mistral.tool_calls import (
-    ResponseFormat,
-    ToolCallStreamer,
-    parse_structured_request,
-    parse_tool_calls,
-    split_tool_calls,
-)
-
-WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+from mlx_mistral.tools.parsing import ToolCallStreamer, parse_tool_calls, split_tool_calls
+from mlx_mistral.tools.spec import ResponseFormat, ToolSpec
+from mlx_mistral.tools.validation import parse_structured_request
 
 
 def tool(name="get_weather", **fn):
@@ -125,7 +121,7 @@ def test_defaults_follow_the_openai_api():
     assert spec.prompt_tools is None
     spec = parse_structured_request(tools=[tool(description="Weather", parameters=WEATHER)])
     assert spec.tool_choice == "auto" and spec.constrained
-    assert spec.prompt_tools == [tool(description="Weather", parameters=WEATHER)]
+    assert spec.prompt_tools == (ToolSpec("get_weather", "Weather", WEATHER),)
 
 
 def test_named_choice_and_formats_normalise():
@@ -303,3 +299,19 @@ def test_content_is_held_only_while_it_may_be_the_marker():
     streamer = ToolCallStreamer()
     assert streamer.feed("trailing ").content == "trailing"
     assert streamer.finish().content == " "
+
+
+# -- imports -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "module",
+    ["mlx_mistral.tools.parsing", "mlx_mistral.tools.format", "mlx_mistral.tools.spec"],
+)
+def test_reading_and_writing_calls_loads_neither_mlx_nor_llguidance(module):
+    """The plain-text side of tools is pure Python: a client-side parser, or a process that only
+    renders prompts, must not pay for (or need) MLX and the grammar engine."""
+    code = (
+        f"import sys, {module}\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'llguidance')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

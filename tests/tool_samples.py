@@ -10,6 +10,30 @@ TIME = {
     "additionalProperties": False,
 }
 
+# A weather tool's parameters with every kind of argument, strings bounded.
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 14},
+        "alerts": {"type": "boolean"},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "Weather", "parameters": WEATHER},
+    },
+    {"type": "function", "function": {"name": "get_time", "parameters": TIME}},
+    {"type": "function", "function": {"name": "ping"}},  # no parameters: arguments must be {}
+]
+# What each tool's arguments must satisfy ("ping" takes none).
+SCHEMAS = {"get_weather": WEATHER, "get_time": TIME, "ping": {"type": "object", "maxProperties": 0}}
+
 # A response_format schema with every JSON type, bounded so a random model finishes it.
 PERSON = {
     "type": "object",

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlx_mistral.chat import render_tool_calls
-from mlx_mistral.structured import new_call_id
+from mlx_mistral.tools.format import new_call_id
 
 SEED = 0
 GREETING = "Hello! It's nice to meet you. Is there something I can help you with?"

@@ -1,131 +1,33 @@
-"""Tools and structured output: request validation in, OpenAI tool calls out.
+"""Tools and response format in: the OpenAI fields validated once into a `StructuredRequest`.
 
-Request side: `parse_structured_request(tools=..., tool_choice=..., parallel_tool_calls=...,
-response_format=...)` validates the OpenAI fields once and returns a frozen `StructuredRequest`
-(`mlx_mistral.structured.make_constraints` turns it into grammars). Every bad field raises
-`InvalidRequestError` whose `param` names it ("tools[2].function.parameters", "tool_choice",
-"response_format.json_schema.schema", ...), including a schema the grammar engine cannot compile.
+`parse_structured_request(tools=..., tool_choice=..., parallel_tool_calls=...,
+response_format=...)` returns a frozen `StructuredRequest` (`mlx_mistral.tools.grammar` turns it
+into grammars). Every bad field raises `InvalidRequestError` whose `param` names it
+("tools[2].function.parameters", "tool_choice", "response_format.json_schema.schema", ...),
+including a schema the grammar engine cannot compile.
 
 Defaults as in the OpenAI API: `tool_choice` is "auto" with tools and "none" without;
 `parallel_tool_calls` is true; `response_format` is text.
 
-Output side: `split_tool_calls` / `parse_tool_calls` read a finished answer into OpenAI
-`tool_calls`, and `ToolCallStreamer` does the same incrementally, as OpenAI streams them. They
-live in `mlx_mistral.tool_stream` and are re-exported here.
-
-How the server should use `tool_choice` "none": pass `tools=None` to `encode_chat` (the model is
-not shown tools it may not call; `StructuredRequest.prompt_tools` says what to render), and still
-pass the constraints, which keep `[TOOL_CALLS]` out of the text.
+How the server uses `tool_choice` "none": the prompt shows no tools (the model is not shown tools
+it may not call; `StructuredRequest.prompt_tools` says what to render), and the constraints still
+keep `[TOOL_CALLS]` out of the text.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
-from .errors import InvalidRequestError
-from .structured import arguments_schema, check_schema_compiles
-from .tool_stream import (
-    StreamDelta,
-    ToolCallStreamer,
-    assemble_tool_calls,
-    parse_tool_calls,
-    split_tool_calls,
-)
+from ..errors import InvalidRequestError
+from .format import check_name
+from .grammar import arguments_schema, check_schema_compiles
+from .spec import ResponseFormat, StructuredRequest, ToolSpec
 
-__all__ = [
-    "ResponseFormat",
-    "StreamDelta",
-    "StructuredRequest",
-    "ToolCallStreamer",
-    "ToolSpec",
-    "assemble_tool_calls",
-    "parse_structured_request",
-    "parse_tool_calls",
-    "split_tool_calls",
-]
-
-NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 TOOL_CHOICES = ("none", "auto", "required")
 FORMAT_TYPES = ("text", "json_object", "json_schema")
-
-
-@dataclass(frozen=True)
-class ToolSpec:
-    """One function the model may call."""
-
-    name: str
-    description: str | None = None
-    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
-
-    def to_openai(self) -> dict[str, Any]:
-        """The OpenAI tool object, with only the keys given (what `encode_chat` renders)."""
-        fn: dict[str, Any] = {"name": self.name}
-        if self.description is not None:
-            fn["description"] = self.description
-        if self.parameters is not None:
-            fn["parameters"] = self.parameters
-        return {"type": "function", "function": fn}
-
-
-@dataclass(frozen=True)
-class ResponseFormat:
-    """`response_format`: plain text, any JSON object, or JSON valid against `schema`."""
-
-    type: Literal["text", "json_object", "json_schema"] = "text"
-    name: str | None = None
-    schema: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-@dataclass(frozen=True)
-class StructuredRequest:
-    """The validated tool and format fields of one chat request.
-
-    Attributes:
-        tools: The functions, in request order.
-        tool_choice: "none", "auto", "required", or "function" (then `function_name` is set).
-        function_name: The function a named `tool_choice` forces.
-        parallel_tool_calls: Whether an answer may hold several calls.
-        response_format: What a non-call answer must be.
-        calls_in_history: The conversation holds tool calls or results although the request
-            lists no tools: the answer is text that must not begin a call (a model may imitate
-            the calls it sees in its prompt).
-    """
-
-    tools: tuple[ToolSpec, ...] = ()
-    tool_choice: Literal["none", "auto", "required", "function"] = "none"
-    function_name: str | None = None
-    parallel_tool_calls: bool = True
-    response_format: ResponseFormat = field(default_factory=ResponseFormat)
-    calls_in_history: bool = False
-
-    def for_messages(self, messages: Any) -> StructuredRequest:
-        """This request for a prompt of `messages` (sets `calls_in_history`)."""
-        if self.tools or isinstance(messages, str) or not isinstance(messages, Sequence):
-            return self  # raw text, or not a list of messages (the chat encoder refuses it)
-        held = any(
-            isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls"))
-            for m in messages
-        )
-        return replace(self, calls_in_history=held) if held else self
-
-    @property
-    def prompt_tools(self) -> list[dict[str, Any]] | None:
-        """The `tools` argument for `encode_chat`: None without tools or with "none"."""
-        if not self.tools or self.tool_choice == "none":
-            return None
-        return [tool.to_openai() for tool in self.tools]
-
-    @property
-    def constrained(self) -> bool:
-        """Whether decoding runs under a grammar (see `mlx_mistral.structured`)."""
-        return bool(self.tools) or self.calls_in_history or self.response_format.type != "text"
 
 
 def parse_structured_request(
@@ -157,7 +59,7 @@ def parse_structured_request(
         >>> spec.tool_choice, spec.tools[0].name
         ('required', 'now')
     """
-    specs = () if tools is None else _tools(tools)
+    specs = () if tools is None else parse_tools(tools)
     choice, name = _tool_choice(tool_choice, specs)
     if parallel_tool_calls is not None and not isinstance(parallel_tool_calls, bool):
         raise InvalidRequestError(
@@ -173,7 +75,16 @@ def parse_structured_request(
     )
 
 
-def _tools(raw: Any) -> tuple[ToolSpec, ...]:
+def parse_tools(raw: Any) -> tuple[ToolSpec, ...]:
+    """Validate the OpenAI `tools` list (see `parse_structured_request`).
+
+    Raises:
+        InvalidRequestError: A tool is malformed; `param` names it ("tools[1].function.name").
+
+    Example:
+        >>> parse_tools([{"type": "function", "function": {"name": "now"}}])
+        (ToolSpec(name='now', description=None, parameters=None),)
+    """
     if not isinstance(raw, list) or not raw:
         raise InvalidRequestError("tools must be a non-empty list of tool objects", param="tools")
     specs = []
@@ -192,7 +103,7 @@ def _tools(raw: Any) -> tuple[ToolSpec, ...]:
                 f"{where}.function must be an object", param=f"{where}.function"
             )
         name = fn.get("name")
-        _check_name(name, f"{where}.function.name")
+        check_name(name, f"{where}.function.name")
         if name in seen:
             raise InvalidRequestError(
                 f"{where}.function.name {name!r} is already the name of tools[{seen[name]}]",
@@ -237,7 +148,7 @@ def _tool_choice(raw: Any, tools: tuple[ToolSpec, ...]) -> tuple[Any, str | None
             param="tool_choice",
         )
     name = raw["function"].get("name")
-    _check_name(name, "tool_choice.function.name")
+    check_name(name, "tool_choice.function.name")
     if not tools:
         raise InvalidRequestError(
             f"tool_choice names the function {name!r}, but the request has no tools",
@@ -269,7 +180,7 @@ def _response_format(raw: Any) -> ResponseFormat:
         raise InvalidRequestError(
             f"{where} must be an object with a name and a schema", param=where
         )
-    _check_name(js.get("name"), f"{where}.name")
+    check_name(js.get("name"), f"{where}.name")
     if "schema" not in js:
         raise InvalidRequestError(f"{where}.schema is required", param=f"{where}.schema")
     _check_schema(js["schema"], f"{where}.schema", must_take_object=False)
@@ -282,14 +193,6 @@ def _response_format(raw: Any) -> ResponseFormat:
             f"{where}.description must be a string", param=f"{where}.description"
         )
     return ResponseFormat("json_schema", js["name"], js["schema"], strict)
-
-
-def _check_name(name: Any, param: str) -> None:
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise InvalidRequestError(
-            f"{param} must be 1 to 64 letters, digits, underscores or dashes, got {name!r}",
-            param=param,
-        )
 
 
 def _check_schema(schema: Any, param: str, *, must_take_object: bool) -> None:
@@ -311,7 +214,8 @@ def _check_schema(schema: Any, param: str, *, must_take_object: bool) -> None:
         kind = schema.get("type", "object")
         if kind != "object" and not (isinstance(kind, list) and "object" in kind):
             raise InvalidRequestError(
-                f'{param} must describe an object (arguments are a JSON object), got "type": {kind!r}',
+                f"{param} must describe an object (arguments are a JSON object), "
+                f'got "type": {kind!r}',
                 param=param,
             )
         schema = arguments_schema(schema)

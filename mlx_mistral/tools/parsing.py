@@ -1,13 +1,13 @@
 """Reading tool calls out of generated text: whole (`split_tool_calls`) or as it streams
-(`ToolCallStreamer`).
+(`ToolCallStreamer`). Pure Python: importing it loads neither MLX nor llguidance.
 
-The model writes calls in the format `mlx_mistral.chat` renders (v0.2 has no tool tokens),
+The model writes calls in the layout of `mlx_mistral.tools.format` (v0.2 has no tool tokens),
 optionally after some text and one space:
 
     [TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "call_AbC123xyz"}]
 
 Both readers give OpenAI `tool_calls`. Call ids are the ids in the text: under a grammar they are
-chosen by `mlx_mistral.structured` (never by the model) and forced into the output, so the answer
+chosen by `mlx_mistral.tools.grammar` (never by the model) and forced into the output, so the answer
 re-renders into the next prompt unchanged. A call without an id (only possible in text generated
 without a grammar) gets a fresh `new_call_id()`. `arguments` is the JSON text exactly as
 generated.
@@ -21,8 +21,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .chat import TOOL_CALLS_PREFIX
-from .structured import new_call_id
+from .format import (
+    ARGUMENTS_KEY,
+    CALL_CLOSE,
+    CALL_OPEN,
+    CONTENT_SEPARATOR,
+    ID_KEY,
+    ITEM_SEPARATOR,
+    TOOL_CALLS_MARKER,
+    new_call_id,
+)
 
 
 def split_tool_calls(text: str) -> tuple[str, list[dict[str, Any]] | None]:
@@ -36,12 +44,12 @@ def split_tool_calls(text: str) -> tuple[str, list[dict[str, Any]] | None]:
         them) and the OpenAI calls; (text, None) when the text holds no complete, well-formed
         call array (for example when generation stopped at max_tokens mid-call).
     """
-    at = text.find(TOOL_CALLS_PREFIX)
+    at = text.find(TOOL_CALLS_MARKER)
     if at < 0:
         return text, None
     content = text[:at]
-    content = content.removesuffix(" ")
-    calls = _parse_call_array(text, at + len(TOOL_CALLS_PREFIX))
+    content = content.removesuffix(CONTENT_SEPARATOR)
+    calls = _parse_call_array(text, at + len(TOOL_CALLS_MARKER))
     return (text, None) if calls is None else (content, calls)
 
 
@@ -49,7 +57,8 @@ def parse_tool_calls(text: str) -> list[dict[str, Any]] | None:
     """The OpenAI `tool_calls` of an answer, or None if it makes no (complete) call.
 
     Args:
-        text: The generated text, e.g. '[TOOL_CALLS] [{"name": "f", "arguments": {}, "id": "call_1"}]'.
+        text: The generated text, e.g.
+            '[TOOL_CALLS] [{"name": "f", "arguments": {}, "id": "call_1"}]'.
 
     Returns:
         `[{"id", "type": "function", "function": {"name", "arguments": <JSON text>}}]` or None.
@@ -143,12 +152,15 @@ class StreamDelta:
     tool_calls: tuple[dict[str, Any], ...] = ()  # OpenAI `delta.tool_calls` entries
 
 
-# The layout the grammar writes (see mlx_mistral.structured), read piece by piece.
-_MARKER_HOLD = (" " + TOOL_CALLS_PREFIX, TOOL_CALLS_PREFIX)
+# The layout the grammar writes (see mlx_mistral.tools.grammar), read piece by piece. Names and
+# ids are plain (no escapes): validation allows no quote or backslash in a name, and ids are
+# alphanumeric.
+_MARKER_HOLD = (CONTENT_SEPARATOR + TOOL_CALLS_MARKER, TOOL_CALLS_MARKER)
 _OPEN = re.compile(r"\s*\[")
-_HEAD = re.compile(r'\s*\{"name": "([^"\\]*)", "arguments": ')
-_TAIL = re.compile(r'\s*, "id": "[^"\\]*"\}')
-_SEP = re.compile(r"\s*([,\]])")
+_HEAD = re.compile(r"\s*" + re.escape(CALL_OPEN) + r'"([^"\\]*)"' + re.escape(ARGUMENTS_KEY))
+_TAIL = re.compile(r"\s*" + re.escape(ID_KEY) + r'"[^"\\]*"' + re.escape(CALL_CLOSE))
+_NEXT = ITEM_SEPARATOR.strip()  # "," before another call
+_SEP = re.compile(r"\s*(" + re.escape(_NEXT) + r"|\])")
 
 
 class ToolCallStreamer:
@@ -165,9 +177,11 @@ class ToolCallStreamer:
 
     Example:
         >>> s = ToolCallStreamer(call_ids=["call_1"])
-        >>> d = [s.feed(t) for t in ('[TOOL_', 'CALLS] [{"name": "f", "argu', 'ments": {}, "id": "call_1"}]')]
-        >>> [c for x in d for c in x.tool_calls]  # doctest: +NORMALIZE_WHITESPACE
-        [{'index': 0, 'id': 'call_1', 'type': 'function', 'function': {'name': 'f', 'arguments': ''}},
+        >>> pieces = ('[TOOL_', 'CALLS] [{"name": "f", "argu', 'ments": {}, "id": "call_1"}]')
+        >>> deltas = [s.feed(piece) for piece in pieces]
+        >>> [c for x in deltas for c in x.tool_calls]  # doctest: +NORMALIZE_WHITESPACE
+        [{'index': 0, 'id': 'call_1', 'type': 'function',
+          'function': {'name': 'f', 'arguments': ''}},
          {'index': 0, 'function': {'arguments': '{}'}}]
     """
 
@@ -191,11 +205,11 @@ class ToolCallStreamer:
             self._calls += text
             return StreamDelta(tool_calls=tuple(self._read()))
         text = self._held + text
-        at = text.find(TOOL_CALLS_PREFIX)
+        at = text.find(TOOL_CALLS_MARKER)
         if at >= 0:
             content = text[:at]
-            self._held, self._calls = content, text[at + len(TOOL_CALLS_PREFIX) :]
-            return StreamDelta(content.removesuffix(" "), tuple(self._read()))
+            self._held, self._calls = content, text[at + len(TOOL_CALLS_MARKER) :]
+            return StreamDelta(content.removesuffix(CONTENT_SEPARATOR), tuple(self._read()))
         keep = max(
             (
                 k
@@ -212,12 +226,12 @@ class ToolCallStreamer:
         if self._calls is None:
             held, self._held = self._held, ""
             return StreamDelta(held)
-        _, calls = split_tool_calls(self._held + TOOL_CALLS_PREFIX + self._calls)
+        _, calls = split_tool_calls(self._held + TOOL_CALLS_MARKER + self._calls)
         if calls is None:  # no complete call array (max_tokens hit mid-call)
             # Under a grammar (ids known) what follows the marker is a call cut short, never
             # content; without one it is the model's own text.
             cut_call = self._started or self._ids is not None
-            return StreamDelta("" if cut_call else TOOL_CALLS_PREFIX + self._calls)
+            return StreamDelta("" if cut_call else TOOL_CALLS_MARKER + self._calls)
         out = []
         for i in range(self._started, len(calls)):
             fn = calls[i]["function"]
@@ -255,7 +269,7 @@ class ToolCallStreamer:
                 out.append(_first_delta(i, call_id, match.group(1)))
                 self._started += 1
             nxt = {"open": "head", "head": "args", "tail": "sep"}
-            self._state = nxt.get(self._state) or ("head" if match.group(1) == "," else "done")
+            self._state = nxt.get(self._state) or ("head" if match.group(1) == _NEXT else "done")
         return out
 
     def _scan_arguments(self, text: str) -> bool:
@@ -292,8 +306,10 @@ def assemble_tool_calls(
     generated so far (and finish_reason "length"), as the stream already sent them.
 
     Example:
-        >>> assemble_tool_calls(['[TOOL_CALLS] [{"name": "f", "argu', 'ments": {"x": 1'], ["call_1"])
-        ('', [{'id': 'call_1', 'type': 'function', 'function': {'name': 'f', 'arguments': '{"x": 1'}}])
+        >>> pieces = ['[TOOL_CALLS] [{"name": "f", "argu', 'ments": {"x": 1']
+        >>> assemble_tool_calls(pieces, ["call_1"])  # doctest: +NORMALIZE_WHITESPACE
+        ('', [{'id': 'call_1', 'type': 'function',
+               'function': {'name': 'f', 'arguments': '{"x": 1'}}])
     """
     streamer = ToolCallStreamer(call_ids=call_ids)
     deltas = [streamer.feed(piece) for piece in pieces] + [streamer.finish()]

@@ -1,32 +1,33 @@
 """Grammar-constrained decoding: tool calls and JSON answers that are well-formed by construction.
 
 `make_constraints(spec, tokenizer, n)` turns a validated `StructuredRequest` (see
-`mlx_mistral.tool_calls`) into one `TokenConstraint` per choice for `BatchGenerator.add`. Each
-holds an llguidance matcher (the engine was chosen by measurement: docs/benchmarks.md, "Grammar engine")
-over a Lark grammar with inline JSON schemas; every step it yields the bool mask of tokens the
-grammar allows, and it is told every token the sequence takes.
+`mlx_mistral.tools.validation`) into one `TokenConstraint` per choice for `BatchGenerator.add`.
+Each holds an llguidance matcher (the engine was chosen by measurement: docs/benchmarks.md,
+"Grammar engine") over a Lark grammar with inline JSON schemas; every step it yields the bool
+mask of tokens the grammar allows, and it is told every token the sequence takes.
 
 The grammars work on the bytes of the generated tokens, and the first generated token usually
 carries SentencePiece's dummy-prefix space ("▁[" is " ["): so every grammar accepts one optional
 leading space, which the detokenizer drops from the text.
 
-- A call (`tool_choice` "required" or a named function) is exactly the text `mlx_mistral.chat`
-  renders for an assistant call, so the conversation round-trips into the next prompt:
+- A call (`tool_choice` "required" or a named function) is exactly the text
+  `mlx_mistral.tools.format` renders for an assistant call, so the conversation round-trips into
+  the next prompt:
 
       [TOOL_CALLS] [{"name": "get_weather", "arguments": {...}, "id": "call_AbC123xyz"}]
 
   The name is one of the tools (the named one only, for a named choice); `arguments` is JSON
-  valid against that tool's `parameters` schema, written with the separators chat.py uses
+  valid against that tool's `parameters` schema, written with the format's separators
   (", " and ": ", no other whitespace). With `parallel_tool_calls` up to `MAX_PARALLEL_CALLS`
   calls follow one another (", " between them), otherwise exactly one. The ids are chosen here
-  (`new_call_id`) and written into the grammar as literals: the model never invents or copies an
-  id, and `constraint.call_ids[i]` is known before the i-th call is generated (for streaming).
-  Once `]` closes the array the constraint finishes the sequence with "tool_calls".
+  (`format.new_call_id`) and written into the grammar as literals: the model never invents or
+  copies an id, and `constraint.call_ids[i]` is known before the i-th call is generated (for
+  streaming). Once `]` closes the array the constraint finishes the sequence with "tool_calls".
 - `tool_choice` "auto": the answer is either free text that never contains `[TOOL_CALLS]`, or
-  optional text, one space, then a call array as above (what chat.py renders for an assistant
-  message with both content and calls). Text is unconstrained until the marker appears; from
-  there on the call is constrained. With a JSON `response_format`, the answer is JSON instead of
-  free text.
+  optional text, one space, then a call array as above (what the format renders for an
+  assistant message with both content and calls). Text is unconstrained until the marker
+  appears; from there on the call is constrained. With a JSON `response_format`, the answer is
+  JSON instead of free text.
 - `tool_choice` "none" with tools: free text that never contains `[TOOL_CALLS]` (or the JSON
   answer), so a model that has seen calls in the conversation cannot start one.
 - `response_format` json_object / json_schema without tools: the whole answer is the JSON value;
@@ -37,47 +38,48 @@ leading space, which the detokenizer drops from the text.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import re
-import secrets
-import string
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import llguidance
 import mlx.core as mx
 import numpy as np
 
-from .chat import TOOL_CALLS_PREFIX
-from .tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from .tool_calls import StructuredRequest
+from ..tokenizer import Tokenizer
+from .format import (
+    ARGUMENTS_KEY,
+    CALL_OPEN,
+    CALLS_HEAD,
+    CONTENT_SEPARATOR,
+    ITEM_SEPARATOR,
+    KEY_SEPARATOR,
+    STRING_ESCAPES,
+    TOOL_CALLS_MARKER,
+    call_tail,
+    dumps,
+    new_call_id,
+)
+from .spec import StructuredRequest
 
 MAX_PARALLEL_CALLS = 8  # most calls in one answer when parallel_tool_calls is true
-CALL_ID_CHARS = (
-    9  # "call_" + 9 alphanumerics: ~62 bits; 24 would cost ~12 more forced tokens per call
-)
-_ALPHANUM = string.ascii_letters + string.digits
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-F]{2}>$")
 
-# JSON as mlx_mistral.chat writes it (json.dumps, separators ", " and ": ", ensure_ascii=False),
-# so a generated call re-renders byte for byte into the next prompt: no free whitespace (which also
-# keeps a sampled model from spinning on blank lines) and only the escapes json.dumps writes for
-# characters it does not leave raw ("\uXXXX" would be a second spelling of a raw character; the
-# control characters that json.dumps writes as "\u00XX" are left out). Number spellings are not
-# canonicalised ("1.50" re-renders as "1.5").
+# JSON exactly as the format writes it, so a generated call re-renders byte for byte into the
+# next prompt: no free whitespace (which also keeps a sampled model from spinning on blank lines)
+# and only the escapes the format writes ("\uXXXX" would be a second spelling of a raw
+# character). Number spellings are not canonicalised ("1.50" re-renders as "1.5").
 JSON_OPTIONS: dict[str, Any] = {
     "whitespace_flexible": False,
-    "item_separator": ", ",
-    "key_separator": ": ",
-    "json_allowed_escapes": '"\\bfnrt',
+    "item_separator": ITEM_SEPARATOR,
+    "key_separator": KEY_SEPARATOR,
+    "json_allowed_escapes": STRING_ESCAPES,
 }
 
 # Text that never contains the call marker (llguidance regex intersection and negation).
-_MARKER_RE = "\\[" + TOOL_CALLS_PREFIX[1:-1] + "\\]"
+_MARKER_RE = re.escape(TOOL_CALLS_MARKER)
 _TEXT_RULES = f"""
 TEXT: /(?s:.*)/ & ~/(?s:.*){_MARKER_RE}(?s:.*)/
 """
@@ -85,16 +87,6 @@ TEXT: /(?s:.*)/ & ~/(?s:.*){_MARKER_RE}(?s:.*)/
 _llg_tokenizers: weakref.WeakKeyDictionary[Tokenizer, llguidance.LLTokenizer] = (
     weakref.WeakKeyDictionary()
 )
-
-
-def new_call_id(rng: random.Random | None = None) -> str:
-    """A tool-call id: "call_" and `CALL_ID_CHARS` random letters and digits.
-
-    Args:
-        rng: Where the randomness comes from (default: the OS's secure source).
-    """
-    choose = rng.choice if rng is not None else secrets.choice
-    return "call_" + "".join(choose(_ALPHANUM) for _ in range(CALL_ID_CHARS))
 
 
 def schema_grammar(schema: Mapping[str, Any]) -> str:
@@ -177,12 +169,12 @@ def bitmask_to_mlx(bitmask: bytes, vocab_size: int) -> mx.array:
 # -- grammars ------------------------------------------------------------------------------------
 def _lit(text: str) -> str:
     """A Lark string literal (JSON string syntax is what llguidance's Lark reads)."""
-    return json.dumps(text, ensure_ascii=False)
+    return dumps(text)
 
 
 def _json_rule(name: str, schema: Mapping[str, Any]) -> str:
     merged = {**schema, "x-guidance": {**schema.get("x-guidance", {}), **JSON_OPTIONS}}
-    return f"{name}: %json {json.dumps(merged, ensure_ascii=False)}\n"
+    return f"{name}: %json {dumps(merged)}\n"
 
 
 def arguments_schema(parameters: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -200,23 +192,24 @@ def arguments_schema(parameters: Mapping[str, Any] | None) -> dict[str, Any]:
 def calls_rules(
     tools: Sequence[tuple[str, Mapping[str, Any] | None]], call_ids: Sequence[str]
 ) -> str:
-    """Rules `calls` (the array body between "[" and "]") for the given (name, parameters)."""
+    """Rules `calls` (the array body between "[" and "]") for the given (name, parameters).
+
+    Each call is the format's `CALL_OPEN`, a name with its `ARGUMENTS_KEY`, the arguments, then
+    the call's `call_tail`: the name decides which schema the arguments follow.
+    """
     rules = []
     names = []
     for k, (name, parameters) in enumerate(tools):
-        rules.append(
-            f"fn_{k}: {_lit(json.dumps(name) + ', ' + json.dumps('arguments') + ': ')} args_{k}\n"
-        )
+        rules.append(f"fn_{k}: {_lit(dumps(name) + ARGUMENTS_KEY)} args_{k}\n")
         rules.append(_json_rule(f"args_{k}", arguments_schema(parameters)))
         names.append(f"fn_{k}")
     rules.append(f"fn: {' | '.join(names)}\n")
     for i, call_id in enumerate(call_ids):
-        close = _lit(", " + json.dumps("id") + ": " + json.dumps(call_id) + "}")
-        rules.append(f"call_{i}: {_lit('{' + json.dumps('name') + ': ')} fn {close}\n")
+        rules.append(f"call_{i}: {_lit(CALL_OPEN)} fn {_lit(call_tail(call_id))}\n")
     # call_0 (", " call_1 (", " call_2 ...)?)?
     body = f"call_{len(call_ids) - 1}"
     for i in range(len(call_ids) - 2, -1, -1):
-        body = f'call_{i} (", " {body})?'
+        body = f"call_{i} ({_lit(ITEM_SEPARATOR)} {body})?"
     rules.append(f"calls: {body}\n")
     return "".join(rules)
 
@@ -258,14 +251,14 @@ def build_grammar(spec: StructuredRequest, call_ids: Sequence[str]) -> str | Non
     rules.append(calls_rules(tools, call_ids))
     array = '"[" calls "]"'
     if choice in ("required", "function"):
-        rules.append(f'start: " "? {_lit(TOOL_CALLS_PREFIX + " ")} {array}\n')
+        rules.append(f'start: " "? {_lit(CALLS_HEAD)} {array}\n')
     elif answer is None:  # auto, free text: optional text, one space, then the marker
         rules.append(_TEXT_RULES)
-        rules.append(f'CALL_HEAD: (TEXT " ")? {_lit(TOOL_CALLS_PREFIX + " ")}\n')
+        rules.append(f"CALL_HEAD: (TEXT {_lit(CONTENT_SEPARATOR)})? {_lit(CALLS_HEAD)}\n")
         rules.append("call_head[lazy]: CALL_HEAD\n")
         rules.append(f"start: TEXT | call_head {array}\n")
     else:  # auto with a JSON answer: the JSON value, or the calls
-        rules.append(f'start: {answer} | " "? {_lit(TOOL_CALLS_PREFIX + " ")} {array}\n')
+        rules.append(f'start: {answer} | " "? {_lit(CALLS_HEAD)} {array}\n')
     return "".join(rules)
 
 
@@ -319,7 +312,7 @@ class GrammarConstraint:
         self._matcher.consume_token(token)
         if not self._in_calls and self.call_ids and token != self._eos:
             self._tail = (self._tail + self._token_bytes[token])[-64:]
-            self._in_calls = TOOL_CALLS_PREFIX.encode() in self._tail
+            self._in_calls = TOOL_CALLS_MARKER.encode() in self._tail
 
     def forced_finish_reason(self) -> str | None:
         """ "tool_calls" once the call array is closed; "stop" once a JSON answer is complete."""
@@ -339,7 +332,7 @@ def make_constraints(
     """One constraint per choice for `BatchGenerator.add(..., constraints=...)`.
 
     Args:
-        spec: The validated request (`mlx_mistral.tool_calls.parse_structured_request`).
+        spec: The validated request (`mlx_mistral.tools.validation.parse_structured_request`).
         tokenizer: The model's tokenizer.
         n: Number of choices.
         seed: The request's seed. The call ids are forced tokens, so they are part of the
@@ -352,8 +345,14 @@ def make_constraints(
         `n` fresh constraints (each with its own call ids), or None when nothing is constrained.
 
     Example:
-        >>> spec = parse_structured_request(tools=tools, tool_choice="required")  # doctest: +SKIP
-        >>> gen.add(prompt, params, constraints=make_constraints(spec, tokenizer, params.n))  # doctest: +SKIP
+        >>> from mlx_mistral.tools.validation import parse_structured_request
+        >>> from mlx_mistral import demo_model_path
+        >>> tokenizer = Tokenizer.from_file(demo_model_path() / "tokenizer.model")
+        >>> spec = parse_structured_request(
+        ...     tools=[{"type": "function", "function": {"name": "now"}}], tool_choice="required")
+        >>> (constraint,) = make_constraints(spec, tokenizer, 1, seed=0)
+        >>> constraint.call_ids[0].startswith("call_"), constraint.forced_finish_reason()
+        (True, None)
     """
     max_calls = MAX_PARALLEL_CALLS if spec.parallel_tool_calls else 1
     calls = bool(spec.tools) and spec.tool_choice != "none"
