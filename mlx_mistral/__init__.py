@@ -11,6 +11,8 @@ Example:
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from . import _blas
@@ -64,3 +66,17 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *_HOMES])
+
+
+class _PublicNames(types.ModuleType):
+    """Loading the submodule `generate` sets the package attribute of that name to the module;
+    `mlx_mistral.generate` must stay the function (as it was when the package imported eagerly),
+    whichever of the module's names was used first. The module stays in sys.modules."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _HOMES and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _PublicNames

@@ -391,9 +391,9 @@ def test_the_table_drives_the_api_document_and_the_request_parser():
 
 
 def test_stream_generate_makes_one_choice(tiny_model):
-    from mlx_mistral.generate import stream_generate
+    import mlx_mistral
 
     model, tokenizer = tiny_model
     with pytest.raises(InvalidRequestError) as err:
-        next(stream_generate(model, tokenizer, "Hi", params=SamplingParams(n=2)))
+        next(mlx_mistral.stream_generate(model, tokenizer, "Hi", params=SamplingParams(n=2)))
     assert err.value.param == "n"
