@@ -32,7 +32,7 @@ from mlx_mistral.errors import (
     MistralError,
     ModelNotFoundError,
 )
-from mlx_mistral.sampling_params import SamplingParams
+from mlx_mistral.sampling.params import SamplingParams
 from mlx_mistral.tokenizer import Tokenizer
 from mlx_mistral.tools.grammar import GrammarConstraint, make_constraints
 
