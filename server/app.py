@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mlx_mistral.chat import encode_chat_request
+from mlx_mistral.chat import ChatPrompt, encode_chat_prompt
 from mlx_mistral.engine import Engine, EngineConfig
 from mlx_mistral.errors import (
     EngineDeadError,
@@ -74,7 +74,12 @@ class ServerState:
             raise EngineDeadError("the engine is not running; restart the server")
         return self.engine
 
-    def check_model(self, model: str | None) -> None:
+    def check_model(self, model: str | None, *, lookup: bool = False) -> None:
+        """Refuse a model name that this server does not serve: with --strict-model-names, or
+        when a client looks a model up (`lookup`: GET /v1/models/{id} says what exists). Else
+        the one served model answers any name (clients send their own defaults)."""
+        if not (self.config.strict_model_names or lookup):
+            return
         if model is not None and model not in self.config.accepted_model_names:
             raise ModelNotFoundError(
                 f"the model {model[:200]!r} is not served here; this server serves "
@@ -154,8 +159,8 @@ async def _read_json(request: Request) -> dict[str, Any]:
 def chat_prompt(
     tokenizer: Tokenizer,
     req: ChatCompletionRequest,
-) -> tuple[list[int], list[GrammarConstraint] | None]:
-    """The prompt ids of a chat request and, for tools or a JSON response_format, one grammar
+) -> tuple[ChatPrompt, list[GrammarConstraint] | None]:
+    """The prompt of a chat request and, for tools or a JSON response_format, one grammar
     constraint per choice.
 
     Runs off the event loop: a first grammar builds the vocabulary's grammar view (~0.1 s).
@@ -165,11 +170,14 @@ def chat_prompt(
     Raises:
         InvalidRequestError: a message or tool that the chat format refuses, naming it.
     """
-    prompt, spec = encode_chat_request(tokenizer, req.messages, req.structured)
-    if not spec.constrained:
+    prompt = encode_chat_prompt(tokenizer, req.messages, req.structured)
+    if not prompt.spec.constrained:
         return prompt, None
     params = req.params
-    return prompt, make_constraints(spec, tokenizer, params.n, seed=params.seed, prompt=prompt)
+    constraints = make_constraints(
+        prompt.spec, tokenizer, params.n, seed=params.seed, prompt=prompt.ids
+    )
+    return prompt, constraints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,9 +239,17 @@ async def chat_completions(request: Request) -> Response:
         include_usage=req.include_usage,
         stats=_stats(request),
         call_ids=call_ids,
+        continuation=prompt.continues,
     )
-    params = state.fit_max_tokens(req.params, req.max_tokens_given, len(prompt))
-    plan = RequestPlan(prompt, params, writer, req.stream, constraints=constraints)
+    params = state.fit_max_tokens(req.params, req.max_tokens_given, len(prompt.ids))
+    plan = RequestPlan(
+        prompt.ids,
+        params,
+        writer,
+        req.stream,
+        continuation=prompt.continues,  # the answer goes on from the final assistant text
+        constraints=constraints,
+    )
     return await _generate(request, engine, plan)
 
 
@@ -263,7 +279,7 @@ async def list_models(request: Request) -> Response:
 @guarded
 async def get_model(request: Request) -> Response:
     state = _state(request)
-    state.check_model(request.path_params["model"])
+    state.check_model(request.path_params["model"], lookup=True)
     return JSONResponse(state.model_card())
 
 
@@ -341,10 +357,14 @@ def _lifespan(state: ServerState, load: Callable[[], Any] | None):
 
                 loader = functools.partial(load_checkpoint, config.model)
             state.engine = await asyncio.to_thread(start_engine, config, loader)
+        tokenizer = state.engine.tokenizer
         state.served = Served(
             config.model_name,
             (config.prompt_price, config.completion_price),
-            LogprobFormatter(state.engine.tokenizer.token_bytes()),
+            LogprobFormatter(tokenizer.token_bytes()),
+            spaced_tokens=frozenset(
+                i for i in range(tokenizer.vocab_size) if tokenizer.id_to_piece(i)[:1] == "\u2581"
+            ),
         )
         yield
         begin_drain(app)
@@ -401,14 +421,14 @@ def create_app(
         >>> # uvicorn.run(app, host="127.0.0.1", port=8000)
     """
     state = ServerState(config, engine=engine)
-    chat = ["/v1/chat/completions", "/v1/openai/chat/completions"]
-    text = ["/v1/completions", "/v1/openai/completions"]
-    routes = [Route(p, chat_completions, methods=["POST"]) for p in chat]
-    routes += [Route(p, completions, methods=["POST"]) for p in text]
+    # Clients configured with a base URL without /v1 (as llama.cpp and vLLM serve it too).
+    prefixes = ("/v1", "/v1/openai", "")
+    routes = [Route(f"{p}/chat/completions", chat_completions, methods=["POST"]) for p in prefixes]
+    routes += [Route(f"{p}/completions", completions, methods=["POST"]) for p in prefixes]
+    routes += [Route(f"{p}/models", list_models, methods=["GET"]) for p in prefixes]
     routes += [
-        Route("/v1/models", list_models, methods=["GET"]),
-        Route("/v1/openai/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/models/{model:path}", get_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
     ]

@@ -69,8 +69,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="extend",
         default=[],
         metavar="HOST[,HOST]",
-        help="Host headers accepted besides localhost, 127.0.0.1, [::1] and the "
+        help="Host headers accepted besides localhost, 127.0.0.1, [::1], *.localhost, "
+        "host.docker.internal (and the other container names for this machine) and the "
         "bound host ('*' accepts any: not recommended)",
+    )
+    parser.add_argument(
+        "--strict-model-names",
+        action="store_true",
+        help="answer 404 to a request whose model is not the served model's name (default: "
+        "any name is served by the one model, as clients send their own default names)",
     )
     parser.add_argument(
         "--cors-origins",
@@ -231,6 +238,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         idle_timeout_seconds=args.idle_timeout,
         header_timeout_seconds=args.header_timeout,
         body_timeout_seconds=args.body_timeout,
+        strict_model_names=args.strict_model_names,
     )
 
 

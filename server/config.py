@@ -13,6 +13,23 @@ from mlx_mistral.hub import DEFAULT_REPO
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
+CONTAINER_HOSTS = (
+    "host.docker.internal",  # Docker Desktop, and Docker on Linux with host-gateway
+    "gateway.docker.internal",
+    "kubernetes.docker.internal",
+    "host.containers.internal",  # Podman
+    "host.lima.internal",  # Lima, Colima
+    "host.orb.internal",  # OrbStack
+)
+"""The names by which a container on this machine reaches the host (Open WebUI in Docker sends
+`Host: host.docker.internal:8000`). They are safe to accept against DNS rebinding: `.internal`
+is reserved for private use and never delegated in public DNS, so an attacker's DNS cannot make
+a browser send them; only this machine's hosts file or container runtime resolves them."""
+
+# RFC 6761: *.localhost is loopback, and browsers resolve it so without asking DNS (a page
+# cannot be served under such a name by anyone but this machine). Labels as in DNS.
+_LOCALHOST_SUBDOMAIN = re.compile(r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?\.)+localhost")
+
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 """8 MiB: far more than a full 32k-token conversation needs, far less than memory."""
 
@@ -87,8 +104,16 @@ def host_name(value: str) -> str:
 
 
 def host_allowed(name: str, allowed: frozenset[str]) -> bool:
-    """Whether a Host name (from `host_name`) is on the allow-list (from `host_allow_list`)."""
-    return "*" in allowed or name in allowed
+    """Whether a Host name (from `host_name`) is on the allow-list (from `host_allow_list`), or
+    a name that only this machine can send: a `*.localhost` name or a container's name for the
+    host (`CONTAINER_HOSTS`). `*.local` is not one: any machine on the LAN can answer mDNS for
+    it, with 127.0.0.1 too, so it stays behind --allowed-hosts."""
+    return (
+        "*" in allowed
+        or name in allowed
+        or name in CONTAINER_HOSTS
+        or _LOCALHOST_SUBDOMAIN.fullmatch(name) is not None
+    )
 
 
 def served_name(model: str) -> str:
@@ -109,8 +134,9 @@ class ServerConfig:
         is_demo: True when serving the bundled demo model.
         host, port: where to listen.
         api_key: the bearer key clients must send; None accepts any (or no) token.
-        allowed_hosts: Host-header values accepted besides the loopback names and the bound
-            host (DNS-rebinding defence); "*" turns the check off.
+        allowed_hosts: Host-header values accepted besides the loopback names, the bound host,
+            `*.localhost` and the container names of `CONTAINER_HOSTS` (DNS-rebinding
+            defence); "*" turns the check off.
         cors_origins: origins that may call the API from a browser; empty turns CORS off.
         allow_public: allow a non-loopback bind without an API key.
         max_body_bytes: the largest request body accepted (413 beyond).
@@ -128,6 +154,9 @@ class ServerConfig:
             byte (408 beyond).
         body_timeout_seconds: a request body that pauses for this long is closed.
         drain_timeout_seconds: at shutdown, how long in-flight requests may take to finish.
+        strict_model_names: refuse (404) a request whose `model` is not a name of the served
+            model; by default any name is served by the one model (clients send their own
+            defaults: "gpt-4o", "llama3:latest", ""), and the answer names the served model.
 
     Raises:
         InvalidRequestError: a setting out of range, or a public bind without a key; `param`
@@ -158,6 +187,7 @@ class ServerConfig:
     header_timeout_seconds: float = 60.0
     body_timeout_seconds: float = 60.0
     ollama_port: int | None = None  # also serve on this port (Ollama's apps assume 11434)
+    strict_model_names: bool = False
     accepted_model_names: frozenset[str] = field(default=frozenset(), compare=False)
 
     def __post_init__(self) -> None:

@@ -157,7 +157,8 @@ async def chat(request: Request) -> Response:
         return JSONResponse(load_response(req.model, chat=True))
     engine = state.live_engine()
     as_openai = ChatCompletionRequest(req.messages, req.params, structured=req.structured)
-    prompt, constraints = await asyncio.to_thread(chat_prompt, engine.tokenizer, as_openai)
+    encoded, constraints = await asyncio.to_thread(chat_prompt, engine.tokenizer, as_openai)
+    prompt = encoded.ids
     call_ids = None
     if req.parses_tool_calls and constraints:
         call_ids = [c.call_ids for c in constraints]
@@ -165,7 +166,14 @@ async def chat(request: Request) -> Response:
         state.served, req.params, model=req.model, stats=_stats(request), call_ids=call_ids
     )
     params = state.fit_max_tokens(req.params, req.max_tokens_given, len(prompt))
-    plan = RequestPlan(prompt, params, writer, req.stream, constraints=constraints)
+    plan = RequestPlan(
+        prompt,
+        params,
+        writer,
+        req.stream,
+        continuation=encoded.continues,  # a final assistant message goes on
+        constraints=constraints,
+    )
     return await _generate(request, engine, plan)
 
 
@@ -181,7 +189,8 @@ async def generate(request: Request) -> Response:
         prompt = await asyncio.to_thread(engine.tokenizer.encode, req.prompt, bos=True)
     else:
         as_openai = ChatCompletionRequest(req.messages, req.params, structured=req.structured)
-        prompt, constraints = await asyncio.to_thread(chat_prompt, engine.tokenizer, as_openai)
+        encoded, constraints = await asyncio.to_thread(chat_prompt, engine.tokenizer, as_openai)
+        prompt = encoded.ids
         if req.context:  # the earlier conversation, then this turn (its <s> is the context's)
             prompt = [*req.context, *prompt[1:]]
     writer = OllamaGenerateWriter(

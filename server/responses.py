@@ -104,7 +104,7 @@ class ResponsesAPI:
         engine = state.live_engine()
         chat = dataclasses.replace(req.chat, messages=req.messages(list(history)))
         try:
-            prompt, constraints = await asyncio.to_thread(chat_prompt, engine.tokenizer, chat)
+            encoded, constraints = await asyncio.to_thread(chat_prompt, engine.tokenizer, chat)
         except InvalidRequestError as exc:
             raise req.rename_error(exc, len(history)) from None
         call_ids = None
@@ -124,8 +124,17 @@ class ResponsesAPI:
             call_ids=call_ids,
             keep=keep if req.store else None,
         )
+        prompt = encoded.ids
         params = state.fit_max_tokens(chat.params, chat.max_tokens_given, len(prompt))
-        plan = RequestPlan(prompt, params, writer, chat.stream, "input", constraints=constraints)
+        plan = RequestPlan(
+            prompt,
+            params,
+            writer,
+            chat.stream,
+            "input",
+            continuation=encoded.continues,
+            constraints=constraints,
+        )
         return await _generate(request, engine, plan)
 
     async def retrieve(self, request: Request) -> Response:
