@@ -90,6 +90,9 @@ def check_content_type(content_type: str | None) -> None:
         )
 
 
+MAX_BODY_CONTAINERS = 50_000
+
+
 class _NonFinite:
     """What the parser makes of NaN / Infinity / -Infinity (not JSON): found afterwards, so the
     error can name the field that holds it."""
@@ -124,6 +127,16 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     """
     if not raw.strip():
         raise InvalidRequestError("the request body is empty; send a JSON object")
+    # Python's JSON parser holds the GIL for the whole parse: 8 MiB of tiny objects would stop
+    # every thread for seconds (~6 us per container). Counting brackets is a cheap upper bound
+    # (those inside strings count too; a prompt that holds this many exceeds any context).
+    containers = raw.count(b"{") + raw.count(b"[")
+    if containers > MAX_BODY_CONTAINERS:
+        raise InvalidRequestError(
+            "the request body is nested too deeply or holds too many JSON objects and arrays to "
+            f"parse: {containers} '{{' and '[' characters (text counts too), at most "
+            f"{MAX_BODY_CONTAINERS}"
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
