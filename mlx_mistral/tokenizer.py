@@ -302,7 +302,7 @@ class PromptBudget:
         ... except ContextLengthExceededError as exc:
         ...     print(exc.param, exc)
         prompt this model's maximum context length is 8 tokens; the prompt needs at least 65 \
-(1000 characters at most 16 per token, after 2 tokens)
+(1000 characters at most 16 per token, after 2 tokens), 57 too many
     """
 
     def __init__(self, tokenizer: Tokenizer, max_tokens: int | None, *, param: str):
@@ -337,7 +337,8 @@ class PromptBudget:
                 raise ContextLengthExceededError(
                     f"this model's maximum context length is {self.max_tokens} tokens; the "
                     f"{self.param} needs at least {at_least} ({len(text)} characters at most "
-                    f"{per_token} per token, after {self.tokens} tokens)",
+                    f"{per_token} per token, after {self.tokens} tokens), "
+                    f"{at_least - self.max_tokens} too many",
                     param=self.param,
                 )
         ids = self.tokenizer.encode(text, bos=bos)
@@ -345,7 +346,8 @@ class PromptBudget:
         if self.max_tokens is not None and self.tokens > self.max_tokens:
             raise ContextLengthExceededError(
                 f"this model's maximum context length is {self.max_tokens} tokens; the "
-                f"{self.param} needs more than {self.tokens}",
+                f"{self.param} needs at least {self.tokens}, {self.tokens - self.max_tokens} too "
+                "many",
                 param=self.param,
             )
         return ids
