@@ -9,6 +9,7 @@ MLX array (the engine's thread owns them all).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -33,7 +34,7 @@ from mlx_mistral.errors import (
     ModelNotFoundError,
 )
 from mlx_mistral.sampling.params import SamplingParams
-from mlx_mistral.tokenizer import Tokenizer
+from mlx_mistral.tokenizer import PromptBudget, Tokenizer
 from mlx_mistral.tools.grammar import GrammarConstraint, make_constraints
 
 from .config import ServerConfig
@@ -56,6 +57,12 @@ access_log = logging.getLogger("mlx_mistral.server.access")
 
 STATS_KEY = "mlx_mistral.stats"
 
+# Bodies above this size are validated and tokenized on a pool of their own (`ServerState.heavy`):
+# schema checks and tokenization of big bodies take seconds, and must not hold up the threads
+# that serve small requests, nor the event loop. An 8 KiB body is at most ~0.1 s of such work.
+HEAVY_BODY_BYTES = 8 * 1024
+HEAVY_WORKERS = 2
+
 
 @dataclasses.dataclass
 class ServerState:
@@ -66,6 +73,25 @@ class ServerState:
     started: int = dataclasses.field(default_factory=lambda: int(time.time()))
     draining: bool = False
     served: Served | None = None  # set at start-up, once the tokenizer is loaded
+    heavy: concurrent.futures.ThreadPoolExecutor = dataclasses.field(
+        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(
+            HEAVY_WORKERS, thread_name_prefix="heavy-request"
+        )
+    )
+
+    async def off_loop(self, body_bytes: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(*args)` off the event loop: big bodies on the heavy pool, others on the
+        default one (each request's work is bounded first: schema limits, `PromptBudget`)."""
+        if body_bytes <= HEAVY_BODY_BYTES:
+            return await asyncio.to_thread(fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.heavy, fn, *args)
+
+    async def chat_prompt(
+        self, request: Request, engine: Engine, req: ChatCompletionRequest
+    ) -> tuple[ChatPrompt, list[GrammarConstraint] | None]:
+        """`chat_prompt` for any dialect's chat request, off the event loop (`off_loop`)."""
+        size = len(await request.body())  # cached by Starlette
+        return await self.off_loop(size, chat_prompt, engine.tokenizer, req, engine.context_length)
 
     def live_engine(self) -> Engine:
         if self.draining:
@@ -157,20 +183,24 @@ async def _read_json(request: Request) -> dict[str, Any]:
 
 
 def chat_prompt(
-    tokenizer: Tokenizer,
-    req: ChatCompletionRequest,
+    tokenizer: Tokenizer, req: ChatCompletionRequest, context_length: int | None = None
 ) -> tuple[ChatPrompt, list[GrammarConstraint] | None]:
     """The prompt of a chat request and, for tools or a JSON response_format, one grammar
     constraint per choice.
 
-    Runs off the event loop: a first grammar builds the vocabulary's grammar view (~0.1 s).
-    The constraints hold no lazy MLX array (only arrays made from data, which any thread may
-    evaluate), so the engine thread can use them.
+    Runs off the event loop (as `ChatCompletionRequest.from_json`, which checks schemas):
+    tokenizing and a first grammar (which builds the vocabulary's grammar view, ~0.1 s) take
+    time. A prompt that provably exceeds the
+    context is refused before it is tokenized (`PromptBudget`). The constraints hold no lazy
+    MLX array (only arrays made from data, which any thread may evaluate), so the engine thread
+    can use them.
 
     Raises:
         InvalidRequestError: a message or tool that the chat format refuses, naming it.
+        ContextLengthExceededError: the prompt cannot fit the context.
     """
-    prompt = encode_chat_prompt(tokenizer, req.messages, req.structured)
+    budget = PromptBudget(tokenizer, context_length, param="messages")
+    prompt = encode_chat_prompt(budget, req.messages, req.structured)
     if not prompt.spec.constrained:
         return prompt, None
     params = req.params
@@ -226,10 +256,12 @@ async def _generate(request: Request, engine: Engine, plan: RequestPlan) -> Resp
 @guarded
 async def chat_completions(request: Request) -> Response:
     state = _state(request)
-    req = ChatCompletionRequest.from_json(await _read_json(request))
+    body = await _read_json(request)
+    size = len(await request.body())  # cached by Starlette
+    req = await state.off_loop(size, ChatCompletionRequest.from_json, body)
     state.check_model(req.model)
     engine = state.live_engine()
-    prompt, constraints = await asyncio.to_thread(chat_prompt, engine.tokenizer, req)
+    prompt, constraints = await state.chat_prompt(request, engine, req)
     call_ids = None
     if req.parses_tool_calls and constraints:
         call_ids = [c.call_ids for c in constraints]
@@ -260,7 +292,9 @@ async def completions(request: Request) -> Response:
     state.check_model(req.model)
     engine = state.live_engine()
     if isinstance(req.prompt, str):
-        prompt = await asyncio.to_thread(engine.tokenizer.encode, req.prompt, bos=True)
+        budget = PromptBudget(engine.tokenizer, engine.context_length, param="prompt")
+        encode = functools.partial(budget.encode, req.prompt, bos=True)
+        prompt = await state.off_loop(len(await request.body()), encode)
     else:
         prompt = req.prompt  # token ids; the engine checks they are in the vocabulary
     writer = CompletionWriter(
@@ -372,6 +406,7 @@ def _lifespan(state: ServerState, load: Callable[[], Any] | None):
         await asyncio.to_thread(
             state.engine.shutdown, drain=True, timeout=config.drain_timeout_seconds
         )
+        state.heavy.shutdown(wait=False, cancel_futures=True)
 
     return lifespan
 

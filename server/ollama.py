@@ -34,7 +34,6 @@ from .app import (
     _generate,
     _read_json,
     _stats,
-    chat_prompt,
 )
 from .errors import InternalServerError
 from .ollama_models import OLLAMA_VERSION, ModelDescription, describe
@@ -157,7 +156,7 @@ async def chat(request: Request) -> Response:
         return JSONResponse(load_response(req.model, chat=True))
     engine = state.live_engine()
     as_openai = ChatCompletionRequest(req.messages, req.params, structured=req.structured)
-    encoded, constraints = await asyncio.to_thread(chat_prompt, engine.tokenizer, as_openai)
+    encoded, constraints = await state.chat_prompt(request, engine, as_openai)
     prompt = encoded.ids
     call_ids = None
     if req.parses_tool_calls and constraints:
@@ -189,7 +188,7 @@ async def generate(request: Request) -> Response:
         prompt = await asyncio.to_thread(engine.tokenizer.encode, req.prompt, bos=True)
     else:
         as_openai = ChatCompletionRequest(req.messages, req.params, structured=req.structured)
-        encoded, constraints = await asyncio.to_thread(chat_prompt, engine.tokenizer, as_openai)
+        encoded, constraints = await state.chat_prompt(request, engine, as_openai)
         prompt = encoded.ids
         if req.context:  # the earlier conversation, then this turn (its <s> is the context's)
             prompt = [*req.context, *prompt[1:]]
