@@ -83,6 +83,15 @@ class ModelSlot:
                 max_batch=config.max_batch,
                 prefix_cache=PrefixCache(prefix) if prefix else None,
             )
+            log.info(
+                "memory: weights %.0f MiB, KV budget %.0f MiB, prefix cache %.0f MiB%s; "
+                "unloaded after %s without requests",
+                weights / 2**20,
+                budgets.kv_bytes / 2**20,
+                prefix / 2**20,
+                "" if config.max_memory_bytes is None else " (capped by the memory limit)",
+                f"{self.keep_alive:g}s" if math.isfinite(self.keep_alive) else "never",
+            )
         else:
             self.generator.model = model
             log.info("model loaded again in %.1fs", time.perf_counter() - started)
@@ -156,6 +165,14 @@ class ModelSlot:
         if self._expires is None:
             return 0.5
         return max(0.0, min(0.5, self._expires - time.monotonic()))
+
+    @property
+    def unloads_at(self) -> float | None:
+        """When the weights will be freed (a time.time()), counting from now while requests
+        run; None when unloaded or never."""
+        if self.model is None or not math.isfinite(self.keep_alive):
+            return None
+        return self.expires_at if self.expires_at is not None else time.time() + self.keep_alive
 
     def memory_usage(self) -> dict[str, int | None]:
         """Bytes in use: weights, the running batch's KV, the prefix cache, their total; and

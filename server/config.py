@@ -128,6 +128,10 @@ class ServerConfig:
             byte (408 beyond).
         body_timeout_seconds: a request body that pauses for this long is closed.
         drain_timeout_seconds: at shutdown, how long in-flight requests may take to finish.
+        keep_alive_seconds: free the model's memory after this long without requests (the next
+            one loads it again); 0 after each request, `math.inf` never.
+        max_memory_bytes: cap on weights + KV + prefix cache; None: no cap.
+        metrics: serve /metrics; None: when bound to loopback or behind an API key.
 
     Raises:
         InvalidRequestError: a setting out of range, or a public bind without a key; `param`
@@ -158,6 +162,9 @@ class ServerConfig:
     header_timeout_seconds: float = 60.0
     body_timeout_seconds: float = 60.0
     ollama_port: int | None = None  # also serve on this port (Ollama's apps assume 11434)
+    keep_alive_seconds: float = 300.0  # Ollama's default: a laptop gets its memory back
+    max_memory_bytes: int | None = None
+    metrics: bool | None = None
     accepted_model_names: frozenset[str] = field(default=frozenset(), compare=False)
 
     def __post_init__(self) -> None:
@@ -221,6 +228,13 @@ class ServerConfig:
             ("--body-timeout", self.body_timeout_seconds),
         ):
             need(value > 0 and math.isfinite(value), flag, f"must be positive, got {value}")
+        need(
+            self.keep_alive_seconds >= 0 and not math.isnan(self.keep_alive_seconds),
+            "--keep-alive",
+            f"must be a duration >= 0 (or -1: never), got {self.keep_alive_seconds}",
+        )
+        if self.max_memory_bytes is not None:
+            need(self.max_memory_bytes > 0, "--max-memory", "must be more than 0 bytes")
         if self.api_key is not None:
             need(bool(self.api_key.strip()), "--api-key", "must not be empty")
         # An open port on the network with no key is how local LLM servers get found and used
@@ -236,6 +250,13 @@ class ServerConfig:
         if path.is_dir():
             names.add(str(path.resolve()))
         object.__setattr__(self, "accepted_model_names", frozenset(names))
+
+    @property
+    def metrics_enabled(self) -> bool:
+        """/metrics is served on loopback, or anywhere behind the API key (unless set)."""
+        if self.metrics is not None:
+            return self.metrics
+        return is_loopback(self.host) or self.api_key is not None
 
     @property
     def host_allow_list(self) -> frozenset[str]:

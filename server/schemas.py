@@ -28,6 +28,7 @@ from mlx_mistral.tools.spec import StructuredRequest
 from mlx_mistral.tools.validation import parse_structured_request
 
 from .errors import UnsupportedMediaTypeError
+from .units import parse_duration
 
 IGNORED_FIELDS = frozenset(
     {"user", "metadata", "service_tier", "store", "safety_identifier", "prompt_cache_key"}
@@ -58,6 +59,7 @@ _CHAT_FIELDS = frozenset(
         "stream_options",
         "logprobs",
         "top_logprobs",
+        "keep_alive",  # Ollama's extension: how long the model stays loaded afterwards
         *_SAMPLING_FIELDS,
         *_ALIASES,
         *_STRUCTURED_FIELDS,
@@ -73,6 +75,7 @@ _COMPLETION_FIELDS = frozenset(
         "echo",
         "best_of",
         "suffix",
+        "keep_alive",
         *_SAMPLING_FIELDS,
         *_ALIASES,
     }
@@ -245,6 +248,12 @@ def _include_usage(fields: dict[str, Any]) -> bool:
     return value  # other options (continuous_usage_stats, ...) change no generated token
 
 
+def _keep_alive(fields: dict[str, Any]) -> float | None:
+    """Seconds the model stays loaded after the request (see `units`); None: the default."""
+    value = fields.get("keep_alive")
+    return None if value is None else parse_duration(value, name="keep_alive")
+
+
 def _sampling(fields: dict[str, Any], **extra: Any) -> SamplingParams:
     kwargs = {name: fields[name] for name in _SAMPLING_FIELDS if name in fields}
     return SamplingParams(**kwargs, **extra)
@@ -266,6 +275,7 @@ class ChatCompletionRequest:
     include_usage: bool = False
     structured: StructuredRequest = field(default_factory=StructuredRequest)
     max_tokens_given: bool = False
+    keep_alive: float | None = None
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> ChatCompletionRequest:
@@ -288,6 +298,7 @@ class ChatCompletionRequest:
             include_usage=_include_usage(fields),
             structured=structured,
             max_tokens_given="max_tokens" in fields,
+            keep_alive=_keep_alive(fields),
         )
 
     @property
@@ -309,6 +320,7 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False
     max_tokens_given: bool = False
+    keep_alive: float | None = None
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> CompletionRequest:
@@ -335,6 +347,7 @@ class CompletionRequest:
             stream=_bool(fields, "stream"),
             include_usage=_include_usage(fields),
             max_tokens_given="max_tokens" in fields,
+            keep_alive=_keep_alive(fields),
         )
 
 
