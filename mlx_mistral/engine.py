@@ -324,6 +324,11 @@ class Engine:
             self.slot.load()
         except BaseException as exc:  # surfaced by start()
             self.error = exc
+            # A load can fail after making arrays (a memory cap below the weights): this
+            # thread's streams must go here, as at the end of `_run`, or the exit can abort.
+            with contextlib.suppress(Exception):
+                mx.synchronize()
+                mx.clear_streams()
             self._ready.set()
             return
         self._ready.set()
