@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
+from ._blas import reference_blas_warning
 from .batch import BatchGenerator
 from .errors import MistralError, ModelLoadError
 from .memory import Budgets, plan_budgets, unwire, weights_bytes, wire
@@ -66,6 +67,9 @@ class ModelSlot:
         model, tokenizer = self._load()
         weights = weights_bytes(model)
         if self.generator is None:
+            # Said here, on the engine thread: asking MLX for the device is MLX work.
+            if (advice := reference_blas_warning()) is not None:
+                log.warning(advice)
             config = self.config
             self.budgets = budgets = plan_budgets(
                 weights,

@@ -25,7 +25,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mlx_mistral import _blas
 from mlx_mistral.chat import encode_chat_request
 from mlx_mistral.engine import Engine, EngineConfig
 from mlx_mistral.errors import (
@@ -394,8 +393,6 @@ def start_engine(config: ServerConfig, load: Callable[[], Any]) -> Engine:
             '"Getting Mistral-7B-Instruct-v0.2"); serving the bundled demo model, a '
             "tiny model trained for greetings, arithmetic, capitals and tool calls"
         )
-    if (advice := _blas.reference_blas_warning()) is not None:
-        log.warning(advice)
     log.info("loading %s%s ...", config.model, " (demo model)" if config.is_demo else "")
     started = time.perf_counter()
     prefix_bytes = None if config.prefix_cache_mib is None else config.prefix_cache_mib * 2**20
