@@ -18,8 +18,8 @@ import pytest
 from checkpoints import write_hf_checkpoint
 from server_process import ServerProcess
 
-from mlx_mistral.errors import InvalidRequestError
-from mlx_mistral.memory import weights_bytes
+from mlx_mistral.errors import InvalidRequestError, ModelLoadError
+from mlx_mistral.memory import plan_budgets, weights_bytes
 from server.units import NEVER, parse_duration, parse_size
 
 CHAT = "/v1/chat/completions"
@@ -137,7 +137,8 @@ def test_idle_unload_returns_the_memory_and_the_next_request_reloads(heavy_check
         loaded = health(server)
         weights = loaded["memory"]["weights_bytes"]
         assert loaded["loaded"] and weights > 90 * 2**20
-        assert loaded["memory"]["total_bytes"] >= weights
+        assert loaded["memory"]["prefix_cache_bytes"] > 0  # the conversation, for its next turn
+        assert loaded["memory"]["total_bytes"] >= weights + loaded["memory"]["prefix_cache_bytes"]
         unloads_at = datetime.fromisoformat(loaded["unloads_at"])
         left = (unloads_at - datetime.now(UTC)).total_seconds()
         assert 3500 < left <= 3600
@@ -156,6 +157,7 @@ def test_idle_unload_returns_the_memory_and_the_next_request_reloads(heavy_check
         assert second.status_code == 200, second.text
         wait_for(lambda: not health(server)["loaded"], 10, "the unload after keep_alive 0")
         freed = rss_loaded - rss_bytes(pid)
+        assert health(server)["memory"]["total_bytes"] == 0  # the prefix cache went too
         assert freed > 0.7 * weights, (freed, weights)
 
         # The next request (the server's 1 s default again) reloads: the same greedy answer.
@@ -189,6 +191,19 @@ def test_ollama_keep_alive_loads_and_unloads(tiny_hf_checkpoint):
 
 
 # -- memory cap --------------------------------------------------------------------------------
+def test_budgets_split_what_the_cap_leaves_beside_the_weights():
+    def split(**kwargs: Any) -> tuple[int, int]:
+        budgets = plan_budgets(100, kv_budget_bytes=None, **{"prefix_cache_bytes": None, **kwargs})
+        return budgets.kv_bytes, budgets.prefix_cache_bytes
+
+    assert split(max_memory_bytes=500) == (300, 100)  # a quarter of the 400 left
+    assert split(max_memory_bytes=500, prefix_cache_bytes=10) == (390, 10)
+    assert split(max_memory_bytes=500, prefix_cache_bytes=0) == (400, 0)
+    assert split(max_memory_bytes=500, prefix_cache_bytes=10**6) == (300, 100)  # at most 1/4
+    with pytest.raises(ModelLoadError, match="raise --max-memory"):
+        split(max_memory_bytes=100)
+
+
 def test_max_memory_refuses_what_cannot_fit_and_queues_or_503s_the_rest(
     tiny_hf_checkpoint, tiny_model
 ):
