@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.applications import Starlette
@@ -39,6 +40,7 @@ from mlx_mistral.tools.grammar import GrammarConstraint, make_constraints
 
 from .config import ServerConfig
 from .errors import EXCEPTION_HANDLERS, error_response, handle_unexpected
+from .metrics import ServerMetrics, metrics_endpoint
 from .openai_writers import ChatCompletionWriter, CompletionWriter
 from .openapi import openapi_json
 from .responses import ResponsesAPI
@@ -222,6 +224,7 @@ class RequestPlan:
         prompt_field: the request field that errors about the prompt name.
         continuation: the output continues a raw-text prompt (see `Engine.submit`).
         constraints: per choice, the grammar that constrains it (tools, JSON formats).
+        keep_alive: seconds the model stays loaded after this request (None: the default).
     """
 
     prompt: list[int]
@@ -231,6 +234,7 @@ class RequestPlan:
     prompt_field: str = "messages"
     continuation: bool = False
     constraints: Sequence[GrammarConstraint] | None = None
+    keep_alive: float | None = None
 
 
 async def _generate(request: Request, engine: Engine, plan: RequestPlan) -> Response:
@@ -241,6 +245,7 @@ async def _generate(request: Request, engine: Engine, plan: RequestPlan) -> Resp
         loop=asyncio.get_running_loop(),
         prompt_field=plan.prompt_field,
         continuation=plan.continuation,
+        keep_alive=plan.keep_alive,
     )
     if not plan.stream:
         return JSONResponse(await plan.writer.collect_while_connected(handle, request.receive))
@@ -281,6 +286,7 @@ async def chat_completions(request: Request) -> Response:
         req.stream,
         continuation=prompt.continues,  # the answer goes on from the final assistant text
         constraints=constraints,
+        keep_alive=req.keep_alive,
     )
     return await _generate(request, engine, plan)
 
@@ -301,7 +307,9 @@ async def completions(request: Request) -> Response:
         state.served, req.params, include_usage=req.include_usage, stats=_stats(request)
     )
     params = state.fit_max_tokens(req.params, req.max_tokens_given, len(prompt))
-    plan = RequestPlan(prompt, params, writer, req.stream, "prompt", continuation=True)
+    plan = RequestPlan(
+        prompt, params, writer, req.stream, "prompt", continuation=True, keep_alive=req.keep_alive
+    )
     return await _generate(request, engine, plan)
 
 
@@ -329,9 +337,22 @@ async def health(request: Request) -> Response:
         return JSONResponse({"status": "unavailable"}, status_code=503)
     if not is_authenticated(request.scope):  # liveness is public; the details need the key
         return JSONResponse({"status": "ok"})
+    unloads_at = engine.slot.unloads_at
     return JSONResponse(
-        {"status": "ok", "model": state.config.model_name, "active": engine.num_active}
+        {
+            "status": "ok",
+            "model": state.config.model_name,
+            "active": engine.num_active,
+            "loaded": engine.loaded,
+            "memory": engine.slot.memory_usage(),
+            "unloads_at": None if unloads_at is None else iso_time(unloads_at),
+        }
     )
+
+
+def iso_time(timestamp: float) -> str:
+    """A time.time() as ISO 8601 in UTC, as Ollama writes its `expires_at`."""
+    return datetime.fromtimestamp(timestamp, UTC).isoformat()
 
 
 # -- access log -------------------------------------------------------------------------------
@@ -361,6 +382,10 @@ class AccessLog:
         try:
             await self.app(scope, receive, record)
         finally:
+            elapsed = time.perf_counter() - stats["start"]
+            metrics: ServerMetrics | None = getattr(scope["app"].state, "metrics", None)
+            if metrics is not None:
+                metrics.record(scope, status, stats, elapsed)
             client = scope.get("client") or ("-", 0)
             parts = [
                 f'{client[0]}:{client[1]} "{scope["method"]} {scope["path"]}"',
@@ -373,7 +398,7 @@ class AccessLog:
                 )
             if "ttft" in stats:
                 parts.append(f"ttft={stats['ttft']:.3f}s")
-            parts.append(f"total={time.perf_counter() - stats['start']:.3f}s")
+            parts.append(f"total={elapsed:.3f}s")
             if stats.get("disconnected"):
                 parts.append("client-disconnected")
             access_log.info(" ".join(parts))
@@ -429,7 +454,11 @@ def start_engine(config: ServerConfig, load: Callable[[], Any]) -> Engine:
     engine = Engine(
         load,
         EngineConfig(
-            max_batch=config.max_batch, max_queue=config.max_queue, prefix_cache_bytes=prefix_bytes
+            max_batch=config.max_batch,
+            max_queue=config.max_queue,
+            prefix_cache_bytes=prefix_bytes,
+            keep_alive=config.keep_alive_seconds,
+            max_memory_bytes=config.max_memory_bytes,
         ),
     )
     engine.start()
@@ -467,6 +496,8 @@ def create_app(
         Route("/health", health, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
     ]
+    if config.metrics_enabled:
+        routes.append(Route("/metrics", metrics_endpoint, methods=["GET"]))
     from .ollama import ollama_routes  # it imports this module's handlers' shared parts
 
     routes += ollama_routes()
@@ -482,4 +513,5 @@ def create_app(
         exception_handlers=EXCEPTION_HANDLERS,
     )  # type: ignore[arg-type]
     app.state.server = state
+    app.state.metrics = ServerMetrics(lambda: state.engine, routes)
     return app

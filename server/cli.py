@@ -19,6 +19,7 @@ from mlx_mistral.errors import InvalidRequestError, MistralError
 
 from .config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES, ServerConfig, served_name
 from .protocol import HttpLimits, protocol_class
+from .units import parse_duration, parse_size
 
 API_KEY_ENV = "MLX_MISTRAL_API_KEY"
 DEMO_NAME = "mlx-mistral-demo"
@@ -140,6 +141,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "turns (default: a quarter of the KV budget, at most 2048; 0 turns it off)",
     )
     parser.add_argument(
+        "--keep-alive",
+        default="5m",
+        metavar="DURATION",
+        help="free the model's memory after this long without requests; the next request "
+        "loads it again (Ollama's syntax: 5m, 1h, 30s, seconds as a number, 0: after each "
+        "request, -1: never; default 5m)",
+    )
+    parser.add_argument(
+        "--max-memory",
+        default=None,
+        metavar="SIZE",
+        help="cap on weights + KV cache + prefix cache, e.g. 8GB or 512MiB: a request that "
+        "could never fit gets 400, one that must wait for memory queues (default: no cap; "
+        "the KV cache may use 60%% of the memory free after loading)",
+    )
+    parser.add_argument(
+        "--metrics",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="serve Prometheus metrics at /metrics (default: on when bound to loopback or "
+        "when --api-key is set; behind the API key when one is set)",
+    )
+    parser.add_argument(
         "--prompt-price",
         type=float,
         default=0.0,
@@ -239,6 +263,11 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         header_timeout_seconds=args.header_timeout,
         body_timeout_seconds=args.body_timeout,
         strict_model_names=args.strict_model_names,
+        keep_alive_seconds=parse_duration(args.keep_alive, name="--keep-alive"),
+        max_memory_bytes=None
+        if args.max_memory is None
+        else parse_size(args.max_memory, name="--max-memory"),
+        metrics=args.metrics,
     )
 
 

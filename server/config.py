@@ -157,6 +157,10 @@ class ServerConfig:
         strict_model_names: refuse (404) a request whose `model` is not a name of the served
             model; by default any name is served by the one model (clients send their own
             defaults: "gpt-4o", "llama3:latest", ""), and the answer names the served model.
+        keep_alive_seconds: free the model's memory after this long without requests (the next
+            one loads it again); 0 after each request, `math.inf` never.
+        max_memory_bytes: cap on weights + KV + prefix cache; None: no cap.
+        metrics: serve /metrics; None: when bound to loopback or behind an API key.
 
     Raises:
         InvalidRequestError: a setting out of range, or a public bind without a key; `param`
@@ -188,6 +192,9 @@ class ServerConfig:
     body_timeout_seconds: float = 60.0
     ollama_port: int | None = None  # also serve on this port (Ollama's apps assume 11434)
     strict_model_names: bool = False
+    keep_alive_seconds: float = 300.0  # Ollama's default: a laptop gets its memory back
+    max_memory_bytes: int | None = None
+    metrics: bool | None = None
     accepted_model_names: frozenset[str] = field(default=frozenset(), compare=False)
 
     def __post_init__(self) -> None:
@@ -251,6 +258,13 @@ class ServerConfig:
             ("--body-timeout", self.body_timeout_seconds),
         ):
             need(value > 0 and math.isfinite(value), flag, f"must be positive, got {value}")
+        need(
+            self.keep_alive_seconds >= 0 and not math.isnan(self.keep_alive_seconds),
+            "--keep-alive",
+            f"must be a duration >= 0 (or -1: never), got {self.keep_alive_seconds}",
+        )
+        if self.max_memory_bytes is not None:
+            need(self.max_memory_bytes > 0, "--max-memory", "must be more than 0 bytes")
         if self.api_key is not None:
             need(bool(self.api_key.strip()), "--api-key", "must not be empty")
         # An open port on the network with no key is how local LLM servers get found and used
@@ -266,6 +280,13 @@ class ServerConfig:
         if path.is_dir():
             names.add(str(path.resolve()))
         object.__setattr__(self, "accepted_model_names", frozenset(names))
+
+    @property
+    def metrics_enabled(self) -> bool:
+        """/metrics is served on loopback, or anywhere behind the API key (unless set)."""
+        if self.metrics is not None:
+            return self.metrics
+        return is_loopback(self.host) or self.api_key is not None
 
     @property
     def host_allow_list(self) -> frozenset[str]:

@@ -28,6 +28,7 @@ from mlx_mistral.tools.spec import StructuredRequest
 from mlx_mistral.tools.validation import parse_structured_request
 
 from .errors import UnsupportedMediaTypeError
+from .units import parse_duration
 
 IGNORED_FIELDS = frozenset(
     {"user", "metadata", "service_tier", "store", "safety_identifier", "prompt_cache_key"}
@@ -56,6 +57,7 @@ _CHAT_FIELDS = frozenset(
         "messages",
         "stream",
         "stream_options",
+        "keep_alive",  # Ollama's extension: how long the model stays loaded afterwards
         *_names(CHAT_SAMPLING),
         *_STRUCTURED_FIELDS,
     }
@@ -70,6 +72,7 @@ _COMPLETION_FIELDS = frozenset(
         "echo",
         "best_of",
         "suffix",
+        "keep_alive",
         *_names(COMPLETION_SAMPLING),
     }
 )
@@ -315,6 +318,12 @@ def _sampling(
     return SamplingParams(**values, **given)
 
 
+def _keep_alive(fields: dict[str, Any]) -> float | None:
+    """Seconds the model stays loaded after the request (see `units`); None: the default."""
+    value = fields.get("keep_alive")
+    return None if value is None else parse_duration(value, name="keep_alive")
+
+
 @dataclass(frozen=True)
 class ChatCompletionRequest:
     """A validated POST /v1/chat/completions body.
@@ -331,6 +340,7 @@ class ChatCompletionRequest:
     include_usage: bool = False
     structured: StructuredRequest = field(default_factory=StructuredRequest)
     max_tokens_given: bool = False
+    keep_alive: float | None = None
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> ChatCompletionRequest:
@@ -351,6 +361,7 @@ class ChatCompletionRequest:
             include_usage=_include_usage(fields),
             structured=structured,
             max_tokens_given="max_tokens" in fields,
+            keep_alive=_keep_alive(fields),
         )
 
     @property
@@ -372,6 +383,7 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False
     max_tokens_given: bool = False
+    keep_alive: float | None = None
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> CompletionRequest:
@@ -401,6 +413,7 @@ class CompletionRequest:
             stream=_bool(fields, "stream"),
             include_usage=_include_usage(fields),
             max_tokens_given="max_tokens" in fields,
+            keep_alive=_keep_alive(fields),
         )
 
 
