@@ -3,13 +3,16 @@
 Example:
     >>> import mlx_mistral
     >>> model, tokenizer = mlx_mistral.load(mlx_mistral.demo_model_path())
+    >>> greedy = mlx_mistral.SamplingParams(max_tokens=16, temperature=0)
     >>> text = mlx_mistral.generate(model, tokenizer, [{"role": "user", "content": "Hello!"}],
-    ...                             max_tokens=16, temperature=0)
+    ...                             params=greedy)
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from . import _blas
@@ -21,7 +24,7 @@ if TYPE_CHECKING:
     from .engine import Engine, EngineConfig
     from .generate import GenerationChunk, batch_generate, generate, stream_generate
     from .loader import load
-    from .sampling_params import SamplingParams
+    from .sampling.params import SamplingParams
 
 __version__ = "0.1.0"
 
@@ -31,7 +34,7 @@ _HOMES = {
     "Engine": ".engine",
     "EngineConfig": ".engine",
     "GenerationChunk": ".generate",
-    "SamplingParams": ".sampling_params",
+    "SamplingParams": ".sampling.params",
     "batch_generate": ".generate",
     "demo_model_path": ".demo",
     "generate": ".generate",
@@ -63,3 +66,17 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *_HOMES])
+
+
+class _PublicNames(types.ModuleType):
+    """Loading the submodule `generate` sets the package attribute of that name to the module;
+    `mlx_mistral.generate` must stay the function (as it was when the package imported eagerly),
+    whichever of the module's names was used first. The module stays in sys.modules."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _HOMES and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _PublicNames

@@ -27,8 +27,9 @@ from .drafts import Speculator
 from .errors import ContextLengthExceededError, InvalidRequestError
 from .model import Model
 from .prefix_cache import PrefixCache
-from .sampling import PendingSample, SamplerState, TokenLogprobs, sample_async
-from .sampling_params import SamplingParams
+from .sampling.params import SamplingParams
+from .sampling.sampler import PendingSample, TokenLogprobs, sample_async
+from .sampling.state import SamplerState
 from .speculative import choose_tokens
 from .stopping import StopMatcher
 from .tokenizer import Tokenizer

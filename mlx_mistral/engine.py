@@ -22,7 +22,7 @@ from .device import on_gpu
 from .errors import EngineDeadError, EngineOverloadedError, MistralError
 from .model import Model
 from .prefix_cache import PrefixCache
-from .sampling_params import SamplingParams
+from .sampling.params import SamplingParams
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("mlx_mistral.engine")

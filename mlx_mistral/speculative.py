@@ -25,18 +25,23 @@ from collections.abc import Sequence
 
 import mlx.core as mx
 
-from .sampling import (
-    MIN_TEMPERATURE,
-    PREFIX,
-    SamplerState,
-    TokenLogprobs,
+from .sampling.filters import (
+    HEAD_WIDTH,
+    NEG_INF,
     apply_floor,
     apply_temperature,
-    process_logits,
-    sample_async,
+    sorted_head,
     truncation_floor,
 )
-from .sampling_filters import NEG_INF, sorted_head
+from .sampling.sampler import (
+    TokenLogprobs,
+    _BatchParams,
+    _bias_inputs,
+    _penalty_inputs,
+    process_logits,
+    sample_async,
+)
+from .sampling.state import SamplerState
 
 
 def choose_tokens(
@@ -89,7 +94,17 @@ def verify(
     and its token history (the penalties of the next position see the chosen token).
     """
     params = [s.params for s in states]
-    processed = process_logits(logits, allowed=allowed, **_penalty_inputs(states, logits.shape[-1]))
+    # The sampler's own steps build the processed logits: one definition of what a token's
+    # probability is, for the plain draw and for verification alike.
+    counts, seen, penalties = _penalty_inputs(states, logits.shape[-1])
+    processed = process_logits(
+        logits,
+        counts=counts,
+        seen=seen,
+        penalties=penalties,
+        bias=_bias_inputs(params),
+        allowed=allowed,
+    )
     x = mx.array(list(drafted), dtype=mx.int32)[:, None]  # (B, 1)
     tokens = mx.argmax(processed, axis=-1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
@@ -117,50 +132,18 @@ def verify(
     return chosen
 
 
-def _penalty_inputs(states: Sequence[SamplerState], vocab: int) -> dict[str, object]:
-    """What :func:`process_logits` needs for penalties and logit_bias, stacked per row."""
-    params = [s.params for s in states]
-    out: dict[str, object] = {}
-    if any(p.uses_penalties for p in params):
-        zeros_f = mx.zeros((vocab,), dtype=mx.float32)
-        zeros_b = mx.zeros((vocab,), dtype=mx.bool_)
-        counts = mx.stack([zeros_f if s.counts is None else s.counts for s in states])
-        prompt = mx.stack([zeros_b if s.prompt_mask is None else s.prompt_mask for s in states])
-        out["counts"], out["seen"] = counts, prompt | (counts > 0)
-        out["penalties"] = tuple(
-            mx.array([getattr(p, name) for p in params], dtype=mx.float32)[:, None]
-            for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")
-        )
-    entries = [(row, tid, value) for row, p in enumerate(params) for tid, value in p.logit_bias]
-    if entries:
-        rows, ids, values = zip(*entries)
-        out["bias"] = (
-            mx.array(rows, dtype=mx.int32),
-            mx.array(ids, dtype=mx.int32),
-            mx.array(values, dtype=mx.float32),
-        )
-    return out
-
-
 def _final_logits(processed: mx.array, params: Sequence) -> mx.array:
     """Temperature then the top_k/top_p/min_p floor: the logits whose softmax the sampler
     draws from (greedy rows get temperature 1 and are not read)."""
 
-    def col(values: list, dtype: mx.Dtype) -> mx.array:
-        return mx.array(values, dtype=dtype)[:, None]
-
-    temperature = [
-        max(p.temperature, MIN_TEMPERATURE) if p.temperature > 0 else 1.0 for p in params
-    ]
-    scaled = apply_temperature(processed, col(temperature, mx.float32))
-    if not any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
+    batch = _BatchParams.of(params)
+    scaled = apply_temperature(processed, batch.temperature)
+    if not batch.any_truncated:
         return scaled
-    top_k = col([p.top_k for p in params], mx.int32)
-    top_p = col([p.top_p for p in params], mx.float32)
-    min_p = col([p.min_p for p in params], mx.float32)
     vocab = processed.shape[-1]
-    head, _ = sorted_head(scaled, min(PREFIX, vocab))
-    floor, exact = truncation_floor(scaled, head, top_k, top_p, min_p)
-    if not mx.all(exact).item():  # a nucleus wider than the head: sort whole rows
-        floor, _ = truncation_floor(scaled, sorted_head(scaled, vocab)[0], top_k, top_p, min_p)
+    head, _ = sorted_head(scaled, min(HEAD_WIDTH, vocab))
+    args = (batch.top_k, batch.top_p, batch.min_p)
+    floor, exact = truncation_floor(scaled, head, *args)
+    if not mx.all(exact | batch.greedy).item():  # a nucleus wider than the head: sort it all
+        floor, _ = truncation_floor(scaled, sorted_head(scaled, vocab)[0], *args)
     return apply_floor(scaled, floor)

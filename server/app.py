@@ -32,7 +32,7 @@ from mlx_mistral.errors import (
     MistralError,
     ModelNotFoundError,
 )
-from mlx_mistral.sampling_params import SamplingParams
+from mlx_mistral.sampling.params import SamplingParams
 from mlx_mistral.tokenizer import Tokenizer
 from mlx_mistral.tools.grammar import GrammarConstraint, make_constraints
 
@@ -40,6 +40,7 @@ from .config import ServerConfig
 from .errors import EXCEPTION_HANDLERS, error_response, handle_unexpected
 from .openai_writers import ChatCompletionWriter, CompletionWriter
 from .openapi import openapi_json
+from .responses import ResponsesAPI
 from .schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -417,6 +418,7 @@ def create_app(
     from .anthropic_writer import ROUTES as anthropic_routes  # it imports this module
 
     routes += anthropic_routes
+    routes += ResponsesAPI().routes()
     middleware = [Middleware(AccessLog), *build_middleware(config)]
     app = Starlette(
         routes=routes,

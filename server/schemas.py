@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlx_mistral.errors import InvalidRequestError
-from mlx_mistral.sampling import TokenLogprobs
-from mlx_mistral.sampling_params import SamplingParams
+from mlx_mistral.sampling.params import FIELDS, SamplingField, SamplingParams
+from mlx_mistral.sampling.sampler import TokenLogprobs
 from mlx_mistral.tools.spec import StructuredRequest
 from mlx_mistral.tools.validation import parse_structured_request
 
@@ -34,21 +34,21 @@ IGNORED_FIELDS = frozenset(
 )
 """Fields that only tag or route a request on a hosted service; they change no output."""
 
-_SAMPLING_FIELDS = (
-    "temperature",
-    "top_p",
-    "min_p",
-    "top_k",
-    "max_tokens",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "seed",
-    "stop",
-    "logit_bias",
-    "n",
-)
-_ALIASES = {"max_completion_tokens": "max_tokens", "repeat_penalty": "repetition_penalty"}
+CHAT_SAMPLING = FIELDS
+"""The sampling fields /v1/chat/completions takes: all of them, by their own names."""
+COMPLETION_SAMPLING = tuple(f for f in FIELDS if f.name not in ("logprobs", "top_logprobs"))
+"""The sampling fields /v1/completions takes by their own names: it asks for logprobs as one
+integer instead (see MAX_COMPLETION_LOGPROBS)."""
+MAX_COMPLETION_LOGPROBS = 5
+"""/v1/completions' `logprobs`: how many alternatives per token (OpenAI's limit)."""
+
+
+def _names(fields: tuple[SamplingField, ...]) -> set[str]:
+    """The names these fields go by in a request body, their other names included."""
+    return {name for f in fields for name in (f.name, *f.aliases)}
+
+
+_ALIASES = {alias: f.name for f in FIELDS for alias in f.aliases}
 _STRUCTURED_FIELDS = ("tools", "tool_choice", "response_format", "parallel_tool_calls")
 _CHAT_FIELDS = frozenset(
     {
@@ -56,10 +56,7 @@ _CHAT_FIELDS = frozenset(
         "messages",
         "stream",
         "stream_options",
-        "logprobs",
-        "top_logprobs",
-        *_SAMPLING_FIELDS,
-        *_ALIASES,
+        *_names(CHAT_SAMPLING),
         *_STRUCTURED_FIELDS,
     }
 )
@@ -73,8 +70,7 @@ _COMPLETION_FIELDS = frozenset(
         "echo",
         "best_of",
         "suffix",
-        *_SAMPLING_FIELDS,
-        *_ALIASES,
+        *_names(COMPLETION_SAMPLING),
     }
 )
 
@@ -245,9 +241,17 @@ def _include_usage(fields: dict[str, Any]) -> bool:
     return value  # other options (continuous_usage_stats, ...) change no generated token
 
 
-def _sampling(fields: dict[str, Any], **extra: Any) -> SamplingParams:
-    kwargs = {name: fields[name] for name in _SAMPLING_FIELDS if name in fields}
-    return SamplingParams(**kwargs, **extra)
+def _sampling(
+    fields: dict[str, Any], taken: tuple[SamplingField, ...], **given: Any
+) -> SamplingParams:
+    """SamplingParams from the body's values of the fields `taken`, and the values the endpoint
+    worked out itself (`given`)."""
+    values = {
+        f.name: _bool(fields, f.name) if f.kind == "boolean" else fields[f.name]
+        for f in taken
+        if f.name in fields and f.name not in given
+    }
+    return SamplingParams(**values, **given)
 
 
 @dataclass(frozen=True)
@@ -274,9 +278,7 @@ class ChatCompletionRequest:
         _merge_aliases(fields)
         if "messages" not in fields:
             raise InvalidRequestError("messages is required", param="messages")
-        params = _sampling(
-            fields, logprobs=_bool(fields, "logprobs"), top_logprobs=fields.get("top_logprobs", 0)
-        )
+        params = _sampling(fields, CHAT_SAMPLING)
         structured = parse_structured_request(
             **{name: fields.get(name) for name in _STRUCTURED_FIELDS}
         )
@@ -321,13 +323,16 @@ class CompletionRequest:
                     f"{name}={fields[name]!r:.100} is not supported; leave it out", param=name
                 )
         logprobs = fields.get("logprobs", 0)
-        if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= 5:
+        top = MAX_COMPLETION_LOGPROBS
+        if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= top:
             raise InvalidRequestError(
-                f"logprobs must be an integer in [0, 5] (alternatives per "
+                f"logprobs must be an integer in [0, {top}] (alternatives per "
                 f"token), got {logprobs!r:.100}",
                 param="logprobs",
             )
-        params = _sampling(fields, logprobs="logprobs" in fields, top_logprobs=logprobs)
+        params = _sampling(
+            fields, COMPLETION_SAMPLING, logprobs="logprobs" in fields, top_logprobs=logprobs
+        )
         return cls(
             prompt=_prompt(fields.get("prompt")),
             params=params,

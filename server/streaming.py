@@ -24,14 +24,14 @@ from starlette.types import Receive, Scope, Send
 from mlx_mistral.batch import TokenEvent
 from mlx_mistral.engine import RequestHandle
 from mlx_mistral.errors import MistralError
-from mlx_mistral.sampling_params import SamplingParams
+from mlx_mistral.sampling.params import SamplingParams
 from mlx_mistral.tools.parsing import StreamDelta, ToolCallStreamer, assemble_tool_calls
 
 from .errors import InternalServerError
 from .schemas import LogprobFormatter, new_id, now
 
 if TYPE_CHECKING:
-    from mlx_mistral.sampling import TokenLogprobs
+    from mlx_mistral.sampling.sampler import TokenLogprobs
 
 log = logging.getLogger("mlx_mistral.server")
 

@@ -1,8 +1,8 @@
 """Fuzzing a real server process: no request body may produce a 5xx or end the process.
 
 Two fuzzers, one server (tiny random checkpoint, `--default-max-tokens 2`):
-- hypothesis over the request schema: every field of both generation endpoints takes either a
-  plausible value or an arbitrary JSON value (nested lists and objects, huge integers, NaN,
+- hypothesis over the request schema: every field of the three generation endpoints (chat,
+  completions, responses) takes either a plausible value or an arbitrary JSON value (nested lists and objects, huge integers, NaN,
   wrong types), plus unknown fields and arbitrary messages, tools and response formats;
 - schemathesis over the OpenAPI document the server publishes (/openapi.json), in both its
   positive (schema-valid) and negative (schema-violating) modes, on every operation;
@@ -11,7 +11,8 @@ Two fuzzers, one server (tiny random checkpoint, `--default-max-tokens 2`):
 Valid `max_tokens` values are clamped to 3 so the cases that pass validation generate only a
 few tokens. Case counts: `RELIABILITY_FUZZ_SCALE` multiplies them. Scale 1 runs 10,453 cases
 (the figure in docs/reliability.md, ~8 minutes on 2 cores: schemathesis spends ~50-100 ms
-generating each case); the default run uses 0.3 (~3,100 cases, ~2 minutes).
+generating each case) plus 1,500 Responses bodies; the default run uses 0.3 (~3,550 cases,
+~2.5 minutes).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from server_process import ServerProcess
 SCALE = float(os.environ.get("RELIABILITY_FUZZ_SCALE", "0.3"))
 CHAT_CASES = int(4000 * SCALE)
 COMPLETION_CASES = int(2000 * SCALE)
+RESPONSES_CASES = int(1500 * SCALE)
 SCHEMATHESIS_CASES = int(550 * SCALE)  # per operation and mode; 4 operations x 2 modes
 SCHEMATHESIS_GET_CASES = int(50 * SCALE)  # per GET operation and mode (6 in all)
 MAX_FUZZ_TOKENS = 3
@@ -62,6 +64,12 @@ def check_answer(response: httpx.Response, server: ServerProcess) -> None:
     if response.status_code >= 400:
         error = response.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    elif response.request.url.path == "/v1/responses":  # its own stream end, no [DONE]
+        last = response.text.rsplit("data: ", 1)[-1] if "event: " in response.text else None
+        body = json.loads(last or response.text)
+        body = body.get("response", body)
+        assert body["object"] == "response" and body["status"] in ("completed", "incomplete")
+        assert body["usage"]["output_tokens"] <= MAX_FUZZ_TOKENS
     elif response.headers["content-type"].startswith("text/event-stream"):
         assert response.text.endswith("data: [DONE]\n\n"), response.text[-300:]
     else:
@@ -254,7 +262,7 @@ def bodies(
         body[name] = draw(field(fields[name]) if wild else fields[name])
     if wild and draw(st.booleans()):
         body.update(draw(UNKNOWN))
-    for name in ("max_tokens", "max_completion_tokens"):
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         if name in body:
             body[name] = _small(body[name])
     return body
@@ -277,6 +285,64 @@ COMPLETION_BODIES = bodies(
     {"prompt": (TEXT, st.one_of(TEXT, st.lists(st.integers(-2, 33000), min_size=1, max_size=8)))},
     COMPLETION_FIELDS,
 )
+PART = st.fixed_dictionaries(
+    {"type": field(st.sampled_from(["input_text", "output_text", "input_image"])), "text": TEXT}
+)
+INPUT_ITEM = field(
+    st.one_of(
+        st.fixed_dictionaries(
+            {
+                "role": field(st.sampled_from(["user", "user", "assistant", "developer"])),
+                "content": field(st.one_of(TEXT, st.lists(PART, max_size=2))),
+            },
+            optional={"type": st.just("message")},
+        ),
+        st.fixed_dictionaries(
+            {"type": st.just("function_call"), "call_id": field(NAME), "name": field(NAME)},
+            optional={"arguments": field(st.sampled_from(["{}", '{"a": 1}', "[", ""]))},
+        ),
+        st.fixed_dictionaries(
+            {"type": st.just("function_call_output"), "call_id": field(NAME), "output": TEXT}
+        ),
+    )
+)
+FLAT_TOOL = field(
+    st.fixed_dictionaries(
+        {"type": field(st.sampled_from(["function", "function", "web_search"])), "name": NAME},
+        optional={"description": JSON, "parameters": SCHEMA, "strict": JSON},
+    )
+)
+RESPONSES_FIELDS = {
+    **{name: SAMPLING[name] for name in ("temperature", "top_p", "stream", "model", "user")},
+    "metadata": JSON,
+    "max_output_tokens": TOKENS,
+    "instructions": TEXT,
+    "tools": st.lists(FLAT_TOOL, max_size=2),
+    "tool_choice": st.one_of(
+        st.sampled_from(["none", "auto", "required"]),
+        st.fixed_dictionaries({"type": st.just("function"), "name": NAME}),
+    ),
+    "text": st.fixed_dictionaries(
+        {},
+        optional={
+            "format": st.fixed_dictionaries(
+                {"type": st.sampled_from(["text", "json_object", "json_schema"])},
+                optional={"name": NAME, "schema": SCHEMA},
+            )
+        },
+    ),
+    "parallel_tool_calls": st.booleans(),
+    "store": st.booleans(),
+    "previous_response_id": st.text(max_size=10),
+    "reasoning": JSON,
+    "include": st.lists(st.sampled_from(["message.output_text.logprobs", "x"]), max_size=2),
+    "top_logprobs": st.integers(0, 21),
+    "truncation": st.sampled_from(["auto", "disabled"]),
+    "background": st.booleans(),
+}
+RESPONSES_BODIES = bodies(
+    {"input": (TEXT, st.lists(INPUT_ITEM, min_size=1, max_size=3))}, RESPONSES_FIELDS
+)
 
 FUZZ_SETTINGS: dict[str, Any] = {
     "deadline": None,
@@ -298,8 +364,9 @@ def post_json(http: httpx.Client, path: str, body: Any) -> httpx.Response:
     [
         ("/v1/chat/completions", CHAT_BODIES, CHAT_CASES),
         ("/v1/completions", COMPLETION_BODIES, COMPLETION_CASES),
+        ("/v1/responses", RESPONSES_BODIES, RESPONSES_CASES),
     ],
-    ids=["chat", "completions"],
+    ids=["chat", "completions", "responses"],
 )
 def test_hypothesis_request_fuzz(server, http, path, strategy, cases):
     statuses: dict[int, int] = {}

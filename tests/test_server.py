@@ -22,8 +22,8 @@ from starlette.testclient import TestClient
 
 import mlx_mistral
 from mlx_mistral.batch import TokenEvent
-from mlx_mistral.sampling import TokenLogprobs
-from mlx_mistral.sampling_params import SamplingParams
+from mlx_mistral.sampling.params import SamplingParams
+from mlx_mistral.sampling.sampler import TokenLogprobs
 from mlx_mistral.server import ServerConfig, create_app
 from mlx_mistral.server.openai_writers import ChatCompletionWriter, CompletionWriter
 from mlx_mistral.server.schemas import LogprobFormatter
@@ -53,7 +53,8 @@ def name(tiny_hf_checkpoint):
 def library(tiny_model, **kwargs) -> str:
     model, tokenizer = tiny_model
     prompt = kwargs.pop("prompt", MESSAGES)
-    return mlx_mistral.generate(model, tokenizer, prompt, **{"max_tokens": 8, **kwargs})
+    params = SamplingParams(**{"max_tokens": 8, **kwargs})
+    return mlx_mistral.generate(model, tokenizer, prompt, params=params)
 
 
 def test_health_and_models(server, client, name):

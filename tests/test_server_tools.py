@@ -24,6 +24,7 @@ from tool_samples import PERSON, SCHEMAS, TIME, TOOLS
 
 import mlx_mistral
 from mlx_mistral.errors import InvalidRequestError
+from mlx_mistral.sampling.params import SamplingParams
 from mlx_mistral.server.app import chat_prompt
 from mlx_mistral.server.schemas import ChatCompletionRequest
 from mlx_mistral.tokenizer import Tokenizer
@@ -411,7 +412,9 @@ def test_stream_deltas_follow_openai(name, server):
 def test_library_generate_matches_the_server(name, client, tiny_model, fields):
     model, tokenizer = tiny_model
     answer = client.chat.completions.create(model=name, messages=ASK, seed=11, **fields)
-    text = mlx_mistral.generate(model, tokenizer, ASK, seed=11, **fields)
+    structured = {k: v for k, v in fields.items() if k != "max_tokens"}
+    params = SamplingParams(seed=11, max_tokens=fields["max_tokens"])
+    text = mlx_mistral.generate(model, tokenizer, ASK, params=params, **structured)
     content, calls = split_tool_calls(text)
     assert calls or "response_format" in fields
     assert as_dicts(answer)[0]["tool_calls"] == calls
@@ -420,11 +423,12 @@ def test_library_generate_matches_the_server(name, client, tiny_model, fields):
 
 def test_library_refuses_tools_without_chat_messages(tiny_model):
     model, tokenizer = tiny_model
+    two_tokens = SamplingParams(max_tokens=2)
     with pytest.raises(InvalidRequestError) as caught:
-        mlx_mistral.generate(model, tokenizer, "raw text", tools=TOOLS, max_tokens=2)
+        mlx_mistral.generate(model, tokenizer, "raw text", tools=TOOLS, params=two_tokens)
     assert caught.value.param == "tools"
     with pytest.raises(InvalidRequestError) as caught:
-        mlx_mistral.generate(model, tokenizer, ASK, tool_choice="maybe", max_tokens=2)
+        mlx_mistral.generate(model, tokenizer, ASK, tool_choice="maybe", params=two_tokens)
     assert caught.value.param == "tool_choice"
 
 

@@ -17,7 +17,7 @@ from mlx_mistral import SamplingParams
 from mlx_mistral.batch import BatchGenerator
 from mlx_mistral.cache import BatchKVCache
 from mlx_mistral.drafts import PredictionDraft, PromptLookup
-from mlx_mistral.sampling import SamplerState
+from mlx_mistral.sampling.state import SamplerState
 from mlx_mistral.speculative import choose_tokens
 from mlx_mistral.tools.grammar import make_constraints
 from mlx_mistral.tools.parsing import split_tool_calls

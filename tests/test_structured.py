@@ -19,7 +19,7 @@ from mlx_mistral.batch import BatchGenerator
 from mlx_mistral.chat import encode_chat_request, parse_chat, render_tool_calls
 from mlx_mistral.errors import InvalidRequestError
 from mlx_mistral.generate import prompt_ids
-from mlx_mistral.sampling_params import SamplingParams
+from mlx_mistral.sampling.params import SamplingParams
 from mlx_mistral.tools.grammar import (
     GrammarConstraint,
     bitmask_to_mlx,

@@ -1,0 +1,434 @@
+"""OpenAI's Responses API, request side: a `POST /v1/responses` body -> a chat request.
+
+`ResponsesRequest.from_json` validates the body once and translates it into what the chat path
+already serves: OpenAI chat messages for the chat encoder, a `StructuredRequest` (tools,
+tool_choice, `text.format`) and `SamplingParams`, held as a `ChatCompletionRequest`.
+
+Translation:
+- `instructions` is the system prompt; system/developer messages of `input` join it (the chat
+  format has one system prompt, and its position never changes the prompt).
+- `input`: a string is one user message; a list holds messages (content a string or
+  input_text / output_text parts), `function_call` items (consecutive ones, and the assistant
+  message just before them, become one assistant message with `tool_calls`, exactly as the
+  model wrote them) and `function_call_output` items (tool messages).
+- Tools are the flat Responses shape `{"type": "function", "name", "description", "parameters",
+  "strict"}`; built-in tools (web search, file search, computer use, ...) are refused by name.
+
+Errors name the Responses field (`tools[0].name`, `text.format.schema`, `max_output_tokens`,
+`input[2].call_id`), never the chat field the value was translated into.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlx_mistral.errors import InvalidRequestError, MistralError
+
+from .schemas import ChatCompletionRequest
+
+# Fields that tag, route or tune a request on a hosted service and change no output here.
+NO_OP_FIELDS = frozenset(
+    {
+        "metadata",
+        "user",
+        "store",  # decides whether the response is kept; read separately
+        "service_tier",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+        "prompt_cache_options",
+        "safety_identifier",
+        "stream_options",  # include_obfuscation: padding of events, none is added here
+        "max_tool_calls",  # counts built-in tool calls, which this server never makes
+        "reasoning",  # effort / summary for reasoning models; vLLM and llama.cpp ignore it too
+        "include",  # read for message.output_text.logprobs; the rest name items never produced
+        "top_logprobs",  # used only with include message.output_text.logprobs
+        "truncation",  # checked: "auto" is refused
+        "background",  # checked: true is refused
+    }
+)
+FIELDS = frozenset(
+    {
+        "model",
+        "input",
+        "instructions",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "text",
+        "max_output_tokens",
+        "temperature",
+        "top_p",
+        "stream",
+        "previous_response_id",
+        *NO_OP_FIELDS,
+    }
+)
+# Fields that ask for something this server cannot do: a 400 naming them.
+REFUSED_FIELDS = {
+    "conversation": "the Conversations API is not served here; use previous_response_id",
+    "prompt": "stored prompt templates are not served here; send instructions and input",
+    "context_management": "server-side context compaction is not supported",
+    "background_options": "background responses are not supported",
+}
+BUILT_IN_TOOLS = {
+    "web_search": "web search",
+    "web_search_preview": "web search",
+    "web_search_2025_08_26": "web search",
+    "web_search_preview_2025_03_11": "web search",
+    "file_search": "file search",
+    "computer_use_preview": "computer use",
+    "computer": "computer use",
+    "code_interpreter": "code interpreter",
+    "image_generation": "image generation",
+    "mcp": "remote MCP",
+    "local_shell": "local shell",
+    "shell": "shell",
+    "apply_patch": "apply patch",
+    "custom": "custom (free-form grammar)",
+    "tool_search": "tool search",
+}
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+def _bad(message: str, param: str) -> InvalidRequestError:
+    return InvalidRequestError(message, param=param)
+
+
+@dataclass(frozen=True)
+class ResponsesRequest:
+    """A validated POST /v1/responses body.
+
+    Attributes:
+        chat: the translated request (its messages hold only this request's `input`, without the
+            system prompt; `messages()` adds those and a previous response's history).
+        instructions: the system prompt, or None.
+        input_messages: `input` as chat messages (system/developer ones moved to `instructions`).
+        origins: for each input message, the `input[i]` it came from (for error names).
+        previous_response_id: the response this one continues, or None.
+        store: keep the response so it can be retrieved and continued.
+        echo: the request fields the response object states back (tools, text, ...).
+    """
+
+    chat: ChatCompletionRequest
+    instructions: str | None = None
+    input_messages: tuple[dict[str, Any], ...] = ()
+    origins: tuple[str, ...] = ()
+    previous_response_id: str | None = None
+    store: bool = True
+    echo: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> ResponsesRequest:
+        """Raises InvalidRequestError naming the first bad field (by its Responses name)."""
+        fields = {k: v for k, v in body.items() if v is not None}
+        for key in fields:
+            if key in REFUSED_FIELDS:
+                raise _bad(f"{key}: {REFUSED_FIELDS[key]}", key)
+            if key not in FIELDS:
+                raise InvalidRequestError(
+                    f"unrecognized request argument: {key[:100]!r}",
+                    param=key[:100],
+                    code="unknown_parameter",
+                )
+        _check_no_ops(fields)
+        if "input" not in fields:
+            raise _bad("input is required (a string or a list of items)", "input")
+        instructions = fields.get("instructions")
+        if instructions is not None and not isinstance(instructions, str):
+            raise _bad("instructions must be a string", "instructions")
+        messages, origins, system = _input_messages(fields["input"])
+        prompt = "\n\n".join([instructions, *system] if instructions else system) or instructions
+        previous = fields.get("previous_response_id")
+        if previous is not None and not isinstance(previous, str):
+            raise _bad("previous_response_id must be a string", "previous_response_id")
+        store = fields.get("store", True)
+        if not isinstance(store, bool):
+            raise _bad(f"store must be a boolean, got {store!r:.100}", "store")
+        chat = _chat_request(fields, messages)
+        echo = {
+            "instructions": instructions,
+            "tools": fields.get("tools", []),
+            "tool_choice": fields.get("tool_choice", "auto"),
+            "parallel_tool_calls": chat.structured.parallel_tool_calls,
+            "text": {"format": fields.get("text", {}).get("format", {"type": "text"})},
+            "temperature": fields.get("temperature", 1.0),
+            "top_p": fields.get("top_p", 1.0),
+            "max_output_tokens": fields.get("max_output_tokens"),
+            "metadata": fields.get("metadata", {}),
+            "user": fields.get("user"),
+            "store": store,
+            "truncation": "disabled",
+            "previous_response_id": previous,
+            "top_logprobs": chat.params.top_logprobs,
+        }
+        return cls(chat, prompt, tuple(messages), tuple(origins), previous, store, echo)
+
+    def messages(self, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The chat messages to encode: the system prompt, `history` (a previous response's
+        conversation, its output included), then this request's input."""
+        system = (
+            [] if self.instructions is None else [{"role": "system", "content": self.instructions}]
+        )
+        return [*system, *history, *self.input_messages]
+
+    def rename_error(self, exc: InvalidRequestError, history_len: int) -> InvalidRequestError:
+        """`exc` from the chat encoder (naming `messages[k]`) renamed to the input item."""
+        match = re.match(r"messages\[(\d+)\]", exc.param or "")
+        if match is None:
+            return _renamed(exc, "messages", "input") if exc.param == "messages" else exc
+        k = int(match.group(1)) - (self.instructions is not None) - history_len
+        where = self.origins[k] if 0 <= k < len(self.origins) else "previous_response_id"
+        return _renamed(exc, match.group(0), where)
+
+
+def _renamed(exc: InvalidRequestError, old: str, new: str) -> InvalidRequestError:
+    param = (exc.param or "").replace(old, new, 1).replace(".tool_call_id", ".call_id")
+    out = type(exc)(exc.message.replace(old, new).replace("tool_call_id", "call_id"), param=param)
+    out.code = exc.code
+    return out
+
+
+def _check_no_ops(fields: dict[str, Any]) -> None:
+    """The no-op fields that would ask for something this server cannot do."""
+    if fields.get("background") not in (None, False):
+        raise _bad(
+            "background: true is not supported; responses run in the request (use stream: true "
+            "for long ones)",
+            "background",
+        )
+    if fields.get("truncation") not in (None, "disabled"):
+        raise _bad(
+            f'truncation: only "disabled" is supported (an input over the context window is a '
+            f"400), got {fields['truncation']!r:.100}",
+            "truncation",
+        )
+    include = fields.get("include", [])
+    if not isinstance(include, list) or not all(isinstance(x, str) for x in include):
+        raise _bad("include must be a list of strings", "include")
+    for name in ("metadata", "reasoning", "stream_options"):
+        if name in fields and not isinstance(fields[name], dict):
+            raise _bad(f"{name} must be an object", name)
+    for name in ("user", "service_tier", "prompt_cache_key", "safety_identifier"):
+        if name in fields and not isinstance(fields[name], str):
+            raise _bad(f"{name} must be a string", name)
+    top = fields.get("top_logprobs", 0)
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20:
+        raise _bad(f"top_logprobs must be an integer in [0, 20], got {top!r:.100}", "top_logprobs")
+
+
+def _chat_request(fields: dict[str, Any], messages: list[dict[str, Any]]) -> ChatCompletionRequest:
+    """The chat request the Responses fields translate into (errors renamed back)."""
+    chat: dict[str, Any] = {"messages": messages, "stream": fields.get("stream", False)}
+    for name in ("model", "temperature", "top_p", "parallel_tool_calls"):
+        if name in fields:
+            chat[name] = fields[name]
+    if "max_output_tokens" in fields:
+        chat["max_tokens"] = fields["max_output_tokens"]
+    if LOGPROBS_INCLUDE in fields.get("include", []):
+        chat["logprobs"] = True
+        chat["top_logprobs"] = fields.get("top_logprobs", 0)
+    if "tools" in fields:
+        chat["tools"] = _tools(fields["tools"])
+    if "tool_choice" in fields:
+        chat["tool_choice"] = _tool_choice(fields["tool_choice"])
+    if "text" in fields:
+        chat["response_format"] = _text_format(fields["text"])
+    try:
+        return ChatCompletionRequest.from_json(chat)
+    except InvalidRequestError as exc:
+        raise _rename_field(exc) from None
+
+
+_FIELD_NAMES = (
+    (re.compile(r"\bmax_tokens\b"), "max_output_tokens"),
+    (re.compile(r"\bresponse_format\.json_schema\b"), "text.format"),
+    (re.compile(r"\bresponse_format\b"), "text.format"),
+    (re.compile(r"\b(tools\[\d+\])\.function\b"), r"\1"),
+    (re.compile(r"\btool_choice\.function\b"), "tool_choice"),
+)
+
+
+def _rename_field(exc: MistralError) -> InvalidRequestError:
+    message, param = exc.message, exc.param or ""
+    for pattern, new in _FIELD_NAMES:
+        message, param = pattern.sub(new, message), pattern.sub(new, param)
+    out = InvalidRequestError(message, param=param or None)
+    out.code = exc.code
+    return out
+
+
+def _tools(raw: Any) -> list[dict[str, Any]]:
+    """Flat Responses function tools -> chat tools; a built-in tool is refused by name."""
+    if not isinstance(raw, list):
+        raise _bad("tools must be a list of tool objects", "tools")
+    out = []
+    for i, tool in enumerate(raw):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict):
+            raise _bad(f"{where} must be an object", where)
+        kind = tool.get("type")
+        if isinstance(kind, str) and kind in BUILT_IN_TOOLS:
+            raise _bad(
+                f"{where}: the built-in {BUILT_IN_TOOLS[kind]} tool ({kind!r}) is not available "
+                "on this server; only function tools are",
+                f"{where}.type",
+            )
+        if kind != "function":
+            raise _bad(f'{where}.type must be "function", got {kind!r:.100}', f"{where}.type")
+        if "function" in tool:  # the chat shape sent to the wrong endpoint
+            raise _bad(
+                f"{where} uses the chat completions shape; Responses tools are flat: "
+                '{"type": "function", "name": ..., "parameters": ...}',
+                f"{where}.function",
+            )
+        fn = {k: tool[k] for k in ("name", "description", "parameters") if tool.get(k) is not None}
+        strict = tool.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise _bad(f"{where}.strict must be a boolean", f"{where}.strict")
+        out.append({"type": "function", "function": fn})  # always strict: calls are constrained
+    return out
+
+
+def _tool_choice(raw: Any) -> Any:
+    if isinstance(raw, str):
+        return raw
+    if isinstance(raw, dict) and raw.get("type") == "function":
+        return {"type": "function", "function": {"name": raw.get("name")}}
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    if isinstance(kind, str) and kind in BUILT_IN_TOOLS:
+        raise _bad(
+            f"tool_choice names the built-in {BUILT_IN_TOOLS[kind]} tool, which is not "
+            "available on this server",
+            "tool_choice",
+        )
+    raise _bad(
+        'tool_choice must be "none", "auto", "required" or {"type": "function", "name": ...}',
+        "tool_choice",
+    )
+
+
+def _text_format(raw: Any) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise _bad("text must be an object", "text")
+    verbosity = raw.get("verbosity")
+    if verbosity is not None and verbosity not in ("low", "medium", "high"):
+        raise _bad('text.verbosity must be "low", "medium" or "high"', "text.verbosity")
+    fmt = raw.get("format", {"type": "text"})
+    if not isinstance(fmt, dict):
+        raise _bad("text.format must be an object", "text.format")
+    if fmt.get("type") != "json_schema":
+        return fmt
+    keys = ("name", "schema", "strict", "description")
+    return {"type": "json_schema", "json_schema": {k: fmt[k] for k in keys if k in fmt}}
+
+
+def _input_messages(raw: Any) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """`input` -> (chat messages, the input item each came from, system texts)."""
+    if isinstance(raw, str):
+        return [{"role": "user", "content": raw}], ["input"], []
+    if not isinstance(raw, list) or not raw:
+        raise _bad("input must be a string or a non-empty list of items", "input")
+    messages: list[dict[str, Any]] = []
+    origins: list[str] = []
+    system: list[str] = []
+    open_call = False  # messages[-1] is an assistant message that function_call items extend
+    for i, item in enumerate(raw):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise _bad(f"{where} must be an object", where)
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            content = _content(item.get("content"), role, f"{where}.content")
+            if role in ("system", "developer"):
+                system.append(content if isinstance(content, str) else _joined(content))
+                continue
+            if role not in ("user", "assistant"):
+                raise _bad(
+                    f"{where}.role must be user, assistant, system or developer, got {role!r:.100}",
+                    f"{where}.role",
+                )
+            if role == "assistant" and not (
+                content if isinstance(content, str) else _joined(content)
+            ):
+                # An empty answer (ours, sent back by a client): the chat format cannot hold an
+                # empty assistant turn; without it the user turns around it are joined.
+                open_call = False
+                continue
+            messages.append({"role": role, "content": content})
+            origins.append(where)
+            open_call = role == "assistant"
+        elif kind == "function_call":
+            call = _function_call(item, where)
+            if not open_call:
+                messages.append({"role": "assistant", "content": None})
+                origins.append(where)
+            messages[-1] = {
+                **messages[-1],
+                "tool_calls": [*messages[-1].get("tool_calls", []), call],
+            }
+            open_call = True
+        elif kind == "function_call_output":
+            call_id = item.get("call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise _bad(f"{where}.call_id must be a non-empty string", f"{where}.call_id")
+            output = _content(item.get("output"), "tool", f"{where}.output")
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": output})
+            origins.append(where)
+            open_call = False
+        elif kind == "reasoning":
+            continue  # another model's reasoning summary: nothing this model can read or render
+        else:
+            raise _bad(
+                f"{where}.type {kind!r:.100} is not supported; send message, function_call or "
+                "function_call_output items",
+                f"{where}.type",
+            )
+    return messages, origins, system
+
+
+def _function_call(item: dict[str, Any], where: str) -> dict[str, Any]:
+    for name in ("call_id", "name", "arguments"):
+        if not isinstance(item.get(name), str) or (name != "arguments" and not item[name]):
+            raise _bad(f"{where}.{name} must be a non-empty string", f"{where}.{name}")
+    try:
+        arguments = json.loads(item["arguments"] or "{}")
+    except json.JSONDecodeError as exc:
+        raise _bad(f"{where}.arguments is not valid JSON: {exc}", f"{where}.arguments") from None
+    if not isinstance(arguments, dict):
+        raise _bad(f"{where}.arguments must be a JSON object", f"{where}.arguments")
+    fn = {"name": item["name"], "arguments": item["arguments"] or "{}"}
+    return {"id": item["call_id"], "type": "function", "function": fn}
+
+
+def _content(raw: Any, role: Any, param: str) -> str | list[dict[str, str]]:
+    """A message content (or a function_call_output's output): a string, or text parts as chat
+    text parts. Images, files and audio are refused (Mistral-7B-Instruct-v0.2 reads text)."""
+    if isinstance(raw, str):
+        return raw
+    if not isinstance(raw, list):
+        raise _bad(f"{param} must be a string or a list of content parts", param)
+    parts = []
+    for j, part in enumerate(raw):
+        where = f"{param}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "refusal" and role == "assistant":
+            kind, part = "output_text", {"text": part.get("refusal")}
+        if kind not in TEXT_PARTS:
+            raise _bad(
+                f"{where}.type {kind!r:.100} is not supported: only text parts (input_text, "
+                "output_text) are read (Mistral-7B-Instruct-v0.2 reads text only)",
+                f"{where}.type",
+            )
+        if not isinstance(part.get("text"), str):
+            raise _bad(f"{where}.text must be a string", f"{where}.text")
+        parts.append({"type": "text", "text": part["text"]})
+    return parts
+
+
+def _joined(parts: list[dict[str, str]]) -> str:
+    return "\n\n".join(p["text"] for p in parts if p["text"])
