@@ -193,6 +193,7 @@ class RequestPlan:
     prompt_field: str = "messages"
     continuation: bool = False
     constraints: Sequence[GrammarConstraint] | None = None
+    prediction: str | None = None  # Predicted Outputs: a draft for speculative decoding
 
 
 async def _generate(request: Request, engine: Engine, plan: RequestPlan) -> Response:
@@ -203,6 +204,7 @@ async def _generate(request: Request, engine: Engine, plan: RequestPlan) -> Resp
         loop=asyncio.get_running_loop(),
         prompt_field=plan.prompt_field,
         continuation=plan.continuation,
+        prediction=plan.prediction,
     )
     if not plan.stream:
         return JSONResponse(await plan.writer.collect_while_connected(handle, request.receive))
@@ -233,7 +235,10 @@ async def chat_completions(request: Request) -> Response:
         call_ids=call_ids,
     )
     params = state.fit_max_tokens(req.params, req.max_tokens_given, len(prompt))
-    plan = RequestPlan(prompt, params, writer, req.stream, constraints=constraints)
+    writer.predicted = req.prediction is not None
+    plan = RequestPlan(
+        prompt, params, writer, req.stream, constraints=constraints, prediction=req.prediction
+    )
     return await _generate(request, engine, plan)
 
 
@@ -251,7 +256,10 @@ async def completions(request: Request) -> Response:
         state.served, req.params, include_usage=req.include_usage, stats=_stats(request)
     )
     params = state.fit_max_tokens(req.params, req.max_tokens_given, len(prompt))
-    plan = RequestPlan(prompt, params, writer, req.stream, "prompt", continuation=True)
+    writer.predicted = req.prediction is not None
+    plan = RequestPlan(
+        prompt, params, writer, req.stream, "prompt", continuation=True, prediction=req.prediction
+    )
     return await _generate(request, engine, plan)
 
 

@@ -380,3 +380,75 @@ def test_speculative_sampling_keeps_the_distribution(params, drafted):
     statistic = float(((observed[support] - expected) ** 2 / expected).sum())
     assert statistic < chi_square_critical(int(support.sum()) - 1)
     assert all(s.num_generated == len(history) + 1 for s in states)
+
+
+# -- HTTP --------------------------------------------------------------------------------------
+def test_http_prediction_reports_accepted_and_rejected_tokens(tiny_hf_checkpoint):
+    import httpx
+    import openai
+    from server_process import ServerProcess
+
+    messages = [{"role": "user", "content": "Tell me a story about a cat."}]
+    with ServerProcess(tiny_hf_checkpoint) as server:
+        client = openai.OpenAI(base_url=server.url("/v1"), api_key="any", max_retries=0)
+        model = tiny_hf_checkpoint.name
+        plain_answer = client.chat.completions.create(
+            model=model, messages=messages, max_tokens=30, temperature=0
+        )
+        assert plain_answer.usage.completion_tokens_details is None  # no prediction, no details
+        text = plain_answer.choices[0].message.content
+        predicted = client.chat.completions.create(
+            model=model,
+            messages=messages,
+            max_tokens=30,
+            temperature=0,
+            prediction={"type": "content", "content": text},
+        )
+        assert predicted.choices[0].message.content == text
+        details = predicted.usage.completion_tokens_details
+        assert details.accepted_prediction_tokens > 10
+        assert details.rejected_prediction_tokens >= 0
+        wrong = client.chat.completions.create(
+            model=model,
+            messages=messages,
+            max_tokens=30,
+            temperature=0,
+            prediction={"type": "content", "content": [{"type": "text", "text": "Nope. " * 9}]},
+        )
+        assert wrong.choices[0].message.content == text
+        assert wrong.usage.completion_tokens_details.rejected_prediction_tokens > 0
+        # Streamed, with the usage chunk at the end; and the legacy completions endpoint.
+        stream = client.chat.completions.create(
+            model=model,
+            messages=messages,
+            max_tokens=30,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            prediction={"type": "content", "content": text},
+        )
+        chunks = list(stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+        assert chunks[-1].usage.completion_tokens_details.accepted_prediction_tokens > 10
+        completion = client.completions.create(
+            model=model, prompt="Once upon a time", max_tokens=20, temperature=0
+        )
+        again = httpx.post(
+            server.url("/v1/completions"),
+            json={
+                "model": model,
+                "prompt": "Once upon a time",
+                "max_tokens": 20,
+                "temperature": 0,
+                "prediction": {"type": "content", "content": completion.choices[0].text},
+            },
+        ).json()
+        assert again["choices"][0]["text"] == completion.choices[0].text
+        assert again["usage"]["completion_tokens_details"]["accepted_prediction_tokens"] > 5
+        bad = httpx.post(
+            server.url("/v1/chat/completions"),
+            json={"messages": messages, "prediction": {"type": "content", "content": 5}},
+        )
+        assert bad.status_code == 400
+        assert bad.json()["error"]["param"] == "prediction.content"
+        assert "Traceback" not in server.log()
