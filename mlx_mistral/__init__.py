@@ -11,8 +11,6 @@ Example:
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 from . import _blas
@@ -22,7 +20,7 @@ _blas.preload()  # before anything imports mlx.core (see _blas for why)
 if TYPE_CHECKING:
     from .demo import demo_model_path
     from .engine import Engine, EngineConfig
-    from .generate import GenerationChunk, batch_generate, generate, stream_generate
+    from .generation import GenerationChunk, batch_generate, generate, stream_generate
     from .loader import load
     from .sampling.params import SamplingParams
 
@@ -33,13 +31,13 @@ __version__ = "0.1.0"
 _HOMES = {
     "Engine": ".engine",
     "EngineConfig": ".engine",
-    "GenerationChunk": ".generate",
+    "GenerationChunk": ".generation",
     "SamplingParams": ".sampling.params",
-    "batch_generate": ".generate",
+    "batch_generate": ".generation",
     "demo_model_path": ".demo",
-    "generate": ".generate",
+    "generate": ".generation",
     "load": ".loader",
-    "stream_generate": ".generate",
+    "stream_generate": ".generation",
 }
 
 __all__ = [
@@ -66,17 +64,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *_HOMES])
-
-
-class _PublicNames(types.ModuleType):
-    """Loading the submodule `generate` sets the package attribute of that name to the module;
-    `mlx_mistral.generate` must stay the function (as it was when the package imported eagerly),
-    whichever of the module's names was used first. The module stays in sys.modules."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _HOMES and isinstance(value, types.ModuleType):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _PublicNames

@@ -64,7 +64,7 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from .generate import stream_generate
+    from .generation import stream_generate
 
     params = _sampling_params(args)
     model, tokenizer = _load(args.model)
@@ -78,7 +78,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from .generate import stream_generate
+    from .generation import stream_generate
 
     params = _sampling_params(args)
     model, tokenizer = _load(args.model)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from mlx_mistral.errors import InvalidRequestError
-from mlx_mistral.sampling_params import SamplingParams
+from mlx_mistral.sampling.params import SamplingParams
 from mlx_mistral.tools.spec import StructuredRequest
 from mlx_mistral.tools.validation import parse_structured_request
 

@@ -31,7 +31,7 @@ from starlette.routing import Route
 from mlx_mistral.batch import TokenEvent
 from mlx_mistral.chat import encode_chat_request
 from mlx_mistral.errors import MistralError
-from mlx_mistral.sampling_params import SamplingParams
+from mlx_mistral.sampling.params import SamplingParams
 
 from .anthropic_protocol import MessagesRequest
 from .app import Handler, RequestPlan, _generate, _read_json, _state, _stats, chat_prompt, guarded

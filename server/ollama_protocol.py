@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlx_mistral.errors import InvalidRequestError
-from mlx_mistral.sampling_params import SamplingParams
+from mlx_mistral.sampling.params import SamplingParams
 from mlx_mistral.tools.format import new_call_id
 from mlx_mistral.tools.spec import StructuredRequest
 from mlx_mistral.tools.validation import parse_structured_request

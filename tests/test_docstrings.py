@@ -10,7 +10,7 @@ import pytest
 MODULES = [
     "mlx_mistral",
     "mlx_mistral.loader",
-    "mlx_mistral.generate",
+    "mlx_mistral.generation",
     "mlx_mistral.engine",
     "mlx_mistral.model",
     "mlx_mistral.sampling.sampler",

@@ -18,7 +18,7 @@ from tool_samples import PERSON, SCHEMAS, TOOLS, assemble
 from mlx_mistral.batch import BatchGenerator
 from mlx_mistral.chat import encode_chat_request, parse_chat, render_tool_calls
 from mlx_mistral.errors import InvalidRequestError
-from mlx_mistral.generate import prompt_ids
+from mlx_mistral.generation import prompt_ids
 from mlx_mistral.sampling.params import SamplingParams
 from mlx_mistral.tools.grammar import (
     GrammarConstraint,
