@@ -203,11 +203,13 @@ class BatchGenerator:
                         f"the prompt needs {need / 2**20:.0f} MiB of KV cache, {budget}; shorten "
                         f"it or lower n",
                         param=prompt_field,
+                        code="context_length_exceeded",  # too long for this server's memory
                     )
                 raise InvalidRequestError(
                     f"the request needs {need / 2**20:.0f} MiB of KV cache for its prompt plus "
                     f"max_tokens, {budget}; lower max_tokens or n",
                     param="max_tokens",
+                    code="context_length_exceeded",
                 )
         return max_new, reserve
 

@@ -28,6 +28,7 @@ from mlx_mistral.tools.spec import StructuredRequest
 from mlx_mistral.tools.validation import parse_structured_request
 
 from .errors import UnsupportedMediaTypeError
+from .units import parse_duration
 
 IGNORED_FIELDS = frozenset(
     {"user", "metadata", "service_tier", "store", "safety_identifier", "prompt_cache_key"}
@@ -57,6 +58,7 @@ _CHAT_FIELDS = frozenset(
         "stream",
         "stream_options",
         "prediction",
+        "keep_alive",  # Ollama's extension: how long the model stays loaded afterwards
         *_names(CHAT_SAMPLING),
         *_STRUCTURED_FIELDS,
     }
@@ -72,6 +74,7 @@ _COMPLETION_FIELDS = frozenset(
         "best_of",
         "suffix",
         "prediction",
+        "keep_alive",
         *_names(COMPLETION_SAMPLING),
     }
 )
@@ -86,6 +89,9 @@ def check_content_type(content_type: str | None) -> None:
             f"the body must be JSON sent with 'Content-Type: application/json', got "
             f"{(content_type or '(none)')[:100]!r}"
         )
+
+
+MAX_BODY_CONTAINERS = 50_000
 
 
 class _NonFinite:
@@ -122,6 +128,16 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     """
     if not raw.strip():
         raise InvalidRequestError("the request body is empty; send a JSON object")
+    # Python's JSON parser holds the GIL for the whole parse: 8 MiB of tiny objects would stop
+    # every thread for seconds (~6 us per container). Counting brackets is a cheap upper bound
+    # (those inside strings count too; a prompt that holds this many exceeds any context).
+    containers = raw.count(b"{") + raw.count(b"[")
+    if containers > MAX_BODY_CONTAINERS:
+        raise InvalidRequestError(
+            "the request body is nested too deeply or holds too many JSON objects and arrays to "
+            f"parse: {containers} '{{' and '[' characters (text counts too), at most "
+            f"{MAX_BODY_CONTAINERS}"
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -146,7 +162,55 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         _refuse_non_finite(body)
     if _SURROGATE_ESCAPE.search(text):
         _refuse_lone_surrogates(body)
+    _check_tool_call_arguments(body)
     return body
+
+
+MAX_ARGUMENTS_DEPTH = 64  # JSON levels inside one tool call's `arguments` string
+
+
+def _check_tool_call_arguments(body: dict[str, Any]) -> None:
+    """Tool-call `arguments` are JSON inside a JSON string: hold them to the body's own rules
+    (parseable without a RecursionError or Python's 4,300-digit integer limit, no lone
+    surrogate) and to a nesting that re-rendering them into the prompt survives."""
+    messages = body.get("messages")
+    for i, message in enumerate(messages if isinstance(messages, list) else ()):
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        for j, call in enumerate(calls if isinstance(calls, list) else ()):
+            fn = call.get("function") if isinstance(call, dict) else None
+            arguments = fn.get("arguments") if isinstance(fn, dict) else None
+            if isinstance(arguments, str):
+                _check_embedded_json(arguments, f"messages[{i}].tool_calls[{j}].function.arguments")
+
+
+def _check_embedded_json(text: str, param: str) -> None:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return  # the chat format says what is wrong with it, naming the field
+    except (RecursionError, ValueError) as exc:
+        why = "is nested too deeply" if isinstance(exc, RecursionError) else f"is not valid: {exc}"
+        raise InvalidRequestError(f"{param} {why}", param=param) from None
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_ARGUMENTS_DEPTH:
+            raise InvalidRequestError(
+                f"{param} is nested more than {MAX_ARGUMENTS_DEPTH} levels deep", param=param
+            )
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            _refuse_lone_surrogates({param: value})
+        except InvalidRequestError:
+            raise InvalidRequestError(
+                f"{param} holds a lone UTF-16 surrogate escape (such as \\ud800), which is not "
+                "valid text",
+                param=param,
+            ) from None
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -256,6 +320,12 @@ def _sampling(
     return SamplingParams(**values, **given)
 
 
+def _keep_alive(fields: dict[str, Any]) -> float | None:
+    """Seconds the model stays loaded after the request (see `units`); None: the default."""
+    value = fields.get("keep_alive")
+    return None if value is None else parse_duration(value, name="keep_alive")
+
+
 @dataclass(frozen=True)
 class ChatCompletionRequest:
     """A validated POST /v1/chat/completions body.
@@ -273,6 +343,7 @@ class ChatCompletionRequest:
     structured: StructuredRequest = field(default_factory=StructuredRequest)
     max_tokens_given: bool = False
     prediction: str | None = None
+    keep_alive: float | None = None
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> ChatCompletionRequest:
@@ -294,6 +365,7 @@ class ChatCompletionRequest:
             structured=structured,
             max_tokens_given="max_tokens" in fields,
             prediction=_prediction(fields),
+            keep_alive=_keep_alive(fields),
         )
 
     @property
@@ -316,6 +388,7 @@ class CompletionRequest:
     include_usage: bool = False
     max_tokens_given: bool = False
     prediction: str | None = None
+    keep_alive: float | None = None
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> CompletionRequest:
@@ -346,6 +419,7 @@ class CompletionRequest:
             include_usage=_include_usage(fields),
             max_tokens_given="max_tokens" in fields,
             prediction=_prediction(fields),
+            keep_alive=_keep_alive(fields),
         )
 
 
