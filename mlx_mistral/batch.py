@@ -22,13 +22,15 @@ from typing import Protocol
 
 import mlx.core as mx
 
-from .cache import BatchKVCache, filter_caches, merge_caches
+from .cache import BatchKVCache, filter_caches, merge_caches, trim_cache_rows
+from .drafts import Speculator
 from .errors import ContextLengthExceededError, InvalidRequestError
 from .model import Model
 from .prefix_cache import PrefixCache
 from .sampling.params import SamplingParams
 from .sampling.sampler import PendingSample, TokenLogprobs, sample_async
 from .sampling.state import SamplerState
+from .speculative import choose_tokens
 from .stopping import StopMatcher
 from .tokenizer import Tokenizer
 
@@ -57,6 +59,8 @@ class TokenEvent:
     completion_tokens: int = 0
     cached_tokens: int = 0
     stop_sequence: str | None = None  # the stop string that ended the text ("stop" only)
+    accepted_prediction_tokens: int = 0  # drafted tokens the model agreed with, so far
+    rejected_prediction_tokens: int = 0  # drafted tokens it did not
 
 
 @dataclass
@@ -70,6 +74,7 @@ class _Sequence:
     tokens: list[int] = field(default_factory=list)  # generated so far
     finished: bool = False
     reserved: int = 0  # KV budget held for this row, in tokens (prompt included)
+    speculator: Speculator | None = None  # its draft sources (speculative decoding)
 
 
 @dataclass
@@ -84,6 +89,7 @@ class _Request:
     prefilled: int = 0
     cached_tokens: int = 0
     continuation: bool = False  # the text continues a raw prompt: keep its first leading space
+    prediction: list[int] | None = None  # Predicted Outputs: the draft the client sent
 
     @property
     def reserved_tokens(self) -> int:
@@ -112,6 +118,8 @@ class BatchGenerator:
             request for v0.2's 32k window in float16) would refuse such requests outright on a
             16 GB Mac, or run them one at a time. When the budget cannot grow a request's
             room, it finishes with "length".
+        prompt_lookup: draft tokens from the sequence's own prompt and output (speculative
+            decoding; see `mlx_mistral.drafts`). Exact: only the speed changes.
     """
 
     def __init__(
@@ -124,6 +132,7 @@ class BatchGenerator:
         prefix_cache: PrefixCache | None = None,
         max_batch: int = 32,
         open_reserve: int = 1024,
+        prompt_lookup: bool = True,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -131,6 +140,7 @@ class BatchGenerator:
         self.prefill_chunk = prefill_chunk
         self.max_batch = max_batch
         self.open_reserve = open_reserve
+        self.prompt_lookup = prompt_lookup
         # The cache holds the compute dtype, which the norm weights carry.
         self.kv_bytes_per_token = self.args.kv_bytes_per_token(model.model.norm.weight.dtype.size)
         self.kv_budget_bytes = kv_budget_bytes
@@ -221,11 +231,13 @@ class BatchGenerator:
         *,
         constraints: Sequence[TokenConstraint | None] | None = None,
         continuation: bool = False,
+        prediction: str | Sequence[int] | None = None,
     ) -> int:
         """Queue a request; returns its uid. Raises what `check` raises.
 
         `continuation`: the prompt is raw text that the output continues, so the first word
-        keeps its leading space; a chat answer starts without it.
+        keeps its leading space; a chat answer starts without it. `prediction`: the expected
+        output (text or token ids; OpenAI's Predicted Outputs), used as a draft to verify.
         """
         max_new, reserve = self._plan(prompt, params, "messages")
         uid = next(self._uids)
@@ -237,10 +249,20 @@ class BatchGenerator:
             reserve,
             list(constraints or [None] * params.n),
             continuation=continuation,
+            prediction=self._prediction_ids(prediction),
         )
         self._requests[uid] = request
         self.waiting.append(request)
         return uid
+
+    def _prediction_ids(self, prediction: str | Sequence[int] | None) -> list[int] | None:
+        if isinstance(prediction, str):
+            return self.tokenizer.encode(prediction) or None
+        if prediction is not None and any(not 0 <= t < self.args.vocab_size for t in prediction):
+            raise InvalidRequestError(
+                "the prediction has token ids outside the vocabulary", param="prediction"
+            )
+        return list(prediction) if prediction else None
 
     def cancel(self, uid: int) -> None:
         if uid in self._requests:
@@ -346,6 +368,7 @@ class BatchGenerator:
                     StopMatcher(request.params.stop),
                     request.constraints[i],
                     reserved=request.reserved_tokens,
+                    speculator=self._speculator(request),
                 )
             )
         self.cache = merge_caches(([self.cache] if self.cache else []) + [request.cache] * n)
@@ -356,11 +379,24 @@ class BatchGenerator:
             self.prefix_cache.store(request.prompt, prompt_kv)  # concurrent requests share it
         return events
 
+    def _speculator(self, request: _Request) -> Speculator | None:
+        if request.params.logprobs or not (self.prompt_lookup or request.prediction):
+            return None  # verified tokens carry no logprobs
+        return Speculator(request.prompt, request.prediction, prompt_lookup=self.prompt_lookup)
+
     def _decode(self) -> list[TokenEvent]:
-        if any(seq.constraint is not None for seq in self.running):
-            events = self._settle()  # the grammar needs the previous token on the host
+        # A row that may propose a draft needs its newest token on the host; so does a grammar.
+        lag = 0 if self._in_flight is None else 1
+        if any(
+            seq.constraint is not None or (seq.speculator and seq.speculator.may_propose(lag))
+            for seq in self.running
+        ):
+            events = self._settle()
             if not self.running:
                 return events
+            drafts = [self._draft(seq) for seq in self.running]
+            if any(drafts):
+                return events + self._speculate(drafts)
             tokens = mx.array([seq.tokens[-1] for seq in self.running])
             return events + self._sample_and_emit(self._next_logits(tokens), list(self.running))
         # Schedule step t+1 on step t's pending tokens, then read step t's.
@@ -394,13 +430,64 @@ class BatchGenerator:
             return []
         return self._emit_all(previous, self.running[: previous.tokens.shape[0]])
 
-    def _sample_and_emit(self, logits: mx.array, sequences: list[_Sequence]) -> list[TokenEvent]:
-        allowed = None
-        if any(seq.constraint is not None for seq in sequences):
-            full = mx.ones((logits.shape[-1],), dtype=mx.bool_)
-            allowed = mx.stack(
-                [full if s.constraint is None else s.constraint.allowed_mask() for s in sequences]
+    def _draft(self, seq: _Sequence) -> list[int]:
+        if seq.speculator is None:
+            return []
+        # Room for the draft and the token after it within max_tokens and the context.
+        request = self._requests[seq.uid]
+        room = min(request.max_new, self.context_length - len(request.prompt)) - len(seq.tokens)
+        return seq.speculator.propose(room - 1)
+
+    def _speculate(self, drafts: list[list[int]]) -> list[TokenEvent]:
+        """Verify every row's draft in one forward (rows without one just decode a token).
+
+        Rows are padded to the longest draft; each row then keeps the KV of the tokens it
+        accepted, and `trim_cache_rows` re-aligns the rows that kept fewer (see its comment).
+        """
+        rows, width = list(self.running), max(len(d) for d in drafts)
+        inputs = [[seq.tokens[-1], *d, *[0] * (width - len(d))] for seq, d in zip(rows, drafts)]
+        logits = self.model.project(self.model.hidden_states(mx.array(inputs), self.cache))
+        events: list[tuple[int, TokenEvent]] = []
+        emitted, accepted = [0] * len(rows), [0] * len(rows)
+        live = list(range(len(rows)))
+        for j in range(width + 1):  # position j checks drafts[i][j]
+            proposals = [drafts[i][j] if j < len(drafts[i]) else None for i in live]
+            tokens, logprobs = choose_tokens(
+                logits[mx.array(live), j],
+                [rows[i].state for i in live],
+                proposals,
+                self._allowed([rows[i] for i in live], logits.shape[-1]),
             )
+            for i, proposal, token, lp in zip(list(live), proposals, tokens, logprobs):
+                accepted[i] += token == proposal
+                events.append((i, self._emit(rows[i], token, lp)))
+                emitted[i] += 1
+                if rows[i].finished or token != proposal:
+                    live.remove(i)
+            if not live:
+                break
+        for seq, draft, n in zip(rows, drafts, accepted):
+            if draft:
+                seq.speculator.record(len(draft), n)
+        for i, event in events:  # the step's counts, known once its verification is done
+            if drafts[i]:
+                event.accepted_prediction_tokens = rows[i].speculator.accepted
+                event.rejected_prediction_tokens = rows[i].speculator.rejected
+        # Row i fed its last token and its draft; the KV of the last `emitted` of them is kept.
+        trim_cache_rows(self.cache, [width + 1 - n for n in emitted])
+        self._retire_finished()
+        return [event for _, event in events]
+
+    def _allowed(self, sequences: list[_Sequence], vocab: int) -> mx.array | None:
+        if all(seq.constraint is None for seq in sequences):
+            return None
+        full = mx.ones((vocab,), dtype=mx.bool_)
+        return mx.stack(
+            [full if s.constraint is None else s.constraint.allowed_mask() for s in sequences]
+        )
+
+    def _sample_and_emit(self, logits: mx.array, sequences: list[_Sequence]) -> list[TokenEvent]:
+        allowed = self._allowed(sequences, logits.shape[-1])
         return self._emit_all(
             sample_async(logits, [seq.state for seq in sequences], allowed), sequences
         )
@@ -417,6 +504,8 @@ class BatchGenerator:
     def _emit(self, seq: _Sequence, token: int, logprobs: TokenLogprobs | None) -> TokenEvent:
         request = self._requests[seq.uid]
         seq.tokens.append(token)
+        if seq.speculator is not None:
+            seq.speculator.observe(token)
         finish = None
         text = ""
         if seq.constraint is not None:
@@ -445,6 +534,8 @@ class BatchGenerator:
             completion_tokens=len(seq.tokens),
             cached_tokens=request.cached_tokens,
             stop_sequence=seq.stop.matched if finish == "stop" else None,
+            accepted_prediction_tokens=seq.speculator.accepted if seq.speculator else 0,
+            rejected_prediction_tokens=seq.speculator.rejected if seq.speculator else 0,
         )
 
     def _room_for_next(self, seq: _Sequence, request: _Request) -> bool:

@@ -56,6 +56,31 @@ class BatchKVCache:
         self.length -= n
         return n
 
+    def trim_rows(self, drop: Sequence[int]) -> None:
+        """Drop the last `drop[i]` positions of row `i` (speculative decoding's rejected tokens).
+
+        Rows share one write index, so dropping different counts leaves their ends misaligned.
+        They are re-aligned by shifting each row right by how much more it dropped than the row
+        that dropped least, and growing its left padding by as much: the padding is masked and
+        RoPE positions count from it, so every row then sees exactly its kept tokens, at the
+        positions it had. The shift is one gather over the cached length, done only when the
+        counts differ (a step where all rows accept alike costs a plain `trim`).
+        """
+        least = min(drop)
+        self.length -= least
+        shifts = [d - least for d in drop]
+        if not any(shifts) or self.keys is None:
+            return
+        # Row i's token at t moves to t + shift_i; positions that come from before 0 read 0,
+        # which becomes (masked) padding.
+        source = mx.arange(self.length)[None, :] - mx.array(shifts)[:, None]  # (B, T)
+        index = mx.maximum(source, 0)[:, None, :, None]  # (B, 1, T, 1)
+        kept_k = mx.take_along_axis(self.keys[..., : self.length, :], index, axis=2)
+        kept_v = mx.take_along_axis(self.values[..., : self.length, :], index, axis=2)
+        self.keys[..., : self.length, :] = kept_k
+        self.values[..., : self.length, :] = kept_v
+        self.left_padding = [p + s for p, s in zip(self.left_padding, shifts)]
+
     # -- positions -------------------------------------------------------------------------------
     def positions(self) -> int | mx.array:
         """RoPE position of the next token: an int when rows are aligned, else an array [B]."""
@@ -146,6 +171,11 @@ def make_cache(num_layers: int, batch_size: int = 1) -> list[BatchKVCache]:
 def merge_caches(per_group: Sequence[Sequence[BatchKVCache]]) -> list[BatchKVCache]:
     """Merge several per-layer cache lists (each a group of rows) into one batch."""
     return [BatchKVCache.merge(layer) for layer in zip(*per_group)]
+
+
+def trim_cache_rows(caches: Sequence[BatchKVCache], drop: Sequence[int]) -> None:
+    for c in caches:
+        c.trim_rows(drop)
 
 
 def filter_caches(caches: Sequence[BatchKVCache], rows: Sequence[int]) -> None:

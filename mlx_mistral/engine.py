@@ -83,8 +83,10 @@ class RequestHandle:
         constraints: Sequence[TokenConstraint | None] | None,
         loop: asyncio.AbstractEventLoop | None,
         continuation: bool = False,
+        prediction: str | None = None,
     ):
         self.engine = engine
+        self.prediction = prediction  # see Engine.submit
         self.prompt = prompt
         self.params = params
         self.constraints = constraints
@@ -285,12 +287,15 @@ class Engine:
         loop: asyncio.AbstractEventLoop | None = None,
         prompt_field: str = "messages",
         continuation: bool = False,
+        prediction: str | Sequence[int] | None = None,
         keep_alive: float | None = None,
     ) -> RequestHandle:
         """Queue a request. Pass the running event loop to iterate its events with `async for`.
 
         `prompt_field` is the request field errors about the prompt name ("prompt" for
         completions). `continuation`: the output continues a raw-text prompt (completions), so
+        its first word keeps its leading space. `prediction`: the expected output (OpenAI's
+        Predicted Outputs), a draft the engine verifies: it speeds up, never changes, the answer.
         its first word keeps its leading space. `keep_alive`: see `keep_alive()`; each request
         sets it, to its own or the default, as in Ollama.
 
@@ -310,7 +315,9 @@ class Engine:
             raise EngineOverloadedError(
                 f"{waiting} requests are already waiting; retry shortly", retry_after=1
             )
-        handle = RequestHandle(self, list(prompt), params, constraints, loop, continuation)
+        handle = RequestHandle(
+            self, list(prompt), params, constraints, loop, continuation, prediction
+        )
         self._queued += 1
         self.keep_alive(keep_alive)
         self._commands.put(("add", handle))
@@ -433,6 +440,7 @@ class Engine:
                 handle.params,
                 constraints=handle.constraints,
                 continuation=handle.continuation,
+                prediction=handle.prediction,
             )
         except MistralError as exc:
             handle._deliver(exc)

@@ -234,6 +234,7 @@ class RequestPlan:
     prompt_field: str = "messages"
     continuation: bool = False
     constraints: Sequence[GrammarConstraint] | None = None
+    prediction: str | None = None  # Predicted Outputs: a draft for speculative decoding
     keep_alive: float | None = None
 
 
@@ -245,6 +246,7 @@ async def _generate(request: Request, engine: Engine, plan: RequestPlan) -> Resp
         loop=asyncio.get_running_loop(),
         prompt_field=plan.prompt_field,
         continuation=plan.continuation,
+        prediction=plan.prediction,
         keep_alive=plan.keep_alive,
     )
     if not plan.stream:
@@ -287,7 +289,9 @@ async def chat_completions(request: Request) -> Response:
         continuation=prompt.continues,  # the answer goes on from the final assistant text
         constraints=constraints,
         keep_alive=req.keep_alive,
+        prediction=req.prediction,
     )
+    writer.predicted = req.prediction is not None
     return await _generate(request, engine, plan)
 
 
@@ -308,8 +312,16 @@ async def completions(request: Request) -> Response:
     )
     params = state.fit_max_tokens(req.params, req.max_tokens_given, len(prompt))
     plan = RequestPlan(
-        prompt, params, writer, req.stream, "prompt", continuation=True, keep_alive=req.keep_alive
+        prompt,
+        params,
+        writer,
+        req.stream,
+        "prompt",
+        continuation=True,
+        keep_alive=req.keep_alive,
+        prediction=req.prediction,
     )
+    writer.predicted = req.prediction is not None
     return await _generate(request, engine, plan)
 
 

@@ -32,14 +32,19 @@ class OpenAIWriter(ResponseWriter):
 
     response_object = ""
     chunk_object = ""
+    predicted = False  # the request sent a `prediction`: usage reports what became of it
 
     def _usage(self) -> dict[str, Any]:
         prompt_price, completion_price = self.served.prices
+        drafted = self.drafted.values()
         return usage(
             self.prompt_tokens,
             sum(self.completion_tokens),
             prompt_price=prompt_price,
             completion_price=completion_price,
+            drafted=(sum(a for a, _ in drafted), sum(r for _, r in drafted))
+            if self.predicted
+            else None,
         )
 
     def _envelope(

@@ -57,6 +57,7 @@ _CHAT_FIELDS = frozenset(
         "messages",
         "stream",
         "stream_options",
+        "prediction",
         "keep_alive",  # Ollama's extension: how long the model stays loaded afterwards
         *_names(CHAT_SAMPLING),
         *_STRUCTURED_FIELDS,
@@ -72,6 +73,7 @@ _COMPLETION_FIELDS = frozenset(
         "echo",
         "best_of",
         "suffix",
+        "prediction",
         "keep_alive",
         *_names(COMPLETION_SAMPLING),
     }
@@ -340,6 +342,7 @@ class ChatCompletionRequest:
     include_usage: bool = False
     structured: StructuredRequest = field(default_factory=StructuredRequest)
     max_tokens_given: bool = False
+    prediction: str | None = None
     keep_alive: float | None = None
 
     @classmethod
@@ -361,6 +364,7 @@ class ChatCompletionRequest:
             include_usage=_include_usage(fields),
             structured=structured,
             max_tokens_given="max_tokens" in fields,
+            prediction=_prediction(fields),
             keep_alive=_keep_alive(fields),
         )
 
@@ -383,6 +387,7 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False
     max_tokens_given: bool = False
+    prediction: str | None = None
     keep_alive: float | None = None
 
     @classmethod
@@ -413,8 +418,35 @@ class CompletionRequest:
             stream=_bool(fields, "stream"),
             include_usage=_include_usage(fields),
             max_tokens_given="max_tokens" in fields,
+            prediction=_prediction(fields),
             keep_alive=_keep_alive(fields),
         )
+
+
+def _prediction(fields: dict[str, Any]) -> str | None:
+    """OpenAI's Predicted Outputs: `{"type": "content", "content": text or text parts}`, the
+    expected answer, used as a draft (speculative decoding; it never changes the answer)."""
+    value = fields.get("prediction")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("type") != "content" or "content" not in value:
+        raise InvalidRequestError(
+            f'prediction must be {{"type": "content", "content": ...}}, got {value!r:.100}',
+            param="prediction",
+        )
+    content = value["content"]
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        for p in content
+    ):
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise InvalidRequestError(
+            "prediction.content must be a string or a list of text parts "
+            f'({{"type": "text", "text": ...}}), got {content!r:.100}',
+            param="prediction.content",
+        )
+    return content
 
 
 def _prompt(prompt: Any) -> str | list[int]:
@@ -447,16 +479,32 @@ def now() -> int:
 
 
 def usage(
-    prompt_tokens: int, completion_tokens: int, *, prompt_price: float, completion_price: float
+    prompt_tokens: int,
+    completion_tokens: int,
+    *,
+    prompt_price: float,
+    completion_price: float,
+    drafted: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """The usage object of the hosted API: token counts and the estimated cost in dollars."""
+    """The usage object of the hosted API: token counts and the estimated cost in dollars.
+
+    `drafted` (given for a request with a `prediction`): drafted tokens the model accepted and
+    rejected (from the prediction or the engine's own prompt lookup), reported in
+    `completion_tokens_details` under OpenAI's names.
+    """
     cost = prompt_tokens * prompt_price + completion_tokens * completion_price
-    return {
+    out: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        "estimated_cost": round(cost, 12),
     }
+    if drafted is not None:
+        out["completion_tokens_details"] = {
+            "accepted_prediction_tokens": drafted[0],
+            "rejected_prediction_tokens": drafted[1],
+        }
+    out["estimated_cost"] = round(cost, 12)
+    return out
 
 
 class LogprobFormatter:

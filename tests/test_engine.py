@@ -391,7 +391,8 @@ def test_engine_queue_limit_counts_requests_waiting_for_room(tiny_hf_checkpoint)
 
 def test_long_prompt_prefills_in_chunks_while_others_decode(tiny_model):
     model, tokenizer = tiny_model
-    generator = BatchGenerator(model, tokenizer, prefill_chunk=32)
+    # One token per step for the running stream: no speculation (drafts give several).
+    generator = BatchGenerator(model, tokenizer, prefill_chunk=32, prompt_lookup=False)
     running = generator.add(prompts(tokenizer, 1)[0], SamplingParams(temperature=0, max_tokens=40))
     generator.step()
     long_prompt = tokenizer.encode("word " * 300, bos=True)
