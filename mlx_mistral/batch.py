@@ -307,7 +307,7 @@ class BatchGenerator:
         """Take what the prefix cache has of the prompt. Done when the request's prefill begins,
         not when it is admitted: requests admitted together (a shared system prompt) then find
         what the ones prefilled before them stored."""
-        hit = self.prefix_cache.lookup(request.prompt) if self.prefix_cache else None
+        hit = self.prefix_cache.lookup(request.prompt) if self.prefix_cache is not None else None
         if hit is not None:
             request.cache = [BatchKVCache.from_state(k, v) for k, v in hit.layers]
             request.prefilled = request.cached_tokens = hit.length
@@ -350,7 +350,8 @@ class BatchGenerator:
         self.running.extend(sequences)
         events = self._sample_and_emit(mx.repeat(logits, n, axis=0), sequences)
         if self.prefix_cache is not None:  # after the first token: off the TTFT path
-            self.prefix_cache.store(request.prompt, prompt_kv)  # concurrent requests share it
+            # Concurrent requests share it; a restarted server finds it on disk.
+            self.prefix_cache.store(request.prompt, prompt_kv, persist=True)
         return events
 
     def _decode(self) -> list[TokenEvent]:

@@ -19,6 +19,7 @@ import mlx.core as mx
 
 from .batch import BatchGenerator, TokenConstraint, TokenEvent
 from .device import on_gpu
+from .disk_cache import DiskCacheSettings, DiskPrefixCache
 from .errors import EngineDeadError, EngineOverloadedError, MistralError
 from .model import Model
 from .prefix_cache import PrefixCache
@@ -42,6 +43,8 @@ class EngineConfig:
         kv_budget_bytes: KV memory for running sequences; None derives it from free memory.
         prefix_cache_bytes: memory kept for earlier conversations' KV; None: a quarter of the
             KV budget, at most 2 GiB; 0 turns the prefix cache off.
+        prompt_cache: keep prompts' KV on disk too, so a restarted server reuses them; None
+            turns the disk cache off.
     """
 
     max_batch: int = 32
@@ -49,6 +52,7 @@ class EngineConfig:
     prefill_chunk: int = 512
     kv_budget_bytes: int | None = None
     prefix_cache_bytes: int | None = None
+    prompt_cache: DiskCacheSettings | None = None
 
 
 def available_memory_bytes() -> int:
@@ -315,7 +319,7 @@ class Engine:
                 prefill_chunk=config.prefill_chunk,
                 kv_budget_bytes=budget - prefix_bytes,
                 max_batch=config.max_batch,
-                prefix_cache=PrefixCache(prefix_bytes) if prefix_bytes else None,
+                prefix_cache=self._make_prefix_cache(prefix_bytes),
             )
         except BaseException as exc:  # surfaced by start()
             self.error = exc
@@ -338,8 +342,21 @@ class Engine:
             with contextlib.suppress(Exception):  # a dead device has nothing left to wait for
                 if self.generator is not None:
                     self.generator.close()
+                    if self.generator.prefix_cache is not None:
+                        self.generator.prefix_cache.close()  # queued disk writes finish
                 mx.synchronize()
                 mx.clear_streams()
+
+    def _make_prefix_cache(self, budget_bytes: int) -> PrefixCache | None:
+        settings = self.config.prompt_cache
+        if settings is None:
+            return PrefixCache(budget_bytes) if budget_bytes else None
+        kv_format = str(self.model.model.norm.weight.dtype)  # the cache's dtype (see batch.py)
+        disk = DiskPrefixCache(
+            settings, kv_format=kv_format, num_layers=self.model.args.num_hidden_layers
+        )
+        log.info("prompt cache: %d file(s) in %s", len(disk), disk.dir)
+        return PrefixCache(budget_bytes, disk=disk)
 
     def _fail_pending(self) -> None:
         while True:

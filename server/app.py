@@ -25,6 +25,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlx_mistral.chat import encode_chat_request
+from mlx_mistral.disk_cache import warm_system_prompt
 from mlx_mistral.engine import Engine, EngineConfig
 from mlx_mistral.errors import (
     EngineDeadError,
@@ -36,7 +37,7 @@ from mlx_mistral.sampling_params import SamplingParams
 from mlx_mistral.tokenizer import Tokenizer
 from mlx_mistral.tools.grammar import GrammarConstraint, make_constraints
 
-from .config import ServerConfig
+from .config import ServerConfig, prompt_cache_settings
 from .errors import EXCEPTION_HANDLERS, error_response, handle_unexpected
 from .openai_writers import ChatCompletionWriter, CompletionWriter
 from .openapi import openapi_json
@@ -374,11 +375,16 @@ def start_engine(config: ServerConfig, load: Callable[[], Any]) -> Engine:
     engine = Engine(
         load,
         EngineConfig(
-            max_batch=config.max_batch, max_queue=config.max_queue, prefix_cache_bytes=prefix_bytes
+            max_batch=config.max_batch,
+            max_queue=config.max_queue,
+            prefix_cache_bytes=prefix_bytes,
+            prompt_cache=prompt_cache_settings(config),
         ),
     )
     engine.start()
     log.info("model %s loaded in %.1fs", config.model_name, time.perf_counter() - started)
+    if config.warm_prompt is not None:
+        warm_system_prompt(engine, config.warm_prompt)
     return engine
 
 

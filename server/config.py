@@ -8,8 +8,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlx_mistral.disk_cache import DiskCacheSettings, model_identity
 from mlx_mistral.errors import InvalidRequestError
-from mlx_mistral.hub import DEFAULT_REPO
+from mlx_mistral.hub import DEFAULT_REPO, resolve_model_path
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
@@ -91,6 +92,38 @@ def host_allowed(name: str, allowed: frozenset[str]) -> bool:
     return "*" in allowed or name in allowed
 
 
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
+
+
+def parse_size(value: str, flag: str) -> int:
+    """Bytes from "10G", "512MiB", "1.5g" or a plain byte count (powers of 1024).
+
+    Raises:
+        InvalidRequestError: not a size; `param` is `flag`.
+    """
+    match = _SIZE.fullmatch(value.strip())
+    if match is None:
+        raise InvalidRequestError(
+            f"{flag} must be a size such as 512M or 10G, got {value!r}", param=flag
+        )
+    power = " kmgt".index(match.group(2).lower() or " ")
+    return int(float(match.group(1)) * 1024**power)
+
+
+def read_text_flag(path: str, flag: str) -> str:
+    """The text of the file a flag names. Raises InvalidRequestError naming the flag."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(
+            f"{flag}: cannot read {path}: {getattr(exc, 'strerror', None) or exc}", param=flag
+        ) from None
+    if not text.strip():
+        raise InvalidRequestError(f"{flag}: {path} is empty", param=flag)
+    return text
+
+
 def served_name(model: str) -> str:
     """The name the API reports for `model`: a local directory's name, or the repo id as given."""
     path = Path(model).expanduser()
@@ -147,6 +180,9 @@ class ServerConfig:
     max_batch: int = 32
     max_queue: int = 64
     prefix_cache_mib: int | None = None
+    prompt_cache_dir: str | None = None
+    prompt_cache_disk_bytes: int = 10 * 2**30
+    warm_prompt: str | None = None
     prompt_price: float = 0.0
     completion_price: float = 0.0
     default_max_tokens: int | None = None
@@ -197,6 +233,11 @@ class ServerConfig:
             "--prefix-cache-mib",
             f"must be at least 0, got {self.prefix_cache_mib}",
         )
+        need(
+            self.prompt_cache_disk_bytes > 0,
+            "--prompt-cache-disk-size",
+            f"must be positive, got {self.prompt_cache_disk_bytes}",
+        )
         for flag, price in (
             ("--prompt-price", self.prompt_price),
             ("--completion-price", self.completion_price),
@@ -243,3 +284,14 @@ class ServerConfig:
         names = {*LOOPBACK_HOSTS, host_name(self.host)}
         names.update(h.strip() if h.strip() == "*" else host_name(h) for h in self.allowed_hosts)
         return frozenset(names)
+
+
+def prompt_cache_settings(config: ServerConfig) -> DiskCacheSettings | None:
+    """The disk prompt cache's settings for the served checkpoint (None: turned off)."""
+    if config.prompt_cache_dir is None:
+        return None
+    return DiskCacheSettings(
+        Path(config.prompt_cache_dir).expanduser(),
+        model_identity(resolve_model_path(config.model)),
+        max_bytes=config.prompt_cache_disk_bytes,
+    )

@@ -31,12 +31,15 @@ class OpenAIWriter(ResponseWriter):
 
     def _usage(self) -> dict[str, Any]:
         prompt_price, completion_price = self.served.prices
-        return usage(
+        totals = usage(
             self.prompt_tokens,
             sum(self.completion_tokens),
             prompt_price=prompt_price,
             completion_price=completion_price,
         )
+        # OpenAI's field for the prompt tokens served from a cache (here: the prefix cache).
+        totals["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        return totals
 
     def _envelope(
         self, kind: str, choices: list[dict[str, Any]], with_usage: bool = False
