@@ -22,7 +22,7 @@ from typing import Protocol
 
 import mlx.core as mx
 
-from .cache import BatchKVCache, filter_caches, merge_caches
+from .cache import BatchKVCache, cache_from_state, filter_caches, kv_bytes_per_token, merge_caches
 from .errors import ContextLengthExceededError, InvalidRequestError
 from .model import Model
 from .prefix_cache import PrefixCache
@@ -111,6 +111,7 @@ class BatchGenerator:
             request for v0.2's 32k window in float16) would refuse such requests outright on a
             16 GB Mac, or run them one at a time. When the budget cannot grow a request's
             room, it finishes with "length".
+        kv_bits: store keys and values quantized to 8 or 4 bits (None: the compute dtype).
     """
 
     def __init__(
@@ -123,6 +124,7 @@ class BatchGenerator:
         prefix_cache: PrefixCache | None = None,
         max_batch: int = 32,
         open_reserve: int = 1024,
+        kv_bits: int | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -131,7 +133,9 @@ class BatchGenerator:
         self.max_batch = max_batch
         self.open_reserve = open_reserve
         # The cache holds the compute dtype, which the norm weights carry.
-        self.kv_bytes_per_token = self.args.kv_bytes_per_token(model.model.norm.weight.dtype.size)
+        dtype_bytes = model.model.norm.weight.dtype.size
+        self.kv_bytes_per_token = kv_bytes_per_token(self.args, dtype_bytes, kv_bits)
+        self.kv_bits = kv_bits
         self.kv_budget_bytes = kv_budget_bytes
         self.prefix_cache = prefix_cache
         self.context_length = self.args.max_position_embeddings
@@ -309,10 +313,10 @@ class BatchGenerator:
         what the ones prefilled before them stored."""
         hit = self.prefix_cache.lookup(request.prompt) if self.prefix_cache is not None else None
         if hit is not None:
-            request.cache = [BatchKVCache.from_state(k, v) for k, v in hit.layers]
+            request.cache = [cache_from_state(k, v) for k, v in hit.layers]
             request.prefilled = request.cached_tokens = hit.length
         else:
-            request.cache = self.model.make_cache()
+            request.cache = self.model.make_cache(kv_bits=self.kv_bits)
 
     def _prefill_chunk(self, request: _Request) -> list[TokenEvent]:
         if request.cache is None:

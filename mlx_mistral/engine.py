@@ -45,6 +45,7 @@ class EngineConfig:
             KV budget, at most 2 GiB; 0 turns the prefix cache off.
         prompt_cache: keep prompts' KV on disk too, so a restarted server reuses them; None
             turns the disk cache off.
+        kv_bits: store the KV cache quantized to 8 or 4 bits; None keeps the compute dtype.
     """
 
     max_batch: int = 32
@@ -53,6 +54,7 @@ class EngineConfig:
     kv_budget_bytes: int | None = None
     prefix_cache_bytes: int | None = None
     prompt_cache: DiskCacheSettings | None = None
+    kv_bits: int | None = None
 
 
 def available_memory_bytes() -> int:
@@ -320,6 +322,7 @@ class Engine:
                 kv_budget_bytes=budget - prefix_bytes,
                 max_batch=config.max_batch,
                 prefix_cache=self._make_prefix_cache(prefix_bytes),
+                kv_bits=config.kv_bits,
             )
         except BaseException as exc:  # surfaced by start()
             self.error = exc
@@ -351,7 +354,8 @@ class Engine:
         settings = self.config.prompt_cache
         if settings is None:
             return PrefixCache(budget_bytes) if budget_bytes else None
-        kv_format = str(self.model.model.norm.weight.dtype)  # the cache's dtype (see batch.py)
+        # The cache's dtype (see batch.py) and quantization: files of another format never load.
+        kv_format = f"{self.model.model.norm.weight.dtype}/kv_bits={self.config.kv_bits}"
         disk = DiskPrefixCache(
             settings, kv_format=kv_format, num_layers=self.model.args.num_hidden_layers
         )
