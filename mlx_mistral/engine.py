@@ -326,6 +326,9 @@ class Engine:
             )
         except BaseException as exc:  # surfaced by start()
             self.error = exc
+            with contextlib.suppress(Exception):  # see the end of _run: streams die here
+                mx.synchronize()
+                mx.clear_streams()
             self._ready.set()
             return
         self._ready.set()

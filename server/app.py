@@ -379,6 +379,7 @@ def start_engine(config: ServerConfig, load: Callable[[], Any]) -> Engine:
             max_queue=config.max_queue,
             prefix_cache_bytes=prefix_bytes,
             prompt_cache=prompt_cache_settings(config),
+            kv_bits=config.kv_bits,
         ),
     )
     engine.start()

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlx_mistral.cache import KV_BITS
 from mlx_mistral.disk_cache import DiskCacheSettings, model_identity
 from mlx_mistral.errors import InvalidRequestError
 from mlx_mistral.hub import DEFAULT_REPO, resolve_model_path
@@ -183,6 +184,7 @@ class ServerConfig:
     prompt_cache_dir: str | None = None
     prompt_cache_disk_bytes: int = 10 * 2**30
     warm_prompt: str | None = None
+    kv_bits: int | None = None
     prompt_price: float = 0.0
     completion_price: float = 0.0
     default_max_tokens: int | None = None
@@ -237,6 +239,11 @@ class ServerConfig:
             self.prompt_cache_disk_bytes > 0,
             "--prompt-cache-disk-size",
             f"must be positive, got {self.prompt_cache_disk_bytes}",
+        )
+        need(
+            self.kv_bits in (None, *KV_BITS),
+            "--kv-bits",
+            f"must be one of {', '.join(map(str, KV_BITS))}, got {self.kv_bits}",
         )
         for flag, price in (
             ("--prompt-price", self.prompt_price),

@@ -3,10 +3,15 @@ float KV, batching, the bytes per token, and the prefix and disk caches on quant
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import httpx
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.models.base import quantized_scaled_dot_product_attention
+from server_process import ServerProcess
 
 import mlx_mistral
 from mlx_mistral import SamplingParams
@@ -22,12 +27,16 @@ QUESTIONS = ["Hello!", "What is the capital of France?", "2+2?", "Tell me a stor
 
 
 @pytest.fixture(scope="module")
-def model64(tmp_path_factory):
-    """A tiny model whose head_dim (64) is a multiple of the quantization group."""
+def checkpoint64(tmp_path_factory):
+    """A tiny checkpoint whose head_dim (64) is a multiple of the quantization group."""
     from checkpoints import write_hf_checkpoint
 
-    path = write_hf_checkpoint(tmp_path_factory.mktemp("tiny-hd64"), seed=3, head_dim=64)
-    return mlx_mistral.load(path)
+    return write_hf_checkpoint(tmp_path_factory.mktemp("tiny-hd64"), seed=3, head_dim=64)
+
+
+@pytest.fixture(scope="module")
+def model64(checkpoint64):
+    return mlx_mistral.load(checkpoint64)
 
 
 def run(generator: BatchGenerator, prompts: list[list[int]], params=GREEDY) -> list[list[int]]:
@@ -154,3 +163,34 @@ def test_kv_bits_refused_clearly(model64, tiny_model):
     assert info.value.param == "kv_bits"
     with pytest.raises(InvalidRequestError, match="multiple of 64; this model's is 16"):
         BatchGenerator(*tiny_model, kv_bits=8)
+
+
+def answer(server, content: str) -> dict:
+    body = {
+        "model": server.argv[server.argv.index("--model") + 1],
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 10,
+        "temperature": 0,
+    }
+    response = httpx.post(server.url("/v1/chat/completions"), json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def test_server_with_kv_bits_8_answers_as_float_kv(checkpoint64):
+    texts = {}
+    for flags in ((), ("--kv-bits", "8")):
+        with ServerProcess(checkpoint64, "--prompt-cache-dir", "off", *flags) as server:
+            texts[flags] = [answer(server, q) for q in QUESTIONS[:2]]
+    assert texts[("--kv-bits", "8")] == texts[()]
+
+
+def test_server_refuses_a_bad_kv_bits(checkpoint64, tiny_hf_checkpoint):
+    for model, bits, says in (
+        (checkpoint64, "3", "--kv-bits must be one of 4, 8, got 3"),
+        (tiny_hf_checkpoint, "8", "multiple of 64; this model's is 16"),
+    ):
+        argv = [sys.executable, "-m", "mlx_mistral.server", "--model", str(model)]
+        argv += ["--port", "0", "--prompt-cache-dir", "off", "--kv-bits", bits]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and says in done.stderr, done.stderr
