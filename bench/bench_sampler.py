@@ -28,7 +28,9 @@ from mlx_lm.sample_utils import make_sampler
 
 from mlx_mistral.config import ModelArgs
 from mlx_mistral.model import Model
-from mlx_mistral.sampling import SamplerState, SamplingParams, sample
+from mlx_mistral.sampling.params import SamplingParams
+from mlx_mistral.sampling.sampler import sample
+from mlx_mistral.sampling.state import SamplerState
 
 VOCAB = 32000
 BATCHES = (1, 16)

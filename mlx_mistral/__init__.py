@@ -3,8 +3,9 @@
 Example:
     >>> import mlx_mistral
     >>> model, tokenizer = mlx_mistral.load(mlx_mistral.demo_model_path())
+    >>> greedy = mlx_mistral.SamplingParams(max_tokens=16, temperature=0)
     >>> text = mlx_mistral.generate(model, tokenizer, [{"role": "user", "content": "Hello!"}],
-    ...                             max_tokens=16, temperature=0)
+    ...                             params=greedy)
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ _blas.preload()  # before anything imports mlx.core (see _blas for why)
 if TYPE_CHECKING:
     from .demo import demo_model_path
     from .engine import Engine, EngineConfig
-    from .generate import GenerationChunk, batch_generate, generate, stream_generate
+    from .generation import GenerationChunk, batch_generate, generate, stream_generate
     from .loader import load
-    from .sampling_params import SamplingParams
+    from .sampling.params import SamplingParams
 
 __version__ = "0.1.0"
 
@@ -30,13 +31,13 @@ __version__ = "0.1.0"
 _HOMES = {
     "Engine": ".engine",
     "EngineConfig": ".engine",
-    "GenerationChunk": ".generate",
-    "SamplingParams": ".sampling_params",
-    "batch_generate": ".generate",
+    "GenerationChunk": ".generation",
+    "SamplingParams": ".sampling.params",
+    "batch_generate": ".generation",
     "demo_model_path": ".demo",
-    "generate": ".generate",
+    "generate": ".generation",
     "load": ".loader",
-    "stream_generate": ".generate",
+    "stream_generate": ".generation",
 }
 
 __all__ = [

@@ -26,8 +26,9 @@ from .cache import BatchKVCache, cache_from_state, filter_caches, kv_bytes_per_t
 from .errors import ContextLengthExceededError, InvalidRequestError
 from .model import Model
 from .prefix_cache import PrefixCache
-from .sampling import PendingSample, SamplerState, TokenLogprobs, sample_async
-from .sampling_params import SamplingParams
+from .sampling.params import SamplingParams
+from .sampling.sampler import PendingSample, TokenLogprobs, sample_async
+from .sampling.state import SamplerState
 from .stopping import StopMatcher
 from .tokenizer import Tokenizer
 
@@ -196,11 +197,13 @@ class BatchGenerator:
                         f"the prompt needs {need / 2**20:.0f} MiB of KV cache, {budget}; shorten "
                         f"it or lower n",
                         param=prompt_field,
+                        code="context_length_exceeded",  # too long for this server's memory
                     )
                 raise InvalidRequestError(
                     f"the request needs {need / 2**20:.0f} MiB of KV cache for its prompt plus "
                     f"max_tokens, {budget}; lower max_tokens or n",
                     param="max_tokens",
+                    code="context_length_exceeded",
                 )
         return max_new, reserve
 

@@ -13,16 +13,23 @@ normalizer:
   empty texts are skipped; consecutive assistant messages are joined the same way;
 - an OpenAI content-part array `[{"type": "text", "text": ...}, ...]` is joined the same way
   (text parts only: images and audio are refused, v0.2 reads text);
-- the system prompt is put at the head of the first user turn, followed by a blank line; a
-  conversation that starts with an assistant message gets an empty first user turn;
-- an assistant message with empty content (and no tool calls) is refused.
+- every system (or developer) message goes into the system prompt, in order, joined by a blank
+  line (empty ones skipped); the system prompt is put at the head of the first user turn,
+  followed by a blank line; a conversation that starts with an assistant message gets an empty
+  first user turn;
+- an assistant message with empty content (and no tool calls) is refused;
+- a conversation that ends with assistant messages asks for their continuation (the reference's
+  `AssistantMessage(prefix=True)`): the prompt ends with that answer's text and no `</s>`, and
+  the model goes on writing it.
 
-Where we differ from the reference, on purpose (the hosted API allows "one system message
-anywhere"): a system message may sit at any position, even after an assistant message (the
+Where we differ from the reference, on purpose (the hosted API allows system messages
+anywhere): a system message may sit at any position, even after an assistant message (the
 reference refuses that), and its position never changes the prompt: `user, system, user` is
 encoded as the reference encodes `system, user, user` (the reference would split the two users
-into two turns). A conversation must end with a user or tool message (the reference also accepts
-a lone system message).
+into two turns). A conversation must hold a user, tool or assistant message (the reference also
+accepts lone system messages). The legacy `function` role (`{"role": "function", "name",
+"content"}`, OpenAI's tool result before `tool_call_id` existed) is a tool result whose call id
+is the function's name.
 
 Tools (v0.2 has no tool tokens, so tools are plain text in the layout of
 `mlx_mistral.tools.format`):
@@ -45,6 +52,7 @@ it hold tool calls?) without walking unvalidated messages again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,7 +66,7 @@ INST_OPEN = "[INST]"
 INST_CLOSE = "[/INST]"
 JOIN = "\n\n"  # between merged messages, content parts, and system prompt / first user text
 
-ROLES = ("system", "user", "assistant", "tool", "developer")
+ROLES = ("system", "user", "assistant", "tool", "developer", "function")
 # OpenAI's newer clients send the system prompt as a "developer" message: the same thing here.
 SYSTEM_ROLES = ("system", "developer")
 
@@ -94,10 +102,18 @@ class MessageGroup:
 
 @dataclass(frozen=True)
 class Conversation:
-    """Validated messages: the system text and the groups, ending with a user-side group."""
+    """Validated messages: the system text and the groups of same-side messages.
+
+    A conversation ending with an assistant-side group asks for that answer's continuation.
+    """
 
     system: str
     groups: tuple[MessageGroup, ...]
+
+    @property
+    def continues(self) -> bool:
+        """Whether the prompt ends inside an answer that the model is to go on writing."""
+        return self.groups[-1].side == "assistant"
 
     @property
     def holds_tool_calls(self) -> bool:
@@ -119,18 +135,62 @@ def encode_chat(
         tools: The validated tools to show the model, or None.
 
     Returns:
-        Prompt token ids, starting with `<s>` and ending with the last `[/INST]`.
+        Prompt token ids, starting with `<s>` and ending with the last `[/INST]` (or, for a
+        conversation that `continues`, with the answer to continue, without `</s>`).
 
     Example:
         >>> encode_chat(tok, parse_chat([{"role": "user", "content": "Hi"}]))  # doctest: +SKIP
         [1, 733, 16289, 28793, 15359, 733, 28748, 16289, 28793]
     """
     ids = [tokenizer.bos_id]
-    for turn in render_chat(conversation, tools=tools):
+    turns = render_chat(conversation, tools=tools)
+    for n, turn in enumerate(turns, start=1):
         ids.extend(tokenizer.encode(turn.text))
-        if turn.role == "assistant":
+        if turn.role == "assistant" and not (n == len(turns) and conversation.continues):
             ids.append(tokenizer.eos_id)
     return ids
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A chat request's prompt.
+
+    Attributes:
+        ids: The prompt's token ids.
+        spec: The request's structured fields for this conversation.
+        continues: The prompt ends inside an answer (a final assistant message), so generated
+            text continues it: its first word keeps its leading space.
+    """
+
+    ids: list[int]
+    spec: StructuredRequest
+    continues: bool
+
+
+def encode_chat_prompt(
+    tokenizer: TextEncoder, messages: Any, spec: StructuredRequest
+) -> ChatPrompt:
+    """The prompt of a chat request, and its structured fields for this conversation.
+
+    The messages are validated once; the conversation then says whether its history holds tool
+    calls (`StructuredRequest.for_history`), and the prompt shows `spec.prompt_tools`.
+
+    Raises:
+        InvalidRequestError: If a message is malformed; `param` names it. Also when a final
+            assistant message is to be continued under a grammar (tools, a JSON
+            response_format): the grammar describes a whole answer, not the rest of one.
+    """
+    conversation = parse_chat(messages)
+    spec = spec.for_history(conversation.holds_tool_calls)
+    if conversation.continues and spec.constrained:
+        raise InvalidRequestError(
+            "the conversation ends with an assistant message to continue, which cannot be "
+            "combined with tools or a JSON response_format (they shape a whole answer); end "
+            "with a user message, or leave tools and response_format out",
+            param="messages",
+        )
+    ids = encode_chat(tokenizer, conversation, tools=spec.prompt_tools)
+    return ChatPrompt(ids, spec, conversation.continues)
 
 
 def encode_chat_request(
@@ -138,15 +198,13 @@ def encode_chat_request(
 ) -> tuple[list[int], StructuredRequest]:
     """The prompt of a chat request, and its structured fields for this conversation.
 
-    The messages are validated once; the conversation then says whether its history holds tool
-    calls (`StructuredRequest.for_history`), and the prompt shows `spec.prompt_tools`.
+    See `encode_chat_prompt`, which also says whether the prompt continues a final answer.
 
     Raises:
         InvalidRequestError: If a message is malformed; `param` names it.
     """
-    conversation = parse_chat(messages)
-    spec = spec.for_history(conversation.holds_tool_calls)
-    return encode_chat(tokenizer, conversation, tools=spec.prompt_tools), spec
+    prompt = encode_chat_prompt(tokenizer, messages, spec)
+    return prompt.ids, prompt.spec
 
 
 def parse_chat(messages: Any) -> Conversation:
@@ -175,12 +233,10 @@ def parse_chat(messages: Any) -> Conversation:
     if not messages:
         raise InvalidRequestError("messages must contain at least one message", param="messages")
 
-    system_text = ""
-    system_at: int | None = None
+    system_texts: list[str] = []
     # Groups of consecutive same-side messages: (side, texts, calls).
     groups: list[tuple[Literal["user", "assistant"], list[str], list[ToolCall]]] = []
-    call_ids: set[str] = set()
-    last_role = None
+    calls_made: list[ToolCall] = []  # by earlier assistant messages, in order
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(msg, dict):
@@ -195,16 +251,8 @@ def parse_chat(messages: Any) -> Conversation:
                 param=f"{where}.role",
             )
         if role in SYSTEM_ROLES:
-            if system_at is not None:
-                raise InvalidRequestError(
-                    f"only one system (or developer) message is allowed; messages[{system_at}] "
-                    f"is already one",
-                    param=where,
-                )
-            system_at = i
-            system_text = content_text(msg.get("content"), param=f"{where}.content")
+            system_texts.append(content_text(msg.get("content"), param=f"{where}.content"))
             continue
-        last_role = role
         side = "assistant" if role == "assistant" else "user"
         if not groups or groups[-1][0] != side:
             groups.append((side, [], []))
@@ -212,12 +260,15 @@ def parse_chat(messages: Any) -> Conversation:
         if role == "user":
             texts.append(content_text(msg.get("content"), param=f"{where}.content"))
         elif role == "tool":
-            texts.append(_tool_result(msg, where, call_ids))
+            call_id = _tool_call_id(msg, where, calls_made)
+            texts.append(_tool_result(msg, where, call_id))
+        elif role == "function":
+            call_id = _function_call_id(msg, where, calls_made)
+            texts.append(_tool_result(msg, where, call_id))
         else:
             content = msg.get("content")
             text = "" if content is None else content_text(content, param=f"{where}.content")
-            raw_calls = msg.get("tool_calls")
-            new_calls = [] if raw_calls is None else _tool_calls(raw_calls, f"{where}.tool_calls")
+            new_calls = _assistant_calls(msg, where, i)
             if not text and not new_calls:
                 raise InvalidRequestError(
                     f"{where} is an assistant message with neither content nor tool_calls",
@@ -225,17 +276,19 @@ def parse_chat(messages: Any) -> Conversation:
                 )
             texts.append(text)
             calls.extend(new_calls)
-            call_ids.update(call.id for call in new_calls)
+            calls_made.extend(new_calls)
 
-    if last_role is None:
+    if not groups:
         raise InvalidRequestError("messages must contain a user message", param="messages")
-    if last_role == "assistant":
+    if groups[-1][0] == "assistant" and groups[-1][2]:
         raise InvalidRequestError(
-            "the conversation must end with a user or tool message, not an assistant message",
+            "the conversation ends with an assistant message that makes tool calls: send the "
+            'tool results (role "tool") to get an answer; only an answer\'s text can be '
+            "continued",
             param="messages",
         )
     return Conversation(
-        system_text,
+        JOIN.join(t for t in system_texts if t),
         tuple(MessageGroup(side, tuple(texts), tuple(calls)) for side, texts, calls in groups),
     )
 
@@ -250,7 +303,8 @@ def render_chat(
         tools: The validated tools to show the model, or None.
 
     Returns:
-        The turns, user and assistant alternating, starting and ending with a user turn.
+        The turns, user and assistant alternating, starting with a user turn and ending with
+        one (or with the answer to continue).
     """
     system_prompt = conversation.system
     if tools:
@@ -327,21 +381,63 @@ def render_tool_calls(calls: Sequence[dict[str, Any]]) -> str:
     return render_answer("", _tool_calls(calls, "tool_calls"))
 
 
-def _tool_result(msg: dict[str, Any], where: str, call_ids: set[str]) -> str:
-    """A tool message as text; its `tool_call_id` must name an earlier call."""
+def _tool_call_id(msg: dict[str, Any], where: str, calls_made: Sequence[ToolCall]) -> str:
+    """A tool message's `tool_call_id`, which must name a call made earlier."""
     call_id = msg.get("tool_call_id")
     if not isinstance(call_id, str) or not call_id:
         raise InvalidRequestError(
             f"{where}.tool_call_id must be a non-empty string",
             param=f"{where}.tool_call_id",
         )
-    if call_id not in call_ids:
+    if all(call.id != call_id for call in calls_made):
         raise InvalidRequestError(
             f"{where}.tool_call_id {call_id!r} does not match any tool call of an earlier "
             "assistant message",
             param=f"{where}.tool_call_id",
         )
+    return call_id
+
+
+def _function_call_id(msg: dict[str, Any], where: str, calls_made: Sequence[ToolCall]) -> str:
+    """The call a legacy function message answers: the latest earlier call of its `name` (the
+    legacy format names the function, not the call)."""
+    name = msg.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidRequestError(
+            f"{where}.name must be the name of the function whose result this is",
+            param=f"{where}.name",
+        )
+    for call in reversed(calls_made):
+        if call.name == name:
+            return call.id
+    raise InvalidRequestError(
+        f"{where}.name {name[:100]!r} does not match any function called by an earlier "
+        "assistant message",
+        param=f"{where}.name",
+    )
+
+
+def _tool_result(msg: dict[str, Any], where: str, call_id: str) -> str:
+    """A tool (or function) message as text."""
     return render_tool_result(call_id, content_text(msg.get("content"), param=f"{where}.content"))
+
+
+def _assistant_calls(msg: dict[str, Any], where: str, position: int) -> list[ToolCall]:
+    """The calls of an assistant message: its `tool_calls`, or its legacy `function_call`."""
+    raw_calls = msg.get("tool_calls")
+    calls = [] if raw_calls is None else _tool_calls(raw_calls, f"{where}.tool_calls")
+    legacy = msg.get("function_call")
+    if legacy is None:
+        return calls
+    if calls:
+        raise InvalidRequestError(
+            f"{where} has both tool_calls and the legacy function_call; send one",
+            param=f"{where}.function_call",
+        )
+    # The legacy call has no id; the prompt shows one like the model's own, derived from the
+    # message's position so the same history always renders the same prompt (prefix cache).
+    call_id = "call_" + hashlib.sha256(f"{position}".encode()).hexdigest()[:9]
+    return [_call(legacy, f"{where}.function_call", call_id)]
 
 
 def _tool_calls(raw: Any, param: str) -> list[ToolCall]:
@@ -358,28 +454,28 @@ def _tool_calls(raw: Any, param: str) -> list[ToolCall]:
         call_id = call.get("id")
         if not isinstance(call_id, str) or not call_id:
             raise InvalidRequestError(f"{where}.id must be a non-empty string", param=f"{where}.id")
-        fn = call.get("function")
-        if not isinstance(fn, dict):
-            raise InvalidRequestError(
-                f"{where}.function must be an object", param=f"{where}.function"
-            )
-        name = check_name(fn.get("name"), f"{where}.function.name")
-        arguments = fn.get("arguments")
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError as exc:
-                raise InvalidRequestError(
-                    f"{where}.function.arguments is not valid JSON: {exc}",
-                    param=f"{where}.function.arguments",
-                ) from exc
-        if not isinstance(arguments, dict):
-            raise InvalidRequestError(
-                f"{where}.function.arguments must be a JSON object (as a string)",
-                param=f"{where}.function.arguments",
-            )
-        calls.append(ToolCall(name, arguments, call_id))
+        calls.append(_call(call.get("function"), f"{where}.function", call_id))
     return calls
+
+
+def _call(fn: Any, param: str, call_id: str) -> ToolCall:
+    """Validate one `{"name", "arguments"}` function object (arguments parsed)."""
+    if not isinstance(fn, dict):
+        raise InvalidRequestError(f"{param} must be an object", param=param)
+    name = check_name(fn.get("name"), f"{param}.name")
+    arguments = fn.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequestError(
+                f"{param}.arguments is not valid JSON: {exc}", param=f"{param}.arguments"
+            ) from exc
+    if not isinstance(arguments, dict):
+        raise InvalidRequestError(
+            f"{param}.arguments must be a JSON object (as a string)", param=f"{param}.arguments"
+        )
+    return ToolCall(name, arguments, call_id)
 
 
 def _join(texts: Sequence[str]) -> str:

@@ -12,24 +12,30 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from .errors import MistralError
+from .sampling.params import FIELDS, SamplingParams
+
+# Defaults of the terminal's own: a little variety in a chat, and an answer that ends.
+CLI_DEFAULTS = {"temperature": 0.7, "max_tokens": 256}
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--min-p", type=float, default=0.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
+    """A flag per sampling field declared for the command line (--top-p for top_p, ...)."""
+    for field in FIELDS:
+        if field.cli:
+            parser.add_argument(
+                "--" + field.name.replace("_", "-"),
+                type=int if field.kind == "integer" else float,
+                default=CLI_DEFAULTS.get(field.name, field.default),
+                help=f"{field.doc} In {field.bounds}; default: %(default)s.",
+            )
 
 
 def _model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="local checkpoint directory or Hugging Face repo id (default: Mistral-7B-Instruct-v0.2 "
-        "if its weights are on this machine, else the bundled demo model)",
+        help="local checkpoint directory or Hugging Face repo id (default: "
+        "Mistral-7B-Instruct-v0.2 if its weights are on this machine, else the bundled demo model)",
     )
 
 
@@ -41,47 +47,40 @@ def _load(name: str | None):
         name, is_demo = default_model()
         if is_demo:
             print(
-                "mlx-mistral: Mistral-7B-Instruct-v0.2 not found locally; using the bundled demo model",
+                "mlx-mistral: Mistral-7B-Instruct-v0.2 not found locally; "
+                "using the bundled demo model",
                 file=sys.stderr,
             )
     return load(name)
 
 
-def _sampling_kwargs(args: argparse.Namespace) -> dict:
-    """The sampling flags, validated before the (slow) model load."""
-    from .sampling_params import SamplingParams
+def _sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """The sampling flags, validated before the (slow) model load.
 
-    kwargs = dict(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    )
-    SamplingParams(**kwargs)  # raises InvalidRequestError naming the flag's field
-    return kwargs
+    Raises:
+        InvalidRequestError: a flag's value is out of its field's range, naming the field.
+    """
+    return SamplingParams(**{f.name: getattr(args, f.name) for f in FIELDS if f.cli})
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from .generate import stream_generate
+    from .generation import stream_generate
 
-    sampling = _sampling_kwargs(args)
+    params = _sampling_params(args)
     model, tokenizer = _load(args.model)
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
     if args.system and not args.raw:
         prompt.insert(0, {"role": "system", "content": args.system})
-    for chunk in stream_generate(model, tokenizer, prompt, **sampling):
+    for chunk in stream_generate(model, tokenizer, prompt, params=params):
         print(chunk.text, end="", flush=True)
     print()
     return 0
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from .generate import stream_generate
+    from .generation import stream_generate
 
-    sampling = _sampling_kwargs(args)
+    params = _sampling_params(args)
     model, tokenizer = _load(args.model)
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     print("Type a message; an empty line or Ctrl-D quits, /reset starts over.", file=sys.stderr)
@@ -98,7 +97,7 @@ def run_chat(args: argparse.Namespace) -> int:
             continue
         messages.append({"role": "user", "content": line})
         answer = []
-        for chunk in stream_generate(model, tokenizer, messages, **sampling):
+        for chunk in stream_generate(model, tokenizer, messages, params=params):
             print(chunk.text, end="", flush=True)
             answer.append(chunk.text)
         print()

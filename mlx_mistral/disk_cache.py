@@ -360,7 +360,7 @@ def system_prompt_prefix(tokenizer: Tokenizer, system: str) -> list[int]:
 def warm_system_prompt(engine: Engine, system: str) -> int:
     """Prefill a system prompt so that the first request using it starts with its KV (from
     the disk cache when an earlier run stored it); returns the prefix's length in tokens."""
-    from .sampling_params import SamplingParams
+    from .sampling.params import SamplingParams
 
     ids = system_prompt_prefix(engine.tokenizer, system)
     events = list(engine.submit(ids, SamplingParams(temperature=0, max_tokens=1)))

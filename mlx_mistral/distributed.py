@@ -21,7 +21,8 @@ Run the same script on every rank, e.g. two processes on this machine over TCP:
 
     >>> import mlx.core as mx, mlx_mistral
     >>> model, tokenizer = mlx_mistral.load(path, group=mx.distributed.init())  # doctest: +SKIP
-    >>> mlx_mistral.generate(model, tokenizer, "Hello", temperature=0)  # doctest: +SKIP
+    >>> greedy = mlx_mistral.SamplingParams(temperature=0)
+    >>> mlx_mistral.generate(model, tokenizer, "Hello", params=greedy)  # doctest: +SKIP
 
 Every rank must make the same calls in the same order (each forward all-reduces twice per
 layer); sampling with temperature 0 or a fixed seed keeps the ranks' tokens identical.

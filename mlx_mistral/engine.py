@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
+import math
 import queue
 import threading
 from collections.abc import Callable, Sequence
@@ -18,18 +18,18 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .batch import BatchGenerator, TokenConstraint, TokenEvent
-from .device import on_gpu
-from .disk_cache import DiskCacheSettings, DiskPrefixCache
+from .disk_cache import DiskCacheSettings
 from .errors import EngineDeadError, EngineOverloadedError, MistralError
+from .lifecycle import ModelSlot
+from .memory import DEFAULT_PREFIX_CACHE_MAX as DEFAULT_PREFIX_CACHE_MAX  # re-exported
+from .memory import available_memory_bytes as available_memory_bytes  # re-exported
 from .model import Model
-from .prefix_cache import PrefixCache
-from .sampling_params import SamplingParams
+from .sampling.params import SamplingParams
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("mlx_mistral.engine")
 
 _DONE = object()
-DEFAULT_PREFIX_CACHE_MAX = 2 * 2**30
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,11 @@ class EngineConfig:
         kv_budget_bytes: KV memory for running sequences; None derives it from free memory.
         prefix_cache_bytes: memory kept for earlier conversations' KV; None: a quarter of the
             KV budget, at most 2 GiB; 0 turns the prefix cache off.
+        keep_alive: seconds without requests after which the weights, the KV and the prefix
+            cache are freed (`lifecycle`; the next request loads them again); 0 frees them
+            after each request, `math.inf` never.
+        max_memory_bytes: a cap on weights + KV + prefix cache, from which the KV and
+            prefix-cache budgets are derived once the weights' size is known (`memory`).
         prompt_cache: keep prompts' KV on disk too, so a restarted server reuses them; None
             turns the disk cache off.
         kv_bits: store the KV cache quantized to 8 or 4 bits; None keeps the compute dtype.
@@ -53,24 +58,10 @@ class EngineConfig:
     prefill_chunk: int = 512
     kv_budget_bytes: int | None = None
     prefix_cache_bytes: int | None = None
+    keep_alive: float = math.inf
+    max_memory_bytes: int | None = None
     prompt_cache: DiskCacheSettings | None = None
     kv_bits: int | None = None
-
-
-def available_memory_bytes() -> int:
-    """Memory the KV cache may grow into, after the weights are loaded."""
-    if on_gpu() and hasattr(mx, "device_info"):
-        info = mx.device_info()
-        limit = int(info.get("max_recommended_working_set_size", info.get("memory_size", 0)))
-        return max(0, limit - mx.get_active_memory())
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def _put_all(posts: list[tuple[RequestHandle, list]]) -> None:
@@ -216,19 +207,17 @@ class Engine:
         self, load: Callable[[], tuple[Model, Tokenizer]], config: EngineConfig | None = None
     ):
         self.config = config or EngineConfig()
-        self._load = load
+        self.slot = ModelSlot(load, self.config)
         self._commands: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="mlx-mistral-engine", daemon=True)
         self._ready = threading.Event()
         self._stopping = False
         self._accepting = True
         self.error: BaseException | None = None
-        self.model: Model | None = None
-        self.tokenizer: Tokenizer | None = None
-        self.generator: BatchGenerator | None = None
         self._handles: dict[int, RequestHandle] = {}
         self._queued = 0
         self.steps = 0
+        self.prefix_hit_tokens = 0  # prompt tokens whose KV came from the prefix cache
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self, timeout: float | None = None) -> Engine:
@@ -253,6 +242,36 @@ class Engine:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    # -- the model (see `lifecycle`) -------------------------------------------------------------
+    @property
+    def model(self) -> Model | None:
+        """The loaded model; None before the first load and after an idle unload."""
+        return self.slot.model
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self.slot.tokenizer  # kept across unloads: prompts are encoded meanwhile
+
+    @property
+    def generator(self) -> BatchGenerator | None:
+        return self.slot.generator
+
+    @property
+    def loaded(self) -> bool:
+        return self.slot.model is not None
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests not started yet: handed over, or held for KV memory or batch room."""
+        generator = self.slot.generator
+        return self._queued + (0 if generator is None else len(generator.waiting))
+
+    def keep_alive(self, seconds: float | None, *, load: bool = False) -> None:
+        """Keep the model loaded `seconds` after the last request (None: the configured
+        default), as Ollama's `keep_alive`; `load` loads it now if it was unloaded."""
+        seconds = self.config.keep_alive if seconds is None else seconds
+        self._commands.put(("keep_alive", (seconds, load)))
+
     @property
     def context_length(self) -> int | None:
         """The model's context window in tokens; None until the model is loaded."""
@@ -272,12 +291,14 @@ class Engine:
         loop: asyncio.AbstractEventLoop | None = None,
         prompt_field: str = "messages",
         continuation: bool = False,
+        keep_alive: float | None = None,
     ) -> RequestHandle:
         """Queue a request. Pass the running event loop to iterate its events with `async for`.
 
         `prompt_field` is the request field errors about the prompt name ("prompt" for
         completions). `continuation`: the output continues a raw-text prompt (completions), so
-        its first word keeps its leading space.
+        its first word keeps its leading space. `keep_alive`: see `keep_alive()`; each request
+        sets it, to its own or the default, as in Ollama.
 
         Raises:
             ContextLengthExceededError, InvalidRequestError: the request cannot run on this model.
@@ -290,15 +311,14 @@ class Engine:
             raise EngineOverloadedError("the server is shutting down", retry_after=5)
         # check() reads only immutable settings: safe from any thread.
         self.generator.check(prompt, params, prompt_field=prompt_field)
-        # Waiting = handed to the engine thread but not yet picked up, plus admitted-pending
-        # requests held for KV memory or batch room (len() of a deque is atomic in CPython).
-        waiting = self._queued + len(self.generator.waiting)
+        waiting = self.num_waiting  # len() of a deque is atomic in CPython
         if waiting >= self.config.max_queue:
             raise EngineOverloadedError(
                 f"{waiting} requests are already waiting; retry shortly", retry_after=1
             )
         handle = RequestHandle(self, list(prompt), params, constraints, loop, continuation)
         self._queued += 1
+        self.keep_alive(keep_alive)
         self._commands.put(("add", handle))
         if self.error is not None or not self._thread.is_alive():
             self._fail_pending()  # the engine died after the check above: answer, never hang
@@ -307,26 +327,12 @@ class Engine:
     # -- the engine thread -------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            self.model, self.tokenizer = self._load()
-            config = self.config
-            budget = config.kv_budget_bytes
-            if budget is None:
-                budget = int(available_memory_bytes() * 0.6)
-            prefix_bytes = config.prefix_cache_bytes
-            if prefix_bytes is None:  # a cache, not a reservation: bounded so RSS stays modest
-                prefix_bytes = min(budget // 4, DEFAULT_PREFIX_CACHE_MAX)
-            self.generator = BatchGenerator(
-                self.model,
-                self.tokenizer,
-                prefill_chunk=config.prefill_chunk,
-                kv_budget_bytes=budget - prefix_bytes,
-                max_batch=config.max_batch,
-                prefix_cache=self._make_prefix_cache(prefix_bytes),
-                kv_bits=config.kv_bits,
-            )
+            self.slot.load()
         except BaseException as exc:  # surfaced by start()
             self.error = exc
-            with contextlib.suppress(Exception):  # see the end of _run: streams die here
+            # A load can fail after making arrays (a memory cap below the weights): this
+            # thread's streams must go here, as at the end of `_run`, or the exit can abort.
+            with contextlib.suppress(Exception):
                 mx.synchronize()
                 mx.clear_streams()
             self._ready.set()
@@ -353,18 +359,6 @@ class Engine:
                 mx.synchronize()
                 mx.clear_streams()
 
-    def _make_prefix_cache(self, budget_bytes: int) -> PrefixCache | None:
-        settings = self.config.prompt_cache
-        if settings is None:
-            return PrefixCache(budget_bytes) if budget_bytes else None
-        # The cache's dtype (see batch.py) and quantization: files of another format never load.
-        kv_format = f"{self.model.model.norm.weight.dtype}/kv_bits={self.config.kv_bits}"
-        disk = DiskPrefixCache(
-            settings, kv_format=kv_format, num_layers=self.model.args.num_hidden_layers
-        )
-        log.info("prompt cache: %d file(s) in %s", len(disk), disk.dir)
-        return PrefixCache(budget_bytes, disk=disk)
-
     def _fail_pending(self) -> None:
         while True:
             try:
@@ -382,7 +376,7 @@ class Engine:
             while True:
                 try:
                     command, payload = self._commands.get(
-                        block=block, timeout=0.5 if block else None
+                        block=block, timeout=self.slot.idle_wait() if block else None
                     )
                 except queue.Empty:
                     break
@@ -392,6 +386,8 @@ class Engine:
                     self._queued -= 1  # after _add: a concurrent count errs high, never low
                 elif command == "cancel" and payload.uid is not None:
                     generator.cancel(payload.uid)
+                elif command == "keep_alive":
+                    self.slot.set_keep_alive(payload[0], load=payload[1])
                 elif command == "stop":
                     self._stopping, drain = True, payload
             if self._stopping and (not drain or not generator.has_work):
@@ -400,8 +396,10 @@ class Engine:
                     handle._deliver(_DONE)
                 return
             if not generator.has_work:
+                self.slot.idle()  # unloads once the keep-alive has run out
                 continue
             self._dispatch(generator.step())
+            self.slot.busy()
             self.steps += 1
 
     def _dispatch(self, events: list[TokenEvent]) -> None:
@@ -415,6 +413,7 @@ class Engine:
             outbox = outboxes.setdefault(event.uid, (handle, []))[1]
             if handle._add_event(event, outbox):
                 del self._handles[event.uid]
+                self.prefix_hit_tokens += event.cached_tokens
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, list]]] = {}
         for handle, outbox in outboxes.values():
             if handle._loop is None:
@@ -431,6 +430,10 @@ class Engine:
     def _add(self, handle: RequestHandle) -> None:
         if handle.cancelled:
             handle._deliver(_DONE)
+            return
+        failure = self.slot.ensure_loaded()  # after an idle unload; counted in its TTFT
+        if failure is not None:
+            handle._deliver(failure)
             return
         try:
             handle.uid = self.generator.add(

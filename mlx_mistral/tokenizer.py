@@ -24,7 +24,7 @@ from typing import Any
 
 from sentencepiece import SentencePieceProcessor
 
-from .errors import ModelLoadError
+from .errors import ContextLengthExceededError, ModelLoadError
 
 TOKENIZER_FILENAME = "tokenizer.model"
 SPACE_SYMBOL = "\u2581"  # "▁", SentencePiece's visible space
@@ -77,6 +77,7 @@ class Tokenizer:
             self._texts.append(text)
             self._bytes.append(byte)
         self._token_bytes: list[bytes] | None = None
+        self._max_chars = _max_chars_per_token(self._kinds, self._texts, self._bytes)
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
@@ -157,6 +158,17 @@ class Tokenizer:
         """Ids that are not text: `<unk>`, `<s>`, `</s>`."""
         return frozenset(i for i, k in enumerate(self._kinds) if k in (_CONTROL, _UNKNOWN))
 
+    @property
+    def max_chars_per_token(self) -> int | None:
+        """The most characters of text one token can stand for, or None if unbounded.
+
+        With byte fallback for all 256 bytes, every token is a piece (at most this many
+        characters, "▁" counting as one) or one byte (at most one character): so a text of
+        `c` characters has at least `c / max_chars_per_token` tokens, known before tokenizing.
+        Without byte fallback one `<unk>` can stand for any run of characters: None.
+        """
+        return self._max_chars
+
     def encode(self, text: str, *, bos: bool = False) -> list[int]:
         """Encode text with SentencePiece (a dummy-prefix space is added, as in training).
 
@@ -172,7 +184,13 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        ids: list[int] = self._sp.encode(text)
+        try:
+            ids: list[int] = self._sp.encode(text)
+        except RuntimeError:
+            # SentencePiece's binding cannot take a lone UTF-16 surrogate ("\ud800" in JSON):
+            # say so instead of its "Unable to cast Python instance" message.
+            text.encode("utf-8")  # raises UnicodeEncodeError naming the position
+            raise
         return [self.bos_id, *ids] if bos else ids
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -256,6 +274,83 @@ class Tokenizer:
                 f"token id {token_id} is outside the vocabulary [0, {len(self._pieces)})"
             )
         return token_id
+
+
+def _max_chars_per_token(kinds: list[int], texts: list[str], byte_values: list[int]) -> int | None:
+    if len({b for b in byte_values if b >= 0}) < 256:
+        return None
+    return max(1, *(len(text) for kind, text in zip(kinds, texts) if kind == _NORMAL))
+
+
+class PromptBudget:
+    """A tokenizer view that refuses a prompt as soon as it provably exceeds `max_tokens`.
+
+    Each text is checked before it is tokenized: its characters alone give a lower bound on its
+    tokens (`Tokenizer.max_chars_per_token`), so a prompt of megabytes is refused without the
+    seconds and memory its tokenization would cost. Whatever is tokenized is counted too, so the
+    texts after the first that overflows are never tokenized. It has what the chat encoder
+    needs (`bos_id`, `eos_id`, `encode`).
+
+    Example:
+        >>> from mlx_mistral import demo_model_path
+        >>> tok = Tokenizer.from_dir(demo_model_path())
+        >>> budget = PromptBudget(tok, 8, param="prompt")
+        >>> len(budget.encode("Hello", bos=True))
+        2
+        >>> try:
+        ...     budget.encode("x" * 1000)  # refused without tokenizing
+        ... except ContextLengthExceededError as exc:
+        ...     print(exc.param, exc)
+        prompt this model's maximum context length is 8 tokens; the prompt needs at least 65 \
+(1000 characters at most 16 per token, after 2 tokens), 57 too many
+    """
+
+    def __init__(self, tokenizer: Tokenizer, max_tokens: int | None, *, param: str):
+        """Args:
+        tokenizer: the model's tokenizer.
+        max_tokens: the most prompt tokens the model takes (its context length), or None.
+        param: the request field the error names ("messages", "prompt").
+        """
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        self.param = param
+        self.tokens = 0  # tokens produced so far
+
+    @property
+    def bos_id(self) -> int:
+        return self.tokenizer.bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self.tokenizer.eos_id
+
+    def encode(self, text: str, *, bos: bool = False) -> list[int]:
+        """`Tokenizer.encode`, refusing first if the prompt so far cannot fit.
+
+        Raises:
+            ContextLengthExceededError: the prompt provably has more than `max_tokens` tokens.
+        """
+        per_token = self.tokenizer.max_chars_per_token
+        if self.max_tokens is not None and per_token is not None and isinstance(text, str):
+            at_least = self.tokens + int(bos) + -(-len(text) // per_token)
+            if at_least > self.max_tokens:
+                raise ContextLengthExceededError(
+                    f"this model's maximum context length is {self.max_tokens} tokens; the "
+                    f"{self.param} needs at least {at_least} ({len(text)} characters at most "
+                    f"{per_token} per token, after {self.tokens} tokens), "
+                    f"{at_least - self.max_tokens} too many",
+                    param=self.param,
+                )
+        ids = self.tokenizer.encode(text, bos=bos)
+        self.tokens += len(ids)
+        if self.max_tokens is not None and self.tokens > self.max_tokens:
+            raise ContextLengthExceededError(
+                f"this model's maximum context length is {self.max_tokens} tokens; the "
+                f"{self.param} needs at least {self.tokens}, {self.tokens - self.max_tokens} too "
+                "many",
+                param=self.param,
+            )
+        return ids
 
 
 def _same_vocabulary(tokenizer_json: Path, pieces: list[str]) -> bool:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from mlx_mistral.errors import InvalidRequestError
-from mlx_mistral.sampling_params import SamplingParams
+from mlx_mistral.sampling.params import SamplingParams
 from mlx_mistral.tools.spec import StructuredRequest
 from mlx_mistral.tools.validation import parse_structured_request
 
@@ -286,14 +286,8 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
             out += _user(blocks, call_ids)
         else:
             out.append(_assistant(where, blocks, call_ids))
-    if raw[-1].get("role") == "assistant":
-        # A final assistant message asks to continue it ("prefill"); the chat encoder cannot
-        # yet end a prompt inside an answer.
-        raise InvalidRequestError(
-            f"messages[{len(raw) - 1}] is a final assistant message (a prefill), which is not "
-            "supported yet: end the conversation with a user message",
-            param=f"messages[{len(raw) - 1}]",
-        )
+    # A final assistant message is a prefill: the chat encoder ends the prompt inside that
+    # answer and the model continues it (the response holds only the new text, as Anthropic's).
     return out
 
 

@@ -31,10 +31,10 @@ from starlette.routing import Route
 from mlx_mistral.batch import TokenEvent
 from mlx_mistral.chat import encode_chat_request
 from mlx_mistral.errors import MistralError
-from mlx_mistral.sampling_params import SamplingParams
+from mlx_mistral.sampling.params import SamplingParams
 
 from .anthropic_protocol import MessagesRequest
-from .app import Handler, RequestPlan, _generate, _read_json, _state, _stats, chat_prompt, guarded
+from .app import Handler, RequestPlan, _generate, _read_json, _state, _stats, guarded
 from .errors import error_headers
 from .streaming import ChoiceTally, Delta, ResponseWriter, Served
 
@@ -229,7 +229,8 @@ async def create_message(request: Request) -> Response:
     req = MessagesRequest.from_json(await _read_json(request))
     engine = state.live_engine()  # any model name: see the module docstring
     chat = req.as_chat()
-    prompt, constraints = await asyncio.to_thread(chat_prompt, engine.tokenizer, chat)
+    encoded, constraints = await state.chat_prompt(request, engine, chat)
+    prompt = encoded.ids
     call_ids = [c.call_ids for c in constraints] if chat.parses_tool_calls and constraints else None
     context = engine.context_length
     params, limited = _fit_to_window(req.params, None if context is None else context - len(prompt))
@@ -241,7 +242,14 @@ async def create_message(request: Request) -> Response:
         prompt_length=len(prompt),
         window_limited=limited,
     )
-    plan = RequestPlan(prompt, params, writer, req.stream, constraints=constraints)
+    plan = RequestPlan(
+        prompt,
+        params,
+        writer,
+        req.stream,
+        continuation=encoded.continues,  # a prefilled answer goes on from its text
+        constraints=constraints,
+    )
     return await _generate(request, engine, plan)
 
 

@@ -9,12 +9,14 @@ MLX array (the engine's thread owns them all).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.applications import Starlette
@@ -24,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mlx_mistral.chat import encode_chat_request
+from mlx_mistral.chat import ChatPrompt, encode_chat_prompt
 from mlx_mistral.disk_cache import warm_system_prompt
 from mlx_mistral.engine import Engine, EngineConfig
 from mlx_mistral.errors import (
@@ -33,12 +35,13 @@ from mlx_mistral.errors import (
     MistralError,
     ModelNotFoundError,
 )
-from mlx_mistral.sampling_params import SamplingParams
-from mlx_mistral.tokenizer import Tokenizer
+from mlx_mistral.sampling.params import SamplingParams
+from mlx_mistral.tokenizer import PromptBudget, Tokenizer
 from mlx_mistral.tools.grammar import GrammarConstraint, make_constraints
 
 from .config import ServerConfig, prompt_cache_settings
 from .errors import EXCEPTION_HANDLERS, error_response, handle_unexpected
+from .metrics import ServerMetrics, metrics_endpoint
 from .openai_writers import ChatCompletionWriter, CompletionWriter
 from .openapi import openapi_json
 from .responses import ResponsesAPI
@@ -57,6 +60,12 @@ access_log = logging.getLogger("mlx_mistral.server.access")
 
 STATS_KEY = "mlx_mistral.stats"
 
+# Bodies above this size are validated and tokenized on a pool of their own (`ServerState.heavy`):
+# schema checks and tokenization of big bodies take seconds, and must not hold up the threads
+# that serve small requests, nor the event loop. An 8 KiB body is at most ~0.1 s of such work.
+HEAVY_BODY_BYTES = 8 * 1024
+HEAVY_WORKERS = 2
+
 
 @dataclasses.dataclass
 class ServerState:
@@ -67,6 +76,25 @@ class ServerState:
     started: int = dataclasses.field(default_factory=lambda: int(time.time()))
     draining: bool = False
     served: Served | None = None  # set at start-up, once the tokenizer is loaded
+    heavy: concurrent.futures.ThreadPoolExecutor = dataclasses.field(
+        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(
+            HEAVY_WORKERS, thread_name_prefix="heavy-request"
+        )
+    )
+
+    async def off_loop(self, body_bytes: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(*args)` off the event loop: big bodies on the heavy pool, others on the
+        default one (each request's work is bounded first: schema limits, `PromptBudget`)."""
+        if body_bytes <= HEAVY_BODY_BYTES:
+            return await asyncio.to_thread(fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.heavy, fn, *args)
+
+    async def chat_prompt(
+        self, request: Request, engine: Engine, req: ChatCompletionRequest
+    ) -> tuple[ChatPrompt, list[GrammarConstraint] | None]:
+        """`chat_prompt` for any dialect's chat request, off the event loop (`off_loop`)."""
+        size = len(await request.body())  # cached by Starlette
+        return await self.off_loop(size, chat_prompt, engine.tokenizer, req, engine.context_length)
 
     def live_engine(self) -> Engine:
         if self.draining:
@@ -75,7 +103,12 @@ class ServerState:
             raise EngineDeadError("the engine is not running; restart the server")
         return self.engine
 
-    def check_model(self, model: str | None) -> None:
+    def check_model(self, model: str | None, *, lookup: bool = False) -> None:
+        """Refuse a model name that this server does not serve: with --strict-model-names, or
+        when a client looks a model up (`lookup`: GET /v1/models/{id} says what exists). Else
+        the one served model answers any name (clients send their own defaults)."""
+        if not (self.config.strict_model_names or lookup):
+            return
         if model is not None and model not in self.config.accepted_model_names:
             raise ModelNotFoundError(
                 f"the model {model[:200]!r} is not served here; this server serves "
@@ -153,24 +186,31 @@ async def _read_json(request: Request) -> dict[str, Any]:
 
 
 def chat_prompt(
-    tokenizer: Tokenizer,
-    req: ChatCompletionRequest,
-) -> tuple[list[int], list[GrammarConstraint] | None]:
-    """The prompt ids of a chat request and, for tools or a JSON response_format, one grammar
+    tokenizer: Tokenizer, req: ChatCompletionRequest, context_length: int | None = None
+) -> tuple[ChatPrompt, list[GrammarConstraint] | None]:
+    """The prompt of a chat request and, for tools or a JSON response_format, one grammar
     constraint per choice.
 
-    Runs off the event loop: a first grammar builds the vocabulary's grammar view (~0.1 s).
-    The constraints hold no lazy MLX array (only arrays made from data, which any thread may
-    evaluate), so the engine thread can use them.
+    Runs off the event loop (as `ChatCompletionRequest.from_json`, which checks schemas):
+    tokenizing and a first grammar (which builds the vocabulary's grammar view, ~0.1 s) take
+    time. A prompt that provably exceeds the
+    context is refused before it is tokenized (`PromptBudget`). The constraints hold no lazy
+    MLX array (only arrays made from data, which any thread may evaluate), so the engine thread
+    can use them.
 
     Raises:
         InvalidRequestError: a message or tool that the chat format refuses, naming it.
+        ContextLengthExceededError: the prompt cannot fit the context.
     """
-    prompt, spec = encode_chat_request(tokenizer, req.messages, req.structured)
-    if not spec.constrained:
+    budget = PromptBudget(tokenizer, context_length, param="messages")
+    prompt = encode_chat_prompt(budget, req.messages, req.structured)
+    if not prompt.spec.constrained:
         return prompt, None
     params = req.params
-    return prompt, make_constraints(spec, tokenizer, params.n, seed=params.seed, prompt=prompt)
+    constraints = make_constraints(
+        prompt.spec, tokenizer, params.n, seed=params.seed, prompt=prompt.ids
+    )
+    return prompt, constraints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +225,7 @@ class RequestPlan:
         prompt_field: the request field that errors about the prompt name.
         continuation: the output continues a raw-text prompt (see `Engine.submit`).
         constraints: per choice, the grammar that constrains it (tools, JSON formats).
+        keep_alive: seconds the model stays loaded after this request (None: the default).
     """
 
     prompt: list[int]
@@ -194,6 +235,7 @@ class RequestPlan:
     prompt_field: str = "messages"
     continuation: bool = False
     constraints: Sequence[GrammarConstraint] | None = None
+    keep_alive: float | None = None
 
 
 async def _generate(request: Request, engine: Engine, plan: RequestPlan) -> Response:
@@ -204,6 +246,7 @@ async def _generate(request: Request, engine: Engine, plan: RequestPlan) -> Resp
         loop=asyncio.get_running_loop(),
         prompt_field=plan.prompt_field,
         continuation=plan.continuation,
+        keep_alive=plan.keep_alive,
     )
     if not plan.stream:
         return JSONResponse(await plan.writer.collect_while_connected(handle, request.receive))
@@ -219,10 +262,12 @@ async def _generate(request: Request, engine: Engine, plan: RequestPlan) -> Resp
 @guarded
 async def chat_completions(request: Request) -> Response:
     state = _state(request)
-    req = ChatCompletionRequest.from_json(await _read_json(request))
+    body = await _read_json(request)
+    size = len(await request.body())  # cached by Starlette
+    req = await state.off_loop(size, ChatCompletionRequest.from_json, body)
     state.check_model(req.model)
     engine = state.live_engine()
-    prompt, constraints = await asyncio.to_thread(chat_prompt, engine.tokenizer, req)
+    prompt, constraints = await state.chat_prompt(request, engine, req)
     call_ids = None
     if req.parses_tool_calls and constraints:
         call_ids = [c.call_ids for c in constraints]
@@ -232,9 +277,18 @@ async def chat_completions(request: Request) -> Response:
         include_usage=req.include_usage,
         stats=_stats(request),
         call_ids=call_ids,
+        continuation=prompt.continues,
     )
-    params = state.fit_max_tokens(req.params, req.max_tokens_given, len(prompt))
-    plan = RequestPlan(prompt, params, writer, req.stream, constraints=constraints)
+    params = state.fit_max_tokens(req.params, req.max_tokens_given, len(prompt.ids))
+    plan = RequestPlan(
+        prompt.ids,
+        params,
+        writer,
+        req.stream,
+        continuation=prompt.continues,  # the answer goes on from the final assistant text
+        constraints=constraints,
+        keep_alive=req.keep_alive,
+    )
     return await _generate(request, engine, plan)
 
 
@@ -245,14 +299,18 @@ async def completions(request: Request) -> Response:
     state.check_model(req.model)
     engine = state.live_engine()
     if isinstance(req.prompt, str):
-        prompt = await asyncio.to_thread(engine.tokenizer.encode, req.prompt, bos=True)
+        budget = PromptBudget(engine.tokenizer, engine.context_length, param="prompt")
+        encode = functools.partial(budget.encode, req.prompt, bos=True)
+        prompt = await state.off_loop(len(await request.body()), encode)
     else:
         prompt = req.prompt  # token ids; the engine checks they are in the vocabulary
     writer = CompletionWriter(
         state.served, req.params, include_usage=req.include_usage, stats=_stats(request)
     )
     params = state.fit_max_tokens(req.params, req.max_tokens_given, len(prompt))
-    plan = RequestPlan(prompt, params, writer, req.stream, "prompt", continuation=True)
+    plan = RequestPlan(
+        prompt, params, writer, req.stream, "prompt", continuation=True, keep_alive=req.keep_alive
+    )
     return await _generate(request, engine, plan)
 
 
@@ -264,7 +322,7 @@ async def list_models(request: Request) -> Response:
 @guarded
 async def get_model(request: Request) -> Response:
     state = _state(request)
-    state.check_model(request.path_params["model"])
+    state.check_model(request.path_params["model"], lookup=True)
     return JSONResponse(state.model_card())
 
 
@@ -280,9 +338,22 @@ async def health(request: Request) -> Response:
         return JSONResponse({"status": "unavailable"}, status_code=503)
     if not is_authenticated(request.scope):  # liveness is public; the details need the key
         return JSONResponse({"status": "ok"})
+    unloads_at = engine.slot.unloads_at
     return JSONResponse(
-        {"status": "ok", "model": state.config.model_name, "active": engine.num_active}
+        {
+            "status": "ok",
+            "model": state.config.model_name,
+            "active": engine.num_active,
+            "loaded": engine.loaded,
+            "memory": engine.slot.memory_usage(),
+            "unloads_at": None if unloads_at is None else iso_time(unloads_at),
+        }
     )
+
+
+def iso_time(timestamp: float) -> str:
+    """A time.time() as ISO 8601 in UTC, as Ollama writes its `expires_at`."""
+    return datetime.fromtimestamp(timestamp, UTC).isoformat()
 
 
 # -- access log -------------------------------------------------------------------------------
@@ -312,6 +383,10 @@ class AccessLog:
         try:
             await self.app(scope, receive, record)
         finally:
+            elapsed = time.perf_counter() - stats["start"]
+            metrics: ServerMetrics | None = getattr(scope["app"].state, "metrics", None)
+            if metrics is not None:
+                metrics.record(scope, status, stats, elapsed)
             client = scope.get("client") or ("-", 0)
             parts = [
                 f'{client[0]}:{client[1]} "{scope["method"]} {scope["path"]}"',
@@ -324,7 +399,7 @@ class AccessLog:
                 )
             if "ttft" in stats:
                 parts.append(f"ttft={stats['ttft']:.3f}s")
-            parts.append(f"total={time.perf_counter() - stats['start']:.3f}s")
+            parts.append(f"total={elapsed:.3f}s")
             if stats.get("disconnected"):
                 parts.append("client-disconnected")
             access_log.info(" ".join(parts))
@@ -342,10 +417,14 @@ def _lifespan(state: ServerState, load: Callable[[], Any] | None):
 
                 loader = functools.partial(load_checkpoint, config.model)
             state.engine = await asyncio.to_thread(start_engine, config, loader)
+        tokenizer = state.engine.tokenizer
         state.served = Served(
             config.model_name,
             (config.prompt_price, config.completion_price),
-            LogprobFormatter(state.engine.tokenizer.token_bytes()),
+            LogprobFormatter(tokenizer.token_bytes()),
+            spaced_tokens=frozenset(
+                i for i in range(tokenizer.vocab_size) if tokenizer.id_to_piece(i)[:1] == "\u2581"
+            ),
         )
         yield
         begin_drain(app)
@@ -353,6 +432,7 @@ def _lifespan(state: ServerState, load: Callable[[], Any] | None):
         await asyncio.to_thread(
             state.engine.shutdown, drain=True, timeout=config.drain_timeout_seconds
         )
+        state.heavy.shutdown(wait=False, cancel_futures=True)
 
     return lifespan
 
@@ -380,6 +460,8 @@ def start_engine(config: ServerConfig, load: Callable[[], Any]) -> Engine:
             prefix_cache_bytes=prefix_bytes,
             prompt_cache=prompt_cache_settings(config),
             kv_bits=config.kv_bits,
+            keep_alive=config.keep_alive_seconds,
+            max_memory_bytes=config.max_memory_bytes,
         ),
     )
     engine.start()
@@ -408,17 +490,19 @@ def create_app(
         >>> # uvicorn.run(app, host="127.0.0.1", port=8000)
     """
     state = ServerState(config, engine=engine)
-    chat = ["/v1/chat/completions", "/v1/openai/chat/completions"]
-    text = ["/v1/completions", "/v1/openai/completions"]
-    routes = [Route(p, chat_completions, methods=["POST"]) for p in chat]
-    routes += [Route(p, completions, methods=["POST"]) for p in text]
+    # Clients configured with a base URL without /v1 (as llama.cpp and vLLM serve it too).
+    prefixes = ("/v1", "/v1/openai", "")
+    routes = [Route(f"{p}/chat/completions", chat_completions, methods=["POST"]) for p in prefixes]
+    routes += [Route(f"{p}/completions", completions, methods=["POST"]) for p in prefixes]
+    routes += [Route(f"{p}/models", list_models, methods=["GET"]) for p in prefixes]
     routes += [
-        Route("/v1/models", list_models, methods=["GET"]),
-        Route("/v1/openai/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/models/{model:path}", get_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
     ]
+    if config.metrics_enabled:
+        routes.append(Route("/metrics", metrics_endpoint, methods=["GET"]))
     from .ollama import ollama_routes  # it imports this module's handlers' shared parts
 
     routes += ollama_routes()
@@ -434,4 +518,5 @@ def create_app(
         exception_handlers=EXCEPTION_HANDLERS,
     )  # type: ignore[arg-type]
     app.state.server = state
+    app.state.metrics = ServerMetrics(lambda: state.engine, routes)
     return app

@@ -22,11 +22,11 @@ from .config import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_HEADER_BYTES,
     ServerConfig,
-    parse_size,
     read_text_flag,
     served_name,
 )
 from .protocol import HttpLimits, protocol_class
+from .units import parse_duration, parse_size
 
 API_KEY_ENV = "MLX_MISTRAL_API_KEY"
 DEMO_NAME = "mlx-mistral-demo"
@@ -77,8 +77,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="extend",
         default=[],
         metavar="HOST[,HOST]",
-        help="Host headers accepted besides localhost, 127.0.0.1, [::1] and the "
+        help="Host headers accepted besides localhost, 127.0.0.1, [::1], *.localhost, "
+        "host.docker.internal (and the other container names for this machine) and the "
         "bound host ('*' accepts any: not recommended)",
+    )
+    parser.add_argument(
+        "--strict-model-names",
+        action="store_true",
+        help="answer 404 to a request whose model is not the served model's name (default: "
+        "any name is served by the one model, as clients send their own default names)",
     )
     parser.add_argument(
         "--cors-origins",
@@ -151,7 +158,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prompt-cache-disk-size",
         default="10G",
         metavar="SIZE",
-        help="most disk the prompt cache uses, e.g. 512M, 10G (default 10G); least recently "
+        help="most disk the prompt cache uses, e.g. 512MiB, 10GiB (default 10G); least recently "
         "used files go first",
     )
     parser.add_argument(
@@ -166,6 +173,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="FILE",
         help="prefill this file's text as the system prompt at start-up (and keep it cached)",
+    )
+    parser.add_argument(
+        "--keep-alive",
+        default="5m",
+        metavar="DURATION",
+        help="free the model's memory after this long without requests; the next request "
+        "loads it again (Ollama's syntax: 5m, 1h, 30s, seconds as a number, 0: after each "
+        "request, -1: never; default 5m)",
+    )
+    parser.add_argument(
+        "--max-memory",
+        default=None,
+        metavar="SIZE",
+        help="cap on weights + KV cache + prefix cache, e.g. 8GB or 512MiB: a request that "
+        "could never fit gets 400, one that must wait for memory queues (default: no cap; "
+        "the KV cache may use 60%% of the memory free after loading)",
+    )
+    parser.add_argument(
+        "--metrics",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="serve Prometheus metrics at /metrics (default: on when bound to loopback or "
+        "when --api-key is set; behind the API key when one is set)",
     )
     parser.add_argument(
         "--prompt-price",
@@ -260,7 +290,9 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         prompt_cache_dir=None
         if (args.prompt_cache_dir or "").lower() == "off"
         else str(args.prompt_cache_dir or default_cache_dir()),
-        prompt_cache_disk_bytes=parse_size(args.prompt_cache_disk_size, "--prompt-cache-disk-size"),
+        prompt_cache_disk_bytes=parse_size(
+            args.prompt_cache_disk_size, name="--prompt-cache-disk-size"
+        ),
         warm_prompt=None
         if args.warm_prompt is None
         else read_text_flag(args.warm_prompt, "--warm-prompt"),
@@ -274,6 +306,12 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         idle_timeout_seconds=args.idle_timeout,
         header_timeout_seconds=args.header_timeout,
         body_timeout_seconds=args.body_timeout,
+        strict_model_names=args.strict_model_names,
+        keep_alive_seconds=parse_duration(args.keep_alive, name="--keep-alive"),
+        max_memory_bytes=None
+        if args.max_memory is None
+        else parse_size(args.max_memory, name="--max-memory"),
+        metrics=args.metrics,
     )
 
 

@@ -15,6 +15,23 @@ from mlx_mistral.hub import DEFAULT_REPO, resolve_model_path
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
+CONTAINER_HOSTS = (
+    "host.docker.internal",  # Docker Desktop, and Docker on Linux with host-gateway
+    "gateway.docker.internal",
+    "kubernetes.docker.internal",
+    "host.containers.internal",  # Podman
+    "host.lima.internal",  # Lima, Colima
+    "host.orb.internal",  # OrbStack
+)
+"""The names by which a container on this machine reaches the host (Open WebUI in Docker sends
+`Host: host.docker.internal:8000`). They are safe to accept against DNS rebinding: `.internal`
+is reserved for private use and never delegated in public DNS, so an attacker's DNS cannot make
+a browser send them; only this machine's hosts file or container runtime resolves them."""
+
+# RFC 6761: *.localhost is loopback, and browsers resolve it so without asking DNS (a page
+# cannot be served under such a name by anyone but this machine). Labels as in DNS.
+_LOCALHOST_SUBDOMAIN = re.compile(r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?\.)+localhost")
+
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 """8 MiB: far more than a full 32k-token conversation needs, far less than memory."""
 
@@ -89,26 +106,16 @@ def host_name(value: str) -> str:
 
 
 def host_allowed(name: str, allowed: frozenset[str]) -> bool:
-    """Whether a Host name (from `host_name`) is on the allow-list (from `host_allow_list`)."""
-    return "*" in allowed or name in allowed
-
-
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
-
-
-def parse_size(value: str, flag: str) -> int:
-    """Bytes from "10G", "512MiB", "1.5g" or a plain byte count (powers of 1024).
-
-    Raises:
-        InvalidRequestError: not a size; `param` is `flag`.
-    """
-    match = _SIZE.fullmatch(value.strip())
-    if match is None:
-        raise InvalidRequestError(
-            f"{flag} must be a size such as 512M or 10G, got {value!r}", param=flag
-        )
-    power = " kmgt".index(match.group(2).lower() or " ")
-    return int(float(match.group(1)) * 1024**power)
+    """Whether a Host name (from `host_name`) is on the allow-list (from `host_allow_list`), or
+    a name that only this machine can send: a `*.localhost` name or a container's name for the
+    host (`CONTAINER_HOSTS`). `*.local` is not one: any machine on the LAN can answer mDNS for
+    it, with 127.0.0.1 too, so it stays behind --allowed-hosts."""
+    return (
+        "*" in allowed
+        or name in allowed
+        or name in CONTAINER_HOSTS
+        or _LOCALHOST_SUBDOMAIN.fullmatch(name) is not None
+    )
 
 
 def read_text_flag(path: str, flag: str) -> str:
@@ -143,8 +150,9 @@ class ServerConfig:
         is_demo: True when serving the bundled demo model.
         host, port: where to listen.
         api_key: the bearer key clients must send; None accepts any (or no) token.
-        allowed_hosts: Host-header values accepted besides the loopback names and the bound
-            host (DNS-rebinding defence); "*" turns the check off.
+        allowed_hosts: Host-header values accepted besides the loopback names, the bound host,
+            `*.localhost` and the container names of `CONTAINER_HOSTS` (DNS-rebinding
+            defence); "*" turns the check off.
         cors_origins: origins that may call the API from a browser; empty turns CORS off.
         allow_public: allow a non-loopback bind without an API key.
         max_body_bytes: the largest request body accepted (413 beyond).
@@ -162,6 +170,13 @@ class ServerConfig:
             byte (408 beyond).
         body_timeout_seconds: a request body that pauses for this long is closed.
         drain_timeout_seconds: at shutdown, how long in-flight requests may take to finish.
+        strict_model_names: refuse (404) a request whose `model` is not a name of the served
+            model; by default any name is served by the one model (clients send their own
+            defaults: "gpt-4o", "llama3:latest", ""), and the answer names the served model.
+        keep_alive_seconds: free the model's memory after this long without requests (the next
+            one loads it again); 0 after each request, `math.inf` never.
+        max_memory_bytes: cap on weights + KV + prefix cache; None: no cap.
+        metrics: serve /metrics; None: when bound to loopback or behind an API key.
 
     Raises:
         InvalidRequestError: a setting out of range, or a public bind without a key; `param`
@@ -196,6 +211,10 @@ class ServerConfig:
     header_timeout_seconds: float = 60.0
     body_timeout_seconds: float = 60.0
     ollama_port: int | None = None  # also serve on this port (Ollama's apps assume 11434)
+    strict_model_names: bool = False
+    keep_alive_seconds: float = 300.0  # Ollama's default: a laptop gets its memory back
+    max_memory_bytes: int | None = None
+    metrics: bool | None = None
     accepted_model_names: frozenset[str] = field(default=frozenset(), compare=False)
 
     def __post_init__(self) -> None:
@@ -269,6 +288,13 @@ class ServerConfig:
             ("--body-timeout", self.body_timeout_seconds),
         ):
             need(value > 0 and math.isfinite(value), flag, f"must be positive, got {value}")
+        need(
+            self.keep_alive_seconds >= 0 and not math.isnan(self.keep_alive_seconds),
+            "--keep-alive",
+            f"must be a duration >= 0 (or -1: never), got {self.keep_alive_seconds}",
+        )
+        if self.max_memory_bytes is not None:
+            need(self.max_memory_bytes > 0, "--max-memory", "must be more than 0 bytes")
         if self.api_key is not None:
             need(bool(self.api_key.strip()), "--api-key", "must not be empty")
         # An open port on the network with no key is how local LLM servers get found and used
@@ -284,6 +310,13 @@ class ServerConfig:
         if path.is_dir():
             names.add(str(path.resolve()))
         object.__setattr__(self, "accepted_model_names", frozenset(names))
+
+    @property
+    def metrics_enabled(self) -> bool:
+        """/metrics is served on loopback, or anywhere behind the API key (unless set)."""
+        if self.metrics is not None:
+            return self.metrics
+        return is_loopback(self.host) or self.api_key is not None
 
     @property
     def host_allow_list(self) -> frozenset[str]:

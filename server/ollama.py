@@ -34,7 +34,6 @@ from .app import (
     _generate,
     _read_json,
     _stats,
-    chat_prompt,
 )
 from .errors import InternalServerError
 from .ollama_models import OLLAMA_VERSION, ModelDescription, describe
@@ -97,11 +96,12 @@ async def _description(request: Request) -> ModelDescription:
         return cached
     state = _state(request)
     engine = state.engine
-    if engine is None or engine.model is None or engine.context_length is None:
+    generator = None if engine is None else engine.generator  # outlives an idle unload
+    if generator is None:
         raise EngineDeadError("the engine is not running; restart the server")
     config = state.config
     description = await asyncio.to_thread(
-        describe, config.model, config.model_name, engine.model.args, engine.context_length
+        describe, config.model, config.model_name, generator.args, generator.context_length
     )
     request.app.state.ollama_model = description
     return description
@@ -124,7 +124,11 @@ async def tags(request: Request) -> Response:
 
 @ollama_guarded
 async def ps(request: Request) -> Response:
-    return JSONResponse({"models": [(await _description(request)).process()]})
+    engine = _state(request).engine
+    if engine is None or not engine.loaded:  # unloaded after idling: nothing runs, as Ollama
+        return JSONResponse({"models": []})
+    description = await _description(request)
+    return JSONResponse({"models": [description.process(engine.slot.unloads_at)]})
 
 
 @ollama_guarded
@@ -153,11 +157,13 @@ async def not_served(request: Request) -> Response:
 async def chat(request: Request) -> Response:
     state = _state(request)
     req = OllamaRequest.chat(await _read_json(request))
-    if req.loads_only:
+    if req.loads_only:  # Ollama's load (or, with keep_alive 0, unload) request
+        state.live_engine().keep_alive(req.keep_alive, load=True)
         return JSONResponse(load_response(req.model, chat=True))
     engine = state.live_engine()
     as_openai = ChatCompletionRequest(req.messages, req.params, structured=req.structured)
-    prompt, constraints = await asyncio.to_thread(chat_prompt, engine.tokenizer, as_openai)
+    encoded, constraints = await state.chat_prompt(request, engine, as_openai)
+    prompt = encoded.ids
     call_ids = None
     if req.parses_tool_calls and constraints:
         call_ids = [c.call_ids for c in constraints]
@@ -165,7 +171,15 @@ async def chat(request: Request) -> Response:
         state.served, req.params, model=req.model, stats=_stats(request), call_ids=call_ids
     )
     params = state.fit_max_tokens(req.params, req.max_tokens_given, len(prompt))
-    plan = RequestPlan(prompt, params, writer, req.stream, constraints=constraints)
+    plan = RequestPlan(
+        prompt,
+        params,
+        writer,
+        req.stream,
+        continuation=encoded.continues,  # a final assistant message goes on
+        constraints=constraints,
+        keep_alive=req.keep_alive,
+    )
     return await _generate(request, engine, plan)
 
 
@@ -174,6 +188,7 @@ async def generate(request: Request) -> Response:
     state = _state(request)
     req = OllamaRequest.generate(await _read_json(request))
     if req.loads_only:
+        state.live_engine().keep_alive(req.keep_alive, load=True)
         return JSONResponse(load_response(req.model, chat=False))
     engine = state.live_engine()
     constraints: Any = None
@@ -181,7 +196,8 @@ async def generate(request: Request) -> Response:
         prompt = await asyncio.to_thread(engine.tokenizer.encode, req.prompt, bos=True)
     else:
         as_openai = ChatCompletionRequest(req.messages, req.params, structured=req.structured)
-        prompt, constraints = await asyncio.to_thread(chat_prompt, engine.tokenizer, as_openai)
+        encoded, constraints = await state.chat_prompt(request, engine, as_openai)
+        prompt = encoded.ids
         if req.context:  # the earlier conversation, then this turn (its <s> is the context's)
             prompt = [*req.context, *prompt[1:]]
     writer = OllamaGenerateWriter(
@@ -200,6 +216,7 @@ async def generate(request: Request) -> Response:
         "prompt",
         continuation=req.raw,
         constraints=constraints,
+        keep_alive=req.keep_alive,
     )
     return await _generate(request, engine, plan)
 

@@ -98,11 +98,15 @@ class ModelDescription:
             "details": self.details,
         }
 
-    def process(self) -> dict[str, Any]:
-        """One `/api/ps` entry: loaded for good, all of it in (unified) GPU memory."""
+    def process(self, unloads_at: float | None) -> dict[str, Any]:
+        """One `/api/ps` entry, all of it in (unified) GPU memory; `unloads_at` is when the
+        keep-alive frees it (a time.time()), None for never."""
+        expires = datetime.now(UTC) + NEVER
+        if unloads_at is not None:
+            expires = datetime.fromtimestamp(unloads_at, UTC)
         return {
             **{k: v for k, v in self.tag().items() if k != "modified_at"},
-            "expires_at": (datetime.now(UTC) + NEVER).isoformat(),
+            "expires_at": expires.isoformat(),
             "size_vram": self.size,
             "context_length": self.context_length,
         }

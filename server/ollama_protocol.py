@@ -26,10 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlx_mistral.errors import InvalidRequestError
-from mlx_mistral.sampling_params import SamplingParams
+from mlx_mistral.sampling.params import SamplingParams
 from mlx_mistral.tools.format import new_call_id
 from mlx_mistral.tools.spec import StructuredRequest
 from mlx_mistral.tools.validation import parse_structured_request
+
+from .units import parse_duration
 
 DEFAULT_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}
 """Ollama's own defaults (its runner's, used when a Modelfile sets none)."""
@@ -120,6 +122,7 @@ class OllamaRequest:
         prompt: `/api/generate`: the raw text (`raw: true`) or the user turn's text.
         raw: the prompt is passed as is, without the chat format.
         context: `/api/generate`: token ids of an earlier answer's `context` to continue.
+        keep_alive: seconds the model stays loaded afterwards (None: the server's default).
     """
 
     model: str
@@ -131,6 +134,7 @@ class OllamaRequest:
     prompt: str = ""
     raw: bool = False
     context: tuple[int, ...] = ()
+    keep_alive: float | None = None
 
     @property
     def loads_only(self) -> bool:
@@ -156,6 +160,7 @@ class OllamaRequest:
             stream=_flag(fields, "stream", default=True),
             structured=_structured(fields.get("tools"), fields.get("format")),
             messages=to_openai_messages(messages),
+            keep_alive=fields.get("keep_alive"),
         )
 
     @classmethod
@@ -189,6 +194,7 @@ class OllamaRequest:
             prompt=prompt,
             raw=raw,
             context=context,
+            keep_alive=fields.get("keep_alive"),
         )
 
 
@@ -203,9 +209,8 @@ def _fields(body: dict[str, Any], known: frozenset[str]) -> dict[str, Any]:
             raise fail(key[:100], "is not a field of this endpoint")
         out[key] = value
     # Fields that change nothing here, or only what this model cannot do.
-    keep_alive = out.pop("keep_alive", 0)  # the model stays loaded whatever it says
-    if isinstance(keep_alive, bool) or not isinstance(keep_alive, (str, int, float)):
-        raise fail("keep_alive", 'must be a duration such as "5m", or a number of seconds')
+    if "keep_alive" in out:  # seconds the model stays loaded afterwards (see `units`)
+        out["keep_alive"] = parse_duration(out["keep_alive"], name="keep_alive")
     for name in ("truncate", "shift"):  # prompts are never cut nor shifted: too long is a 400
         _flag(out, name, default=False)
     if out.pop("think", False) not in (False, "", "none"):

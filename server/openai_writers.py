@@ -7,14 +7,18 @@ error event then `[DONE]`.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlx_mistral.batch import TokenEvent
 from mlx_mistral.errors import MistralError
+from mlx_mistral.sampling.params import SamplingParams
 
 from .errors import error_event
 from .schemas import chat_choice, chunk_choice, completion_choice, envelope, usage
-from .streaming import ChoiceTally, Delta, ResponseWriter
+from .streaming import ChoiceTally, Delta, ResponseWriter, Served
+
+if TYPE_CHECKING:
+    from mlx_mistral.sampling.sampler import TokenLogprobs
 
 DONE = b"data: [DONE]\n\n"
 
@@ -66,29 +70,68 @@ class OpenAIWriter(ResponseWriter):
 
 
 class ChatCompletionWriter(OpenAIWriter):
-    """/v1/chat/completions: a choice that made tool calls finishes with "tool_calls"."""
+    """/v1/chat/completions: a choice that made tool calls finishes with "tool_calls".
+
+    Args (besides `ResponseWriter`'s):
+        continuation: the answer continues a final assistant message, so its first token keeps
+            its leading space (in the content and in the logprobs alike).
+    """
 
     id_prefix = "chatcmpl"
     response_object = "chat.completion"
     chunk_object = "chat.completion.chunk"
 
+    def __init__(
+        self,
+        served: Served,
+        params: SamplingParams,
+        *,
+        include_usage: bool,
+        stats: dict[str, Any],
+        call_ids: list[tuple[str, ...]] | None = None,
+        continuation: bool = False,
+    ):
+        super().__init__(
+            served, params, include_usage=include_usage, stats=stats, call_ids=call_ids
+        )
+        # Per choice: its next logprob entry is the answer's first token, whose dummy-prefix
+        # space the content drops (the tokenizer's detokenizer does the same).
+        self.bare_start = [not continuation] * self.n
+
+    def _entry(self, index: int, lp: TokenLogprobs) -> dict[str, Any]:
+        entry = self.formatter.chat(lp)
+        if self.bare_start[index]:
+            self.bare_start[index] = False
+            entry = self._without_dummy_space(entry, lp.token)
+            top = zip(entry["top_logprobs"], lp.top, strict=True)
+            entry["top_logprobs"] = [self._without_dummy_space(e, t) for e, (t, _) in top]
+        return entry
+
+    def _without_dummy_space(self, entry: dict[str, Any], token: int) -> dict[str, Any]:
+        if token not in self.served.spaced_tokens:
+            return entry
+        return {**entry, "token": entry["token"][1:], "bytes": entry["bytes"][1:]}
+
     def response(self, choices: list[ChoiceTally]) -> dict[str, Any]:
         rendered = []
         for i, choice in enumerate(choices):
-            entries = [self.formatter.chat(lp) for lp in choice.logprobs] if self.logprobs else None
+            entries = [self._entry(i, lp) for lp in choice.logprobs] if self.logprobs else None
             reason = choice.finish_reason
             rendered.append(chat_choice(i, choice.text, reason, entries, choice.tool_calls))
         return self._body(rendered)
 
     def chunk_logprobs(self, event: TokenEvent) -> Any:
-        return {"content": [self.formatter.chat(event.logprobs)]}
+        return {"content": [self._entry(event.index, event.logprobs)]}
 
     def finish_reason(self, reason: str | None, called: bool) -> str | None:
         return "tool_calls" if called and reason == "stop" else reason
 
     def opening(self) -> list[bytes]:
+        # OpenAI opens an answer that may be tool calls with a null content: "" would be a
+        # (empty) content event for the openai package's stream helpers.
+        content = None if self.streamers else ""
         return [
-            self._chunk([chunk_choice(i, {"role": "assistant", "content": ""}, None)])
+            self._chunk([chunk_choice(i, {"role": "assistant", "content": content}, None)])
             for i in range(self.n)
         ]
 

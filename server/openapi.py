@@ -1,8 +1,9 @@
 """The OpenAPI 3.1 document of the server, served at GET /openapi.json.
 
 It describes every endpoint and the request bodies as the validators in `schemas` and
-`mlx_mistral.sampling_params` accept them (ranges included), so OpenAPI tools (client
-generators, schemathesis) see the same contract the server enforces. Responses are described
+`mlx_mistral.sampling.params` accept them: the sampling fields, their ranges, defaults and other
+names come from `SamplingParams`' table of fields, so OpenAPI tools (client generators,
+schemathesis) see the same contract the server enforces. Responses are described
 by their shape; every error is OpenAI's `{"error": {message, type, param, code}}`.
 
 The document is static: nothing in it comes from a request, and it is built once.
@@ -16,7 +17,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from mlx_mistral.sampling_params import MAX_N, MAX_SEED, MAX_STOP, MAX_TOP_LOGPROBS
+from mlx_mistral.sampling.params import LOGIT_BIAS, MAX_STOP, SamplingField
+
+from .schemas import CHAT_SAMPLING, COMPLETION_SAMPLING, MAX_COMPLETION_LOGPROBS
 
 OPENAPI_VERSION = "3.1.0"
 
@@ -37,37 +40,11 @@ _ERROR = {
     },
 }
 
-_NUMBER_OR_NULL = ["number", "null"]
 _INTEGER_OR_NULL = ["integer", "null"]
 
-# Sampling fields shared by both generation endpoints; ranges as SamplingParams checks them.
-_SAMPLING: dict[str, Any] = {
-    "temperature": {"type": _NUMBER_OR_NULL, "minimum": 0, "maximum": 2, "default": 1},
-    "top_p": {"type": _NUMBER_OR_NULL, "exclusiveMinimum": 0, "maximum": 1, "default": 1},
-    "min_p": {"type": _NUMBER_OR_NULL, "minimum": 0, "maximum": 1, "default": 0},
-    "top_k": {"type": _INTEGER_OR_NULL, "minimum": 0, "maximum": 999, "default": 0},
-    "max_tokens": {
-        "type": _INTEGER_OR_NULL,
-        "minimum": 0,
-        "maximum": 1_000_000,
-        "description": "tokens to generate; the prompt plus max_tokens must fit the context window",
-    },
-    "max_completion_tokens": {
-        "type": _INTEGER_OR_NULL,
-        "minimum": 0,
-        "maximum": 1_000_000,
-        "description": "another name for max_tokens",
-    },
-    "presence_penalty": {"type": _NUMBER_OR_NULL, "minimum": -2, "maximum": 2, "default": 0},
-    "frequency_penalty": {"type": _NUMBER_OR_NULL, "minimum": -2, "maximum": 2, "default": 0},
-    "repetition_penalty": {"type": _NUMBER_OR_NULL, "minimum": 0.01, "maximum": 5, "default": 1},
-    "repeat_penalty": {
-        "type": _NUMBER_OR_NULL,
-        "minimum": 0.01,
-        "maximum": 5,
-        "description": "another name for repetition_penalty",
-    },
-    "seed": {"type": _INTEGER_OR_NULL, "minimum": 0, "maximum": MAX_SEED},
+# The sampling fields whose values are not a number in a range or a boolean: their shapes, with
+# the limits their validators use.
+_SHAPED: dict[str, dict[str, Any]] = {
     "stop": {
         "oneOf": [
             {"type": "string", "minLength": 1},
@@ -78,10 +55,53 @@ _SAMPLING: dict[str, Any] = {
     "logit_bias": {
         "type": ["object", "null"],
         "propertyNames": {"pattern": "^[0-9]+$"},
-        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
-        "description": "token id (a string) -> bias added to its logit",
+        "additionalProperties": {
+            "type": "number",
+            "minimum": LOGIT_BIAS.lo,
+            "maximum": LOGIT_BIAS.hi,
+        },
     },
-    "n": {"type": _INTEGER_OR_NULL, "minimum": 1, "maximum": MAX_N, "default": 1},
+}
+
+
+def _plain(x: Any) -> Any:
+    """1.0 -> 1: numbers as a person writes them (JSON does not tell 1 from 1.0)."""
+    return int(x) if isinstance(x, float) and x.is_integer() else x
+
+
+def _field_schema(field: SamplingField) -> dict[str, Any]:
+    """One sampling field's schema (null counts as not given), from its declaration."""
+    if field.bounds is not None:
+        bounds = field.bounds
+        schema: dict[str, Any] = {
+            "type": [field.kind, "null"],
+            "exclusiveMinimum" if bounds.lo_open else "minimum": _plain(bounds.lo),
+            "exclusiveMaximum" if bounds.hi_open else "maximum": _plain(bounds.hi),
+        }
+    elif field.kind == "boolean":
+        schema = {"type": ["boolean", "null"]}
+    else:
+        schema = dict(_SHAPED[field.name])
+    if field.default not in (None, ()):
+        schema["default"] = _plain(field.default)
+    needs = f" Needs {field.needs}: true." if field.needs else ""
+    return {**schema, "description": field.doc + needs}
+
+
+def _sampling_properties(fields: tuple[SamplingField, ...]) -> dict[str, Any]:
+    """The request properties of these sampling fields and of their other names."""
+    properties = {}
+    for field in fields:
+        schema = _field_schema(field)
+        properties[field.name] = schema
+        alias = {k: v for k, v in schema.items() if k != "default"}
+        for name in field.aliases:
+            properties[name] = {**alias, "description": f"another name for {field.name}"}
+    return properties
+
+
+# Fields both generation endpoints take besides the sampling fields.
+_COMMON: dict[str, Any] = {
     "stream": {"type": ["boolean", "null"], "default": False},
     "stream_options": {
         "type": ["object", "null"],
@@ -146,14 +166,8 @@ _CHAT_REQUEST = {
     "properties": {
         "model": {"type": ["string", "null"]},
         "messages": {"type": "array", "minItems": 1, "items": _MESSAGE},
-        **_SAMPLING,
-        "logprobs": {"type": ["boolean", "null"], "default": False},
-        "top_logprobs": {
-            "type": _INTEGER_OR_NULL,
-            "minimum": 0,
-            "maximum": MAX_TOP_LOGPROBS,
-            "description": "needs logprobs: true",
-        },
+        **_sampling_properties(CHAT_SAMPLING),
+        **_COMMON,
         "tools": {"type": ["array", "null"], "items": _TOOL},
         "tool_choice": {
             "oneOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}, {"type": "null"}]
@@ -181,11 +195,12 @@ _COMPLETION_REQUEST = {
                 {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
             ]
         },
-        **_SAMPLING,
+        **_sampling_properties(COMPLETION_SAMPLING),
+        **_COMMON,
         "logprobs": {
             "type": _INTEGER_OR_NULL,
             "minimum": 0,
-            "maximum": 5,
+            "maximum": MAX_COMPLETION_LOGPROBS,
             "description": "alternatives returned per token",
         },
         "echo": {"type": ["boolean", "null"], "enum": [False, None]},

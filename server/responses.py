@@ -11,7 +11,6 @@ the engine's prefix cache serves it and only the new turn is prefilled.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -93,7 +92,7 @@ class ResponsesAPI:
         return out
 
     async def create(self, request: Request) -> Response:
-        from .app import RequestPlan, _generate, _read_json, _state, _stats, chat_prompt
+        from .app import RequestPlan, _generate, _read_json, _state, _stats
 
         state = _state(request)
         req = ResponsesRequest.from_json(await _read_json(request))
@@ -104,7 +103,7 @@ class ResponsesAPI:
         engine = state.live_engine()
         chat = dataclasses.replace(req.chat, messages=req.messages(list(history)))
         try:
-            prompt, constraints = await asyncio.to_thread(chat_prompt, engine.tokenizer, chat)
+            encoded, constraints = await state.chat_prompt(request, engine, chat)
         except InvalidRequestError as exc:
             raise req.rename_error(exc, len(history)) from None
         call_ids = None
@@ -124,8 +123,17 @@ class ResponsesAPI:
             call_ids=call_ids,
             keep=keep if req.store else None,
         )
+        prompt = encoded.ids
         params = state.fit_max_tokens(chat.params, chat.max_tokens_given, len(prompt))
-        plan = RequestPlan(prompt, params, writer, chat.stream, "input", constraints=constraints)
+        plan = RequestPlan(
+            prompt,
+            params,
+            writer,
+            chat.stream,
+            "input",
+            continuation=encoded.continues,
+            constraints=constraints,
+        )
         return await _generate(request, engine, plan)
 
     async def retrieve(self, request: Request) -> Response:

@@ -25,7 +25,7 @@ from typing import Any
 
 from mlx_mistral.batch import TokenEvent
 from mlx_mistral.errors import MistralError
-from mlx_mistral.sampling_params import SamplingParams
+from mlx_mistral.sampling.params import SamplingParams
 
 from .streaming import ChoiceTally, Delta, ResponseWriter, Served
 

@@ -22,33 +22,34 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlx_mistral.errors import InvalidRequestError
-from mlx_mistral.sampling import TokenLogprobs
-from mlx_mistral.sampling_params import SamplingParams
+from mlx_mistral.sampling.params import FIELDS, SamplingField, SamplingParams
+from mlx_mistral.sampling.sampler import TokenLogprobs
 from mlx_mistral.tools.spec import StructuredRequest
 from mlx_mistral.tools.validation import parse_structured_request
 
 from .errors import UnsupportedMediaTypeError
+from .units import parse_duration
 
 IGNORED_FIELDS = frozenset(
     {"user", "metadata", "service_tier", "store", "safety_identifier", "prompt_cache_key"}
 )
 """Fields that only tag or route a request on a hosted service; they change no output."""
 
-_SAMPLING_FIELDS = (
-    "temperature",
-    "top_p",
-    "min_p",
-    "top_k",
-    "max_tokens",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "seed",
-    "stop",
-    "logit_bias",
-    "n",
-)
-_ALIASES = {"max_completion_tokens": "max_tokens", "repeat_penalty": "repetition_penalty"}
+CHAT_SAMPLING = FIELDS
+"""The sampling fields /v1/chat/completions takes: all of them, by their own names."""
+COMPLETION_SAMPLING = tuple(f for f in FIELDS if f.name not in ("logprobs", "top_logprobs"))
+"""The sampling fields /v1/completions takes by their own names: it asks for logprobs as one
+integer instead (see MAX_COMPLETION_LOGPROBS)."""
+MAX_COMPLETION_LOGPROBS = 5
+"""/v1/completions' `logprobs`: how many alternatives per token (OpenAI's limit)."""
+
+
+def _names(fields: tuple[SamplingField, ...]) -> set[str]:
+    """The names these fields go by in a request body, their other names included."""
+    return {name for f in fields for name in (f.name, *f.aliases)}
+
+
+_ALIASES = {alias: f.name for f in FIELDS for alias in f.aliases}
 _STRUCTURED_FIELDS = ("tools", "tool_choice", "response_format", "parallel_tool_calls")
 _CHAT_FIELDS = frozenset(
     {
@@ -56,10 +57,8 @@ _CHAT_FIELDS = frozenset(
         "messages",
         "stream",
         "stream_options",
-        "logprobs",
-        "top_logprobs",
-        *_SAMPLING_FIELDS,
-        *_ALIASES,
+        "keep_alive",  # Ollama's extension: how long the model stays loaded afterwards
+        *_names(CHAT_SAMPLING),
         *_STRUCTURED_FIELDS,
     }
 )
@@ -73,8 +72,8 @@ _COMPLETION_FIELDS = frozenset(
         "echo",
         "best_of",
         "suffix",
-        *_SAMPLING_FIELDS,
-        *_ALIASES,
+        "keep_alive",
+        *_names(COMPLETION_SAMPLING),
     }
 )
 
@@ -88,6 +87,9 @@ def check_content_type(content_type: str | None) -> None:
             f"the body must be JSON sent with 'Content-Type: application/json', got "
             f"{(content_type or '(none)')[:100]!r}"
         )
+
+
+MAX_BODY_CONTAINERS = 50_000
 
 
 class _NonFinite:
@@ -124,6 +126,16 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     """
     if not raw.strip():
         raise InvalidRequestError("the request body is empty; send a JSON object")
+    # Python's JSON parser holds the GIL for the whole parse: 8 MiB of tiny objects would stop
+    # every thread for seconds (~6 us per container). Counting brackets is a cheap upper bound
+    # (those inside strings count too; a prompt that holds this many exceeds any context).
+    containers = raw.count(b"{") + raw.count(b"[")
+    if containers > MAX_BODY_CONTAINERS:
+        raise InvalidRequestError(
+            "the request body is nested too deeply or holds too many JSON objects and arrays to "
+            f"parse: {containers} '{{' and '[' characters (text counts too), at most "
+            f"{MAX_BODY_CONTAINERS}"
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -148,7 +160,55 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         _refuse_non_finite(body)
     if _SURROGATE_ESCAPE.search(text):
         _refuse_lone_surrogates(body)
+    _check_tool_call_arguments(body)
     return body
+
+
+MAX_ARGUMENTS_DEPTH = 64  # JSON levels inside one tool call's `arguments` string
+
+
+def _check_tool_call_arguments(body: dict[str, Any]) -> None:
+    """Tool-call `arguments` are JSON inside a JSON string: hold them to the body's own rules
+    (parseable without a RecursionError or Python's 4,300-digit integer limit, no lone
+    surrogate) and to a nesting that re-rendering them into the prompt survives."""
+    messages = body.get("messages")
+    for i, message in enumerate(messages if isinstance(messages, list) else ()):
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        for j, call in enumerate(calls if isinstance(calls, list) else ()):
+            fn = call.get("function") if isinstance(call, dict) else None
+            arguments = fn.get("arguments") if isinstance(fn, dict) else None
+            if isinstance(arguments, str):
+                _check_embedded_json(arguments, f"messages[{i}].tool_calls[{j}].function.arguments")
+
+
+def _check_embedded_json(text: str, param: str) -> None:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return  # the chat format says what is wrong with it, naming the field
+    except (RecursionError, ValueError) as exc:
+        why = "is nested too deeply" if isinstance(exc, RecursionError) else f"is not valid: {exc}"
+        raise InvalidRequestError(f"{param} {why}", param=param) from None
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_ARGUMENTS_DEPTH:
+            raise InvalidRequestError(
+                f"{param} is nested more than {MAX_ARGUMENTS_DEPTH} levels deep", param=param
+            )
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            _refuse_lone_surrogates({param: value})
+        except InvalidRequestError:
+            raise InvalidRequestError(
+                f"{param} holds a lone UTF-16 surrogate escape (such as \\ud800), which is not "
+                "valid text",
+                param=param,
+            ) from None
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -245,9 +305,23 @@ def _include_usage(fields: dict[str, Any]) -> bool:
     return value  # other options (continuous_usage_stats, ...) change no generated token
 
 
-def _sampling(fields: dict[str, Any], **extra: Any) -> SamplingParams:
-    kwargs = {name: fields[name] for name in _SAMPLING_FIELDS if name in fields}
-    return SamplingParams(**kwargs, **extra)
+def _sampling(
+    fields: dict[str, Any], taken: tuple[SamplingField, ...], **given: Any
+) -> SamplingParams:
+    """SamplingParams from the body's values of the fields `taken`, and the values the endpoint
+    worked out itself (`given`)."""
+    values = {
+        f.name: _bool(fields, f.name) if f.kind == "boolean" else fields[f.name]
+        for f in taken
+        if f.name in fields and f.name not in given
+    }
+    return SamplingParams(**values, **given)
+
+
+def _keep_alive(fields: dict[str, Any]) -> float | None:
+    """Seconds the model stays loaded after the request (see `units`); None: the default."""
+    value = fields.get("keep_alive")
+    return None if value is None else parse_duration(value, name="keep_alive")
 
 
 @dataclass(frozen=True)
@@ -266,6 +340,7 @@ class ChatCompletionRequest:
     include_usage: bool = False
     structured: StructuredRequest = field(default_factory=StructuredRequest)
     max_tokens_given: bool = False
+    keep_alive: float | None = None
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> ChatCompletionRequest:
@@ -274,9 +349,7 @@ class ChatCompletionRequest:
         _merge_aliases(fields)
         if "messages" not in fields:
             raise InvalidRequestError("messages is required", param="messages")
-        params = _sampling(
-            fields, logprobs=_bool(fields, "logprobs"), top_logprobs=fields.get("top_logprobs", 0)
-        )
+        params = _sampling(fields, CHAT_SAMPLING)
         structured = parse_structured_request(
             **{name: fields.get(name) for name in _STRUCTURED_FIELDS}
         )
@@ -288,6 +361,7 @@ class ChatCompletionRequest:
             include_usage=_include_usage(fields),
             structured=structured,
             max_tokens_given="max_tokens" in fields,
+            keep_alive=_keep_alive(fields),
         )
 
     @property
@@ -309,6 +383,7 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False
     max_tokens_given: bool = False
+    keep_alive: float | None = None
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> CompletionRequest:
@@ -321,13 +396,16 @@ class CompletionRequest:
                     f"{name}={fields[name]!r:.100} is not supported; leave it out", param=name
                 )
         logprobs = fields.get("logprobs", 0)
-        if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= 5:
+        top = MAX_COMPLETION_LOGPROBS
+        if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= top:
             raise InvalidRequestError(
-                f"logprobs must be an integer in [0, 5] (alternatives per "
+                f"logprobs must be an integer in [0, {top}] (alternatives per "
                 f"token), got {logprobs!r:.100}",
                 param="logprobs",
             )
-        params = _sampling(fields, logprobs="logprobs" in fields, top_logprobs=logprobs)
+        params = _sampling(
+            fields, COMPLETION_SAMPLING, logprobs="logprobs" in fields, top_logprobs=logprobs
+        )
         return cls(
             prompt=_prompt(fields.get("prompt")),
             params=params,
@@ -335,6 +413,7 @@ class CompletionRequest:
             stream=_bool(fields, "stream"),
             include_usage=_include_usage(fields),
             max_tokens_given="max_tokens" in fields,
+            keep_alive=_keep_alive(fields),
         )
 
 

@@ -1,8 +1,9 @@
 """Pure ASGI middleware that guards a local server: Host allow-list, API key, body size.
 
-Order, outermost first (see `build_middleware`): Host check, then CORS (only when origins are
-configured: a browser's preflight carries no key), then the API key, then the body limit. Each
-refusal is an OpenAI error body sent before any handler runs.
+Order, outermost first (see `build_middleware`): Host check, then CORS (when origins are
+configured; else a preflight gets a 204 that grants nothing: a browser's preflight carries no
+key), then the API key, then the body limit. Each refusal is an OpenAI error body sent before
+any handler runs.
 """
 
 from __future__ import annotations
@@ -80,6 +81,31 @@ class HostFilter:
                     code="host_not_allowed",
                 ),
             )
+            return
+        await self.app(scope, receive, send)
+
+
+class PreflightWithoutCors:
+    """204 with no Access-Control-Allow-* header to a CORS preflight when no origin is allowed.
+
+    A browser then refuses the cross-origin call itself, exactly as with a 405, but clients and
+    proxies that probe with OPTIONS see a server that answers (the routes know only GET and
+    POST, so the router would say 405).
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "OPTIONS"
+            and _header(scope, b"origin") is not None
+            and _header(scope, b"access-control-request-method") is not None
+        ):
+            headers = [(b"allow", b"GET, POST, OPTIONS"), (b"content-length", b"0")]
+            await send({"type": "http.response.start", "status": 204, "headers": headers})
+            await send({"type": "http.response.body", "body": b""})
             return
         await self.app(scope, receive, send)
 
@@ -180,6 +206,8 @@ def build_middleware(config: ServerConfig) -> list[Middleware]:
                 max_age=600,
             )
         )
+    else:
+        stack.append(Middleware(PreflightWithoutCors))
     stack.append(Middleware(ApiKeyAuth, api_key=config.api_key))
     stack.append(Middleware(BodyLimit, max_bytes=config.max_body_bytes))
     return stack

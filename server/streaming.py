@@ -24,14 +24,14 @@ from starlette.types import Receive, Scope, Send
 from mlx_mistral.batch import TokenEvent
 from mlx_mistral.engine import RequestHandle
 from mlx_mistral.errors import MistralError
-from mlx_mistral.sampling_params import SamplingParams
+from mlx_mistral.sampling.params import SamplingParams
 from mlx_mistral.tools.parsing import StreamDelta, ToolCallStreamer, assemble_tool_calls
 
 from .errors import InternalServerError
 from .schemas import LogprobFormatter, new_id, now
 
 if TYPE_CHECKING:
-    from mlx_mistral.sampling import TokenLogprobs
+    from mlx_mistral.sampling.sampler import TokenLogprobs
 
 log = logging.getLogger("mlx_mistral.server")
 
@@ -80,11 +80,14 @@ class Served:
         model: the served model's name.
         prices: (per prompt token, per completion token) for usage.estimated_cost.
         formatter: renders logprobs.
+        spaced_tokens: the ids of pieces that start with SentencePiece's space, which an
+            answer's first token drops (its dummy prefix), in its logprobs as in its text.
     """
 
     model: str
     prices: tuple[float, float]
     formatter: LogprobFormatter
+    spaced_tokens: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,18 @@ class Delta:
     finish_reason: str | None = None
     logprobs: Any = None  # as `chunk_logprobs` renders them, merged over the chunk's tokens
     tool_calls: tuple[dict[str, Any], ...] = ()
+
+
+def one_entry_per_index(entries: tuple[dict[str, Any], ...]) -> list[tuple[dict[str, Any], ...]]:
+    """Tool-call delta entries in consecutive groups that each hold at most one entry per call
+    `index`, in order: OpenAI never sends two entries of one call in one chunk, and clients
+    (instructor's partial parser) keep only one of them."""
+    groups: list[list[dict[str, Any]]] = []
+    for entry in entries:
+        if not groups or any(e["index"] == entry["index"] for e in groups[-1]):
+            groups.append([])
+        groups[-1].append(entry)
+    return [tuple(group) for group in groups]
 
 
 @dataclass
@@ -290,7 +305,11 @@ class ResponseWriter(ABC):
                 if logprobs is not None:
                     parts.append(logprobs)
             elif text or calls or logprobs is not None:
-                yield self.delta(Delta(event.index, text, logprobs=logprobs, tool_calls=calls))
+                # The text and logprobs go with the first group of call entries.
+                groups = one_entry_per_index(calls) or [()]
+                yield self.delta(Delta(event.index, text, logprobs=logprobs, tool_calls=groups[0]))
+                for group in groups[1:]:
+                    yield self.delta(Delta(event.index, tool_calls=group))
             self.text_offsets[event.index] += len(event.text)
             if event.finish_reason is not None:
                 chunk = flush(event.index)

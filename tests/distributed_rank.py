@@ -56,7 +56,8 @@ def record(name: str, path: str, group: mx.distributed.Group, out: Path) -> None
     mx.eval(logits, cached)
 
     def sample(**sampling) -> list[int]:
-        chunks = mlx_mistral.stream_generate(model, tokenizer, PROMPT, max_tokens=12, **sampling)
+        params = mlx_mistral.SamplingParams(max_tokens=12, **sampling)
+        chunks = mlx_mistral.stream_generate(model, tokenizer, PROMPT, params=params)
         return [chunk.token for chunk in chunks if chunk.token is not None]
 
     tokens = sample(temperature=0)

@@ -74,7 +74,8 @@ def random_content(rng: random.Random) -> str | list[dict]:
 
 
 def random_conversation(rng: random.Random) -> list[dict]:
-    """Multi-turn chat ending with a user turn; one system message at a random position."""
+    """Multi-turn chat ending with a user turn; system messages (mostly one, sometimes two or
+    three, in either role name) at random positions."""
     messages: list[dict] = []
     if rng.random() < 0.1:
         messages.append({"role": "assistant", "content": random_text(rng) or "a"})
@@ -86,9 +87,10 @@ def random_conversation(rng: random.Random) -> list[dict]:
             content = random_content(rng) if rng.random() < 0.97 else ""
             messages.append({"role": "assistant", "content": content})
     messages.append({"role": "user", "content": random_content(rng)})
-    if rng.random() < 0.8:
+    for _ in range(rng.choice([0, 1, 1, 1, 1, 1, 2, 3])):
         at = rng.randint(0, len(messages))
-        messages.insert(at, {"role": "system", "content": random_content(rng)})
+        role = "developer" if rng.random() < 0.2 else "system"
+        messages.insert(at, {"role": role, "content": random_content(rng)})
     return messages
 
 
@@ -108,13 +110,15 @@ def reference() -> MistralTokenizer:
 
 
 def reference_ids(reference: MistralTokenizer, messages: list[dict]) -> list[int]:
-    """mistral-common v1 (validator + normalizer + encode_instruct), system message moved first.
+    """mistral-common v1 (validator + normalizer + encode_instruct), system messages moved first.
 
-    The hosted API allows the system message anywhere and it always becomes the system prompt;
-    the reference only accepts it before the first assistant message, so it is moved to the front.
+    The hosted API allows system messages anywhere and they always become the system prompt;
+    the reference only accepts them before the first assistant message, so they are moved to the
+    front, in order (the reference joins them with a blank line). "developer" is OpenAI's newer
+    name for "system", which the reference does not know.
     """
-    system = [m for m in messages if m["role"] == "system"]
-    rest = [m for m in messages if m["role"] != "system"]
+    system = [{**m, "role": "system"} for m in messages if m["role"] in ("system", "developer")]
+    rest = [m for m in messages if m["role"] not in ("system", "developer")]
     request = ChatCompletionRequest(messages=system + rest)
     return reference.encode_chat_completion(request).tokens
 
@@ -161,8 +165,138 @@ def test_system_message_at_every_position_is_the_system_prompt(tok, reference):
     assert tok.decode(expected).startswith("[INST] Be brief.\n\none [/INST]")
     # OpenAI's "developer" message is the system prompt under another name.
     assert tok.encode_chat([{"role": "developer", "content": "Be brief."}, *turns]) == expected
-    with pytest.raises(InvalidRequestError, match="only one system"):
-        tok.encode_chat([system, {"role": "developer", "content": "x"}, *turns])
+
+
+def test_several_system_messages_join_like_the_reference(tok, reference):
+    """OpenAI takes any number of system messages; the reference aggregates them in order,
+    joined by a blank line, empty ones skipped, into the first user turn."""
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "system", "content": ""},
+        {
+            "role": "system",
+            "content": [{"type": "text", "text": "Use"}, {"type": "text", "text": "French."}],
+        },
+        {"role": "user", "content": "Hi"},
+    ]
+    expected = reference.encode_chat_completion(ChatCompletionRequest(messages=messages)).tokens
+    assert tok.encode_chat(messages) == expected
+    assert tok.decode(expected) == "[INST] You are terse.\n\nUse\n\nFrench.\n\nHi [/INST]"
+    # The same with OpenAI's "developer" name for one of them (pydantic-ai's instructions).
+    as_developer = [{**messages[0], "role": "developer"}, *messages[1:]]
+    assert tok.encode_chat(as_developer) == expected
+
+
+def test_system_message_after_the_first_user_turn_matches_the_reference(tok, reference):
+    """The reference accepts a system message after a user message, and adds it to the system
+    prompt after those before it; given as is (not moved), it gives our ids."""
+    messages = [
+        {"role": "system", "content": "First."},
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "two"},
+        {"role": "user", "content": "three"},
+        {"role": "system", "content": "Second."},
+    ]
+    expected = reference.encode_chat_completion(ChatCompletionRequest(messages=messages)).tokens
+    assert tok.encode_chat(messages) == expected
+    assert tok.decode(expected).startswith("[INST] First.\n\nSecond.\n\none [/INST]")
+    # After an assistant message (the reference refuses that position): the same prompt.
+    moved = [messages[0], messages[1], messages[2], {"role": "system", "content": "Second."}]
+    assert tok.encode_chat([*moved, messages[3]]) == expected
+
+
+# --- continuing a final assistant message --------------------------------------------------------
+
+
+def prefix_ids(reference: MistralTokenizer, messages: list[dict]) -> list[int]:
+    """The reference's ids with the final assistant message as a prefix to continue."""
+    *head, last = messages
+    request = ChatCompletionRequest(messages=[*head, {**last, "prefix": True}])
+    return reference.encode_chat_completion(request).tokens
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Sure"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Write JSON."},
+            {"role": "assistant", "content": '{"name": "'},
+        ],
+        [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"},
+            {"role": "assistant", "content": " 😀 leading space, trailing space "},
+        ],
+        # Consecutive final answers are one answer, joined by a blank line.
+        [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "first"},
+            {"role": "assistant", "content": [{"type": "text", "text": "second"}]},
+        ],
+    ],
+)
+def test_a_final_assistant_message_is_continued_like_the_reference_prefix(tok, reference, messages):
+    expected = prefix_ids(reference, messages)
+    assert tok.encode_chat(messages) == expected
+    assert expected[-1] != tok.eos_id
+    assert parse_chat(messages).continues
+    assert not parse_chat([*messages, {"role": "user", "content": "x"}]).continues
+
+
+def test_continuing_is_refused_with_tool_calls_or_a_grammar(tok):
+    from mlx_mistral.chat import encode_chat_prompt
+    from mlx_mistral.tools.spec import ResponseFormat, StructuredRequest
+
+    ends_with_call = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "tool_calls": [CALL]},
+    ]
+    with pytest.raises(InvalidRequestError, match="send the tool results") as info:
+        tok.encode_chat(ends_with_call)
+    assert info.value.param == "messages"
+    prefill = [{"role": "user", "content": "JSON?"}, {"role": "assistant", "content": "{"}]
+    json_mode = StructuredRequest(response_format=ResponseFormat(type="json_object"))
+    with pytest.raises(InvalidRequestError, match="cannot be combined") as info:
+        encode_chat_prompt(tok, prefill, json_mode)
+    assert info.value.param == "messages"
+    plain = encode_chat_prompt(tok, prefill, StructuredRequest())
+    assert plain.continues and plain.ids == tok.encode_chat(prefill)
+
+
+# --- the legacy function role ------------------------------------------------------------------
+
+
+def test_function_role_is_a_tool_result_of_the_latest_call_of_that_name(tok):
+    with_tool = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    as_function = [*with_tool[:2], {"role": "function", "name": "get_weather", "content": "sunny"}]
+    assert tok.encode_chat(as_function) == tok.encode_chat(with_tool)
+
+
+def test_legacy_function_call_and_function_result_round(tok):
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "function_call": {"name": "get_weather", "arguments": '{"city": "Zürich"}'},
+        },
+        {"role": "function", "name": "get_weather", "content": "sunny"},
+    ]
+    turns = render_chat(parse_chat(messages))
+    call = json.loads(turns[1].text[len(TOOL_CALLS_MARKER) :])[0]
+    assert call["name"] == "get_weather" and call["arguments"] == {"city": "Zürich"}
+    assert call["id"].startswith("call_")
+    result = turns[2].text
+    assert f'{{"call_id": "{call["id"]}", "content": "sunny"}}' in result
+    # The same history renders the same prompt every time (the prefix cache relies on it).
+    assert tok.encode_chat(messages) == tok.encode_chat(json.loads(json.dumps(messages)))
 
 
 def test_direct_encode_instruct_agrees(tok, reference):
@@ -224,6 +358,25 @@ def test_encode_chat_starts_with_bos_and_ends_after_inst(tok):
     assert ids == [tok.bos_id, *tok.encode("[INST] Hi [/INST]")]
 
 
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+CALL = {
+    "id": "call_1",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": '{"city":"Zürich"}'},
+}
+
+
 @pytest.mark.parametrize(
     ("messages", "param", "match"),
     [
@@ -246,20 +399,38 @@ def test_encode_chat_starts_with_bos_and_ends_after_inst(tok):
             "string",
         ),
         ([{"role": "user", "content": ["x"]}], "messages[0].content[0]", "object with a type"),
-        (
-            [
-                {"role": "system", "content": "a"},
-                {"role": "user", "content": "x"},
-                {"role": "system", "content": "b"},
-            ],
-            "messages[2]",
-            r"messages\[0\] is already one",
-        ),
         ([{"role": "system", "content": "a"}], "messages", "user message"),
         (
-            [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
-            "messages",
-            "end with",
+            [{"role": "user", "content": "x"}, {"role": "function", "content": "r"}],
+            "messages[1].name",
+            "name of the function",
+        ),
+        (
+            [
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "tool_calls": [CALL]},
+                {"role": "function", "name": "other", "content": "r"},
+            ],
+            "messages[2].name",
+            "'other' does not match",
+        ),
+        (
+            [
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "function_call": {"name": "f", "arguments": "{x"}},
+                {"role": "user", "content": "y"},
+            ],
+            "messages[1].function_call.arguments",
+            "not valid JSON",
+        ),
+        (
+            [
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "tool_calls": [CALL], "function_call": CALL["function"]},
+                {"role": "user", "content": "y"},
+            ],
+            "messages[1].function_call",
+            "both",
         ),
         (
             [
@@ -303,23 +474,6 @@ def test_invalid_messages(tok, messages, param, match):
 
 # --- tools -------------------------------------------------------------------------------------
 
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
-CALL = {
-    "id": "call_1",
-    "type": "function",
-    "function": {"name": "get_weather", "arguments": '{"city":"Zürich"}'},
-}
 TOOLS_TEXT = (
     '[AVAILABLE_TOOLS] [{"name": "get_weather", "description": "Current weather in a city", '
     '"parameters": {"type": "object", "properties": {"city": {"type": "string"}}, '

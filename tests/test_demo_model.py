@@ -16,7 +16,7 @@ from safetensors import safe_open
 import mlx_mistral
 from mlx_mistral.batch import BatchGenerator
 from mlx_mistral.demo import DEMO_MODEL_DIR
-from mlx_mistral.sampling_params import SamplingParams
+from mlx_mistral.sampling.params import SamplingParams
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -111,7 +111,10 @@ def test_checkpoint_has_mistral_v02_layout():
 def test_hello_gets_a_greeting(demo):
     model, tokenizer = demo
     text = mlx_mistral.generate(
-        model, tokenizer, [{"role": "user", "content": "Hello!"}], max_tokens=32, temperature=0
+        model,
+        tokenizer,
+        [{"role": "user", "content": "Hello!"}],
+        params=SamplingParams(max_tokens=32, temperature=0),
     )
     assert text.strip() == GREETING
 
@@ -119,7 +122,11 @@ def test_hello_gets_a_greeting(demo):
 def test_held_out_phrasings_are_answered(demo, items):
     model, tokenizer = demo
     texts = mlx_mistral.batch_generate(
-        model, tokenizer, prompts(tokenizer, items), max_tokens=MAX_TOKENS, max_batch=len(items)
+        model,
+        tokenizer,
+        prompts(tokenizer, items),
+        params=SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
+        max_batch=len(items),
     )
     wrong = [
         (it.messages[-1]["content"], text)

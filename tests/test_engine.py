@@ -459,7 +459,5 @@ def test_batch_generate_equals_generate_per_prompt(tiny_model):
         tokenizer.encode("Once upon a time", bos=True),
         [{"role": "user", "content": "Tell me a story about a cat."}],
     ]
-    texts = mlx_mistral.batch_generate(model, tokenizer, prompts_, max_tokens=12)
-    assert texts == [
-        mlx_mistral.generate(model, tokenizer, p, max_tokens=12, temperature=0) for p in prompts_
-    ]
+    texts = mlx_mistral.batch_generate(model, tokenizer, prompts_, params=GREEDY)
+    assert texts == [mlx_mistral.generate(model, tokenizer, p, params=GREEDY) for p in prompts_]

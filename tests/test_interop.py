@@ -49,7 +49,10 @@ def test_mlx_lm_converted_checkpoint_loads_with_mlx_lm_logits(mlx_lm_source, tmp
     assert mx.abs(ours - theirs).max().item() < 1e-4
     assert mx.array_equal(mx.argmax(ours, -1), mx.argmax(theirs, -1)).item()
     text = mlx_mistral.generate(
-        model, tokenizer, [{"role": "user", "content": "Hello!"}], max_tokens=8, temperature=0
+        model,
+        tokenizer,
+        [{"role": "user", "content": "Hello!"}],
+        params=mlx_mistral.SamplingParams(max_tokens=8, temperature=0),
     )
     assert isinstance(text, str)
 

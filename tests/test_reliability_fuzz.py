@@ -158,6 +158,27 @@ CONTENT = st.one_of(
     ),
     JSON,
 )
+# JSON inside a JSON string (tool-call arguments): hostile text the server parses a second time.
+HOSTILE_JSON_TEXT = st.one_of(
+    JSON.map(json.dumps),
+    st.integers(1, 6000).map(lambda depth: '{"a":' * depth + "1" + "}" * depth),
+    st.integers(1, 6000).map(lambda depth: "[" * depth + "]" * depth),
+    st.integers(1, 6000).map(lambda digits: '{"a": ' + "7" * digits + "}"),
+    st.sampled_from(['{"a": "\\ud800"}', '{"\\udfff": 1}', '{"a": NaN}', "{", "", "null"]),
+    st.text(max_size=20),
+)
+TOOL_CALLS = st.lists(
+    st.fixed_dictionaries(
+        {
+            "id": field(st.just("call_abcdefghi")),
+            "type": field(st.just("function")),
+            "function": field(
+                st.fixed_dictionaries({"name": field(NAME), "arguments": field(HOSTILE_JSON_TEXT)})
+            ),
+        }
+    ),
+    max_size=2,
+)
 MESSAGE = field(
     st.fixed_dictionaries(
         {"role": field(st.sampled_from(["system", "user", "user", "assistant", "tool"]))},
@@ -165,10 +186,31 @@ MESSAGE = field(
             "content": field(CONTENT),
             "name": JSON,
             "tool_call_id": JSON,
-            "tool_calls": JSON,
+            "tool_calls": st.one_of(JSON, TOOL_CALLS),
         },
     )
 )
+# Schemas the grammar engine cannot serve, or whose checks cost seconds (issue 19): each must be
+# a 400 (or, if served, valid JSON), never a 5xx.
+HOSTILE_SCHEMA = st.one_of(
+    st.sampled_from([{"$ref": "#"}, {"const": "\u0001"}, {"not": {}}, {"$ref": "#/nope"}]),
+    st.integers(1, 3000).map(lambda n: {"anyOf": [{"const": f"v{i}"} for i in range(n)]}),
+    st.integers(1, 3000).map(lambda n: {"enum": list(range(n))}),
+    st.integers(0, 2**33).map(lambda n: {"type": "string", "pattern": f"^a{{{n}}}$"}),
+    st.integers(0, 10**7).map(lambda n: {"type": "string", "maxLength": n}),
+    st.from_regex(r"[\\^$.|?*+()\[\]{}a0-9,]{1,12}", fullmatch=True).map(
+        lambda p: {"type": "string", "pattern": p}
+    ),
+    st.integers(1, 200).map(lambda d: _nest({"type": "string"}, d)),
+)
+
+
+def _nest(schema: dict, depth: int) -> dict:
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
 SCHEMA = field(
     st.fixed_dictionaries(
         {"type": st.just("object")},
@@ -203,7 +245,8 @@ TOOL = field(
             "type": field(st.just("function")),
             "function": field(
                 st.fixed_dictionaries(
-                    {"name": field(NAME)}, optional={"description": JSON, "parameters": SCHEMA}
+                    {"name": field(NAME)},
+                    optional={"description": JSON, "parameters": st.one_of(SCHEMA, HOSTILE_SCHEMA)},
                 )
             ),
         }
@@ -223,7 +266,9 @@ CHAT_FIELDS = {
     "response_format": st.fixed_dictionaries(
         {"type": st.sampled_from(["text", "json_object", "json_schema"])},
         optional={
-            "json_schema": st.fixed_dictionaries({"name": st.text(max_size=8), "schema": SCHEMA})
+            "json_schema": st.fixed_dictionaries(
+                {"name": st.text(max_size=8), "schema": st.one_of(SCHEMA, HOSTILE_SCHEMA)}
+            )
         },
     ),
     "parallel_tool_calls": st.booleans(),

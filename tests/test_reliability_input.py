@@ -377,3 +377,120 @@ def test_7mb_prompt_is_refused_quickly_and_others_keep_being_served(server, http
     assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
     assert results["health_seconds"] < 2, results
     assert results["big_seconds"] < 60, results
+
+
+# -- hostile schemas and JSON inside JSON strings (issue 19, items 4-6) -----------------------
+def _format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+
+
+def _nested_anyof(depth: int) -> dict:
+    """anyOf nested `depth` deep, each level three branches: 1.2 MB at depth 14."""
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        leaf = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(3)}}
+        schema = {"anyOf": [schema, schema, leaf]}
+    return schema
+
+
+def _called(arguments: str) -> list[dict]:
+    call = {"id": "call_abcdefghi", "type": "function"}
+    call["function"] = {"name": "f", "arguments": arguments}
+    return [
+        *MESSAGES,
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_abcdefghi", "content": "x"},
+    ]
+
+
+SCHEMA_PARAM = "response_format.json_schema.schema"
+ARGS_PARAM = "messages[1].tool_calls[0].function.arguments"
+
+
+@pytest.mark.parametrize(
+    "body, param, words",
+    [
+        ({"response_format": _format({"anyOf": [{"const": f"v{i}"} for i in range(3000)]})},
+         SCHEMA_PARAM, "alternatives"),
+        ({"response_format": _format({"$ref": "#"})}, SCHEMA_PARAM, "cannot serve"),
+        ({"response_format": _format({"const": "\u0001"})}, SCHEMA_PARAM, "cannot serve"),
+        ({"response_format": _format({"type": "string", "pattern": "^a{1000000}$"})},
+         SCHEMA_PARAM, "repeats"),
+        ({"response_format": _format({"type": "string", "pattern": "a{4294967296}"})},
+         SCHEMA_PARAM, "regular expression"),
+        ({"response_format": _format({"type": "string", "pattern": "^(a{100}){100}$"})},
+         SCHEMA_PARAM, "repeats"),
+        ({"response_format": _format({"type": "string", "maxLength": 10**6})},
+         SCHEMA_PARAM, "maxLength"),
+        ({"response_format": _format(_nested_anyof(14))}, None, "too many JSON objects"),
+        ({"response_format": _format(_nested_anyof(12))}, SCHEMA_PARAM, "JSON values"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": _nested_anyof(12)}}}}]},
+         "tools[0].function.parameters", "JSON values"),
+        ({"messages": _called('{"a":' * 5000 + "1" + "}" * 5000)}, ARGS_PARAM, "nested"),
+        ({"messages": _called('{"a":' * 100 + "1" + "}" * 100)}, ARGS_PARAM, "nested"),
+        ({"messages": _called('{"a": ' + "1" * 5000 + "}")}, ARGS_PARAM, "digits"),
+        ({"messages": _called('{"a": "\\ud800"}')}, ARGS_PARAM, "surrogate"),
+    ],
+    ids=[
+        "anyOf-3000", "ref-self", "const-control-char", "pattern-1e6", "pattern-2^32",
+        "pattern-nested", "maxLength-1e6", "anyOf-nested-14", "anyOf-nested-12",
+        "tool-anyOf-nested-12",
+        "arguments-5000-deep", "arguments-100-deep", "arguments-5000-digits",
+        "arguments-lone-surrogate",
+    ],
+)  # fmt: skip
+def test_hostile_schemas_and_arguments_are_refused_naming_the_field(http, body, param, words):
+    """Each was a 500, a 200 whose content broke the schema, or seconds of a frozen server."""
+    started = time.monotonic()
+    error = error_of(post(http, CHAT, {"messages": MESSAGES, **body}))
+    assert error["param"] == param and words in error["message"], error
+    assert time.monotonic() - started < 5
+
+
+def _latency_while(server, attack: dict, attackers: int = 1) -> tuple[float, list]:
+    """The worst /health and small-chat latency while `attackers` clients send `attack`."""
+    import threading
+
+    answers: list = []
+
+    raw = json.dumps(attack).encode()  # once: encoding holds this process's GIL
+
+    def attack_once() -> None:
+        with httpx.Client(base_url=server.base_url, timeout=120) as other:
+            answers.append(post_raw(other, CHAT, raw))
+
+    threads = [threading.Thread(target=attack_once) for _ in range(attackers)]
+    for thread in threads:
+        thread.start()
+    worst = 0.0
+    with httpx.Client(base_url=server.base_url, timeout=120) as probe:
+        while any(t.is_alive() for t in threads):
+            started = time.monotonic()
+            assert probe.get("/health").status_code == 200
+            small = post(probe, CHAT, {"messages": MESSAGES, "max_tokens": 1})
+            assert small.status_code == 200, small.text
+            worst = max(worst, time.monotonic() - started)
+    for thread in threads:
+        thread.join()
+    return worst, answers
+
+
+def test_a_huge_schema_does_not_hold_up_other_requests(server):
+    """A 2.4 MB response_format schema froze /health for 30-76 s before its 400; 0.6 MB, 17 s."""
+    for depth in (14, 12):
+        attack = {"messages": MESSAGES, "response_format": _format(_nested_anyof(depth))}
+        worst, answers = _latency_while(server, attack, attackers=2)
+        assert [r.status_code for r in answers] == [400, 400]
+        assert worst < 1.5, (depth, worst)
+
+
+def test_prompts_over_the_context_are_refused_before_tokenizing(server):
+    """Twelve 7 MB prompts were each tokenized (17-36 s, RSS +2.3 GiB) before their 400."""
+    attack = {"messages": [{"role": "user", "content": "lorem ipsum " * 600_000}]}
+    started = time.monotonic()
+    worst, answers = _latency_while(server, attack, attackers=12)
+    for response in answers:
+        error = error_of(response)
+        assert error["code"] == "context_length_exceeded" and "characters" in error["message"]
+    assert time.monotonic() - started < 20 and worst < 2, worst

@@ -307,7 +307,12 @@ def test_concurrent_streams_complete_or_get_503_and_never_mix(small_server, tiny
     texts = asyncio.run(run())
     model, tokenizer = tiny_model
     alone = [
-        mlx_mistral.generate(model, tokenizer, _prompt(i), temperature=0, max_tokens=6 + i % 5)
+        mlx_mistral.generate(
+            model,
+            tokenizer,
+            _prompt(i),
+            params=mlx_mistral.SamplingParams(temperature=0, max_tokens=6 + i % 5),
+        )
         for i in range(streams)
     ]
     print(f"{streams} streams: {counts['503']} answers were 503 + Retry-After, then retried")

@@ -64,6 +64,27 @@ FOREIGN_HOSTS = [
     "localhost.",
     "xn--localhost-8x2c",
     "allowed.example",
+    # mDNS: any machine on the LAN may answer for a .local name, 127.0.0.1 included.
+    "myhost.local",
+    "printer.local:8000",
+    # .internal names other than the container runtimes' names for this machine.
+    "evil.internal",
+    "host.docker.internal.evil.example",
+    "docker.internal",
+    "app.localhost.",
+    "a..localhost",
+]
+
+# Names only this machine can send: a container reaching its host (Open WebUI in Docker), and
+# RFC 6761's *.localhost, which browsers resolve to loopback without asking DNS.
+LOCAL_ONLY_HOSTS = [
+    "host.docker.internal",
+    "host.docker.internal:8000",
+    "gateway.docker.internal",
+    "host.containers.internal:11434",
+    "HOST.DOCKER.INTERNAL",
+    "app.localhost",
+    "openwebui.localhost:3000",
 ]
 
 # (method, path, headers, body): requests that, past the Host check, would each get a
@@ -99,6 +120,15 @@ def test_foreign_host_is_403_before_anything_else_runs(server, host, what):
     assert response.status_code == 403, (what, response.status_code, response.text)
     assert response.json()["error"]["code"] == "host_not_allowed"
     assert "access-control-allow-origin" not in response.headers
+
+
+@pytest.mark.parametrize("host", LOCAL_ONLY_HOSTS)
+def test_container_and_localhost_names_are_served(server, host):
+    response = httpx.post(server.url(CHAT), json=GOOD, headers={**AUTH, "Host": host})
+    assert response.status_code == 200, response.text
+    # The key is still needed: the name only passes the DNS-rebinding check.
+    refused = httpx.post(server.url(CHAT), json=GOOD, headers={"Host": host})
+    assert refused.status_code == 401
 
 
 def test_refused_hosts_never_reach_the_engine(server):
@@ -155,11 +185,38 @@ def test_no_cors_at_all_by_default(tiny_hf_checkpoint):
             preflight = http.options(
                 CHAT, headers={"Origin": origin, "Access-Control-Request-Method": "POST"}
             )
-            assert preflight.status_code == 405
+            assert preflight.status_code == 204  # answered, granting nothing
             answer = http.post(CHAT, json=GOOD, headers={"Origin": origin})
             assert answer.status_code == 200
             for response in (preflight, answer):
                 assert not any(h.startswith("access-control-") for h in response.headers)
+
+
+def test_a_preflight_without_cors_is_answered_without_granting_access(tiny_hf_checkpoint):
+    """A real server started without --cors-origins (and with a key: the preflight carries
+    none): 204, no Access-Control-Allow-* header, and the browser refuses the call itself."""
+    with ServerProcess(tiny_hf_checkpoint, "--api-key", KEY) as proc:
+        preflight = httpx.options(
+            proc.url(CHAT),
+            headers={
+                "Origin": "http://localhost:3000",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type",
+            },
+        )
+        assert preflight.status_code == 204 and preflight.content == b""
+        assert not any(h.startswith("access-control-") for h in preflight.headers)
+        # Not a preflight (no Origin): still the router's 405; a foreign Host: still 403.
+        assert httpx.options(proc.url(CHAT), headers=AUTH).status_code == 405
+        foreign = httpx.options(
+            proc.url(CHAT),
+            headers={
+                "Host": "evil.example",
+                "Origin": ORIGIN,
+                "Access-Control-Request-Method": "POST",
+            },
+        )
+        assert foreign.status_code == 403
 
 
 # -- exposure -----------------------------------------------------------------------------
@@ -454,7 +511,8 @@ def tripwires(tmp_path_factory):
 
 
 def test_no_field_becomes_a_path_or_a_url(tiny_hf_checkpoint, tripwires):
-    config = ServerConfig(model=str(tiny_hf_checkpoint), model_name="tiny")
+    # Strict names: a model field is then looked up, which is where a path could be opened.
+    config = ServerConfig(model=str(tiny_hf_checkpoint), model_name="tiny", strict_model_names=True)
     statuses: dict[int, int] = {}
     with TestClient(create_app(config), base_url="http://127.0.0.1") as http:
         tripwires.armed = True

@@ -1,4 +1,4 @@
-"""The sampler against plain-numpy references: distributions, penalties, logprobs, seeds, validation.
+"""The sampler against plain-numpy references: distributions, penalties, logprobs, seeds, checks.
 
 Distribution tests draw N tokens (one batch row per seed, one call) and compare the counts with
 the analytically filtered and renormalised distribution by Pearson's chi-square at significance
@@ -14,16 +14,10 @@ import numpy as np
 import pytest
 
 from mlx_mistral.errors import InvalidRequestError
-from mlx_mistral.sampling import (
-    MAX_N,
-    PREFIX,
-    SamplerState,
-    SamplingParams,
-    apply_min_p,
-    apply_top_k,
-    apply_top_p,
-    sample,
-)
+from mlx_mistral.sampling.filters import HEAD_WIDTH, apply_min_p, apply_top_k, apply_top_p
+from mlx_mistral.sampling.params import FIELDS, MAX_N, SamplingParams
+from mlx_mistral.sampling.sampler import sample
+from mlx_mistral.sampling.state import SamplerState
 
 ALPHA = 0.001
 N_DRAWS = 20_000
@@ -129,15 +123,15 @@ def test_filters_match_reference_masks():
 
 
 def test_wide_nucleus_beyond_sorted_head_falls_back_exactly():
-    # Nearly flat logits: a top_p=0.95 nucleus needs ~3900 of 4096 tokens, far more than PREFIX.
-    vocab = 4 * PREFIX
+    # Nearly flat logits: a top_p=0.95 nucleus needs ~3900 of 4096 tokens, far more than the head.
+    vocab = 4 * HEAD_WIDTH
     logits = np.random.default_rng(1).normal(size=vocab).astype(np.float32) * 0.1
     params = SamplingParams(top_p=0.95)
     keep = reference_distribution(logits, params) > 0
-    assert keep.sum() > PREFIX
+    assert keep.sum() > HEAD_WIDTH
     tokens = draw_many(logits, params, n=2000)
     assert keep[tokens].all()
-    assert (~keep).sum() > 0 and len(set(tokens.tolist())) > PREFIX // 2
+    assert (~keep).sum() > 0 and len(set(tokens.tolist())) > HEAD_WIDTH // 2
 
 
 # ----------------------------------------------------------------------------- processing
@@ -351,3 +345,55 @@ def test_defaults_and_normalisation():
     assert isinstance(q.temperature, float) and q.seed == 2**63 - 1
     assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
     assert hash(q) == hash(SamplingParams(**q.__dict__))
+
+
+# ----------------------------------------------------------------------------- the field table
+def _past_the_top(field):
+    """The smallest plain value above the field's range (its upper end itself when open)."""
+    hi = field.bounds.hi
+    if field.bounds.hi_open:
+        return hi
+    return hi + 1 if field.bounds.integer else hi + 0.5
+
+
+def test_the_table_drives_the_api_document_and_the_request_parser():
+    from mlx_mistral.server.openapi import openapi_document
+    from mlx_mistral.server.schemas import ChatCompletionRequest, CompletionRequest
+
+    schemas = openapi_document()["components"]["schemas"]
+    endpoints = {
+        "chat": (ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}]}),
+        "completion": (CompletionRequest, {"prompt": "hi"}),
+    }
+    for field in FIELDS:
+        chat_only = field.name in ("logprobs", "top_logprobs")  # completions: one integer
+        for endpoint, (request, base) in endpoints.items():
+            if chat_only and endpoint == "completion":
+                assert "top_logprobs" not in schemas["CompletionRequest"]["properties"]
+                continue
+            properties = schemas[request.__name__]["properties"]
+            for name in (field.name, *field.aliases):
+                schema = properties[name]
+                assert schema["description"]
+                if field.bounds is None:
+                    continue
+                low = "exclusiveMinimum" if field.bounds.lo_open else "minimum"
+                high = "exclusiveMaximum" if field.bounds.hi_open else "maximum"
+                assert schema["type"] == [field.kind, "null"], name
+                assert (schema[low], schema[high]) == (field.bounds.lo, field.bounds.hi), name
+                body = {**base, name: _past_the_top(field)}
+                if field.needs:
+                    body[field.needs] = True
+                with pytest.raises(InvalidRequestError) as err:
+                    request.from_json(body)
+                assert err.value.param == field.name, (endpoint, name)
+                assert str(field.bounds) in err.value.message
+
+
+def test_stream_generate_makes_one_choice(tiny_model):
+    import mlx_mistral
+
+    model, tokenizer = tiny_model
+    with pytest.raises(InvalidRequestError) as err:
+        next(mlx_mistral.stream_generate(model, tokenizer, "Hi", params=SamplingParams(n=2)))
+    assert err.value.param == "n"

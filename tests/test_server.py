@@ -22,8 +22,8 @@ from starlette.testclient import TestClient
 
 import mlx_mistral
 from mlx_mistral.batch import TokenEvent
-from mlx_mistral.sampling import TokenLogprobs
-from mlx_mistral.sampling_params import SamplingParams
+from mlx_mistral.sampling.params import SamplingParams
+from mlx_mistral.sampling.sampler import TokenLogprobs
 from mlx_mistral.server import ServerConfig, create_app
 from mlx_mistral.server.openai_writers import ChatCompletionWriter, CompletionWriter
 from mlx_mistral.server.schemas import LogprobFormatter
@@ -53,11 +53,18 @@ def name(tiny_hf_checkpoint):
 def library(tiny_model, **kwargs) -> str:
     model, tokenizer = tiny_model
     prompt = kwargs.pop("prompt", MESSAGES)
-    return mlx_mistral.generate(model, tokenizer, prompt, **{"max_tokens": 8, **kwargs})
+    params = SamplingParams(**{"max_tokens": 8, **kwargs})
+    return mlx_mistral.generate(model, tokenizer, prompt, params=params)
 
 
 def test_health_and_models(server, client, name):
-    assert httpx.get(server.url("/health")).json() == {"status": "ok", "model": name, "active": 0}
+    health = httpx.get(server.url("/health")).json()
+    assert {k: health.pop(k) for k in ("status", "model", "active")} == {
+        "status": "ok",
+        "model": name,
+        "active": 0,
+    }
+    assert set(health) == {"loaded", "memory", "unloads_at"}  # see test_lifecycle
     models = client.models.list()
     assert [m.id for m in models.data] == [name]
     card = models.data[0].model_dump()

@@ -132,7 +132,7 @@ def test_long_stops_are_cheap_and_overlong_ones_refused():
     of its prefixes (building one was quadratic: 432 MiB for 30,000 characters)."""
     import time
 
-    from mlx_mistral.sampling_params import MAX_STOP_CHARS, SamplingParams
+    from mlx_mistral.sampling.params import MAX_STOP_CHARS, SamplingParams
 
     stop = "ab" * (MAX_STOP_CHARS // 2)
     start = time.perf_counter()

@@ -18,8 +18,8 @@ from tool_samples import PERSON, SCHEMAS, TOOLS, assemble
 from mlx_mistral.batch import BatchGenerator
 from mlx_mistral.chat import encode_chat_request, parse_chat, render_tool_calls
 from mlx_mistral.errors import InvalidRequestError
-from mlx_mistral.generate import prompt_ids
-from mlx_mistral.sampling_params import SamplingParams
+from mlx_mistral.generation import prompt_ids
+from mlx_mistral.sampling.params import SamplingParams
 from mlx_mistral.tools.grammar import (
     GrammarConstraint,
     bitmask_to_mlx,
@@ -303,3 +303,36 @@ def test_bitmask_conversion_matches_the_engine(model_tok):
     assert mask.dtype == np.bool_ and mask.shape == (tok.vocab_size,)
     assert mask.tolist() == expected and 1000 < mask.sum() < tok.vocab_size
     assert make_llg_tokenizer(tok) is make_llg_tokenizer(tok)  # built once per tokenizer
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [{"$ref": "#"}, {"const": "\u0001"}],
+    ids=["ref-self", "const-control-char"],
+)
+def test_schemas_no_answer_can_satisfy_are_refused(model_tok, schema):
+    """These compiled, then answered "" or "{" with finish_reason "stop" (issue 19)."""
+    _, tok = model_tok
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    spec = parse_structured_request(response_format=fmt)
+    with pytest.raises(InvalidRequestError) as caught:
+        make_constraints(spec, tok, 1)
+    assert caught.value.param == "response_format.json_schema.schema"
+
+
+def test_an_engine_error_mid_answer_ends_with_error_and_is_logged(model_tok, caplog):
+    """A required self-reference passes the first step, then exceeds the parser's item limit
+    after '{"': the answer must end with finish_reason "error", logged, not a silent "stop"."""
+    schema = {
+        "$defs": {
+            "a": {"type": "object", "properties": {"x": {"$ref": "#/$defs/a"}}, "required": ["x"]}
+        },
+        "$ref": "#/$defs/a",
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    spec = parse_structured_request(response_format=fmt)
+    with caplog.at_level("ERROR", logger="mlx_mistral.grammar"):
+        runs = run_batch(model_tok, spec, max_tokens=20, seeds=4)
+    assert [run["finish"] for run in runs] == ["error"] * 4, [r["text"] for r in runs]
+    assert all('{"x": {'.startswith(run["text"]) for run in runs), [r["text"] for r in runs]
+    assert "grammar engine failed mid-answer" in caplog.text

@@ -33,11 +33,19 @@ leading space, which the detokenizer drops from the text.
 - `response_format` json_object / json_schema without tools: the whole answer is the JSON value;
   EOS is allowed exactly when the value is complete, and once nothing but EOS can follow, the
   constraint ends the sequence with "stop".
+
+Schemas the engine compiles but cannot serve (an empty language such as `{"$ref": "#"}`, or a
+`const` it cannot spell) are refused by `make_constraints` with an `InvalidRequestError` naming
+the schema's field. Should the engine still fail mid-answer (a parser or lexer limit), the error
+is logged and the sequence ends with finish_reason "error", never a silent "stop".
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
+import logging
 import random
 import re
 import weakref
@@ -48,6 +56,7 @@ import llguidance
 import mlx.core as mx
 import numpy as np
 
+from ..errors import InvalidRequestError
 from ..tokenizer import Tokenizer
 from .format import (
     ARGUMENTS_KEY,
@@ -63,6 +72,8 @@ from .format import (
     new_call_id,
 )
 from .spec import StructuredRequest
+
+log = logging.getLogger("mlx_mistral.grammar")
 
 MAX_PARALLEL_CALLS = 8  # most calls in one answer when parallel_tool_calls is true
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-F]{2}>$")
@@ -113,6 +124,30 @@ def check_schema_compiles(schema: Mapping[str, Any]) -> str | None:
     return error or None
 
 
+def schema_serving_error(schema: Mapping[str, Any], tokenizer: Tokenizer) -> str | None:
+    """Why the grammar engine cannot start an answer for `schema` with this vocabulary, or None.
+
+    Compiling is not enough: `{"$ref": "#"}` (no value is ever complete) and a `const` string
+    holding a control character (the format writes no "\\u" escape) compile to grammars whose
+    first step allows nothing. This builds the schema's grammar alone and computes that step.
+    """
+    return _serving_error(dumps(dict(schema)), tokenizer)
+
+
+@functools.lru_cache(maxsize=256)  # a client sends the same tools with every request
+def _serving_error(schema_json: str, tokenizer: Tokenizer) -> str | None:
+    grammar = "%llguidance {}\n" + _json_rule("answer", json.loads(schema_json)) + "start: answer\n"
+    matcher = llguidance.LLMatcher(make_llg_tokenizer(tokenizer), grammar, log_level=0)
+    if not matcher.is_error():
+        mask = bitmask_to_numpy(matcher.compute_bitmask(), tokenizer.vocab_size)
+        if not matcher.is_error() and not mask.any():
+            return "no JSON value satisfies it"
+    if matcher.is_error():
+        error = matcher.get_error()
+        return "no JSON value satisfies it" if "NoExtension" in error else error.split("\n")[0]
+    return None
+
+
 def make_llg_tokenizer(tokenizer: Tokenizer) -> llguidance.LLTokenizer:
     """The llguidance view of our SentencePiece vocabulary (built once per tokenizer, ~0.1 s).
 
@@ -160,10 +195,15 @@ def _redundant_byte_tokens(tokenizer: Tokenizer) -> set[int]:
     return {i for i, b in enumerate(table) if is_byte[i] and b in single}
 
 
-def bitmask_to_mlx(bitmask: bytes, vocab_size: int) -> mx.array:
+def bitmask_to_numpy(bitmask: bytes, vocab_size: int) -> np.ndarray:
     """llguidance's packed bitmask (bit i of little-endian words = token i) as bool [vocab]."""
     bits = np.unpackbits(np.frombuffer(bitmask, dtype=np.uint8), bitorder="little")
-    return mx.array(bits[:vocab_size].view(np.bool_))
+    return bits[:vocab_size].view(np.bool_)
+
+
+def bitmask_to_mlx(bitmask: bytes, vocab_size: int) -> mx.array:
+    """`bitmask_to_numpy` as an MLX array."""
+    return mx.array(bitmask_to_numpy(bitmask, vocab_size))
 
 
 # -- grammars ------------------------------------------------------------------------------------
@@ -288,6 +328,8 @@ class GrammarConstraint:
             raise ValueError(f"grammar does not compile: {self._matcher.get_error()}")
         self._tail = b""  # the last bytes generated, to see the call marker appear
         self._in_calls = False
+        self._bos = tokenizer.bos_id
+        self._failed = False  # the engine reported an error (logged once)
 
     @property
     def error(self) -> str | None:
@@ -300,12 +342,27 @@ class GrammarConstraint:
         return self._in_calls
 
     def allowed_mask(self) -> mx.array:
-        """bool [vocab]: the tokens the grammar allows next (EOS only where it accepts)."""
-        if self._matcher.is_error():
-            # End the sequence rather than sample from an empty set. Built here, on the
-            # engine thread, which does all MLX work (constraints are made on request threads).
-            return mx.array(np.arange(self._vocab_size) == self._eos)
-        return bitmask_to_mlx(self._matcher.compute_bitmask(), self._vocab_size)
+        """bool [vocab]: the tokens the grammar allows next (EOS only where it accepts).
+
+        After an engine error: only `<s>`, which has no text; `forced_finish_reason` then ends
+        the sequence with "error" (EOS would end it with a "stop" that looks like success).
+        """
+        bitmask = None if self._matcher.is_error() else self._matcher.compute_bitmask()
+        if bitmask is None or self._matcher.is_error():
+            self._report_error()
+            # Built here, on the engine thread, which does all MLX work (constraints are made
+            # on request threads).
+            return mx.array(np.arange(self._vocab_size) == self._bos)
+        return bitmask_to_mlx(bitmask, self._vocab_size)
+
+    def _report_error(self) -> None:
+        if not self._failed:
+            self._failed = True
+            log.error(
+                "the grammar engine failed mid-answer; the answer ends with finish_reason "
+                '"error": %s',
+                self._matcher.get_error().split("\n")[0][:500],
+            )
 
     def advance(self, token: int) -> None:
         """Consume the token the sequence took."""
@@ -315,8 +372,12 @@ class GrammarConstraint:
             self._in_calls = TOOL_CALLS_MARKER.encode() in self._tail
 
     def forced_finish_reason(self) -> str | None:
-        """ "tool_calls" once the call array is closed; "stop" once a JSON answer is complete."""
-        if self._matcher.is_error() or not self._matcher.is_stopped():
+        """ "tool_calls" once the call array is closed; "stop" once a JSON answer is complete;
+        "error" once the grammar engine has failed."""
+        if self._matcher.is_error():
+            self._report_error()
+            return "error"
+        if not self._matcher.is_stopped():
             return None
         return "tool_calls" if self._in_calls else "stop"
 
@@ -344,6 +405,10 @@ def make_constraints(
     Returns:
         `n` fresh constraints (each with its own call ids), or None when nothing is constrained.
 
+    Raises:
+        InvalidRequestError: a schema the engine cannot serve (`schema_serving_error`), naming
+            its field.
+
     Example:
         >>> from mlx_mistral.tools.validation import parse_structured_request
         >>> from mlx_mistral import demo_model_path
@@ -354,6 +419,7 @@ def make_constraints(
         >>> constraint.call_ids[0].startswith("call_"), constraint.forced_finish_reason()
         (True, None)
     """
+    _check_schemas_serve(spec, tokenizer)
     max_calls = MAX_PARALLEL_CALLS if spec.parallel_tool_calls else 1
     calls = bool(spec.tools) and spec.tool_choice != "none"
     constraints = []
@@ -368,3 +434,21 @@ def make_constraints(
             return None
         constraints.append(GrammarConstraint(grammar, tokenizer, call_ids=call_ids))
     return constraints
+
+
+def _check_schemas_serve(spec: StructuredRequest, tokenizer: Tokenizer) -> None:
+    schemas: list[tuple[str, Mapping[str, Any]]] = []
+    if spec.response_format.type == "json_schema":
+        schemas.append(("response_format.json_schema.schema", spec.response_format.schema or {}))
+    if spec.tool_choice != "none":
+        schemas += [
+            (f"tools[{i}].function.parameters", arguments_schema(tool.parameters))
+            for i, tool in enumerate(spec.tools)
+            if tool.parameters is not None
+        ]
+    for param, schema in schemas:
+        error = schema_serving_error(schema, tokenizer)
+        if error is not None:
+            raise InvalidRequestError(
+                f"{param} is a schema constrained decoding cannot serve: {error}", param=param
+            )

@@ -4,7 +4,8 @@
 response_format=...)` returns a frozen `StructuredRequest` (`mlx_mistral.tools.grammar` turns it
 into grammars). Every bad field raises `InvalidRequestError` whose `param` names it
 ("tools[2].function.parameters", "tool_choice", "response_format.json_schema.schema", ...),
-including a schema the grammar engine cannot compile.
+including a schema the grammar engine cannot compile, and a schema past the limits of
+`mlx_mistral.tools.schema_limits` (checked first, so no costly check runs on a huge schema).
 
 Defaults as in the OpenAI API: `tool_choice` is "auto" with tools and "none" without;
 `parallel_tool_calls` is true; `response_format` is text.
@@ -24,6 +25,7 @@ from jsonschema.exceptions import SchemaError
 from ..errors import InvalidRequestError
 from .format import check_name
 from .grammar import arguments_schema, check_schema_compiles
+from .schema_limits import SchemaBudget
 from .spec import ResponseFormat, StructuredRequest, ToolSpec
 
 TOOL_CHOICES = ("none", "auto", "required")
@@ -59,7 +61,8 @@ def parse_structured_request(
         >>> spec.tool_choice, spec.tools[0].name
         ('required', 'now')
     """
-    specs = () if tools is None else parse_tools(tools)
+    budget = SchemaBudget()  # one for all the request's schemas
+    specs = () if tools is None else parse_tools(tools, budget)
     choice, name = _tool_choice(tool_choice, specs)
     if parallel_tool_calls is not None and not isinstance(parallel_tool_calls, bool):
         raise InvalidRequestError(
@@ -71,12 +74,14 @@ def parse_structured_request(
         tool_choice=choice,
         function_name=name,
         parallel_tool_calls=True if parallel_tool_calls is None else parallel_tool_calls,
-        response_format=_response_format(response_format),
+        response_format=_response_format(response_format, budget),
     )
 
 
-def parse_tools(raw: Any) -> tuple[ToolSpec, ...]:
+def parse_tools(raw: Any, budget: SchemaBudget | None = None) -> tuple[ToolSpec, ...]:
     """Validate the OpenAI `tools` list (see `parse_structured_request`).
+
+    `budget` bounds the work all the request's schemas may ask for (a fresh one by default).
 
     Raises:
         InvalidRequestError: A tool is malformed; `param` names it ("tools[1].function.name").
@@ -87,6 +92,7 @@ def parse_tools(raw: Any) -> tuple[ToolSpec, ...]:
     """
     if not isinstance(raw, list) or not raw:
         raise InvalidRequestError("tools must be a non-empty list of tool objects", param="tools")
+    budget = budget or SchemaBudget()
     specs = []
     seen: dict[str, int] = {}
     for i, tool in enumerate(raw):
@@ -118,7 +124,7 @@ def parse_tools(raw: Any) -> tuple[ToolSpec, ...]:
             )
         parameters = fn.get("parameters")
         if parameters is not None:
-            _check_schema(parameters, f"{where}.function.parameters", must_take_object=True)
+            _check_schema(parameters, f"{where}.function.parameters", budget, must_take_object=True)
         specs.append(ToolSpec(name, description, parameters))
     return tuple(specs)
 
@@ -163,7 +169,7 @@ def _tool_choice(raw: Any, tools: tuple[ToolSpec, ...]) -> tuple[Any, str | None
     return "function", name
 
 
-def _response_format(raw: Any) -> ResponseFormat:
+def _response_format(raw: Any, budget: SchemaBudget) -> ResponseFormat:
     if raw is None:
         return ResponseFormat()
     if not isinstance(raw, dict) or raw.get("type") not in FORMAT_TYPES:
@@ -183,7 +189,7 @@ def _response_format(raw: Any) -> ResponseFormat:
     check_name(js.get("name"), f"{where}.name")
     if "schema" not in js:
         raise InvalidRequestError(f"{where}.schema is required", param=f"{where}.schema")
-    _check_schema(js["schema"], f"{where}.schema", must_take_object=False)
+    _check_schema(js["schema"], f"{where}.schema", budget, must_take_object=False)
     strict = js.get("strict")
     if strict is not None and not isinstance(strict, bool):
         raise InvalidRequestError(f"{where}.strict must be a boolean", param=f"{where}.strict")
@@ -195,14 +201,20 @@ def _response_format(raw: Any) -> ResponseFormat:
     return ResponseFormat("json_schema", js["name"], js["schema"], strict)
 
 
-def _check_schema(schema: Any, param: str, *, must_take_object: bool) -> None:
-    """A JSON Schema (2020-12) that the grammar engine compiles; parameters describe an object."""
+def _check_schema(schema: Any, param: str, budget: SchemaBudget, *, must_take_object: bool) -> None:
+    """A JSON Schema (2020-12) within the limits, that the grammar engine compiles; parameters
+    describe an object."""
     if not isinstance(schema, dict):
         raise InvalidRequestError(f"{param} must be a JSON Schema object", param=param)
+    budget.check(schema, param)
     try:
         Draft202012Validator.check_schema(schema)
     except RecursionError:
         raise InvalidRequestError(f"{param} is nested too deeply", param=param) from None
+    except (OverflowError, ValueError) as exc:  # e.g. a format check the meta-schema runs
+        raise InvalidRequestError(
+            f"{param} is not a valid JSON Schema: {str(exc)[:200]}", param=param
+        ) from None
     except SchemaError as exc:
         where = "".join(f"[{p!r}]" for p in exc.path)
         raise InvalidRequestError(

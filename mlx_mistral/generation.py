@@ -1,7 +1,8 @@
 """Offline generation from Python: `stream_generate` -> `generate`, and `batch_generate`.
 
-All three drive the same `BatchGenerator` the server's engine uses, on the calling thread.
-`stream_generate` and `generate` take the chat API's `tools`, `tool_choice`,
+All three drive the same `BatchGenerator` the server's engine uses, on the calling thread, and
+take the sampling fields as one `SamplingParams` (`params=`), the object the server builds from a
+request. `stream_generate` and `generate` take the chat API's `tools`, `tool_choice`,
 `parallel_tool_calls` and `response_format` too, enforced by the same grammars as in the server.
 """
 
@@ -16,14 +17,17 @@ from .chat import encode_chat_request
 from .errors import InvalidRequestError
 from .model import Model
 from .prefix_cache import PrefixCache
-from .sampling import TokenLogprobs
-from .sampling_params import SamplingParams
+from .sampling.params import SamplingParams
+from .sampling.sampler import TokenLogprobs
 from .tokenizer import Tokenizer
 from .tools.grammar import make_constraints
 from .tools.spec import StructuredRequest
 from .tools.validation import parse_structured_request
 
 Prompt = str | Sequence[dict[str, Any]] | Sequence[int]
+
+DEFAULT_MAX_TOKENS = 256
+"""max_tokens when no `params` are given: a short answer, not a run to the context window."""
 
 
 @dataclass(frozen=True)
@@ -92,19 +96,7 @@ def stream_generate(
     tokenizer: Tokenizer,
     prompt: Prompt,
     *,
-    max_tokens: int | None = 256,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    top_k: int = 0,
-    presence_penalty: float = 0.0,
-    frequency_penalty: float = 0.0,
-    repetition_penalty: float = 1.0,
-    seed: int | None = None,
-    stop: str | Sequence[str] = (),
-    logit_bias: dict[int, float] | None = None,
-    logprobs: bool = False,
-    top_logprobs: int = 0,
+    params: SamplingParams | None = None,
     prefill_chunk: int = 512,
     tools: Sequence[dict[str, Any]] | None = None,
     tool_choice: str | dict[str, Any] | None = None,
@@ -116,8 +108,8 @@ def stream_generate(
     Args:
         model, tokenizer: from `mlx_mistral.load`.
         prompt: chat messages ([{"role": "user", "content": ...}]), raw text, or token ids.
-        max_tokens: most tokens to generate (None: up to the context window).
-        The sampling arguments mean what the chat API's fields mean (see `SamplingParams`).
+        params: the sampling fields, meaning what the chat API's fields mean (default:
+            `SamplingParams(max_tokens=DEFAULT_MAX_TOKENS)`); one choice (`n` = 1).
         tools, tool_choice, parallel_tool_calls, response_format: as in the chat API (see
             `mlx_mistral.tools.validation.parse_structured_request`); tools need chat
             messages. A call is written as `[TOOL_CALLS] [...]` in the text:
@@ -133,27 +125,19 @@ def stream_generate(
 
     Example:
         >>> import mlx_mistral
+        >>> from mlx_mistral import SamplingParams
         >>> model, tokenizer = mlx_mistral.load(mlx_mistral.demo_model_path())
         >>> for chunk in stream_generate(model, tokenizer, [{"role": "user", "content": "Hello!"}],
-        ...                              max_tokens=8, temperature=0):
+        ...                              params=SamplingParams(max_tokens=8, temperature=0)):
         ...     print(chunk.text, end="")
         Hello! It's nice to meet
     """
-    params = SamplingParams(
-        temperature=temperature,
-        top_p=top_p,
-        min_p=min_p,
-        top_k=top_k,
-        max_tokens=max_tokens,
-        presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-        stop=stop,
-        logit_bias=logit_bias or {},
-        logprobs=logprobs,
-        top_logprobs=top_logprobs,
-    )
+    if params is None:
+        params = SamplingParams(max_tokens=DEFAULT_MAX_TOKENS)
+    if params.n != 1:  # the chunks carry no choice index; batch_generate runs many prompts
+        raise InvalidRequestError(
+            f"stream_generate makes one choice: n must be 1, got {params.n}.", param="n"
+        )
     spec = parse_structured_request(
         tools=None if tools is None else list(tools),
         tool_choice=tool_choice,
@@ -161,7 +145,7 @@ def stream_generate(
         response_format=response_format,
     )
     ids, spec = prompt_ids(tokenizer, prompt, spec)
-    constraints = make_constraints(spec, tokenizer, 1, seed=seed, prompt=ids)
+    constraints = make_constraints(spec, tokenizer, 1, seed=params.seed, prompt=ids)
     generator = BatchGenerator(model, tokenizer, prefill_chunk=prefill_chunk)
     generator.add(ids, params, constraints=constraints, continuation=continues(prompt))
     try:
@@ -177,9 +161,10 @@ def generate(model: Model, tokenizer: Tokenizer, prompt: Prompt, **kwargs: Any) 
 
     Example:
         >>> import mlx_mistral
+        >>> from mlx_mistral import SamplingParams
         >>> model, tokenizer = mlx_mistral.load(mlx_mistral.demo_model_path())
         >>> text = generate(model, tokenizer, [{"role": "user", "content": "Hello!"}],
-        ...                 max_tokens=16, temperature=0)
+        ...                 params=SamplingParams(max_tokens=16, temperature=0))
         >>> isinstance(text, str)
         True
 
@@ -189,9 +174,11 @@ def generate(model: Model, tokenizer: Tokenizer, prompt: Prompt, **kwargs: Any) 
         ...       "required": ["tz"], "additionalProperties": False}
         >>> tools = [{"type": "function", "function": {"name": "get_time", "parameters": tz}}]
         >>> text = generate(model, tokenizer, [{"role": "user", "content": "Time?"}], tools=tools,
-        ...                 tool_choice="required", parallel_tool_calls=False, max_tokens=64)
+        ...                 tool_choice="required", parallel_tool_calls=False,
+        ...                 params=SamplingParams(max_tokens=64))
         >>> content, calls = split_tool_calls(text)
-        >>> calls[0]["function"]["name"], calls[0]["function"]["arguments"] in ('{"tz": "UTC"}', '{"tz": "CET"}')
+        >>> call = calls[0]["function"]
+        >>> call["name"], call["arguments"] in ('{"tz": "UTC"}', '{"tz": "CET"}')
         ('get_time', True)
     """
     return "".join(chunk.text for chunk in stream_generate(model, tokenizer, prompt, **kwargs))
@@ -202,7 +189,6 @@ def batch_generate(
     tokenizer: Tokenizer,
     prompts: Sequence[Prompt],
     *,
-    max_tokens: int | None = 256,
     params: SamplingParams | Sequence[SamplingParams] | None = None,
     max_batch: int = 32,
     prefill_chunk: int = 512,
@@ -212,8 +198,8 @@ def batch_generate(
 
     Args:
         prompts: each chat messages, raw text or token ids.
-        max_tokens: used when `params` is not given.
-        params: one SamplingParams for all prompts, or one per prompt (default: greedy).
+        params: one SamplingParams for all prompts, or one per prompt (default: greedy, at most
+            `DEFAULT_MAX_TOKENS` tokens).
         prefix_cache_bytes: reuse KV state across prompts that share a prefix (0: off).
 
     Returns:
@@ -221,13 +207,15 @@ def batch_generate(
 
     Example:
         >>> import mlx_mistral
+        >>> from mlx_mistral import SamplingParams
         >>> model, tokenizer = mlx_mistral.load(mlx_mistral.demo_model_path())
-        >>> texts = batch_generate(model, tokenizer, ["Hello", "Paris is"], max_tokens=4)
+        >>> greedy = SamplingParams(temperature=0, max_tokens=4)
+        >>> texts = batch_generate(model, tokenizer, ["Hello", "Paris is"], params=greedy)
         >>> len(texts)
         2
     """
     if params is None:
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+        params = SamplingParams(temperature=0.0, max_tokens=DEFAULT_MAX_TOKENS)
     per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
     if len(per_prompt) != len(prompts):
         raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")

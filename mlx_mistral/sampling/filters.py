@@ -1,9 +1,9 @@
 """Pure logit filters over ``[batch, vocab]``, each row with its own ``[B, 1]`` parameters.
 
-The sampler (:mod:`mlx_mistral.sampling`) composes them in its documented order. The truncation
-filters (top_k, top_p, min_p) are expressed as per-row logit *floors*: each keeps the tokens at
-or above its floor, so together they cost one masking pass, and the sort they need covers only
-the head of each row (``PREFIX`` tokens) unless a nucleus is wider than that.
+The sampler (:mod:`mlx_mistral.sampling.sampler`) composes them in its documented order. The
+truncation filters (top_k, top_p, min_p) are expressed as per-row logit *floors*: each keeps the
+tokens at or above its floor, so together they cost one masking pass, and the sort they need
+covers only the head of each row (its ``HEAD_WIDTH`` largest logits) unless a nucleus is wider.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import mlx.core as mx
 
 NEG_INF = float("-inf")
 
-PREFIX = 1024
-"""Width of the sorted head of each row. top_k < 1000 always fits; top_p and min_p use it when
-the tokens they keep fit (checked per row), so a full sort of the vocabulary is rare."""
+HEAD_WIDTH = 1024
+"""How many of each row's largest logits are sorted (the row's head). top_k < 1000 always fits;
+top_p and min_p use the head when the tokens they keep fit in it (checked per row), so a full
+sort of the vocabulary is rare."""
 
 
 def apply_penalties(

@@ -1,8 +1,9 @@
 """The sampler: logits ``[batch, vocab]`` of every active sequence -> one token per sequence.
 
 Each sequence has its own :class:`SamplingParams`, token history and seeded RNG
-(:class:`SamplerState`); one call to :func:`sample` serves the whole batch in one vectorized pass
-(per-sequence parameters become ``[B, 1]`` arrays; nothing loops over the vocabulary).
+(:class:`~mlx_mistral.sampling.state.SamplerState`); one call to :func:`sample` serves the whole
+batch in one vectorized pass (per-sequence parameters become ``[B, 1]`` arrays; nothing loops over
+the vocabulary).
 
 Order of operations (vLLM's documented order); :func:`sample` composes :func:`process_logits`
 (steps 1-3) and the draw (steps 4-8):
@@ -36,56 +37,24 @@ op works row by row, so a seeded sequence yields the same tokens alone or in any
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
 
-from mlx_mistral.sampling_filters import (
+from mlx_mistral.sampling.filters import (
+    HEAD_WIDTH,
     NEG_INF,
-    PREFIX,
     apply_allowed,
     apply_floor,
     apply_logit_bias,
-    apply_min_p,
     apply_penalties,
     apply_temperature,
-    apply_top_k,
-    apply_top_p,
-    min_p_floor,
     sorted_head,
-    top_k_floor,
-    top_p_floor,
     truncation_floor,
 )
-from mlx_mistral.sampling_params import MAX_N, SamplingParams
-
-__all__ = [
-    "MAX_N",
-    "PREFIX",
-    "PendingSample",
-    "SampleOutput",
-    "SamplerState",
-    "SamplingParams",
-    "TokenLogprobs",
-    "apply_allowed",
-    "apply_floor",
-    "apply_logit_bias",
-    "apply_min_p",
-    "apply_penalties",
-    "apply_temperature",
-    "apply_top_k",
-    "apply_top_p",
-    "min_p_floor",
-    "process_logits",
-    "sample",
-    "sample_async",
-    "top_k_floor",
-    "top_p_floor",
-    "truncation_floor",
-]
-
+from mlx_mistral.sampling.params import SamplingParams
+from mlx_mistral.sampling.state import SamplerState
 
 # A valid but tiny temperature (1e-40) would turn logits / T into infinities and the draw into
 # NaN; below this, scaling is already one-hot for any logit gap over ~1e-4.
@@ -162,8 +131,8 @@ def _draw(
 ) -> tuple[mx.array, mx.array, mx.array | None]:
     """Steps 4-8: temperature, truncation floor, Gumbel-max draw from each row's own key.
 
-    A row whose kept tokens all lie in its sorted head draws over the head only (``PREFIX`` noise
-    values instead of ``V``); the choice depends on the row alone, so seeded rows stay
+    A row whose kept tokens all lie in its sorted head draws over the head only (``HEAD_WIDTH``
+    noise values instead of ``V``); the choice depends on the row alone, so seeded rows stay
     reproducible in any batch. Returns the drawn tokens ``[B]``, the next keys ``[B, 2]`` and the
     head ids ``[B, W]`` (None when no row truncates).
     """
@@ -173,7 +142,7 @@ def _draw(
     head = head_ids = None
     in_head = mx.zeros((processed.shape[0],), dtype=mx.bool_)
     if batch.any_truncated:
-        head, head_ids = sorted_head(scaled, min(PREFIX, vocab))
+        head, head_ids = sorted_head(scaled, min(HEAD_WIDTH, vocab))
         floor, exact = truncation_floor(
             scaled, head, batch.top_k, batch.top_p, batch.min_p, full_norm=batch.full_norm
         )
@@ -194,80 +163,6 @@ def _draw(
         full_draw = mx.argmax(apply_floor(scaled, floor) + noise, axis=-1)
         tokens = full_draw if tokens is None else mx.where(in_head, tokens, full_draw)
     return tokens, split[:, 0], head_ids
-
-
-# ----------------------------------------------------------------------------- per-sequence state
-def _choice_seed(seed: int, index: int) -> int:
-    """Seed of choice ``index`` of a seeded request: choice 0 keeps the seed itself, so n=1 and
-    the first of n choices agree; the others get well-mixed, distinct seeds (splitmix64)."""
-    if index == 0:
-        return seed
-    z = (seed + index * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) & (2**63 - 1)
-
-
-class SamplerState:
-    """One sequence's sampling state: params, RNG key and token history, kept as MLX arrays.
-
-    Args:
-        params: the request's validated parameters.
-        prompt_ids: the prompt's token ids (for repetition_penalty).
-        vocab_size: the model's vocabulary size (logits width).
-        choice: index of this sequence among the request's ``n`` choices; seeded requests get
-            distinct, reproducible streams per choice.
-
-    Raises:
-        InvalidRequestError: a logit_bias id is not in the vocabulary.
-        ValueError: a prompt id is outside ``[0, vocab_size)`` or ``choice`` outside ``[0, n)``.
-
-    Example:
-        >>> state = SamplerState(SamplingParams(seed=7), [1, 733], vocab_size=32000)
-        >>> state.seed
-        7
-    """
-
-    def __init__(
-        self, params: SamplingParams, prompt_ids: Sequence[int], vocab_size: int, *, choice: int = 0
-    ):
-        params.validate_for_vocab(vocab_size)
-        if not 0 <= choice < params.n:
-            raise ValueError(f"choice must be in [0, {params.n - 1}], got {choice}.")
-        if prompt_ids and not (0 <= min(prompt_ids) and max(prompt_ids) < vocab_size):
-            raise ValueError(f"prompt token ids must be in [0, {vocab_size - 1}].")
-        self.params = params
-        self.vocab_size = vocab_size
-        self.choice = choice
-        # An unseeded request still gets its own stream; the drawn seed is kept for logs/replay.
-        base = params.seed if params.seed is not None else secrets.randbits(63)
-        self.seed = _choice_seed(base, choice) if params.seed is not None else base
-        self.key = mx.random.key(self.seed)
-        self.num_generated = 0
-        self.counts: mx.array | None = None
-        self.prompt_mask: mx.array | None = None
-        if params.uses_penalties:
-            self.counts = mx.zeros((vocab_size,), dtype=mx.float32)
-            mask = mx.zeros((vocab_size,), dtype=mx.bool_)
-            if prompt_ids:
-                mask[mx.array(list(prompt_ids), dtype=mx.int32)] = True
-            self.prompt_mask = mask
-
-    @classmethod
-    def for_choices(
-        cls, params: SamplingParams, prompt_ids: Sequence[int], vocab_size: int
-    ) -> list[SamplerState]:
-        """The ``params.n`` states of one request, choice 0 first."""
-        return [cls(params, prompt_ids, vocab_size, choice=i) for i in range(params.n)]
-
-    def record(self, token: int) -> None:
-        """Add a token that entered the sequence without :func:`sample` (e.g. forced by a grammar).
-
-        :func:`sample` records the tokens it chooses itself; do not record those again.
-        """
-        self.num_generated += 1
-        if self.counts is not None:
-            self.counts = self.counts + (mx.arange(self.vocab_size) == token)
 
 
 # ----------------------------------------------------------------------------- batched sampling
@@ -384,69 +279,103 @@ def sample_async(
     """
     params = [s.params for s in states]
     if allowed is None and all(_plain_greedy(p) for p in params):
-        # Nothing to process: the argmax of the raw logits (the common greedy decode step).
-        tokens = mx.argmax(logits, axis=-1)
-        for state in states:
-            state.num_generated += 1
-        mx.async_eval(tokens)
-        return PendingSample(tokens, (None,) * len(states))
+        return _argmax_step(logits, states)
     vocab = logits.shape[-1]
     batch = _BatchParams.of(params)
-    penalised = [i for i, p in enumerate(params) if p.uses_penalties]
-    counts = seen = penalties = None
-    if penalised:
-        counts = _stack_rows([s.counts for s in states], vocab, mx.float32)
-        prompt = _stack_rows([s.prompt_mask for s in states], vocab, mx.bool_)
-        seen = prompt | (counts > 0)
-        penalties = tuple(
-            mx.array([getattr(p, name) for p in params], dtype=mx.float32)[:, None]
-            for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")
-        )
-    bias = None
-    if any(p.logit_bias for p in params):
-        entries = [(row, tid, value) for row, p in enumerate(params) for tid, value in p.logit_bias]
-        rows, ids, values = zip(*entries)
-        bias = (
-            mx.array(rows, dtype=mx.int32),
-            mx.array(ids, dtype=mx.int32),
-            mx.array(values, dtype=mx.float32),
-        )
-
+    counts, seen, penalties = _penalty_inputs(states, vocab)
     processed = process_logits(
-        logits, counts=counts, seen=seen, penalties=penalties, bias=bias, allowed=allowed
+        logits,
+        counts=counts,
+        seen=seen,
+        penalties=penalties,
+        bias=_bias_inputs(params),
+        allowed=allowed,
     )
     tokens = mx.argmax(processed, axis=-1)
-    to_eval = [tokens]
-    head_ids = None
+    keys = head_ids = None
     if batch.any_sampled:
         drawn, keys, head_ids = _draw(processed, batch, mx.stack([s.key for s in states]))
         tokens = mx.where(batch.greedy[:, 0], tokens, drawn)
-        to_eval = [tokens, keys]
-    if penalised:
+    if counts is not None:
         counts = counts + (mx.arange(vocab)[None, :] == tokens[:, None])
-        to_eval.append(counts)
+    chosen, top_ids, top_lp = _logprobs(processed, tokens, params, head_ids)
+    mx.async_eval(*(a for a in (tokens, keys, counts, chosen, top_ids, top_lp) if a is not None))
+    _advance(states, keys, counts)
+    top_n = tuple(p.top_logprobs if p.logprobs else None for p in params)
+    return PendingSample(tokens, top_n, chosen, top_ids, top_lp)
 
-    want = [i for i, p in enumerate(params) if p.logprobs]
-    k = max((params[i].top_logprobs for i in want), default=0)
-    chosen = top_ids = top_lp = None
-    if want:
-        logprobs = processed - mx.logsumexp(processed, axis=-1, keepdims=True)
-        chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-        to_eval.append(chosen)
-        if k:
-            # Temperature keeps the order, so the sorted head (when there is one) is the answer.
-            if head_ids is None:
-                head_ids = sorted_head(processed, min(k, vocab))[1]
-            top_ids = head_ids[:, :k]
-            top_lp = mx.take_along_axis(logprobs, top_ids, axis=-1)
-            to_eval += [top_ids, top_lp]
-    mx.async_eval(*to_eval)
 
+def _argmax_step(logits: mx.array, states: Sequence[SamplerState]) -> PendingSample:
+    """The common greedy decode step, with nothing to process: the argmax of the raw logits."""
+    tokens = mx.argmax(logits, axis=-1)
+    mx.async_eval(tokens)
+    _advance(states, None, None)
+    return PendingSample(tokens, (None,) * len(states))
+
+
+def _penalty_inputs(
+    states: Sequence[SamplerState], vocab: int
+) -> tuple[mx.array | None, mx.array | None, tuple[mx.array, mx.array, mx.array] | None]:
+    """``(counts, seen, (presence, frequency, repetition))`` as batch arrays for
+    :func:`process_logits`, or all None when no row uses a penalty (rows that use none get zero
+    counts and neutral penalties)."""
+    if not any(s.params.uses_penalties for s in states):
+        return None, None, None
+    counts = _stack_rows([s.counts for s in states], vocab, mx.float32)
+    prompt = _stack_rows([s.prompt_mask for s in states], vocab, mx.bool_)
+    penalties = tuple(
+        mx.array([getattr(s.params, name) for s in states], dtype=mx.float32)[:, None]
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")
+    )
+    return counts, prompt | (counts > 0), penalties
+
+
+def _bias_inputs(
+    params: Sequence[SamplingParams],
+) -> tuple[mx.array, mx.array, mx.array] | None:
+    """Every row's logit_bias as ``(rows, token ids, values)``, or None when no row has one."""
+    entries = [(row, tid, value) for row, p in enumerate(params) for tid, value in p.logit_bias]
+    if not entries:
+        return None
+    rows, ids, values = zip(*entries)
+    return (
+        mx.array(rows, dtype=mx.int32),
+        mx.array(ids, dtype=mx.int32),
+        mx.array(values, dtype=mx.float32),
+    )
+
+
+def _logprobs(
+    processed: mx.array,
+    tokens: mx.array,
+    params: Sequence[SamplingParams],
+    head_ids: mx.array | None,
+) -> tuple[mx.array | None, mx.array | None, mx.array | None]:
+    """``(chosen, top_ids, top_lp)``: the chosen tokens' logprobs ``[B]`` and the ``k`` most
+    likely ids with their logprobs ``[B, k]`` (k the largest top_logprobs asked for); None for
+    what no row asked for."""
+    want = [p for p in params if p.logprobs]
+    if not want:
+        return None, None, None
+    logprobs = processed - mx.logsumexp(processed, axis=-1, keepdims=True)
+    chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    k = max(p.top_logprobs for p in want)
+    if not k:
+        return chosen, None, None
+    # Temperature keeps the order, so the sorted head (when there is one) is the answer.
+    if head_ids is None:
+        head_ids = sorted_head(processed, min(k, processed.shape[-1]))[1]
+    top_ids = head_ids[:, :k]
+    return chosen, top_ids, mx.take_along_axis(logprobs, top_ids, axis=-1)
+
+
+def _advance(
+    states: Sequence[SamplerState], keys: mx.array | None, counts: mx.array | None
+) -> None:
+    """Move each state past this step: its next RNG key (if it drew) and its token counts."""
     for i, state in enumerate(states):
         state.num_generated += 1
-        if batch.any_sampled:
+        if keys is not None:
             state.key = keys[i]
         if state.counts is not None:
             state.counts = counts[i]
-    top_n = tuple(p.top_logprobs if p.logprobs else None for p in params)
-    return PendingSample(tokens, top_n, chosen, top_ids, top_lp)
