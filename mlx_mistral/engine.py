@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .batch import BatchGenerator, TokenConstraint, TokenEvent
+from .disk_cache import DiskCacheSettings
 from .errors import EngineDeadError, EngineOverloadedError, MistralError
 from .lifecycle import ModelSlot
 from .memory import DEFAULT_PREFIX_CACHE_MAX as DEFAULT_PREFIX_CACHE_MAX  # re-exported
@@ -47,6 +48,9 @@ class EngineConfig:
             after each request, `math.inf` never.
         max_memory_bytes: a cap on weights + KV + prefix cache, from which the KV and
             prefix-cache budgets are derived once the weights' size is known (`memory`).
+        prompt_cache: keep prompts' KV on disk too, so a restarted server reuses them; None
+            turns the disk cache off.
+        kv_bits: store the KV cache quantized to 8 or 4 bits; None keeps the compute dtype.
     """
 
     max_batch: int = 32
@@ -56,6 +60,8 @@ class EngineConfig:
     prefix_cache_bytes: int | None = None
     keep_alive: float = math.inf
     max_memory_bytes: int | None = None
+    prompt_cache: DiskCacheSettings | None = None
+    kv_bits: int | None = None
 
 
 def _put_all(posts: list[tuple[RequestHandle, list]]) -> None:
@@ -355,6 +361,8 @@ class Engine:
             with contextlib.suppress(Exception):  # a dead device has nothing left to wait for
                 if self.generator is not None:
                     self.generator.close()
+                    if self.generator.prefix_cache is not None:
+                        self.generator.prefix_cache.close()  # queued disk writes finish
                 mx.synchronize()
                 mx.clear_streams()
 

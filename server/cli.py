@@ -15,9 +15,16 @@ import socket
 import sys
 from types import FrameType
 
+from mlx_mistral.disk_cache import default_cache_dir
 from mlx_mistral.errors import InvalidRequestError, MistralError
 
-from .config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES, ServerConfig, served_name
+from .config import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_HEADER_BYTES,
+    ServerConfig,
+    read_text_flag,
+    served_name,
+)
 from .protocol import HttpLimits, protocol_class
 from .units import parse_duration, parse_size
 
@@ -141,6 +148,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "turns (default: a quarter of the KV budget, at most 2048; 0 turns it off)",
     )
     parser.add_argument(
+        "--prompt-cache-dir",
+        default=None,
+        metavar="DIR",
+        help="keep long prompts' KV on disk here, so a restarted server does not prefill them "
+        f"again (default: {default_cache_dir()}; 'off' turns it off)",
+    )
+    parser.add_argument(
+        "--prompt-cache-disk-size",
+        default="10G",
+        metavar="SIZE",
+        help="most disk the prompt cache uses, e.g. 512MiB, 10GiB (default 10G); least recently "
+        "used files go first",
+    )
+    parser.add_argument(
+        "--kv-bits",
+        type=int,
+        default=None,
+        help="store the KV cache quantized to 8 or 4 bits: ~0.53x or ~0.28x the memory per "
+        "token of float16 (default: not quantized)",
+    )
+    parser.add_argument(
+        "--warm-prompt",
+        default=None,
+        metavar="FILE",
+        help="prefill this file's text as the system prompt at start-up (and keep it cached)",
+    )
+    parser.add_argument(
         "--keep-alive",
         default="5m",
         metavar="DURATION",
@@ -252,6 +286,16 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         prefix_cache_mib=args.prefix_cache_mib,
+        kv_bits=args.kv_bits,
+        prompt_cache_dir=None
+        if (args.prompt_cache_dir or "").lower() == "off"
+        else str(args.prompt_cache_dir or default_cache_dir()),
+        prompt_cache_disk_bytes=parse_size(
+            args.prompt_cache_disk_size, name="--prompt-cache-disk-size"
+        ),
+        warm_prompt=None
+        if args.warm_prompt is None
+        else read_text_flag(args.warm_prompt, "--warm-prompt"),
         prompt_price=args.prompt_price,
         completion_price=args.completion_price,
         default_max_tokens=args.default_max_tokens,

@@ -169,6 +169,7 @@ class ResponseWriter(ABC):
         self.include_usage = include_usage
         self.stats = stats
         self.prompt_tokens = 0
+        self.cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
         self.completion_tokens = [0] * self.n
         self.drafted: dict[int, tuple[int, int]] = {}  # per choice: accepted, rejected drafts
         self.text_offsets = [0] * self.n  # characters sent so far, per choice
@@ -211,6 +212,7 @@ class ResponseWriter(ABC):
     # -- the shared part -------------------------------------------------------------------------
     def _record(self, event: TokenEvent) -> None:
         self.prompt_tokens = max(self.prompt_tokens, event.prompt_tokens)
+        self.cached_tokens = max(self.cached_tokens, event.cached_tokens)
         self.completion_tokens[event.index] = event.completion_tokens
         self.drafted[event.index] = (
             event.accepted_prediction_tokens,
