@@ -9,14 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
 
+from .backlog import EventBacklog
 from .batch import BatchGenerator, TokenConstraint, TokenEvent
 from .device import on_gpu
 from .errors import EngineDeadError, EngineOverloadedError, MistralError
@@ -37,7 +40,8 @@ class EngineConfig:
 
     Attributes:
         max_batch: most sequences decoded together.
-        max_queue: most requests waiting to start; more get EngineOverloadedError (503).
+        max_queue: most requests waiting: to start, or (streams the engine has finished) for
+            their client to read the rest; more get EngineOverloadedError (503).
         prefill_chunk: prompt tokens per prefill step (bounds the stall of running streams).
         kv_budget_bytes: KV memory for running sequences; None derives it from free memory.
         prefix_cache_bytes: memory kept for earlier conversations' KV; None: a quarter of the
@@ -70,7 +74,7 @@ def available_memory_bytes() -> int:
 def _put_all(posts: list[tuple[RequestHandle, list]]) -> None:
     """On the event loop: queue each request's share of one engine step."""
     for handle, outbox in posts:
-        handle._async_queue.put_nowait(outbox)
+        handle._backlog.put(outbox)
 
 
 class RequestHandle:
@@ -81,7 +85,8 @@ class RequestHandle:
 
     `batches()` gives, asynchronously, everything that arrived since the last read as one list:
     a server that falls behind a fast model writes several tokens per chunk instead of queueing
-    one write per token.
+    one write per token. What is unread is bounded (`EventBacklog`): a reader far behind gets
+    text events merged.
     """
 
     def __init__(
@@ -98,13 +103,14 @@ class RequestHandle:
         self.params = params
         self.constraints = constraints
         self._loop = loop
-        self._async_queue: asyncio.Queue | None = asyncio.Queue() if loop else None
+        self._backlog: EventBacklog | None = EventBacklog() if loop else None
         self._sync_queue: queue.Queue | None = None if loop else queue.Queue()
         self.uid: int | None = None
         self.continuation = continuation  # see Engine.submit
         self._open_choices = params.n
         self.cancelled = False
         self._ended = False  # a reader has seen the last event (or the engine's error)
+        self._closed = False  # the reader is done with this request (see _cancel_unless_ended)
 
     # Called on the engine thread. Queue entries are lists of items.
     def _deliver(self, item: TokenEvent | MistralError | object) -> None:
@@ -113,7 +119,7 @@ class RequestHandle:
     def _post(self, items: list) -> None:
         if self._loop is not None:
             try:
-                self._loop.call_soon_threadsafe(self._async_queue.put_nowait, items)
+                self._loop.call_soon_threadsafe(self._backlog.put, items)
             except RuntimeError:  # the event loop is closed: nobody is listening any more
                 self.cancel()
         else:
@@ -151,12 +157,9 @@ class RequestHandle:
 
     async def batches(self):
         """Lists of the events that arrived since the previous list (never empty)."""
-        queue_ = self._async_queue
         try:
             while True:
-                items = await queue_.get()
-                while not queue_.empty():  # whatever else is already here goes in the same list
-                    items = items + queue_.get_nowait()
+                items = await self._backlog.take()
                 events = []
                 for item in items:
                     if item is _DONE or isinstance(item, MistralError):
@@ -185,6 +188,10 @@ class RequestHandle:
             self._cancel_unless_ended()
 
     def _cancel_unless_ended(self) -> None:
+        # Read to the end, or abandoned: no longer held. The flag first: the engine thread may
+        # be adding this handle to _unread right now, and checks the flag after adding.
+        self._closed = True
+        self.engine._unread.discard(self)
         if not self._ended:
             self.cancel()
 
@@ -216,12 +223,16 @@ class Engine:
         self._ready = threading.Event()
         self._stopping = False
         self._accepting = True
+        self._drain_deadline = math.inf  # monotonic time when a drain ends what still runs
         self.error: BaseException | None = None
         self.model: Model | None = None
         self.tokenizer: Tokenizer | None = None
         self.generator: BatchGenerator | None = None
         self._handles: dict[int, RequestHandle] = {}
         self._queued = 0
+        # Async requests the engine has finished whose reader has not read the end: their
+        # events are held in memory, so they count against max_queue like waiting requests.
+        self._unread: set[RequestHandle] = set()
         self.steps = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -237,15 +248,21 @@ class Engine:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None and self._ready.is_set()
 
-    def stop_accepting(self) -> None:
+    def drain(self, timeout: float | None = None) -> None:
+        """Begin stopping: refuse new requests and those not yet admitted to the batch
+        (EngineOverloadedError, 503 + Retry-After: another server may take them), let the
+        running ones finish, and after `timeout` seconds end what still runs with the same
+        error. The thread exits once nothing runs. Returns at once (any thread)."""
         self._accepting = False
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        self._commands.put(("stop", deadline))
 
     def shutdown(self, *, drain: bool = False, timeout: float | None = 30.0) -> None:
-        """Stop the engine: with `drain`, finish in-flight requests first."""
-        self._accepting = False
-        self._commands.put(("stop", drain))
+        """Stop the engine and wait for its thread: with `drain`, in-flight requests get up to
+        `timeout` seconds to finish (see `drain`); without, they end now."""
+        self.drain(timeout if drain else 0.0)
         if self._thread.is_alive():
-            self._thread.join(timeout)
+            self._thread.join(None if timeout is None else timeout + 1.0)
 
     @property
     def context_length(self) -> int | None:
@@ -285,8 +302,9 @@ class Engine:
         # check() reads only immutable settings: safe from any thread.
         self.generator.check(prompt, params, prompt_field=prompt_field)
         # Waiting = handed to the engine thread but not yet picked up, plus admitted-pending
-        # requests held for KV memory or batch room (len() of a deque is atomic in CPython).
-        waiting = self._queued + len(self.generator.waiting)
+        # requests held for KV memory or batch room, plus finished answers still unread (len()
+        # of a deque or a set is atomic in CPython).
+        waiting = self._queued + len(self.generator.waiting) + len(self._unread)
         if waiting >= self.config.max_queue:
             raise EngineOverloadedError(
                 f"{waiting} requests are already waiting; retry shortly", retry_after=1
@@ -352,7 +370,6 @@ class Engine:
 
     def _loop(self) -> None:
         generator = self.generator
-        drain = False
         while True:
             block = not generator.has_work
             while True:
@@ -369,12 +386,20 @@ class Engine:
                 elif command == "cancel" and payload.uid is not None:
                     generator.cancel(payload.uid)
                 elif command == "stop":
-                    self._stopping, drain = True, payload
-            if self._stopping and (not drain or not generator.has_work):
-                for handle in list(self._handles.values()):
-                    handle._deliver(EngineDeadError("the server is shutting down"))
-                    handle._deliver(_DONE)
-                return
+                    self._stopping = True
+                    self._drain_deadline = min(self._drain_deadline, payload)
+            if self._stopping:
+                self._refuse_waiting()
+                if not generator.has_work or time.monotonic() >= self._drain_deadline:
+                    for handle in list(self._handles.values()):
+                        handle._deliver(
+                            EngineOverloadedError(
+                                "the server is shutting down and its drain time ran out before "
+                                "this request finished",
+                                retry_after=5,
+                            )
+                        )
+                    return
             if not generator.has_work:
                 continue
             self._dispatch(generator.step())
@@ -391,6 +416,10 @@ class Engine:
             outbox = outboxes.setdefault(event.uid, (handle, []))[1]
             if handle._add_event(event, outbox):
                 del self._handles[event.uid]
+                if handle._loop is not None:
+                    self._unread.add(handle)  # until its reader reaches the end
+                    if handle._closed:
+                        self._unread.discard(handle)
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, list]]] = {}
         for handle, outbox in outboxes.values():
             if handle._loop is None:
@@ -403,6 +432,19 @@ class Engine:
             except RuntimeError:  # the event loop is closed: nobody is listening any more
                 for handle, _ in posts:
                     handle.cancel()
+
+    def _refuse_waiting(self) -> None:
+        """While stopping: answer the requests not yet admitted to the batch at once."""
+        for request in list(self.generator.waiting):
+            self.generator.cancel(request.uid)  # its "cancelled" event will find no handle
+            handle = self._handles.pop(request.uid, None)
+            if handle is not None:
+                handle._deliver(
+                    EngineOverloadedError(
+                        "the server is shutting down; this request had not started",
+                        retry_after=5,
+                    )
+                )
 
     def _add(self, handle: RequestHandle) -> None:
         if handle.cancelled:

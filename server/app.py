@@ -109,11 +109,15 @@ class ServerState:
 
 
 def begin_drain(app: Starlette) -> None:
-    """Refuse new generations (503 + Retry-After) while in-flight ones finish."""
+    """Refuse new generations and those not yet started (503 + Retry-After) while running ones
+    finish; after the drain timeout the engine ends what still runs with an error, which each
+    stream sends as its last event before its terminator. Call on the event loop's thread."""
     state: ServerState = app.state.server
+    if state.draining:
+        return
     state.draining = True
     if state.engine is not None:
-        state.engine.stop_accepting()
+        state.engine.drain(state.config.drain_timeout_seconds)
 
 
 # -- handlers ---------------------------------------------------------------------------------
