@@ -224,6 +224,7 @@ class Engine:
         self._stopping = False
         self._accepting = True
         self._drain_deadline = math.inf  # monotonic time when a drain ends what still runs
+        self._drained = True  # every stop so far was a drain (else in-flight requests end now)
         self.error: BaseException | None = None
         self.model: Model | None = None
         self.tokenizer: Tokenizer | None = None
@@ -255,12 +256,16 @@ class Engine:
         error. The thread exits once nothing runs. Returns at once (any thread)."""
         self._accepting = False
         deadline = math.inf if timeout is None else time.monotonic() + timeout
-        self._commands.put(("stop", deadline))
+        self._commands.put(("stop", (deadline, True)))
 
     def shutdown(self, *, drain: bool = False, timeout: float | None = 30.0) -> None:
         """Stop the engine and wait for its thread: with `drain`, in-flight requests get up to
         `timeout` seconds to finish (see `drain`); without, they end now."""
-        self.drain(timeout if drain else 0.0)
+        if drain:
+            self.drain(timeout)
+        else:
+            self._accepting = False
+            self._commands.put(("stop", (0.0, False)))
         if self._thread.is_alive():
             self._thread.join(None if timeout is None else timeout + 1.0)
 
@@ -387,18 +392,14 @@ class Engine:
                     generator.cancel(payload.uid)
                 elif command == "stop":
                     self._stopping = True
-                    self._drain_deadline = min(self._drain_deadline, payload)
+                    deadline, drained = payload
+                    self._drain_deadline = min(self._drain_deadline, deadline)
+                    self._drained &= drained
             if self._stopping:
                 self._refuse_waiting()
                 if not generator.has_work or time.monotonic() >= self._drain_deadline:
                     for handle in list(self._handles.values()):
-                        handle._deliver(
-                            EngineOverloadedError(
-                                "the server is shutting down and its drain time ran out before "
-                                "this request finished",
-                                retry_after=5,
-                            )
-                        )
+                        handle._deliver(self._stop_error())
                     return
             if not generator.has_work:
                 continue
@@ -432,6 +433,15 @@ class Engine:
             except RuntimeError:  # the event loop is closed: nobody is listening any more
                 for handle, _ in posts:
                     handle.cancel()
+
+    def _stop_error(self) -> MistralError:
+        if not self._drained:  # stopped outright: this engine is gone
+            return EngineDeadError("the server is shutting down")
+        # A drain that ran out of time: the server is going away, another may take the retry.
+        return EngineOverloadedError(
+            "the server is shutting down and its drain time ran out before this request finished",
+            retry_after=5,
+        )
 
     def _refuse_waiting(self) -> None:
         """While stopping: answer the requests not yet admitted to the batch at once."""
