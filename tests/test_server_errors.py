@@ -78,12 +78,12 @@ def queue_holder(server: ServerProcess):
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
         holder.connect(("127.0.0.1", server.port))
         holder.sendall(request)
+        holder.settimeout(60)
+        status = holder.recv(12)  # sent with the first token: the generation is under way
+        assert status == b"HTTP/1.1 200", status
         deadline = time.monotonic() + 60
-        started = False  # the holder's generation has been seen running
         while True:
-            active = httpx.get(server.url("/health"), headers=AUTH).json()["active"]
-            started |= active > 0
-            if started and active == 0:
+            if httpx.get(server.url("/health"), headers=AUTH).json()["active"] == 0:
                 probe = httpx.post(server.url(CHAT), json=GOOD, headers=AUTH, timeout=30)
                 assert probe.status_code == 503, probe.text
                 break
