@@ -319,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
         # The app ends every stream by --drain-timeout (the engine's error, then the stream's
         # terminator); uvicorn's own cut, which sends nothing, comes only after that ending had
         # time to be written.
-        timeout_graceful_shutdown=config.drain_timeout_seconds + SHUTDOWN_MARGIN_SECONDS,  # type: ignore[arg-type]
+        timeout_graceful_shutdown=config.drain_timeout_seconds + SHUTDOWN_MARGIN_SECONDS,
     )
     host, port = sock.getsockname()[:2]
     log = logging.getLogger("mlx_mistral.server")

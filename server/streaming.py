@@ -470,7 +470,7 @@ class EventStreamResponse:
         except TimeoutError:
             self.stats["disconnected"] = True
             log.warning(
-                "client read less than %d KiB in %gs; generation cancelled",
+                "client stopped reading (less than %d KiB in %gs); generation cancelled",
                 SEND_PIECE * 4 // 1024,
                 self.send_timeout,
             )
