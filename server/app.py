@@ -38,6 +38,7 @@ from mlx_mistral.tools.grammar import GrammarConstraint, make_constraints
 
 from .config import ServerConfig
 from .errors import EXCEPTION_HANDLERS, error_response, handle_unexpected
+from .event_stream import EventStreamResponse
 from .openai_writers import ChatCompletionWriter, CompletionWriter
 from .openapi import openapi_json
 from .schemas import (
@@ -48,7 +49,7 @@ from .schemas import (
     parse_body,
 )
 from .security import build_middleware, is_authenticated
-from .streaming import EventStreamResponse, ResponseWriter, Served, with_keepalive
+from .streaming import ResponseWriter, Served, with_keepalive
 
 log = logging.getLogger("mlx_mistral.server")
 access_log = logging.getLogger("mlx_mistral.server.access")
