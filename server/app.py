@@ -41,6 +41,7 @@ from mlx_mistral.tools.grammar import GrammarConstraint, make_constraints
 
 from .config import ServerConfig, prompt_cache_settings
 from .errors import EXCEPTION_HANDLERS, error_response, handle_unexpected
+from .event_stream import EventStreamResponse
 from .metrics import ServerMetrics, metrics_endpoint
 from .openai_writers import ChatCompletionWriter, CompletionWriter
 from .openapi import openapi_json
@@ -53,7 +54,7 @@ from .schemas import (
     parse_body,
 )
 from .security import build_middleware, is_authenticated
-from .streaming import EventStreamResponse, ResponseWriter, Served, with_keepalive
+from .streaming import ResponseWriter, Served, with_keepalive
 
 log = logging.getLogger("mlx_mistral.server")
 access_log = logging.getLogger("mlx_mistral.server.access")
@@ -144,11 +145,15 @@ class ServerState:
 
 
 def begin_drain(app: Starlette) -> None:
-    """Refuse new generations (503 + Retry-After) while in-flight ones finish."""
+    """Refuse new generations and those not yet started (503 + Retry-After) while running ones
+    finish; after the drain timeout the engine ends what still runs with an error, which each
+    stream sends as its last event before its terminator. Call on the event loop's thread."""
     state: ServerState = app.state.server
+    if state.draining:
+        return
     state.draining = True
     if state.engine is not None:
-        state.engine.stop_accepting()
+        state.engine.drain(state.config.drain_timeout_seconds)
 
 
 # -- handlers ---------------------------------------------------------------------------------

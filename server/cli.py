@@ -8,6 +8,7 @@ with exit status 1.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ from .units import parse_duration, parse_size
 
 API_KEY_ENV = "MLX_MISTRAL_API_KEY"
 DEMO_NAME = "mlx-mistral-demo"
+SHUTDOWN_MARGIN_SECONDS = 3.0
 
 
 def _list(value: str) -> list[str]:
@@ -138,7 +140,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-queue",
         type=int,
         default=64,
-        help="most requests waiting for the engine; more get 503 (default 64)",
+        help="most requests waiting for the engine, or for their client to read an answer the "
+        "engine has finished; more get 503 (at least 1; default 64)",
     )
     parser.add_argument(
         "--prefix-cache-mib",
@@ -225,13 +228,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--send-timeout",
         type=float,
         default=60.0,
-        help="cancel a stream whose client stops reading for this long",
+        help="cancel a stream whose client reads nothing for this long; a client reading "
+        "less than 64 KiB in this time counts as stopped (default 60)",
     )
     parser.add_argument(
         "--drain-timeout",
         type=float,
         default=60.0,
-        help="at shutdown, seconds in-flight requests may take to finish",
+        help="at shutdown, seconds running requests may take to finish (fractions allowed); "
+        "then each ends with an error event (default 60)",
     )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
@@ -384,7 +389,11 @@ def run(args: argparse.Namespace) -> int:
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            begin_drain(app)  # new requests get 503 + Retry-After while streams finish
+            # New requests get 503 + Retry-After while streams finish. Posted to the loop: a
+            # signal handler must not take the engine queue's lock (the interrupted code may
+            # hold it).
+            loop = asyncio.get_running_loop()
+            loop.call_soon_threadsafe(begin_drain, app)
             super().handle_exit(sig, frame)
             if sig == signal.SIGTERM:
                 # A drained SIGTERM is a clean exit (status 0), not death by the signal.
@@ -403,7 +412,10 @@ def run(args: argparse.Namespace) -> int:
         access_log=False,
         log_level=args.log_level,
         timeout_keep_alive=config.idle_timeout_seconds,  # type: ignore[arg-type]
-        timeout_graceful_shutdown=int(config.drain_timeout_seconds),
+        # The app ends every stream by --drain-timeout (the engine's error, then the stream's
+        # terminator); uvicorn's own cut, which sends nothing, comes only after that ending had
+        # time to be written.
+        timeout_graceful_shutdown=config.drain_timeout_seconds + SHUTDOWN_MARGIN_SECONDS,
     )
     host, port = sockets[0].getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host

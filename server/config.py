@@ -248,7 +248,11 @@ class ServerConfig:
                         f"--allowed-hosts: {exc}", param="--allowed-hosts"
                     ) from None
         need(self.max_batch >= 1, "--max-batch", f"must be at least 1, got {self.max_batch}")
-        need(self.max_queue >= 0, "--max-queue", f"must be at least 0, got {self.max_queue}")
+        need(
+            self.max_queue >= 1,
+            "--max-queue",
+            f"must be at least 1 (0 would refuse every request), got {self.max_queue}",
+        )
         need(
             self.prefix_cache_mib is None or self.prefix_cache_mib >= 0,
             "--prefix-cache-mib",
