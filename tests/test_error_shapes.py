@@ -19,11 +19,12 @@ KEY = "shape-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 LIMIT = 4096
 
-# dialect -> (a generation endpoint, an unknown path under the dialect's prefix)
-PATHS = {
-    "openai": ("/v1/chat/completions", "/v1/nothing/here"),
-    "anthropic": ("/v1/messages", "/v1/messages/nothing"),
-    "ollama": ("/api/chat", "/api/nothing"),
+# API -> (its error shape, a generation endpoint, an unknown path under the API's prefix)
+APIS = {
+    "chat": ("openai", "/v1/chat/completions", "/v1/nothing/here"),
+    "responses": ("openai", "/v1/responses", "/v1/responses/x/nothing"),
+    "anthropic": ("anthropic", "/v1/messages", "/v1/messages/nothing"),
+    "ollama": ("ollama", "/api/chat", "/api/nothing"),
 }
 ANTHROPIC_TYPES = {
     401: "authentication_error",
@@ -90,9 +91,9 @@ def error_message(dialect: str, response: httpx.Response, status: int) -> str:
 
 
 # -- the guards, the handlers, the router, the parser ---------------------------------------------
-@pytest.mark.parametrize("dialect", PATHS)
-def test_a_missing_or_wrong_key_is_401_in_the_dialects_shape(server, dialect):
-    path = PATHS[dialect][0]
+@pytest.mark.parametrize("api", APIS)
+def test_a_missing_or_wrong_key_is_401_in_the_dialects_shape(server, api):
+    dialect, path, _ = APIS[api]
     missing = httpx.post(server.url(path), json={})
     assert "missing API key" in error_message(dialect, missing, 401)
     assert missing.headers["www-authenticate"] == "Bearer"
@@ -100,44 +101,48 @@ def test_a_missing_or_wrong_key_is_401_in_the_dialects_shape(server, dialect):
     assert error_message(dialect, wrong, 401) == "invalid API key"
 
 
-@pytest.mark.parametrize("dialect", PATHS)
-def test_a_foreign_host_is_403_in_the_dialects_shape(server, dialect):
+@pytest.mark.parametrize("api", APIS)
+def test_a_foreign_host_is_403_in_the_dialects_shape(server, api):
+    dialect, path, _ = APIS[api]
     headers = {**AUTH, "Host": "evil.example"}
-    response = httpx.post(server.url(PATHS[dialect][0]), json={}, headers=headers)
+    response = httpx.post(server.url(path), json={}, headers=headers)
     assert "'evil.example' is not allowed" in error_message(dialect, response, 403)
 
 
 @pytest.mark.parametrize("how", ["declared", "chunked"])
-@pytest.mark.parametrize("dialect", PATHS)
-def test_a_body_over_the_limit_is_413_in_the_dialects_shape(server, dialect, how):
+@pytest.mark.parametrize("api", APIS)
+def test_a_body_over_the_limit_is_413_in_the_dialects_shape(server, api, how):
     """Refused by its Content-Length (the guard), or counted as it streams in (the handler)."""
+    dialect, path, _ = APIS[api]
     body = b'{"pad": "' + b"x" * LIMIT + b'"}'
     content = body if how == "declared" else iter([body[:100], body[100:]])
     headers = {**AUTH, "Content-Type": "application/json"}
-    response = httpx.post(server.url(PATHS[dialect][0]), content=content, headers=headers)
+    response = httpx.post(server.url(path), content=content, headers=headers)
     assert f"limit of {LIMIT} bytes" in error_message(dialect, response, 413)
 
 
-@pytest.mark.parametrize("dialect", PATHS)
-def test_a_body_not_declared_as_json_is_415_in_the_dialects_shape(server, dialect):
+@pytest.mark.parametrize("api", APIS)
+def test_a_body_not_declared_as_json_is_415_in_the_dialects_shape(server, api):
+    dialect, path, _ = APIS[api]
     headers = {**AUTH, "Content-Type": "text/plain"}
-    response = httpx.post(server.url(PATHS[dialect][0]), content=b"{}", headers=headers)
+    response = httpx.post(server.url(path), content=b"{}", headers=headers)
     assert "text/plain" in error_message(dialect, response, 415)
 
 
-@pytest.mark.parametrize("dialect", PATHS)
-def test_an_unknown_path_is_404_and_a_wrong_method_405_in_the_dialects_shape(server, dialect):
-    path, unknown = PATHS[dialect]
+@pytest.mark.parametrize("api", APIS)
+def test_an_unknown_path_is_404_and_a_wrong_method_405_in_the_dialects_shape(server, api):
+    dialect, path, unknown = APIS[api]
     missing = httpx.post(server.url(unknown), json={}, headers=AUTH)
     assert unknown in error_message(dialect, missing, 404)
     wrong = httpx.get(server.url(path), headers=AUTH)
     assert "use POST" in error_message(dialect, wrong, 405)
 
 
-@pytest.mark.parametrize("dialect", PATHS)
-def test_a_target_over_the_parsers_limit_is_414_in_the_dialects_shape(server, dialect):
+@pytest.mark.parametrize("api", APIS)
+def test_a_target_over_the_parsers_limit_is_414_in_the_dialects_shape(server, api):
     """Refused by the HTTP parser, before any middleware: the target's start names the path."""
-    url = server.url(PATHS[dialect][0] + "?pad=" + "x" * 9000)
+    dialect, path, _ = APIS[api]
+    url = server.url(path + "?pad=" + "x" * 9000)
     response = httpx.post(url, json={}, headers=AUTH)
     assert "request target is longer" in error_message(dialect, response, 414)
 
@@ -148,9 +153,9 @@ def test_the_ollama_root_answers_errors_in_ollamas_shape(server):
 
 
 # -- a grammar engine failure mid-answer ----------------------------------------------------------
-# dialect -> (path, a body whose answer must follow ENDLESS)
+# API -> (path, a body whose answer must follow ENDLESS)
 FAILING = {
-    "openai": (
+    "chat": (
         "/v1/chat/completions",
         {
             "messages": HELLO,
@@ -159,6 +164,14 @@ FAILING = {
                 "type": "json_schema",
                 "json_schema": {"name": "endless", "schema": ENDLESS},
             },
+        },
+    ),
+    "responses": (
+        "/v1/responses",
+        {
+            "input": "Hi",
+            "max_output_tokens": 40,
+            "text": {"format": {"type": "json_schema", "name": "endless", "schema": ENDLESS}},
         },
     ),
     "anthropic": (
@@ -182,9 +195,10 @@ def engine_failures(server: ServerProcess) -> int:
     return server.log().count(ENGINE_FAILED)
 
 
-@pytest.mark.parametrize("dialect", FAILING)
-def test_a_grammar_failure_is_a_500_in_the_dialects_shape_logged_once(server, dialect):
-    path, body = FAILING[dialect]
+@pytest.mark.parametrize("api", FAILING)
+def test_a_grammar_failure_is_a_500_in_the_dialects_shape_logged_once(server, api):
+    path, body = FAILING[api]
+    dialect = APIS[api][0]
     before = engine_failures(server)
     response = httpx.post(server.url(path), json={**body, "stream": False}, headers=AUTH)
     assert "structured-output engine failed" in error_message(dialect, response, 500)
@@ -206,18 +220,25 @@ def sse_events(text: str) -> list[tuple[str | None, dict]]:
     return events
 
 
-@pytest.mark.parametrize("dialect", FAILING)
-def test_a_grammar_failure_mid_stream_ends_with_the_dialects_error_event(server, dialect):
-    path, body = FAILING[dialect]
+@pytest.mark.parametrize("api", FAILING)
+def test_a_grammar_failure_mid_stream_ends_with_the_dialects_error_event(server, api):
+    path, body = FAILING[api]
     before = engine_failures(server)
     response = httpx.post(server.url(path), json={**body, "stream": True}, headers=AUTH)
     assert response.status_code == 200, response.text
-    if dialect == "openai":
+    if api == "chat":
         assert response.text.endswith("data: [DONE]\n\n"), response.text
         error = sse_events(response.text)[-1][1]
         assert set(error) == {"error"} and error["error"]["code"] == "structured_output_failed"
         message = error["error"]["message"]
-    elif dialect == "anthropic":
+    elif api == "responses":
+        (error_name, error), (failed_name, failed) = sse_events(response.text)[-2:]
+        assert (error_name, failed_name) == ("error", "response.failed"), response.text
+        assert error["code"] == "structured_output_failed"
+        assert failed["response"]["status"] == "failed"
+        assert "response.completed" not in response.text
+        message = error["message"]
+    elif api == "anthropic":
         name, error = sse_events(response.text)[-1]
         assert name == "error" and error["type"] == "error", response.text
         assert error["error"]["type"] == "api_error"
