@@ -21,7 +21,7 @@ import mlx.core as mx
 from .backlog import EventBacklog
 from .batch import BatchGenerator, TokenConstraint, TokenEvent
 from .disk_cache import DiskCacheSettings
-from .errors import EngineDeadError, EngineOverloadedError, MistralError
+from .errors import EngineDeadError, EngineOverloadedError, MistralError, StructuredOutputError
 from .lifecycle import ModelSlot
 from .memory import DEFAULT_PREFIX_CACHE_MAX as DEFAULT_PREFIX_CACHE_MAX  # re-exported
 from .memory import available_memory_bytes as available_memory_bytes  # re-exported
@@ -32,6 +32,11 @@ from .tokenizer import Tokenizer
 log = logging.getLogger("mlx_mistral.engine")
 
 _DONE = object()
+
+STRUCTURED_OUTPUT_FAILED = (
+    "the structured-output engine failed mid-answer, so the answer cannot follow the requested "
+    "format (response_format or tools); see the server's log. A simpler schema may avoid it."
+)
 
 
 @dataclass(frozen=True)
@@ -444,6 +449,14 @@ class Engine:
             if handle is None:
                 continue
             outbox = outboxes.setdefault(event.uid, (handle, []))[1]
+            if event.finish_reason == "error":
+                # A choice's grammar engine failed (the constraint logged why): the request
+                # ends with an error, never an answer that only looks finished; its other
+                # choices are dropped.
+                outbox.append(StructuredOutputError(STRUCTURED_OUTPUT_FAILED))
+                del self._handles[event.uid]
+                self.generator.cancel(event.uid)
+                continue
             if handle._add_event(event, outbox):
                 del self._handles[event.uid]
                 self.prefix_hit_tokens += event.cached_tokens

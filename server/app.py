@@ -40,7 +40,7 @@ from mlx_mistral.tokenizer import PromptBudget, Tokenizer
 from mlx_mistral.tools.grammar import GrammarConstraint, make_constraints
 
 from .config import ServerConfig, prompt_cache_settings
-from .errors import EXCEPTION_HANDLERS, error_response, handle_unexpected
+from .errors import EXCEPTION_HANDLERS, dialect_of, error_response, handle_unexpected
 from .event_stream import EventStreamResponse
 from .metrics import ServerMetrics, metrics_endpoint
 from .openai_writers import ChatCompletionWriter, CompletionWriter
@@ -161,14 +161,15 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 def guarded(handler: Handler) -> Handler:
-    """Render any error of a handler as an OpenAI error body (never a traceback)."""
+    """Render any error of a handler in the shape of its path's dialect (never a traceback):
+    every dialect's routes use this one guard (`errors.dialect_of`)."""
 
     @functools.wraps(handler)
     async def route(request: Request) -> Response:
         try:
             return await handler(request)
         except MistralError as exc:
-            return error_response(exc)
+            return error_response(exc, dialect=dialect_of(request.scope["path"]))
         except ClientDisconnect:  # left while sending its body: nobody reads the answer
             return Response(status_code=400)
         except Exception as exc:  # noqa: BLE001 - a bug must not reach the client as a traceback
