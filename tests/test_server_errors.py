@@ -14,7 +14,8 @@ import sys
 import httpx
 import openai
 import pytest
-from server_process import ServerProcess
+
+from tests.server_process import ServerProcess
 
 KEY = "s3cret-key"
 LIMIT = 65536
