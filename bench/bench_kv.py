@@ -24,12 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.append(str(HERE.parent / "tests"))  # for server_process (after bench/)
+# Sibling modules: `python bench/NAME.py` puts bench/ first on sys.path.
+from checkpoints import SHAPES, write_random_checkpoint
+from report import machine, write_section
 
-from checkpoints import SHAPES, write_random_checkpoint  # noqa: E402
-from report import machine, write_section  # noqa: E402
+# The repository root, last, for the tests' server harness (tests.server_process).
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 TOPIC = (
     "You are the support assistant of a company that sells lighthouse lamps. Answer questions "
@@ -65,7 +65,7 @@ def turn1(server, model: str, system: str, user: str) -> tuple[float, int, int]:
 
 
 def measure_restart(model_path: Path, system: str, repeats: int) -> dict:
-    from server_process import ServerProcess
+    from tests.server_process import ServerProcess
 
     cold, warm, rows = [], [], []
     for r in range(repeats):

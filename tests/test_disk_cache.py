@@ -11,7 +11,6 @@ import httpx
 import mlx.core as mx
 import numpy as np
 import pytest
-from server_process import ServerProcess
 
 from mlx_mistral import SamplingParams
 from mlx_mistral.batch import BatchGenerator
@@ -24,6 +23,7 @@ from mlx_mistral.disk_cache import (
     system_prompt_prefix,
 )
 from mlx_mistral.prefix_cache import PrefixCache
+from tests.server_process import ServerProcess
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
 SYSTEM = "You are a careful assistant. Answer briefly and cite your sources. " * 30

@@ -11,7 +11,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.models.base import quantized_scaled_dot_product_attention
-from server_process import ServerProcess
 
 import mlx_mistral
 from mlx_mistral import SamplingParams
@@ -21,6 +20,7 @@ from mlx_mistral.disk_cache import DiskCacheSettings, DiskPrefixCache
 from mlx_mistral.errors import InvalidRequestError
 from mlx_mistral.model import attention_mask, quantized_attention
 from mlx_mistral.prefix_cache import PrefixCache
+from tests.server_process import ServerProcess
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 QUESTIONS = ["Hello!", "What is the capital of France?", "2+2?", "Tell me a story about a cat."]
@@ -29,7 +29,7 @@ QUESTIONS = ["Hello!", "What is the capital of France?", "2+2?", "Tell me a stor
 @pytest.fixture(scope="module")
 def checkpoint64(tmp_path_factory):
     """A tiny checkpoint whose head_dim (64) is a multiple of the quantization group."""
-    from checkpoints import write_hf_checkpoint
+    from tests.checkpoints import write_hf_checkpoint
 
     return write_hf_checkpoint(tmp_path_factory.mktemp("tiny-hd64"), seed=3, head_dim=64)
 

@@ -27,10 +27,10 @@ import httpx
 import mlx.core as mx
 import pytest
 import uvicorn
-from server_process import ServerProcess
 
 import mlx_mistral
 from mlx_mistral.server import ServerConfig, create_app
+from tests.server_process import ServerProcess
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "Tell me a story about a cat."}]

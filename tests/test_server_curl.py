@@ -15,7 +15,8 @@ import subprocess
 import time
 
 import pytest
-from server_process import ServerProcess
+
+from tests.server_process import ServerProcess
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="needs the curl binary")
 
@@ -59,7 +60,7 @@ CHEF = """curl "https://api.deepinfra.com/v1/openai/chat/completions" \\
 "content": "Tell me more about the second method."
 }
 ]
-}'"""
+}'"""  # noqa: E501  DeepInfra's example verbatim: a JSON string cannot be wrapped
 
 STREAM = """curl "https://api.deepinfra.com/v1/openai/chat/completions" \\
 -H "Content-Type: application/json" \\

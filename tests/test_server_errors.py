@@ -20,7 +20,8 @@ import time
 import httpx
 import openai
 import pytest
-from server_process import ServerProcess
+
+from tests.server_process import ServerProcess
 
 KEY = "s3cret-key"
 LIMIT = 65536
