@@ -13,7 +13,8 @@ import json
 
 import httpx
 import pytest
-from server_process import ServerProcess
+
+from tests.server_process import ServerProcess
 
 KEY = "shape-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
