@@ -187,6 +187,9 @@ def run_follower(model: str, group: mx.distributed.Group) -> int:
     from .loader import load
 
     rank = group.rank()
+    # Ctrl-C on `mlx.launch` reaches every rank: rank 0 drains its streams, then stops this
+    # one with a message; dying at once would fail those streams.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     log.info(
         "rank %d of %d (pid %d): loading its shard of %s", rank, group.size(), os.getpid(), model
     )
