@@ -18,11 +18,14 @@ every backend has. The decode step's payload, the tokens drawn by the previous s
 being computed when the next step is scheduled (`batch`'s pipelining); its broadcast stays lazy
 and feeds the forward on every rank, so rank 0 never waits for it.
 
-Not replicated yet, so refused or off with `--distributed`: the prefix cache (entries would have
-to be mirrored on every rank) and speculative decoding (prompt lookup and Predicted Outputs:
-exact, so turning them off changes the speed only). A rank that dies makes the next collective
-fail on the others ("connection to a peer was lost"): rank 0's engine ends every request with
-an error and the process stops itself; a follower exits with status 1.
+Not replicated yet, so refused or off with `--distributed`: the prefix cache, in memory and on
+disk, and the warmed system prompt (entries would have to be mirrored on every rank), and
+speculative decoding (prompt lookup and Predicted Outputs: exact, so turning them off changes
+the speed only). `--kv-bits` is replicated: every rank quantizes its own heads alike.
+
+A rank that dies makes the next collective fail on the others ("connection to a peer was
+lost"): rank 0's engine ends every request with an error and the process stops itself; a
+follower exits with status 1.
 """
 
 from __future__ import annotations
@@ -102,8 +105,9 @@ class Leader:
 class Follower:
     """A rank other than 0: replays rank 0's ops on its shard until told to stop."""
 
-    def __init__(self, model: Model, group: mx.distributed.Group):
+    def __init__(self, model: Model, group: mx.distributed.Group, *, kv_bits: int | None = None):
         self.model = model
+        self.kv_bits = kv_bits  # rank 0's cache format (`--kv-bits`): every rank's is alike
         self.group = group
         self.prefilling: dict[int, list[BatchKVCache]] = {}
         self.cache: list[BatchKVCache] | None = None
@@ -126,7 +130,8 @@ class Follower:
     def _apply(self, op: int, a: int, b: int, payload: mx.array | None) -> None:
         model = self.model
         if op == PREFILL:
-            cache = self.prefilling.setdefault(a, model.make_cache())
+            cache = self.prefilling.get(a) or model.make_cache(kv_bits=self.kv_bits)
+            self.prefilling[a] = cache
             h = model.hidden_states(payload[None], cache)
             # Evaluate what rank 0 evaluates, so that both run the same all-reduces: a middle
             # chunk's caches (the last layer's outputs are not needed, nor reduced), or for the
@@ -181,7 +186,7 @@ def leader_exit_hook(leader: Leader):
     return on_exit
 
 
-def run_follower(model: str, group: mx.distributed.Group) -> int:
+def run_follower(model: str, group: mx.distributed.Group, *, kv_bits: int | None = None) -> int:
     """A rank other than 0 of `serve --distributed`: load its shard, replay until rank 0 stops.
     Returns the exit status: 0 when rank 0 stopped the group, 1 when a rank was lost."""
     from .loader import load
@@ -193,7 +198,7 @@ def run_follower(model: str, group: mx.distributed.Group) -> int:
     log.info(
         "rank %d of %d (pid %d): loading its shard of %s", rank, group.size(), os.getpid(), model
     )
-    follower = Follower(load(model, group=group)[0], group)
+    follower = Follower(load(model, group=group)[0], group, kv_bits=kv_bits)
     log.info("rank %d: following rank 0", rank)
     try:
         follower.run()

@@ -104,7 +104,6 @@ class MessagesWriter(ResponseWriter):
         self.id = self.id.replace("-", "_", 1)  # Anthropic's ids read "msg_..."
         self.prompt_tokens = prompt_length
         self.window_limited = window_limited
-        self.cached_tokens = 0
         self.stop_sequence: str | None = None
         self.block = -1  # the index of the content block the stream has open (or last closed)
         self.block_open = False
@@ -113,7 +112,6 @@ class MessagesWriter(ResponseWriter):
     # -- the engine's side -----------------------------------------------------------------
     def _record(self, event: TokenEvent) -> None:
         super()._record(event)
-        self.cached_tokens = max(self.cached_tokens, event.cached_tokens)
         if event.finish_reason is not None:
             self.stop_sequence = event.stop_sequence
 

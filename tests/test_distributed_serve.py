@@ -183,4 +183,4 @@ def test_distributed_needs_launch_and_refuses_the_prefix_cache():
         timeout=60,
     )
     assert cached.returncode == 1
-    assert "--prefix-cache-mib: the prefix cache is not replicated" in cached.stderr
+    assert "--prefix-cache-mib: the prompt caches are not replicated" in cached.stderr

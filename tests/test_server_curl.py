@@ -135,7 +135,14 @@ def test_chat_examples(server, tiny_hf_checkpoint, tiny_model, command):
     assert isinstance(choice["message"]["content"], str)
     assert choice["finish_reason"] in ("stop", "length")
     usage = answer["usage"]
-    assert list(usage) == ["prompt_tokens", "completion_tokens", "total_tokens", "estimated_cost"]
+    assert list(usage) == [
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "estimated_cost",
+        "prompt_tokens_details",
+    ]
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 0}  # a short prompt: never cached
     messages = request_messages(command)
     assert usage["prompt_tokens"] == len(tiny_model[1].encode_chat(messages))
     if choice["finish_reason"] == "length":
