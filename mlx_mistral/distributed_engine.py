@@ -21,7 +21,7 @@ and feeds the forward on every rank, so rank 0 never waits for it.
 Not replicated yet, so refused or off with `--distributed`: the prefix cache, in memory and on
 disk, and the warmed system prompt (entries would have to be mirrored on every rank), and
 speculative decoding (prompt lookup and Predicted Outputs: exact, so turning them off changes
-the speed only). `--kv-bits` is replicated: every rank quantizes its own heads alike.
+the speed only). With `--kv-bits` every rank quantizes its own heads' cache alike.
 
 A rank that dies makes the next collective fail on the others ("connection to a peer was
 lost"): rank 0's engine ends every request with an error and the process stops itself; a
