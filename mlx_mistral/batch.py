@@ -18,7 +18,7 @@ import itertools
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import mlx.core as mx
 
@@ -40,6 +40,9 @@ from .sampling.state import SamplerState
 from .speculative import choose_tokens
 from .stopping import StopMatcher
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .distributed_engine import Leader
 
 
 class TokenConstraint(Protocol):
@@ -167,6 +170,9 @@ class BatchGenerator:
         # The draw scheduled by the last decode step for the first len(rows) running rows
         # (newcomers are appended after them), not yet read on the host.
         self._in_flight: PendingSample | None = None
+        # Tensor-parallel serving (`distributed_engine.Leader`), a thin hook: every forward and
+        # KV-cache change below is announced to the other ranks first, which replay it.
+        self.replica: Leader | None = None
 
     # -- submission ----------------------------------------------------------------------------
     def check(
@@ -356,6 +362,8 @@ class BatchGenerator:
         start = request.prefilled
         end = min(len(request.prompt), start + self.prefill_chunk)
         chunk = mx.array([request.prompt[start:end]])
+        if self.replica is not None:
+            chunk = self.replica.prefill(request.uid, chunk, last=end == len(request.prompt))
         h = self.model.hidden_states(chunk, request.cache)
         request.prefilled = end
         if end < len(request.prompt):
@@ -383,6 +391,8 @@ class BatchGenerator:
                 )
             )
         self.cache = merge_caches(([self.cache] if self.cache else []) + [request.cache] * n)
+        if self.replica is not None:
+            self.replica.join(request.uid, n, logits)
         request.cache = None
         self.running.extend(sequences)
         events = self._sample_and_emit(mx.repeat(logits, n, axis=0), sequences)
@@ -394,6 +404,8 @@ class BatchGenerator:
     def _speculator(self, request: _Request) -> Speculator | None:
         if request.params.logprobs or not (self.prompt_lookup or request.prediction):
             return None  # verified tokens carry no logprobs
+        if self.replica is not None:
+            return None  # verification is not replicated across ranks (exact: speed only)
         return Speculator(request.prompt, request.prediction, prompt_lookup=self.prompt_lookup)
 
     def _decode(self) -> list[TokenEvent]:
@@ -421,6 +433,8 @@ class BatchGenerator:
         return self._emit_all(previous, rows[: previous.tokens.shape[0]])
 
     def _next_logits(self, tokens: mx.array) -> mx.array:
+        if self.replica is not None:
+            tokens = self.replica.decode(tokens)
         h = self.model.hidden_states(tokens[:, None], self.cache)
         return self.model.project(h[:, -1])
 
@@ -587,6 +601,8 @@ class BatchGenerator:
             elif len(kept) < covered:
                 self._in_flight = self._in_flight.take(kept)
         self.running = [self.running[i] for i in keep]
+        if self.replica is not None and self.cache is not None:
+            self.replica.filter(keep)
         if keep:
             filter_caches(self.cache, keep)
         else:
@@ -605,6 +621,8 @@ class BatchGenerator:
         for queue in (self.waiting, self.prefilling):
             for request in [r for r in queue if r.uid in cancelled]:
                 queue.remove(request)
+                if self.replica is not None and request.cache is not None:
+                    self.replica.drop(request.uid)
                 request.cache = None
         for seq in self.running:
             if seq.uid in cancelled:

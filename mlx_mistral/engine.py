@@ -236,6 +236,9 @@ class Engine:
         self._unread: set[RequestHandle] = set()
         self.steps = 0
         self.prefix_hit_tokens = 0  # prompt tokens whose KV came from the prefix cache
+        # Run on the engine thread as it ends, with its error or None (distributed serving
+        # tells the other ranks to stop from here: the collectives belong to this thread).
+        self.on_exit: Callable[[BaseException | None], None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self, timeout: float | None = None) -> Engine:
@@ -384,6 +387,10 @@ class Engine:
             self._handles.clear()
         finally:
             self._fail_pending()
+            if self.on_exit is not None:
+                # The engine's own cleanup below must run whatever the hook does.
+                with contextlib.suppress(Exception):
+                    self.on_exit(self.error)
             # Wait for the last scheduled step and destroy this thread's MLX streams here:
             # left to the thread's exit, their teardown can race the process's and abort it.
             with contextlib.suppress(Exception):  # a dead device has nothing left to wait for

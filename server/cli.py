@@ -241,6 +241,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="tensor-parallel across the ranks of `mlx.launch` (e.g. `mlx.launch --hosts "
+        "mac1,mac2 --backend ring -- mlx-mistral serve --distributed`): each rank holds its "
+        "share of the weights; rank 0 serves HTTP. The prefix cache and speculative decoding "
+        "are off in this mode",
+    )
 
 
 def read_api_key(args: argparse.Namespace) -> str | None:
@@ -320,6 +328,43 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
     )
 
 
+def distributed_setup(
+    config: ServerConfig, args: argparse.Namespace
+) -> tuple[ServerConfig, object]:
+    """This process's `mlx.launch` group, and the settings tensor parallelism allows.
+
+    Raises:
+        InvalidRequestError: not launched by `mlx.launch` (one rank), or a feature the ranks
+            do not replicate yet was asked for.
+    """
+    import dataclasses
+
+    import mlx.core as mx
+
+    # The caches of earlier prompts (in memory, on disk, warmed at start) are not mirrored on
+    # the other ranks yet; the default disk directory is simply not used.
+    asked = {
+        "--prefix-cache-mib": bool(config.prefix_cache_mib),
+        "--prompt-cache-dir": (args.prompt_cache_dir or "off").lower() != "off",
+        "--warm-prompt": config.warm_prompt is not None,
+    }
+    for flag in [flag for flag, given in asked.items() if given]:
+        raise InvalidRequestError(
+            f"{flag}: the prompt caches are not replicated across ranks yet; leave it out with "
+            "--distributed",
+            param=flag,
+        )
+    group = mx.distributed.init()
+    if group.size() < 2:
+        raise InvalidRequestError(
+            "--distributed needs two or more ranks: start it with `mlx.launch` (e.g. "
+            "`mlx.launch --hosts 10.0.0.1,10.0.0.2 --backend ring -- mlx-mistral serve "
+            "--distributed`)",
+            param="--distributed",
+        )
+    return dataclasses.replace(config, prefix_cache_mib=0, prompt_cache_dir=None), group
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening-ready socket on (host, port). Raises OSError (e.g. the port is in use)."""
     family, kind, proto, _, address = socket.getaddrinfo(
@@ -345,11 +390,18 @@ def run(args: argparse.Namespace) -> int:
     )
     sockets: list[socket.socket] = []
     port = args.port
+    group = None
     try:
         config = build_config(args)
         from mlx_mistral.hub import resolve_model_path
 
         resolve_model_path(config.model)  # a missing model fails before the port is taken
+        if args.distributed:
+            config, group = distributed_setup(config, args)
+            if group.rank() != 0:  # no HTTP here: replay rank 0's steps on this shard
+                from mlx_mistral.distributed_engine import run_follower
+
+                return run_follower(config.model, group, kv_bits=config.kv_bits)
         # --ollama-port: a second listener of the same app, behind the same guards.
         for port in (config.port, config.ollama_port):
             if port is not None:
@@ -371,7 +423,11 @@ def run(args: argparse.Namespace) -> int:
     from .app import begin_drain, create_app, start_engine
 
     try:
-        engine = start_engine(config, lambda: load(config.model))
+        engine = start_engine(config, lambda: load(config.model, group=group))
+        if group is not None:
+            from mlx_mistral.distributed_engine import attach_leader, leader_exit_hook
+
+            engine.on_exit = leader_exit_hook(attach_leader(engine.generator, group))
     except MistralError as exc:
         for sock in sockets:
             sock.close()
