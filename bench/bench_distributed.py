@@ -29,10 +29,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import mlx_mistral  # noqa: E402  (first: its BLAS preload precedes mlx)
 from checkpoints import write_random_checkpoint  # noqa: E402
 from report import machine, write_section  # noqa: E402
-
-import mlx_mistral  # noqa: E402  (first: its BLAS preload precedes mlx)
 
 # isort: split
 import mlx.core as mx  # noqa: E402

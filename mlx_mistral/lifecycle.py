@@ -57,6 +57,9 @@ class ModelSlot:
         self._expires: float | None = None  # time.monotonic() of the unload, while idle
         self.expires_at: float | None = None  # the same as a time.time(), for /health
         self.loads = self.unloads = 0
+        # Tensor parallel: the other ranks hold the rest of the model and cannot reload in step
+        # with this one, so the weights stay loaded whatever the keep-alive says.
+        self.pinned = False
 
     def load(self) -> None:
         """Load the weights. The first load also sizes the budgets and builds the scheduler.
@@ -155,6 +158,8 @@ class ModelSlot:
 
     def set_keep_alive(self, seconds: float, *, load: bool = False) -> MistralError | None:
         """Use `seconds` from now on (counted again from the end of the current work)."""
+        if self.pinned:
+            return None
         self.keep_alive = seconds
         self._expires = self.expires_at = None
         return self.ensure_loaded() if load and seconds > 0 else None
@@ -167,7 +172,7 @@ class ModelSlot:
 
     def idle(self) -> None:
         """No request runs or waits: start the keep-alive clock; unload when it runs out."""
-        if self.model is None:
+        if self.model is None or self.pinned:
             return
         now = time.monotonic()
         if self._expires is None:

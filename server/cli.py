@@ -428,6 +428,7 @@ def run(args: argparse.Namespace) -> int:
             from mlx_mistral.distributed_engine import attach_leader, leader_exit_hook
 
             engine.on_exit = leader_exit_hook(attach_leader(engine.generator, group))
+            engine.slot.pinned = True  # no idle unload: every rank holds a share
     except MistralError as exc:
         for sock in sockets:
             sock.close()
