@@ -133,7 +133,7 @@ class ChatCompletionWriter(OpenAIWriter):
         return {"content": [self._entry(event.index, event.logprobs)]}
 
     def finish_reason(self, reason: str | None, called: bool) -> str | None:
-        if called and reason == "stop":
+        if called and reason in ("stop", "tool_calls"):  # the grammar's end is "tool_calls"
             return "function_call" if self.legacy_functions else "tool_calls"
         return reason
 
