@@ -21,7 +21,6 @@ answer that fills the window stops with "model_context_window_exceeded".
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 from typing import Any
 
@@ -183,14 +182,6 @@ class MessagesWriter(ResponseWriter):
 
 
 # -- the endpoints -----------------------------------------------------------------------------
-def _fit_to_window(params: SamplingParams, room: int | None) -> tuple[SamplingParams, bool]:
-    """Lower max_tokens to the `room` the context window leaves (clients such as Claude Code
-    send 32000 as a ceiling); (params, whether it was lowered)."""
-    if room is None or room <= 0 or params.max_tokens is None or params.max_tokens <= room:
-        return params, False  # no room at all: the engine names the prompt as too long
-    return dataclasses.replace(params, max_tokens=room), True
-
-
 @guarded
 async def create_message(request: Request) -> Response:
     state = _state(request)
@@ -200,8 +191,8 @@ async def create_message(request: Request) -> Response:
     encoded, constraints = await state.chat_prompt(request, engine, chat)
     prompt = encoded.ids
     call_ids = [c.call_ids for c in constraints] if chat.parses_tool_calls and constraints else None
-    context = engine.context_length
-    params, limited = _fit_to_window(req.params, None if context is None else context - len(prompt))
+    # Claude Code sends max_tokens 32000 as a ceiling (Anthropic requires the field).
+    params, limited = state.fit_to_window(req.params, True, len(prompt))
     writer = MessagesWriter(
         state.served,
         params,

@@ -45,6 +45,7 @@ from .event_stream import EventStreamResponse
 from .metrics import ServerMetrics, metrics_endpoint
 from .openai_writers import ChatCompletionWriter, CompletionWriter
 from .openapi import openapi_json
+from .prompt_list import HandleGroup
 from .responses import ResponsesAPI
 from .schemas import (
     ChatCompletionRequest,
@@ -120,16 +121,25 @@ class ServerState:
     def fit_max_tokens(
         self, params: SamplingParams, given: bool, prompt_len: int
     ) -> SamplingParams:
-        """Apply the server's default max_tokens to a request that set none, within the context
-        left (a default must never turn a fitting prompt into a context-length error)."""
-        default = self.config.default_max_tokens
+        """`fit_to_window`'s params."""
+        return self.fit_to_window(params, given, prompt_len)[0]
+
+    def fit_to_window(
+        self, params: SamplingParams, given: bool, prompt_len: int
+    ) -> tuple[SamplingParams, bool]:
+        """Every dialect's max_tokens against the context window: the request's (`given`), or
+        the server's default, lowered to the room the prompt leaves; (params, whether a given
+        max_tokens was lowered). Clients send a ceiling (Continue 4096, Claude Code 32000), not
+        a demand: the answer ends with "length" where the window does. A prompt that alone
+        fills the window is left to the engine, which names it (context_length_exceeded)."""
         context = None if self.engine is None else self.engine.context_length
-        if given or default is None or context is None:
-            return params
-        room = context - prompt_len
-        if room <= 0:
-            return params  # the engine answers context_length_exceeded, naming the prompt
-        return dataclasses.replace(params, max_tokens=min(default, room))
+        wanted = params.max_tokens if given else self.config.default_max_tokens
+        if context is None or wanted is None or context - prompt_len <= 0:
+            return params, False
+        fitted = min(wanted, context - prompt_len)
+        if fitted == params.max_tokens:
+            return params, False
+        return dataclasses.replace(params, max_tokens=fitted), given
 
     def model_card(self) -> dict[str, Any]:
         card = {
@@ -286,6 +296,7 @@ async def chat_completions(request: Request) -> Response:
         stats=_stats(request),
         call_ids=call_ids,
         continuation=prompt.continues,
+        legacy_functions=req.legacy_functions,
     )
     params = state.fit_max_tokens(req.params, req.max_tokens_given, len(prompt.ids))
     plan = RequestPlan(
@@ -308,28 +319,70 @@ async def completions(request: Request) -> Response:
     req = CompletionRequest.from_json(await _read_json(request))
     state.check_model(req.model)
     engine = state.live_engine()
-    if isinstance(req.prompt, str):
-        budget = PromptBudget(engine.tokenizer, engine.context_length, param="prompt")
-        encode = functools.partial(budget.encode, req.prompt, bos=True)
-        prompt = await state.off_loop(len(await request.body()), encode)
-    else:
-        prompt = req.prompt  # token ids; the engine checks they are in the vocabulary
+    many = len(req.prompts) > 1
+    fields = [f"prompt[{i}]" if many else "prompt" for i in range(len(req.prompts))]
+    prompts = []
+    for prompt, field in zip(req.prompts, fields, strict=True):
+        if isinstance(prompt, str):
+            budget = PromptBudget(engine.tokenizer, engine.context_length, param=field)
+            encode = functools.partial(budget.encode, prompt, bos=True)
+            prompt = await state.off_loop(len(await request.body()), encode)
+        prompts.append(prompt)  # token ids as given: the engine checks they are in the vocabulary
+    n = req.params.n
+    writer_params = dataclasses.replace(req.params, n=n * len(prompts))  # see HandleGroup
     writer = CompletionWriter(
-        state.served, req.params, include_usage=req.include_usage, stats=_stats(request)
-    )
-    params = state.fit_max_tokens(req.params, req.max_tokens_given, len(prompt))
-    plan = RequestPlan(
-        prompt,
-        params,
-        writer,
-        req.stream,
-        "prompt",
-        continuation=True,
-        keep_alive=req.keep_alive,
-        prediction=req.prediction,
+        state.served, writer_params, include_usage=req.include_usage, stats=_stats(request)
     )
     writer.predicted = req.prediction is not None
-    return await _generate(request, engine, plan)
+    plans = [
+        RequestPlan(
+            prompt,
+            state.fit_max_tokens(req.params, req.max_tokens_given, len(prompt)),
+            writer,
+            req.stream,
+            field,
+            continuation=True,
+            keep_alive=req.keep_alive,
+            prediction=req.prediction,
+        )
+        for prompt, field in zip(prompts, fields, strict=True)
+    ]
+    if not many:
+        return await _generate(request, engine, plans[0])
+    return await _generate_group(request, engine, plans)
+
+
+async def _generate_group(request: Request, engine: Engine, plans: list[RequestPlan]) -> Response:
+    """`_generate` for several prompts that one writer answers (see `HandleGroup`)."""
+    handles: list[Any] = []
+    try:
+        for plan in plans:
+            handles.append(
+                engine.submit(
+                    plan.prompt,
+                    plan.params,
+                    loop=asyncio.get_running_loop(),
+                    prompt_field=plan.prompt_field,
+                    continuation=plan.continuation,
+                    prediction=plan.prediction,
+                    keep_alive=plan.keep_alive,
+                )
+            )
+    except BaseException:
+        for handle in handles:  # one prompt refused (a full queue): none is answered
+            handle.cancel()
+        raise
+    group = HandleGroup(handles, plans[0].params.n)
+    writer = plans[0].writer
+    if not plans[0].stream:
+        return JSONResponse(await writer.collect_while_connected(group, request.receive))
+    config = _state(request).config
+    return EventStreamResponse(
+        writer,
+        with_keepalive(group.batches(), config.keepalive_seconds),
+        cancel=group.cancel,
+        send_timeout=config.send_timeout_seconds,
+    )
 
 
 @guarded

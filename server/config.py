@@ -24,13 +24,18 @@ CONTAINER_HOSTS = (
     "host.orb.internal",  # OrbStack
 )
 """The names by which a container on this machine reaches the host (Open WebUI in Docker sends
-`Host: host.docker.internal:8000`). They are safe to accept against DNS rebinding: `.internal`
-is reserved for private use and never delegated in public DNS, so an attacker's DNS cannot make
-a browser send them; only this machine's hosts file or container runtime resolves them."""
+`Host: host.docker.internal:8000`); every `*.internal` name is accepted (see `_PRIVATE_NAME`),
+these are the ones the runtimes use."""
 
-# RFC 6761: *.localhost is loopback, and browsers resolve it so without asking DNS (a page
-# cannot be served under such a name by anyone but this machine). Labels as in DNS.
-_LOCALHOST_SUBDOMAIN = re.compile(r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?\.)+localhost")
+# Names only this machine (or its own containers) can send, safe against DNS rebinding:
+# - *.localhost (RFC 6761) is loopback, and browsers resolve it so without asking DNS (a page
+#   cannot be served under such a name by anyone but this machine);
+# - *.internal is the TLD ICANN reserved for private use (2024): it is never delegated in
+#   public DNS, so an attacker's DNS cannot make a browser send it; only this machine's hosts
+#   file or container runtime (Docker, Podman, Lima, OrbStack, Kubernetes) resolves it.
+# Not *.local: any machine on the LAN can answer mDNS for such a name, with 127.0.0.1 too.
+# Labels as in DNS.
+_PRIVATE_NAME = re.compile(r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?\.)+(?:localhost|internal)")
 
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 """8 MiB: far more than a full 32k-token conversation needs, far less than memory."""
@@ -107,15 +112,11 @@ def host_name(value: str) -> str:
 
 def host_allowed(name: str, allowed: frozenset[str]) -> bool:
     """Whether a Host name (from `host_name`) is on the allow-list (from `host_allow_list`), or
-    a name that only this machine can send: a `*.localhost` name or a container's name for the
-    host (`CONTAINER_HOSTS`). `*.local` is not one: any machine on the LAN can answer mDNS for
-    it, with 127.0.0.1 too, so it stays behind --allowed-hosts."""
-    return (
-        "*" in allowed
-        or name in allowed
-        or name in CONTAINER_HOSTS
-        or _LOCALHOST_SUBDOMAIN.fullmatch(name) is not None
-    )
+    a name that only this machine can send: a `*.localhost` or `*.internal` name (container
+    runtimes' names for the host, `CONTAINER_HOSTS`, among them). `*.local` is not one: any
+    machine on the LAN can answer mDNS for it, with 127.0.0.1 too, so it stays behind
+    --allowed-hosts."""
+    return "*" in allowed or name in allowed or _PRIVATE_NAME.fullmatch(name) is not None
 
 
 def read_text_flag(path: str, flag: str) -> str:
@@ -151,8 +152,7 @@ class ServerConfig:
         host, port: where to listen.
         api_key: the bearer key clients must send; None accepts any (or no) token.
         allowed_hosts: Host-header values accepted besides the loopback names, the bound host,
-            `*.localhost` and the container names of `CONTAINER_HOSTS` (DNS-rebinding
-            defence); "*" turns the check off.
+            `*.localhost` and `*.internal` (DNS-rebinding defence); "*" turns the check off.
         cors_origins: origins that may call the API from a browser; empty turns CORS off.
         allow_public: allow a non-loopback bind without an API key.
         max_body_bytes: the largest request body accepted (413 beyond).

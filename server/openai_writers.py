@@ -80,6 +80,8 @@ class ChatCompletionWriter(OpenAIWriter):
     Args (besides `ResponseWriter`'s):
         continuation: the answer continues a final assistant message, so its first token keeps
             its leading space (in the content and in the logprobs alike).
+        legacy_functions: the request sent the legacy `functions`: its one call is answered as
+            `function_call` (finish reason "function_call"), as OpenAI answers it.
     """
 
     id_prefix = "chatcmpl"
@@ -95,6 +97,7 @@ class ChatCompletionWriter(OpenAIWriter):
         stats: dict[str, Any],
         call_ids: list[tuple[str, ...]] | None = None,
         continuation: bool = False,
+        legacy_functions: bool = False,
     ):
         super().__init__(
             served, params, include_usage=include_usage, stats=stats, call_ids=call_ids
@@ -102,6 +105,7 @@ class ChatCompletionWriter(OpenAIWriter):
         # Per choice: its next logprob entry is the answer's first token, whose dummy-prefix
         # space the content drops (the tokenizer's detokenizer does the same).
         self.bare_start = [not continuation] * self.n
+        self.legacy_functions = legacy_functions
 
     def _entry(self, index: int, lp: TokenLogprobs) -> dict[str, Any]:
         entry = self.formatter.chat(lp)
@@ -122,14 +126,19 @@ class ChatCompletionWriter(OpenAIWriter):
         for i, choice in enumerate(choices):
             entries = [self._entry(i, lp) for lp in choice.logprobs] if self.logprobs else None
             reason = choice.finish_reason
-            rendered.append(chat_choice(i, choice.text, reason, entries, choice.tool_calls))
+            calls = choice.tool_calls
+            rendered.append(
+                chat_choice(i, choice.text, reason, entries, calls, self.legacy_functions)
+            )
         return self._body(rendered)
 
     def chunk_logprobs(self, event: TokenEvent) -> Any:
         return {"content": [self._entry(event.index, event.logprobs)]}
 
     def finish_reason(self, reason: str | None, called: bool) -> str | None:
-        return "tool_calls" if called and reason == "stop" else reason
+        if called and reason in ("stop", "tool_calls"):  # the grammar's end is "tool_calls"
+            return "function_call" if self.legacy_functions else "tool_calls"
+        return reason
 
     def opening(self) -> list[bytes]:
         # OpenAI opens an answer that may be tool calls with a null content: "" would be a
@@ -144,7 +153,9 @@ class ChatCompletionWriter(OpenAIWriter):
         fields: dict[str, Any] = {}
         if delta.finish_reason is None and (delta.text or not delta.tool_calls):
             fields["content"] = delta.text
-        if delta.tool_calls:
+        if delta.tool_calls and self.legacy_functions:  # one call: its entries have index 0
+            fields["function_call"] = delta.tool_calls[0]["function"]
+        elif delta.tool_calls:
             fields["tool_calls"] = list(delta.tool_calls)
         choice = chunk_choice(delta.index, fields, delta.finish_reason, delta.logprobs)
         return self._chunk([choice])

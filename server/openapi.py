@@ -17,8 +17,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from mlx_mistral.sampling.params import LOGIT_BIAS, MAX_STOP, SamplingField
+from mlx_mistral.sampling.params import LOGIT_BIAS, MAX_N, MAX_STOP, SamplingField
 
+from .request_fields import CHAT_ONLY, NO_OP_FIELDS
 from .schemas import CHAT_SAMPLING, COMPLETION_SAMPLING, MAX_COMPLETION_LOGPROBS
 
 OPENAPI_VERSION = "3.1.0"
@@ -100,6 +101,23 @@ def _sampling_properties(fields: tuple[SamplingField, ...]) -> dict[str, Any]:
     return properties
 
 
+# The no-op fields' shapes (`request_fields.NO_OP_FIELDS`), by what their check asks for.
+_NO_OP_SHAPES: dict[str, dict[str, Any]] = {
+    "a string": {"type": ["string", "null"]},
+    "a boolean": {"type": ["boolean", "null"]},
+    "an object": {"type": ["object", "null"]},
+    "a positive integer": {"type": _INTEGER_OR_NULL, "minimum": 1},
+}
+
+
+def _no_op_properties(*, chat: bool) -> dict[str, Any]:
+    return {
+        name: {**_NO_OP_SHAPES[shape], "description": "accepted; changes nothing here"}
+        for name, (_, shape) in NO_OP_FIELDS.items()
+        if chat or name not in CHAT_ONLY
+    }
+
+
 # Fields both generation endpoints take besides the sampling fields.
 _COMMON: dict[str, Any] = {
     "stream": {"type": ["boolean", "null"], "default": False},
@@ -107,8 +125,16 @@ _COMMON: dict[str, Any] = {
         "type": ["object", "null"],
         "properties": {"include_usage": {"type": ["boolean", "null"]}},
     },
-    "user": {"type": ["string", "null"], "description": "accepted and ignored"},
-    "metadata": {"type": ["object", "null"], "description": "accepted and ignored"},
+    "prediction": {
+        "type": ["object", "null"],
+        "required": ["type", "content"],
+        "properties": {"type": {"const": "content"}, "content": {}},
+        "description": "the expected answer, a draft for speculative decoding",
+    },
+    "keep_alive": {
+        "type": ["string", "number", "null"],
+        "description": 'how long the model stays loaded afterwards (Ollama\'s: "5m", seconds)',
+    },
 }
 
 _TEXT_PART = {
@@ -174,9 +200,34 @@ _CHAT_REQUEST = {
         },
         "response_format": {"type": ["object", "null"]},
         "parallel_tool_calls": {"type": ["boolean", "null"]},
+        "functions": {
+            "type": ["array", "null"],
+            "items": _TOOL["properties"]["function"],
+            "description": "legacy tools: the answer holds one call as message.function_call",
+        },
+        "function_call": {
+            "oneOf": [
+                {"enum": ["none", "auto"]},
+                {
+                    "type": "object",
+                    "required": ["name"],
+                    "additionalProperties": False,
+                    "properties": {"name": {"type": "string"}},
+                },
+                {"type": "null"},
+            ],
+            "description": "legacy tool_choice",
+        },
+        "modalities": {
+            "type": ["array", "null"],
+            "items": {"const": "text"},
+            "description": "only text: this model writes text",
+        },
+        **_no_op_properties(chat=True),
     },
 }
 
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
 _COMPLETION_REQUEST = {
     "type": "object",
     "required": ["prompt"],
@@ -186,13 +237,13 @@ _COMPLETION_REQUEST = {
         "prompt": {
             "oneOf": [
                 {"type": "string", "minLength": 1},
-                {
+                _TOKEN_IDS,
+                {  # a list of prompts: choice n * p + i is choice i of prompt p
                     "type": "array",
                     "minItems": 1,
-                    "maxItems": 1,
-                    "items": {"type": "string", "minLength": 1},
+                    "maxItems": MAX_N,
+                    "items": {"oneOf": [{"type": "string", "minLength": 1}, _TOKEN_IDS]},
                 },
-                {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
             ]
         },
         **_sampling_properties(COMPLETION_SAMPLING),
@@ -206,6 +257,7 @@ _COMPLETION_REQUEST = {
         "echo": {"type": ["boolean", "null"], "enum": [False, None]},
         "best_of": {"type": _INTEGER_OR_NULL, "enum": [1, None]},
         "suffix": {"type": ["string", "null"], "enum": ["", None]},
+        **_no_op_properties(chat=False),
     },
 }
 

@@ -9,7 +9,8 @@ Body rules (one place, so every endpoint answers the same):
   though some clients write them) are a 400 naming the field that holds them.
 - A field set to null counts as not given. An unknown field is a 400 naming it (as OpenAI
   answers), so a field that would change the output is never silently ignored; fields that
-  change nothing here (`user`, `metadata`, ...) are accepted and dropped.
+  change nothing here (`user`, `metadata`, ...) are accepted and dropped, and legacy ones are
+  mapped to their successors (`request_fields`).
 """
 
 from __future__ import annotations
@@ -22,18 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlx_mistral.errors import InvalidRequestError
-from mlx_mistral.sampling.params import FIELDS, SamplingField, SamplingParams
+from mlx_mistral.sampling.params import FIELDS, MAX_N, SamplingField, SamplingParams
 from mlx_mistral.sampling.sampler import TokenLogprobs
 from mlx_mistral.tools.spec import StructuredRequest
 from mlx_mistral.tools.validation import parse_structured_request
 
 from .errors import UnsupportedMediaTypeError
+from .request_fields import LEGACY_FIELDS, drop_no_ops, map_legacy_functions, rename_legacy_param
 from .units import parse_duration
-
-IGNORED_FIELDS = frozenset(
-    {"user", "metadata", "service_tier", "store", "safety_identifier", "prompt_cache_key"}
-)
-"""Fields that only tag or route a request on a hosted service; they change no output."""
 
 CHAT_SAMPLING = FIELDS
 """The sampling fields /v1/chat/completions takes: all of them, by their own names."""
@@ -61,6 +58,7 @@ _CHAT_FIELDS = frozenset(
         "keep_alive",  # Ollama's extension: how long the model stays loaded afterwards
         *_names(CHAT_SAMPLING),
         *_STRUCTURED_FIELDS,
+        *LEGACY_FIELDS,
     }
 )
 _COMPLETION_FIELDS = frozenset(
@@ -249,19 +247,18 @@ def _json_type(value: Any) -> str:
 
 
 # -- typed requests ---------------------------------------------------------------------------
-def _fields(body: dict[str, Any], known: frozenset[str]) -> dict[str, Any]:
-    """The body without nulls and ignored fields; an unknown field is a 400 naming it."""
-    out = {}
-    for key, value in body.items():
-        if key in IGNORED_FIELDS or value is None:
-            continue
+def _fields(body: dict[str, Any], known: frozenset[str], *, chat: bool) -> dict[str, Any]:
+    """The body without nulls and no-op fields (`request_fields`); an unknown field is a 400
+    naming it."""
+    out = {key: value for key, value in body.items() if value is not None}
+    drop_no_ops(out, chat=chat)
+    for key in out:
         if key not in known:
             raise InvalidRequestError(
                 f"unrecognized request argument: {key[:100]!r}",
                 param=key[:100],
                 code="unknown_parameter",
             )
-        out[key] = value
     return out
 
 
@@ -344,18 +341,23 @@ class ChatCompletionRequest:
     max_tokens_given: bool = False
     prediction: str | None = None
     keep_alive: float | None = None
+    legacy_functions: bool = False  # sent `functions`: answer with `function_call`
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> ChatCompletionRequest:
         """Raises InvalidRequestError naming the first bad field."""
-        fields = _fields(body, _CHAT_FIELDS)
+        fields = _fields(body, _CHAT_FIELDS, chat=True)
         _merge_aliases(fields)
         if "messages" not in fields:
             raise InvalidRequestError("messages is required", param="messages")
         params = _sampling(fields, CHAT_SAMPLING)
-        structured = parse_structured_request(
-            **{name: fields.get(name) for name in _STRUCTURED_FIELDS}
-        )
+        legacy = map_legacy_functions(fields)
+        try:
+            structured = parse_structured_request(
+                **{name: fields.get(name) for name in _STRUCTURED_FIELDS}
+            )
+        except InvalidRequestError as exc:
+            raise (rename_legacy_param(exc) if legacy else exc) from None
         return cls(
             messages=fields["messages"],
             params=params,
@@ -366,6 +368,7 @@ class ChatCompletionRequest:
             max_tokens_given="max_tokens" in fields,
             prediction=_prediction(fields),
             keep_alive=_keep_alive(fields),
+            legacy_functions=legacy,
         )
 
     @property
@@ -378,10 +381,12 @@ class ChatCompletionRequest:
 class CompletionRequest:
     """A validated POST /v1/completions body: raw text in, raw text out (no chat template).
 
-    `prompt` is a string (encoded with `<s>` first) or a list of token ids (used as given).
+    `prompts` holds one prompt or several (OpenAI's list of prompts: choice `n * p + i` of the
+    answer is choice i of prompt p); each is a string (encoded with `<s>` first) or a list of
+    token ids (used as given).
     """
 
-    prompt: str | list[int]
+    prompts: tuple[str | list[int], ...]
     params: SamplingParams
     model: str | None = None
     stream: bool = False
@@ -393,7 +398,7 @@ class CompletionRequest:
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> CompletionRequest:
         """Raises InvalidRequestError naming the first bad field."""
-        fields = _fields(body, _COMPLETION_FIELDS)
+        fields = _fields(body, _COMPLETION_FIELDS, chat=False)
         _merge_aliases(fields)
         for name, neutral in (("echo", False), ("best_of", 1), ("suffix", "")):
             if name in fields and fields[name] != neutral:
@@ -411,8 +416,15 @@ class CompletionRequest:
         params = _sampling(
             fields, COMPLETION_SAMPLING, logprobs="logprobs" in fields, top_logprobs=logprobs
         )
+        prompts = _prompts(fields.get("prompt"))
+        if len(prompts) * params.n > MAX_N:
+            raise InvalidRequestError(
+                f"{len(prompts)} prompts with n={params.n} ask for {len(prompts) * params.n} "
+                f"choices; one request makes at most {MAX_N}",
+                param="prompt",
+            )
         return cls(
-            prompt=_prompt(fields.get("prompt")),
+            prompts=prompts,
             params=params,
             model=_model(fields),
             stream=_bool(fields, "stream"),
@@ -449,24 +461,34 @@ def _prediction(fields: dict[str, Any]) -> str | None:
     return content
 
 
-def _prompt(prompt: Any) -> str | list[int]:
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        if not prompt:
-            raise InvalidRequestError("prompt must not be empty", param="prompt")
-        return prompt
-    if (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-    ):
-        return prompt
-    raise InvalidRequestError(
-        "prompt must be a non-empty string, a list of one string, or a list of token ids "
-        "(one prompt per request)",
-        param="prompt",
+def _is_token_ids(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
     )
+
+
+def _prompts(prompt: Any) -> tuple[str | list[int], ...]:
+    """OpenAI's four prompt shapes: a string, token ids, a list of strings, a list of token-id
+    lists (either list: one prompt each)."""
+    if isinstance(prompt, str) or _is_token_ids(prompt):
+        prompts: list[Any] = [prompt]
+    elif isinstance(prompt, list) and prompt:
+        prompts = prompt
+    else:
+        prompts = [None]
+    for i, one in enumerate(prompts):
+        where = "prompt" if prompts is not prompt else f"prompt[{i}]"
+        if one == "":
+            raise InvalidRequestError(f"{where} must not be empty", param=where)
+        if not (isinstance(one, str) or _is_token_ids(one)):
+            raise InvalidRequestError(
+                f"{where} must be a non-empty string or a list of token ids (prompt may also be "
+                "a list of these, one prompt each)",
+                param=where,
+            )
+    return tuple(prompts)
 
 
 # -- responses --------------------------------------------------------------------------------
@@ -548,12 +570,17 @@ def chat_choice(
     finish_reason: str | None,
     logprobs: list[dict[str, Any]] | None,
     tool_calls: list[dict[str, Any]] | None = None,
+    legacy_functions: bool = False,
 ) -> dict[str, Any]:
-    """One `choices[i]` of a chat.completion; with tool calls, an empty content is null."""
+    """One `choices[i]` of a chat.completion; with tool calls, an empty content is null. A
+    request that sent the legacy `functions` gets its one call as `function_call`."""
     message: dict[str, Any] = {"role": "assistant", "content": text}
     if tool_calls:
         message["content"] = text or None
-        message["tool_calls"] = tool_calls
+        if legacy_functions:
+            message["function_call"] = tool_calls[0]["function"]
+        else:
+            message["tool_calls"] = tool_calls
     choice: dict[str, Any] = {"index": index, "message": message}
     if logprobs is not None:
         choice["logprobs"] = {"content": logprobs}

@@ -67,22 +67,27 @@ FOREIGN_HOSTS = [
     # mDNS: any machine on the LAN may answer for a .local name, 127.0.0.1 included.
     "myhost.local",
     "printer.local:8000",
-    # .internal names other than the container runtimes' names for this machine.
-    "evil.internal",
+    # Names that only look like the private ones: a public name ending in them, the bare TLD,
+    # the absolute (trailing-dot) form.
     "host.docker.internal.evil.example",
-    "docker.internal",
+    "internal",
+    "gateway.internal.",
     "app.localhost.",
     "a..localhost",
 ]
 
-# Names only this machine can send: a container reaching its host (Open WebUI in Docker), and
-# RFC 6761's *.localhost, which browsers resolve to loopback without asking DNS.
+# Names only this machine can send: a container reaching its host (Open WebUI in Docker), any
+# *.internal name (ICANN's private-use TLD: never in public DNS, so a page cannot rebind to it),
+# and RFC 6761's *.localhost, which browsers resolve to loopback without asking DNS.
 LOCAL_ONLY_HOSTS = [
     "host.docker.internal",
     "host.docker.internal:8000",
     "gateway.docker.internal",
     "host.containers.internal:11434",
     "HOST.DOCKER.INTERNAL",
+    "evil.internal",
+    "docker.internal",
+    "gateway.internal",
     "app.localhost",
     "openwebui.localhost:3000",
 ]

@@ -15,7 +15,7 @@ import pytest
 
 from mlx_mistral.errors import InvalidRequestError
 from mlx_mistral.sampling.filters import HEAD_WIDTH, apply_min_p, apply_top_k, apply_top_p
-from mlx_mistral.sampling.params import FIELDS, MAX_N, SamplingParams
+from mlx_mistral.sampling.params import FIELDS, MAX_N, MAX_STOP, SamplingParams
 from mlx_mistral.sampling.sampler import sample
 from mlx_mistral.sampling.state import SamplerState
 
@@ -271,7 +271,7 @@ NUMBER_FIELDS = {  # field: (below, above) the allowed range
 INT_FIELDS = {
     "top_k": (-1, 1000),
     "max_tokens": (-1, 1_000_001),
-    "seed": (-1, 2**63),
+    "seed": (-(2**63) - 1, 2**63),  # a negative seed in range means "random" (llama.cpp's -1)
     "top_logprobs": (-1, 21),
     "n": (0, MAX_N + 1),
 }
@@ -280,7 +280,7 @@ BAD = (
     + [(f, v) for f in NUMBER_FIELDS for v in (math.nan, math.inf, -math.inf, True, "1", None)]
     + [(f, v) for f in INT_FIELDS for v in (math.nan, math.inf, 1.5, 2.0, False, "3")]
     + [(f, None) for f in ("top_k", "top_logprobs", "n")]
-    + [("stop", v) for v in (["a", "b", "c", "d", "e"], [""], "", [1], {"a": 1}, 5)]
+    + [("stop", v) for v in (["a"] * (MAX_STOP + 1), [""], "", [1], {"a": 1}, 5)]
     + [("logprobs", v) for v in (1, "true", None)]
     + [
         ("logit_bias", v)
@@ -345,6 +345,20 @@ def test_defaults_and_normalisation():
     assert isinstance(q.temperature, float) and q.seed == 2**63 - 1
     assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
     assert hash(q) == hash(SamplingParams(**q.__dict__))
+
+
+def test_a_negative_seed_means_a_fresh_random_seed():
+    """llama.cpp's and LM Studio's clients send seed -1 for "random"."""
+    assert SamplingParams(seed=-1).seed is None and SamplingParams(seed=-(2**63)).seed is None
+    assert SamplingParams(seed=0).seed == 0
+    states = [SamplerState(SamplingParams(seed=-1), [], 8) for _ in range(2)]
+    assert states[0].seed != states[1].seed
+
+
+def test_stop_takes_up_to_max_stop_strings():
+    """Editors' autocomplete (Continue) sends a dozen or more stop strings."""
+    stops = [f"s{i}" for i in range(MAX_STOP)]
+    assert SamplingParams(stop=stops).stop == tuple(stops) and MAX_STOP >= 16
 
 
 # ----------------------------------------------------------------------------- the field table

@@ -21,6 +21,7 @@ import httpx
 import openai
 import pytest
 
+from mlx_mistral.sampling.params import MAX_N, MAX_STOP
 from tests.server_process import ServerProcess
 
 KEY = "s3cret-key"
@@ -265,6 +266,8 @@ NUMERIC = [
 def test_bad_numbers_are_400_naming_the_field(http, field, value):
     if value == -1 and field in ("top_k", "presence_penalty", "frequency_penalty"):
         value = -3  # -1 is inside these ranges
+    if value == -1 and field == "seed":
+        value = -(2**63) - 1  # -1 means "random" (llama.cpp's); this is below any int64
     body = (
         {**GOOD, field: value, "logprobs": True}
         if field == "top_logprobs"
@@ -278,10 +281,9 @@ def test_bad_numbers_are_400_naming_the_field(http, field, value):
     "body, param, words",
     [
         ({"max_tokens": 10**9}, "max_tokens", "max_tokens"),
-        ({"max_tokens": 2045}, "max_tokens", "too many"),
         ({"logit_bias": {"32000": 5}}, "logit_bias", "31999"),
         ({"logit_bias": {"-1": 5}}, "logit_bias", "logit_bias"),
-        ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "stop"),
+        ({"stop": ["a"] * (MAX_STOP + 1)}, "stop", "stop"),
         ({"stream": "yes"}, "stream", "boolean"),
         ({"frobnicate": 1}, "frobnicate", "frobnicate"),
         (
@@ -322,7 +324,8 @@ def test_prompt_over_the_context_says_by_how_much(http):
 @pytest.mark.parametrize(
     "body, param",
     [
-        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": ["a", ""]}, "prompt[1]"),
+        ({"prompt": ["a"] * 9, "n": 2}, "prompt"),  # 18 choices: past MAX_N
         ({"prompt": ""}, "prompt"),
         ({}, "prompt"),
         ({"prompt": "a", "echo": True}, "echo"),
@@ -333,6 +336,50 @@ def test_prompt_over_the_context_says_by_how_much(http):
 )
 def test_completions_bad_fields_are_400(http, body, param):
     assert error_of(http.post("/v1/completions", json=body), 400)["param"] == param
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"max_tokens": 2045},  # past the room the prompt leaves: lowered to it
+        {"seed": -1},
+        {"stop": [f"s{i}" for i in range(MAX_STOP)]},
+        {"functions": [{"name": "f"}], "function_call": {"name": "f"}},
+        {"modalities": ["text"], "reasoning_effort": "low", "verbosity": "low"},
+        {"num_ctx": 4096, "cache_prompt": True, "chat_template_kwargs": {"x": 1}},
+        {"prompt_cache_options": {"mode": "implicit"}, "prompt_cache_retention": "24h"},
+    ],
+    ids=lambda body: next(iter(body)),
+)
+def test_what_issue_13_accepts_gets_as_far_as_the_queue(http, body):
+    response = http.post(CHAT, json={**GOOD, **body})
+    assert error_of(response, 503)["code"] == "engine_overloaded"
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"audio": {"voice": "alloy", "format": "mp3"}}, "audio"),
+        ({"modalities": ["text", "image"]}, "modalities"),
+        ({"web_search_options": {}}, "web_search_options"),
+        ({"moderation": {"model": "omni-moderation-latest"}}, "moderation"),
+        ({"num_ctx": 0}, "num_ctx"),
+        ({"cache_prompt": "yes"}, "cache_prompt"),
+        ({"chat_template_kwargs": []}, "chat_template_kwargs"),
+        ({"functions": [{"name": "f"}], "tools": []}, "functions"),
+        ({"functions": [{"description": "no name"}]}, "functions[0].name"),
+        ({"functions": [{"name": "f"}], "function_call": "always"}, "function_call"),
+    ],
+)
+def test_what_cannot_be_done_is_400_naming_the_field(http, body, param):
+    error = error_of(http.post(CHAT, json={**GOOD, **body}), 400)
+    assert error["param"] == param and param.split("[")[0] in error["message"], error
+
+
+def test_completions_take_a_list_of_prompts_up_to_max_n_choices(http):
+    body = {"prompt": ["a", "b"], "n": MAX_N // 2, "max_tokens": 2}
+    error = error_of(http.post("/v1/completions", json=body), 503)
+    assert error["code"] == "engine_overloaded"
 
 
 def test_fields_that_change_nothing_are_accepted(http):

@@ -30,8 +30,9 @@ from typing import Any
 
 from mlx_mistral.errors import InvalidRequestError
 
-MAX_STOP = 4
-"""OpenAI's limit on the number of stop strings."""
+MAX_STOP = 64
+"""Our limit on the number of stop strings: OpenAI allows 4, but editors' autocomplete
+(Continue) sends a dozen or more; matching costs grow with the count times the length."""
 MAX_STOP_CHARS = 4096
 """Our limit on a stop string's length (matching costs grow with it)."""
 
@@ -40,6 +41,8 @@ MAX_N = 16
 
 MAX_TOP_LOGPROBS = 20
 MAX_SEED = 2**63 - 1
+MIN_SEED = -(2**63)
+"""Negative seeds mean "a fresh random seed", as llama.cpp's -1 (see `_negative_seed_is_random`)."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,12 @@ def _boolean(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise InvalidRequestError(f"{name} must be a boolean, got {value!r}.", param=name)
     return value
+
+
+def _negative_seed_is_random(name: str, seed: int | None) -> int | None:
+    """llama.cpp and LM Studio send `seed: -1` for "random": any negative seed draws a fresh one,
+    as no seed does (the answer is not reproducible; a non-negative seed makes it so)."""
+    return None if seed is None or seed < 0 else seed
 
 
 def _normalise_stop(name: str, stop: Any) -> tuple[str, ...]:
@@ -174,7 +183,8 @@ class SamplingField:
         default: the value when the field is not given (None: "no limit" or "a fresh seed").
         doc: one line: what the field does.
         bounds: the allowed numbers, for a numeric field.
-        normalise: ``(name, value) -> value`` for any other field (raises on a bad value).
+        normalise: ``(name, value) -> value`` for any other field (raises on a bad value); for
+            a numeric field, applied after the range check (to map a value to its meaning).
         aliases: other names the API accepts for it.
         needs: a boolean field that must be true when this one is not its default.
         cli: whether ``mlx-mistral generate`` and ``chat`` take it as a flag.
@@ -203,7 +213,8 @@ class SamplingField:
             return self.normalise(self.name, value)
         if value is None and self.default is None:  # None is this field's "no limit"
             return None
-        return self.bounds.check(self.name, value)
+        value = self.bounds.check(self.name, value)
+        return value if self.normalise is None else self.normalise(self.name, value)
 
 
 def _declare(
@@ -288,9 +299,10 @@ class SamplingParams:
     )
     seed: int | None = _declare(
         None,
-        "Same seed, same logits: same tokens, whatever else shares the batch (none: a fresh "
-        "random seed).",
-        bounds=Range(0, MAX_SEED, integer=True),
+        "Same seed, same logits: same tokens, whatever else shares the batch (none or a "
+        "negative seed, as llama.cpp's -1: a fresh random seed).",
+        bounds=Range(MIN_SEED, MAX_SEED, integer=True),
+        normalise=_negative_seed_is_random,
         cli=True,
     )
     stop: tuple[str, ...] = _declare(

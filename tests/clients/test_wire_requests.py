@@ -106,6 +106,8 @@ LEGACY_FUNCTION = WEATHER_TOOL["function"] | {
         "type": "object",
         "properties": {"city": {"type": "string", "enum": ["Paris", "London"]}},
         "required": ["city"],
+        # Else the random tiny model may add keys of its own until max_tokens cuts the call.
+        "additionalProperties": False,
     }
 }
 
@@ -185,3 +187,59 @@ def test_cors_preflight_is_answered_without_granting_access(tiny_server):
     )
     assert response.status_code in (200, 204), response.text
     assert "access-control-allow-origin" not in response.headers
+
+
+def sse_events(server, path: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", server.url(path), json={**body, "stream": True}, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        raw = r.read()
+    events = [e for e in raw.split(b"\n\n") if e.startswith(b"data: ")]
+    assert events[-1] == b"data: [DONE]"
+    return [json.loads(e.removeprefix(b"data: ")) for e in events[:-1]]
+
+
+def test_completions_with_a_list_of_prompts_streamed(tiny_server):
+    """OpenAI's order: choice p * n + i is choice i of prompt p; usage counts every prompt."""
+    prompts = ["Hello", [1, 22557, 28725], "Goodbye there"]
+    body = {"model": served_model(tiny_server), "prompt": prompts, "n": 2, "max_tokens": 3}
+    events = sse_events(
+        tiny_server, "/v1/completions", {**body, "stream_options": {"include_usage": True}}
+    )
+    finished = [c["index"] for e in events for c in e["choices"] if c["finish_reason"]]
+    assert sorted(finished) == list(range(6))
+    alone = ok(httpx.post(tiny_server.url("/v1/completions"), json={**body, "n": 1}, timeout=120))
+    assert events[-1]["usage"]["prompt_tokens"] == alone["usage"]["prompt_tokens"]
+    lengths = [
+        ok(httpx.post(tiny_server.url("/v1/completions"), json={**body, "prompt": p, "n": 1}))
+        for p in prompts
+    ]
+    assert alone["usage"]["prompt_tokens"] == sum(a["usage"]["prompt_tokens"] for a in lengths)
+
+
+def test_completions_max_tokens_beyond_the_context_is_clamped(tiny_server):
+    room = 6
+    prompt = [1] + [22557] * (context_length(tiny_server) - room - 1)
+    body = {"model": served_model(tiny_server), "prompt": prompt, "max_tokens": 4096}
+    body |= {"temperature": 0, "logit_bias": {"2": -100}}  # no </s>: it runs to the window's end
+    answer = ok(httpx.post(tiny_server.url("/v1/completions"), json=body, timeout=120))
+    assert answer["usage"]["completion_tokens"] == room
+    assert answer["choices"][0]["finish_reason"] == "length"
+
+
+def test_legacy_function_call_streamed(tiny_server):
+    body = {
+        "model": served_model(tiny_server),
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "functions": [LEGACY_FUNCTION],
+        "function_call": {"name": "get_weather"},
+        "max_tokens": 64,
+    }
+    events = sse_events(tiny_server, "/v1/chat/completions", body)
+    deltas = [c["delta"] for e in events for c in e["choices"]]
+    assert not any("tool_calls" in d for d in deltas)
+    name = "".join(d["function_call"].get("name", "") for d in deltas if "function_call" in d)
+    arguments = "".join(
+        d["function_call"].get("arguments", "") for d in deltas if "function_call" in d
+    )
+    assert name == "get_weather" and json.loads(arguments)["city"] in ("Paris", "London")
+    assert [c["finish_reason"] for e in events for c in e["choices"]][-1] == "function_call"
