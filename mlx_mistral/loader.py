@@ -6,6 +6,7 @@ import os
 
 import mlx.core as mx
 
+from .distributed import load_sharded
 from .hub import resolve_model_path
 from .model import Model
 from .tokenizer import Tokenizer
@@ -43,4 +44,8 @@ def load(
         32000
     """
     path = resolve_model_path(path_or_repo)
-    return load_model(path, dtype=dtype, group=group), Tokenizer.from_dir(path)
+    if group is not None and group.size() > 1:  # tensor parallel: this rank reads its shard
+        model = load_sharded(path, group=group, dtype=dtype)
+    else:
+        model = load_model(path, dtype=dtype)
+    return model, Tokenizer.from_dir(path)

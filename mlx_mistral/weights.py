@@ -95,23 +95,16 @@ def load_model(
     path: str | Path,
     *,
     dtype: str | mx.Dtype | None = None,
-    group: mx.distributed.Group | None = None,
 ) -> Model:
     """Build a Model from a local checkpoint directory and load its weights.
 
     Args:
         path: a directory with config.json and safetensors weights (HF or mlx-community format).
         dtype: compute dtype; default float16/bfloat16 on a GPU, float32 on the CPU backend.
-        group: an `mx.distributed` group of more than one rank: load this rank's tensor-parallel
-            shard (see `mlx_mistral.distributed`).
 
     Raises:
         ModelLoadError: a config or weights that do not describe a Mistral model.
     """
-    if group is not None and group.size() > 1:  # tensor parallel (issue 18): reads one shard
-        from .distributed import load_sharded
-
-        return load_sharded(path, group=group, dtype=dtype)
     path = Path(path)
     config = read_config(path)
     args = ModelArgs.from_dict(config)

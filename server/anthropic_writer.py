@@ -34,8 +34,8 @@ from mlx_mistral.errors import MistralError
 from mlx_mistral.sampling.params import SamplingParams
 
 from .anthropic_protocol import MessagesRequest
-from .app import RequestPlan, _generate, _read_json, _state, _stats, guarded
 from .errors import anthropic_error_body
+from .handling import RequestPlan, guarded, read_json, run_plan, state_of, stats_of
 from .streaming import ChoiceTally, Delta, ResponseWriter, Served
 
 
@@ -184,8 +184,8 @@ class MessagesWriter(ResponseWriter):
 # -- the endpoints -----------------------------------------------------------------------------
 @guarded
 async def create_message(request: Request) -> Response:
-    state = _state(request)
-    req = MessagesRequest.from_json(await _read_json(request))
+    state = state_of(request)
+    req = MessagesRequest.from_json(await read_json(request))
     engine = state.live_engine()  # any model name: see the module docstring
     chat = req.as_chat()
     encoded, constraints = await state.chat_prompt(request, engine, chat)
@@ -196,7 +196,7 @@ async def create_message(request: Request) -> Response:
     writer = MessagesWriter(
         state.served,
         params,
-        stats=_stats(request),
+        stats=stats_of(request),
         call_ids=call_ids,
         prompt_length=len(prompt),
         window_limited=limited,
@@ -209,14 +209,14 @@ async def create_message(request: Request) -> Response:
         continuation=encoded.continues,  # a prefilled answer goes on from its text
         constraints=constraints,
     )
-    return await _generate(request, engine, plan)
+    return await run_plan(request, engine, plan)
 
 
 @guarded
 async def count_tokens(request: Request) -> Response:
     """The exact prompt length `create_message` would run (chat_prompt without the grammars)."""
-    req = MessagesRequest.from_json(await _read_json(request), count_only=True)
-    tokenizer = _state(request).live_engine().tokenizer
+    req = MessagesRequest.from_json(await read_json(request), count_only=True)
+    tokenizer = state_of(request).live_engine().tokenizer
     chat = req.as_chat()
     prompt, _ = await asyncio.to_thread(
         encode_chat_request, tokenizer, chat.messages, chat.structured

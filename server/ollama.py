@@ -1,7 +1,7 @@
 """Ollama's API over the one engine: the routes and their handlers.
 
 `/api/chat` and `/api/generate` run through the same chat prompt path, engine and constrained
-decoding as `/v1/chat/completions` (`app.chat_prompt`, `app._generate`); `ollama_protocol`
+decoding as `/v1/chat/completions` (`handling.chat_prompt`, `handling.run_plan`); `ollama_protocol`
 validates their bodies and `ollama_writer` renders Ollama's NDJSON. `/api/tags`, `/api/show`,
 `/api/ps` describe the served model (`ollama_models`). The model-management endpoints (pull,
 push, create, copy, delete) and embeddings answer a clear error: this server serves one chat
@@ -26,7 +26,7 @@ from starlette.routing import Route
 
 from mlx_mistral.errors import EngineDeadError, InvalidRequestError, MistralError
 
-from .app import RequestPlan, ServerState, _generate, _read_json, _stats, guarded
+from .handling import RequestPlan, ServerState, guarded, read_json, run_plan, stats_of
 from .ollama_models import OLLAMA_VERSION, ModelDescription, describe
 from .ollama_protocol import OllamaRequest
 from .ollama_writer import OllamaChatWriter, OllamaGenerateWriter, load_response
@@ -47,7 +47,7 @@ class NotServedError(MistralError):
     code = "not_implemented"
 
 
-def _state(request: Request) -> ServerState:
+def state_of(request: Request) -> ServerState:
     return request.app.state.server
 
 
@@ -56,7 +56,7 @@ async def _description(request: Request) -> ModelDescription:
     cached = getattr(request.app.state, "ollama_model", None)
     if cached is not None:
         return cached
-    state = _state(request)
+    state = state_of(request)
     engine = state.engine
     generator = None if engine is None else engine.generator  # outlives an idle unload
     if generator is None:
@@ -86,7 +86,7 @@ async def tags(request: Request) -> Response:
 
 @guarded
 async def ps(request: Request) -> Response:
-    engine = _state(request).engine
+    engine = state_of(request).engine
     if engine is None or not engine.loaded:  # unloaded after idling: nothing runs, as Ollama
         return JSONResponse({"models": []})
     description = await _description(request)
@@ -95,7 +95,7 @@ async def ps(request: Request) -> Response:
 
 @guarded
 async def show(request: Request) -> Response:
-    body = await _read_json(request)
+    body = await read_json(request)
     name = body.get("model", body.get("name"))  # "name": Ollama's older spelling
     if not isinstance(name, str) or not name:
         raise InvalidRequestError("model: is required (the name /api/tags lists)", param="model")
@@ -117,8 +117,8 @@ async def not_served(request: Request) -> Response:
 # -- generation -------------------------------------------------------------------------------
 @guarded
 async def chat(request: Request) -> Response:
-    state = _state(request)
-    req = OllamaRequest.chat(await _read_json(request))
+    state = state_of(request)
+    req = OllamaRequest.chat(await read_json(request))
     if req.loads_only:  # Ollama's load (or, with keep_alive 0, unload) request
         state.live_engine().keep_alive(req.keep_alive, load=True)
         return JSONResponse(load_response(req.model, chat=True))
@@ -130,7 +130,7 @@ async def chat(request: Request) -> Response:
     if req.parses_tool_calls and constraints:
         call_ids = [c.call_ids for c in constraints]
     writer = OllamaChatWriter(
-        state.served, req.params, model=req.model, stats=_stats(request), call_ids=call_ids
+        state.served, req.params, model=req.model, stats=stats_of(request), call_ids=call_ids
     )
     params = state.fit_max_tokens(req.params, req.max_tokens_given, len(prompt))
     plan = RequestPlan(
@@ -142,13 +142,13 @@ async def chat(request: Request) -> Response:
         constraints=constraints,
         keep_alive=req.keep_alive,
     )
-    return await _generate(request, engine, plan)
+    return await run_plan(request, engine, plan)
 
 
 @guarded
 async def generate(request: Request) -> Response:
-    state = _state(request)
-    req = OllamaRequest.generate(await _read_json(request))
+    state = state_of(request)
+    req = OllamaRequest.generate(await read_json(request))
     if req.loads_only:
         state.live_engine().keep_alive(req.keep_alive, load=True)
         return JSONResponse(load_response(req.model, chat=False))
@@ -166,7 +166,7 @@ async def generate(request: Request) -> Response:
         state.served,
         req.params,
         model=req.model,
-        stats=_stats(request),
+        stats=stats_of(request),
         context=None if req.raw else list(prompt),
     )
     params = state.fit_max_tokens(req.params, req.max_tokens_given, len(prompt))
@@ -180,7 +180,7 @@ async def generate(request: Request) -> Response:
         constraints=constraints,
         keep_alive=req.keep_alive,
     )
-    return await _generate(request, engine, plan)
+    return await run_plan(request, engine, plan)
 
 
 def ollama_routes() -> list[Route]:

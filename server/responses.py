@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from mlx_mistral.errors import InvalidRequestError, MistralError
 
+from .handling import RequestPlan, guarded, read_json, run_plan, state_of, stats_of
 from .responses_protocol import ResponsesRequest
 from .responses_writer import ResponsesWriter
 
@@ -81,8 +82,6 @@ class ResponsesAPI:
         self.store = store or ResponseStore()
 
     def routes(self) -> list[Route]:
-        from .app import guarded  # app imports this module to build its route table
-
         out = []
         for prefix in ("/v1", ""):
             out.append(Route(f"{prefix}/responses", guarded(self.create), methods=["POST"]))
@@ -92,10 +91,8 @@ class ResponsesAPI:
         return out
 
     async def create(self, request: Request) -> Response:
-        from .app import RequestPlan, _generate, _read_json, _state, _stats
-
-        state = _state(request)
-        req = ResponsesRequest.from_json(await _read_json(request))
+        state = state_of(request)
+        req = ResponsesRequest.from_json(await read_json(request))
         state.check_model(req.chat.model)
         history: tuple[dict[str, Any], ...] = ()
         if req.previous_response_id is not None:
@@ -118,7 +115,7 @@ class ResponsesAPI:
         writer = ResponsesWriter(
             state.served,
             chat.params,
-            stats=_stats(request),
+            stats=stats_of(request),
             echo=req.echo,
             call_ids=call_ids,
             keep=keep if req.store else None,
@@ -134,7 +131,7 @@ class ResponsesAPI:
             continuation=encoded.continues,
             constraints=constraints,
         )
-        return await _generate(request, engine, plan)
+        return await run_plan(request, engine, plan)
 
     async def retrieve(self, request: Request) -> Response:
         return JSONResponse(self.store.get(request.path_params["response_id"]).body)

@@ -23,7 +23,7 @@ import pytest
 import mlx_mistral
 from mlx_mistral.errors import InvalidRequestError
 from mlx_mistral.sampling.params import SamplingParams
-from mlx_mistral.server.app import chat_prompt
+from mlx_mistral.server.handling import chat_prompt
 from mlx_mistral.server.schemas import ChatCompletionRequest
 from mlx_mistral.tokenizer import Tokenizer
 from mlx_mistral.tools.parsing import split_tool_calls

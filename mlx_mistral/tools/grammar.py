@@ -52,14 +52,13 @@ import random
 import re
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llguidance
 import mlx.core as mx
 import numpy as np
 
 from ..errors import InvalidRequestError
-from ..tokenizer import Tokenizer
 from .format import (
     ARGUMENTS_KEY,
     CALL_OPEN,
@@ -74,6 +73,9 @@ from .format import (
     new_call_id,
 )
 from .spec import StructuredRequest
+
+if TYPE_CHECKING:  # the tokenizer's convenience `encode_chat` imports the tools
+    from ..tokenizer import Tokenizer
 
 log = logging.getLogger("mlx_mistral.grammar")
 
