@@ -19,10 +19,10 @@ import time
 
 import httpx
 import pytest
-from test_distributed import LAUNCH, free_port_pair
 
 from mlx_mistral.demo import demo_model_path
 from tests.server_process import ServerProcess
+from tests.test_distributed import LAUNCH, free_port_pair
 
 TIMEOUT = 120  # seconds to start, and to exit: a hung ring fails the test instead of the suite
 _LISTENING = re.compile(r"serving .+ on http://\S+?:(\d+)/v1")
