@@ -30,7 +30,7 @@ from .prefix_cache import PrefixCache
 from .sampling.params import SamplingParams
 from .sampling.sampler import PendingSample, TokenLogprobs, sample_async
 from .sampling.state import SamplerState
-from .speculative import choose_tokens
+from .speculative import Verification, choose_tokens, verification_width
 from .stopping import StopMatcher
 from .tokenizer import Tokenizer
 
@@ -156,6 +156,9 @@ class BatchGenerator:
         # The draw scheduled by the last decode step for the first len(rows) running rows
         # (newcomers are appended after them), not yet read on the host.
         self._in_flight: PendingSample | None = None
+        # Drafted tokens verified and accepted, over the generator's life (for /metrics).
+        self.draft_tokens_proposed = 0
+        self.draft_tokens_accepted = 0
 
     # -- submission ----------------------------------------------------------------------------
     def check(
@@ -396,7 +399,13 @@ class BatchGenerator:
                 return events
             drafts = [self._draft(seq) for seq in self.running]
             if any(drafts):
-                return events + self._speculate(drafts)
+                rates = [seq.speculator.rate if d else 0.0 for seq, d in zip(self.running, drafts)]
+                width = verification_width([len(d) for d in drafts], rates)
+                if width:
+                    return events + self._speculate([d[:width] for d in drafts])
+                for seq, draft in zip(self.running, drafts):
+                    if draft:  # not worth verifying in this batch: decode plainly a while
+                        seq.speculator.decline()
             tokens = mx.array([seq.tokens[-1] for seq in self.running])
             return events + self._sample_and_emit(self._next_logits(tokens), list(self.running))
         # Schedule step t+1 on step t's pending tokens, then read step t's.
@@ -441,34 +450,27 @@ class BatchGenerator:
     def _speculate(self, drafts: list[list[int]]) -> list[TokenEvent]:
         """Verify every row's draft in one forward (rows without one just decode a token).
 
-        Rows are padded to the longest draft; each row then keeps the KV of the tokens it
-        accepted, and `trim_cache_rows` re-aligns the rows that kept fewer (see its comment).
+        Rows are padded to the longest draft (which :func:`verification_width` keeps short
+        when rows without a draft would pay for it); each row then keeps the KV of the tokens
+        it accepted, and `trim_cache_rows` re-aligns the rows that kept fewer (see its comment).
         """
         rows, width = list(self.running), max(len(d) for d in drafts)
         inputs = [[seq.tokens[-1], *d, *[0] * (width - len(d))] for seq, d in zip(rows, drafts)]
         logits = self.model.project(self.model.hidden_states(mx.array(inputs), self.cache))
-        events: list[tuple[int, TokenEvent]] = []
+        if any(seq.constraint is not None for seq, d in zip(rows, drafts) if d):
+            events = self._accept_in_order(logits, rows, drafts)
+        else:
+            events = self._accept_at_once(logits, rows, drafts)
         emitted, accepted = [0] * len(rows), [0] * len(rows)
-        live = list(range(len(rows)))
-        for j in range(width + 1):  # position j checks drafts[i][j]
-            proposals = [drafts[i][j] if j < len(drafts[i]) else None for i in live]
-            tokens, logprobs = choose_tokens(
-                logits[mx.array(live), j],
-                [rows[i].state for i in live],
-                proposals,
-                self._allowed([rows[i] for i in live], logits.shape[-1]),
-            )
-            for i, proposal, token, lp in zip(list(live), proposals, tokens, logprobs):
-                accepted[i] += token == proposal
-                events.append((i, self._emit(rows[i], token, lp)))
-                emitted[i] += 1
-                if rows[i].finished or token != proposal:
-                    live.remove(i)
-            if not live:
-                break
+        for i, event in events:
+            emitted[i] += 1
+            proposal = drafts[i][emitted[i] - 1] if emitted[i] <= len(drafts[i]) else None
+            accepted[i] += event.token == proposal
         for seq, draft, n in zip(rows, drafts, accepted):
             if draft:
                 seq.speculator.record(len(draft), n)
+                self.draft_tokens_proposed += len(draft)
+                self.draft_tokens_accepted += n
         for i, event in events:  # the step's counts, known once its verification is done
             if drafts[i]:
                 event.accepted_prediction_tokens = rows[i].speculator.accepted
@@ -477,6 +479,46 @@ class BatchGenerator:
         trim_cache_rows(self.cache, [width + 1 - n for n in emitted])
         self._retire_finished()
         return [event for _, event in events]
+
+    def _accept_at_once(
+        self, logits: mx.array, rows: list[_Sequence], drafts: list[list[int]]
+    ) -> list[tuple[int, TokenEvent]]:
+        """All positions drawn in one pass (:class:`Verification`), then each row emits its
+        accepted tokens and the one after, up to where it finishes."""
+        verified = Verification(
+            logits, [s.state for s in rows], drafts, self._allowed(rows, logits.shape[-1])
+        )
+        events: list[tuple[int, TokenEvent]] = []
+        for i, seq in enumerate(rows):
+            for token, lp in zip(verified.tokens[i], verified.logprobs[i]):
+                events.append((i, self._emit(seq, token, lp)))
+                if seq.finished:
+                    break
+            verified.commit(i, sum(1 for r, _ in events if r == i))
+        return events
+
+    def _accept_in_order(
+        self, logits: mx.array, rows: list[_Sequence], drafts: list[list[int]]
+    ) -> list[tuple[int, TokenEvent]]:
+        """Position by position: penalties and grammars of a position see the tokens before
+        it, and a sampled row's randomness is drawn per position (see `speculative`)."""
+        events: list[tuple[int, TokenEvent]] = []
+        live = list(range(len(rows)))
+        for j in range(logits.shape[1]):  # position j checks drafts[i][j]
+            proposals = [drafts[i][j] if j < len(drafts[i]) else None for i in live]
+            tokens, logprobs = choose_tokens(
+                logits[mx.array(live), j],
+                [rows[i].state for i in live],
+                proposals,
+                self._allowed([rows[i] for i in live], logits.shape[-1]),
+            )
+            for i, proposal, token, lp in zip(list(live), proposals, tokens, logprobs):
+                events.append((i, self._emit(rows[i], token, lp)))
+                if rows[i].finished or token != proposal:
+                    live.remove(i)
+            if not live:
+                break
+        return events
 
     def _allowed(self, sequences: list[_Sequence], vocab: int) -> mx.array | None:
         if all(seq.constraint is None for seq in sequences):
