@@ -156,9 +156,6 @@ class BatchGenerator:
         # The draw scheduled by the last decode step for the first len(rows) running rows
         # (newcomers are appended after them), not yet read on the host.
         self._in_flight: PendingSample | None = None
-        # Drafted tokens verified and accepted, over the generator's life (for /metrics).
-        self.draft_tokens_proposed = 0
-        self.draft_tokens_accepted = 0
 
     # -- submission ----------------------------------------------------------------------------
     def check(
@@ -469,8 +466,6 @@ class BatchGenerator:
         for seq, draft, n in zip(rows, drafts, accepted):
             if draft:
                 seq.speculator.record(len(draft), n)
-                self.draft_tokens_proposed += len(draft)
-                self.draft_tokens_accepted += n
         for i, event in events:  # the step's counts, known once its verification is done
             if drafts[i]:
                 event.accepted_prediction_tokens = rows[i].speculator.accepted

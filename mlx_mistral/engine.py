@@ -214,6 +214,8 @@ class Engine:
         self._queued = 0
         self.steps = 0
         self.prefix_hit_tokens = 0  # prompt tokens whose KV came from the prefix cache
+        self.draft_tokens_proposed = 0  # speculative decoding, over finished sequences
+        self.draft_tokens_accepted = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self, timeout: float | None = None) -> Engine:
@@ -410,6 +412,11 @@ class Engine:
             if handle is None:
                 continue
             outbox = outboxes.setdefault(event.uid, (handle, []))[1]
+            if event.finish_reason is not None:  # a sequence's final event carries its totals
+                self.draft_tokens_accepted += event.accepted_prediction_tokens
+                self.draft_tokens_proposed += (
+                    event.accepted_prediction_tokens + event.rejected_prediction_tokens
+                )
             if handle._add_event(event, outbox):
                 del self._handles[event.uid]
                 self.prefix_hit_tokens += event.cached_tokens
