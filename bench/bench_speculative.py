@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--model", default="150m")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", help="run the workloads whose name has this text; no docs update")
     args = ap.parse_args()
     path = Path(args.model)
     if not path.exists():
@@ -98,6 +99,8 @@ def main() -> None:
     }
     rows = []
     for name, kwargs in [*cases.items(), *busy.items()]:
+        if args.only and args.only not in name:
+            continue
         batch = prompts if name in busy else one
         base, spec, last = [], [], None
         for _ in range(args.repeats):
@@ -109,7 +112,8 @@ def main() -> None:
         b, s = statistics.median(base), statistics.median(spec)
         rows.append((name, b, s, s / b, acceptance(last)))
         print(f"{name}: {b:.1f} -> {s:.1f} tok/s ({s / b:.2f}x), accepted {acceptance(last)}")
-    render(rows, args)
+    if not args.only:
+        render(rows, args)
 
 
 def render(rows, args) -> None:

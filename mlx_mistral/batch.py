@@ -34,6 +34,9 @@ from .speculative import Verification, choose_tokens, verification_width
 from .stopping import StopMatcher
 from .tokenizer import Tokenizer
 
+SPECULATE_PAUSE = (4, 64)
+"""Decode steps without looking for drafts after a look that verified none: first, most."""
+
 
 class TokenConstraint(Protocol):
     """A grammar that decides which tokens a sequence may take next (structured output)."""
@@ -156,6 +159,11 @@ class BatchGenerator:
         # The draw scheduled by the last decode step for the first len(rows) running rows
         # (newcomers are appended after them), not yet read on the host.
         self._in_flight: PendingSample | None = None
+        # Looking for drafts waits for the step's tokens (no pipelining), so after a look that
+        # verified nothing the batch skips looking for a number of steps that doubles.
+        self._decode_steps = 0
+        self._speculate_at = 0
+        self._speculate_pause = SPECULATE_PAUSE[0]
 
     # -- submission ----------------------------------------------------------------------------
     def check(
@@ -374,6 +382,7 @@ class BatchGenerator:
         self.cache = merge_caches(([self.cache] if self.cache else []) + [request.cache] * n)
         request.cache = None
         self.running.extend(sequences)
+        self._speculate_at = 0  # a newcomer may bring a prediction: look at once
         events = self._sample_and_emit(mx.repeat(logits, n, axis=0), sequences)
         if self.prefix_cache is not None:  # after the first token: off the TTFT path
             self.prefix_cache.store(request.prompt, prompt_kv)  # concurrent requests share it
@@ -387,22 +396,27 @@ class BatchGenerator:
     def _decode(self) -> list[TokenEvent]:
         # A row that may propose a draft needs its newest token on the host; so does a grammar.
         lag = 0 if self._in_flight is None else 1
-        if any(
-            seq.constraint is not None or (seq.speculator and seq.speculator.may_propose(lag))
-            for seq in self.running
-        ):
+        self._decode_steps += 1
+        speculate = self._decode_steps >= self._speculate_at and any(
+            seq.speculator and seq.speculator.may_propose(lag) for seq in self.running
+        )
+        if speculate or any(seq.constraint is not None for seq in self.running):
             events = self._settle()
             if not self.running:
                 return events
-            drafts = [self._draft(seq) for seq in self.running]
+            drafts = [self._draft(seq) for seq in self.running] if speculate else []
             if any(drafts):
                 rates = [seq.speculator.rate if d else 0.0 for seq, d in zip(self.running, drafts)]
                 width = verification_width([len(d) for d in drafts], rates)
                 if width:
+                    self._speculate_pause = SPECULATE_PAUSE[0]
                     return events + self._speculate([d[:width] for d in drafts])
                 for seq, draft in zip(self.running, drafts):
                     if draft:  # not worth verifying in this batch: decode plainly a while
                         seq.speculator.decline()
+            if speculate:  # the look cost the pipeline and found nothing worth verifying
+                self._speculate_at = self._decode_steps + self._speculate_pause
+                self._speculate_pause = min(SPECULATE_PAUSE[1], self._speculate_pause * 2)
             tokens = mx.array([seq.tokens[-1] for seq in self.running])
             return events + self._sample_and_emit(self._next_logits(tokens), list(self.running))
         # Schedule step t+1 on step t's pending tokens, then read step t's.
