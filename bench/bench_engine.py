@@ -28,11 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from checkpoints import write_random_checkpoint  # noqa: E402
-from report import machine, write_section  # noqa: E402
+# Sibling modules: `python bench/NAME.py` puts bench/ first on sys.path.
+from checkpoints import write_random_checkpoint
+from report import machine, write_section
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
 STORY = (
@@ -493,11 +491,12 @@ def render(results: list[dict], quick: bool, repeats: int) -> str:
         + (" --quick" if quick else "")
         + (f" --repeats {repeats}" if repeats != 3 else "")
         + "` (writes this section). "
-        "Random-weight checkpoints, float32 compute (the CPU default), greedy decoding with EOS banned "
-        "so every run generates the same number of tokens. mlx-lm runs with the same OpenBLAS "
-        "(LD_PRELOAD) as ours, and once as shipped (its bundled reference BLAS). "
+        "Random-weight checkpoints, float32 compute (the CPU default), greedy decoding with EOS "
+        "banned so every run generates the same number of tokens. mlx-lm runs with the same "
+        "OpenBLAS (LD_PRELOAD) as ours, and once as shipped (its bundled reference BLAS). "
         f"Speed figures are medians of {repeats} rounds; in each round ours and mlx-lm's run one "
-        "after the other, the order swapped from round to round; *per round* lists each round's ratio.",
+        "after the other, the order swapped from round to round; *per round* lists each round's "
+        "ratio.",
         "",
         "### Targets",
         "",
@@ -513,7 +512,8 @@ def render(results: list[dict], quick: bool, repeats: int) -> str:
         "",
         "### Batch-1 (library, one process per side)",
         "",
-        "| model | metric | ours | mlx-lm (same BLAS) | mlx-lm (as shipped) | ours / mlx-lm | per round |",
+        "| model | metric | ours | mlx-lm (same BLAS) | mlx-lm (as shipped) | ours / mlx-lm "
+        "| per round |",
         "|---|---|---:|---:|---:|---:|---|",
     ]
     for r in results:
@@ -536,8 +536,9 @@ def render(results: list[dict], quick: bool, repeats: int) -> str:
         "stream's last); *end to end*: all tokens over the wall time from the first request, "
         "which also counts the prompts' prefill and the ramp while clients join.",
         "",
-        "| model | clients | tokens | ours decode tok/s | mlx_lm.server decode tok/s | ours / mlx-lm | "
-        "ours vs our 1 client | per round | ours end to end | mlx_lm.server end to end |",
+        "| model | clients | tokens | ours decode tok/s | mlx_lm.server decode tok/s "
+        "| ours / mlx-lm | ours vs our 1 client | per round | ours end to end "
+        "| mlx_lm.server end to end |",
         "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in results:
@@ -546,21 +547,27 @@ def render(results: list[dict], quick: bool, repeats: int) -> str:
             o, m = median(sides["ours"], "decode_tps"), median(sides["mlx_lm"], "decode_tps")
             errors = [x["error"] for x in sides["mlx_lm"] if "error" in x]
             theirs = f"{m:.1f}" + (f" ({len(errors)} failed: {errors[0]})" if errors else "")
+            ours_vs_one = o / median(base, "decode_tps")
+            ours_e2e = median(sides["ours"], "end_to_end_tps")
+            theirs_e2e = median(sides["mlx_lm"], "end_to_end_tps")
+            rounds = per_run(sides["ours"], base, "decode_tps")
             lines.append(
-                f"| {r['name']} | {clients} | {r['http_tokens']} | {o:.1f} | {theirs} | {o / m:.2f}x | "
-                f"{o / median(base, 'decode_tps'):.2f}x | {per_run(sides['ours'], base, 'decode_tps')} | "
-                f"{median(sides['ours'], 'end_to_end_tps'):.1f} | {median(sides['mlx_lm'], 'end_to_end_tps'):.1f} |"
+                f"| {r['name']} | {clients} | {r['http_tokens']} | {o:.1f} | {theirs} "
+                f"| {o / m:.2f}x | {ours_vs_one:.2f}x | {rounds} "
+                f"| {ours_e2e:.1f} | {theirs_e2e:.1f} |"
             )
     lines += [
         "",
         "### Prefix cache and streaming",
         "",
         "Time to first token of turn 5 of a chat (median of 3 chats); one stream's tok/s through "
-        "HTTP and through the engine directly (the same prompt and length, ~8 s of decoding; each a new process, the two alternating):",
+        "HTTP and through the engine directly (the same prompt and length, ~8 s of decoding; "
+        "each a new process, the two alternating):",
         "",
-        "| model | turn-5 prompt tokens | from prefix cache | TTFT cold s | TTFT with prefix cache s | "
-        "ratio | ratio, raw random answers | stream tokens | HTTP stream tok/s | engine direct tok/s | "
-        "HTTP / direct | server peak RSS MiB (ours / mlx-lm) |",
+        "| model | turn-5 prompt tokens | from prefix cache | TTFT cold s "
+        "| TTFT with prefix cache s | ratio | ratio, raw random answers | stream tokens "
+        "| HTTP stream tok/s | engine direct tok/s | HTTP / direct "
+        "| server peak RSS MiB (ours / mlx-lm) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
@@ -569,11 +576,12 @@ def render(results: list[dict], quick: bool, repeats: int) -> str:
         raw_ratio = raw["prefix_cache"]["ttft_s"] / raw["cold"]["ttft_s"]
         http_tps, direct = median(r["stream"], "decode_tps"), median(r["direct"], "decode_tps")
         rss = r["server_rss_mb"]
+        cold, cached = words["cold"], words["prefix_cache"]
         lines.append(
-            f"| {r['name']} | {words['cold']['prompt_tokens']} | {words['prefix_cache']['cached_tokens']} | "
-            f"{words['cold']['ttft_s']:.3f} | {words['prefix_cache']['ttft_s']:.3f} | {ratio:.2f} | "
-            f"{raw_ratio:.2f} | {r['stream_tokens']} | {http_tps:.1f} | {direct:.1f} | {http_tps / direct:.2f} | "
-            f"{rss['ours']:.0f} / {rss['mlx_lm']:.0f} |"
+            f"| {r['name']} | {cold['prompt_tokens']} | {cached['cached_tokens']} "
+            f"| {cold['ttft_s']:.3f} | {cached['ttft_s']:.3f} | {ratio:.2f} | {raw_ratio:.2f} "
+            f"| {r['stream_tokens']} | {http_tps:.1f} | {direct:.1f} | {http_tps / direct:.2f} "
+            f"| {rss['ours']:.0f} / {rss['mlx_lm']:.0f} |"
         )
     lines += [
         "",

@@ -8,8 +8,9 @@ median, p90, max). For llguidance (the engine the package uses) we also time the
 its bitmask into the MLX bool array the sampler takes, and the package's own grammars (a forced
 tool call; free text in `tool_choice: "auto"`).
 
-Run:  python bench/bench_grammar.py            (prints the table, rewrites the `grammar` section of docs/benchmarks.md)
-      python bench/bench_grammar.py --no-write (prints only)
+Run:  python bench/bench_grammar.py             (prints the table and rewrites the `grammar`
+                                                section of docs/benchmarks.md)
+      python bench/bench_grammar.py --no-write  (prints only)
 
 xgrammar and outlines-core are not dependencies of the package: install them to compare
 (`pip install xgrammar outlines-core`); an engine that is not installed is reported as such.
@@ -22,7 +23,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
@@ -33,6 +33,9 @@ import mistral_common
 import numpy as np
 
 from mlx_mistral.tokenizer import Tokenizer
+
+# Sibling modules: `python bench/NAME.py` puts bench/ first on sys.path.
+from report import write_section
 
 TOKENIZER = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 REPEATS = 5  # walks of the answer per engine; the statistics pool every step of every walk
@@ -293,7 +296,8 @@ def main() -> None:
     )
     pkg_table = "\n".join(
         [
-            "| grammar (llguidance, incl. bitmask -> MLX) | tokens | mean µs | p50 µs | p90 µs | max µs |",
+            "| grammar (llguidance, incl. bitmask -> MLX) | tokens | mean µs | p50 µs | p90 µs "
+            "| max µs |",
             "|---|---|---|---|---|---|",
             *pkg_rows,
         ]
@@ -312,9 +316,6 @@ def main() -> None:
     )
     print(pkg_table)
     if not args.no_write:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from report import write_section
-
         write_section("grammar", render_doc(machine_text, len(ids), table, conv, pkg_table))
         print("\nwrote the grammar section of docs/benchmarks.md")
 

@@ -17,10 +17,8 @@ import mlx_mistral  # noqa: F401
 import argparse
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -31,6 +29,9 @@ from mlx_mistral.model import Model
 from mlx_mistral.sampling.params import SamplingParams
 from mlx_mistral.sampling.sampler import sample
 from mlx_mistral.sampling.state import SamplerState
+
+# Sibling modules: `python bench/NAME.py` puts bench/ first on sys.path.
+from report import machine, write_section
 
 VOCAB = 32000
 BATCHES = (1, 16)
@@ -119,9 +120,6 @@ def bench_mlx_lm(logits: mx.array, steps: int) -> float:
 
 
 def main() -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from report import machine, write_section
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="timed steps per figure")
     args = parser.parse_args()

@@ -17,20 +17,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+import mlx_mistral  # first: its BLAS preload precedes mlx
 
-from checkpoints import write_random_checkpoint  # noqa: E402
-from report import machine, write_section  # noqa: E402
-
-import mlx_mistral  # noqa: E402  (first: its BLAS preload precedes mlx)
-from mlx_mistral.batch import BatchGenerator  # noqa: E402
-from mlx_mistral.sampling.params import SamplingParams  # noqa: E402
+# checkpoints and report are sibling modules: `python bench/NAME.py` puts bench/ on sys.path.
+from checkpoints import write_random_checkpoint
+from mlx_mistral.batch import BatchGenerator
+from mlx_mistral.sampling.params import SamplingParams
+from report import machine, write_section
 
 TOPICS = ["a lighthouse", "a river", "a market", "a violin", "the moon", "a bakery", "snow", "ink"]
 

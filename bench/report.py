@@ -39,7 +39,8 @@ def write_section(name: str, markdown: str) -> None:
     text = (
         DOC.read_text()
         if DOC.exists()
-        else "# Benchmarks\n\nWritten by the scripts in bench/; each section says how to reproduce it.\n"
+        else "# Benchmarks\n\nWritten by the scripts in bench/; "
+        "each section says how to reproduce it.\n"
     )
     block = f"<!-- {name}:start -->\n{markdown.strip()}\n<!-- {name}:end -->"
     pattern = re.compile(rf"<!-- {name}:start -->.*?<!-- {name}:end -->", re.S)

@@ -22,7 +22,14 @@ from typing import Protocol
 
 import mlx.core as mx
 
-from .cache import BatchKVCache, filter_caches, merge_caches, trim_cache_rows
+from .cache import (
+    BatchKVCache,
+    cache_from_state,
+    filter_caches,
+    kv_bytes_per_token,
+    merge_caches,
+    trim_cache_rows,
+)
 from .drafts import Speculator
 from .errors import ContextLengthExceededError, InvalidRequestError
 from .model import Model
@@ -123,6 +130,7 @@ class BatchGenerator:
             room, it finishes with "length".
         prompt_lookup: draft tokens from the sequence's own prompt and output (speculative
             decoding; see `mlx_mistral.drafts`). Exact: only the speed changes.
+        kv_bits: store keys and values quantized to 8 or 4 bits (None: the compute dtype).
     """
 
     def __init__(
@@ -136,6 +144,7 @@ class BatchGenerator:
         max_batch: int = 32,
         open_reserve: int = 1024,
         prompt_lookup: bool = True,
+        kv_bits: int | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -145,7 +154,9 @@ class BatchGenerator:
         self.open_reserve = open_reserve
         self.prompt_lookup = prompt_lookup
         # The cache holds the compute dtype, which the norm weights carry.
-        self.kv_bytes_per_token = self.args.kv_bytes_per_token(model.model.norm.weight.dtype.size)
+        dtype_bytes = model.model.norm.weight.dtype.size
+        self.kv_bytes_per_token = kv_bytes_per_token(self.args, dtype_bytes, kv_bits)
+        self.kv_bits = kv_bits
         self.kv_budget_bytes = kv_budget_bytes
         self.prefix_cache = prefix_cache
         self.context_length = self.args.max_position_embeddings
@@ -340,12 +351,12 @@ class BatchGenerator:
         """Take what the prefix cache has of the prompt. Done when the request's prefill begins,
         not when it is admitted: requests admitted together (a shared system prompt) then find
         what the ones prefilled before them stored."""
-        hit = self.prefix_cache.lookup(request.prompt) if self.prefix_cache else None
+        hit = self.prefix_cache.lookup(request.prompt) if self.prefix_cache is not None else None
         if hit is not None:
-            request.cache = [BatchKVCache.from_state(k, v) for k, v in hit.layers]
+            request.cache = [cache_from_state(k, v) for k, v in hit.layers]
             request.prefilled = request.cached_tokens = hit.length
         else:
-            request.cache = self.model.make_cache()
+            request.cache = self.model.make_cache(kv_bits=self.kv_bits)
 
     def _prefill_chunk(self, request: _Request) -> list[TokenEvent]:
         if request.cache is None:
@@ -385,7 +396,8 @@ class BatchGenerator:
         self._speculate_at = 0  # a newcomer may bring a prediction: look at once
         events = self._sample_and_emit(mx.repeat(logits, n, axis=0), sequences)
         if self.prefix_cache is not None:  # after the first token: off the TTFT path
-            self.prefix_cache.store(request.prompt, prompt_kv)  # concurrent requests share it
+            # Concurrent requests share it; a restarted server finds it on disk.
+            self.prefix_cache.store(request.prompt, prompt_kv, persist=True)
         return events
 
     def _speculator(self, request: _Request) -> Speculator | None:

@@ -35,7 +35,6 @@ import struct
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from mlx.nn.layers.distributed import shard_linear
 from mlx.utils import tree_flatten
@@ -45,7 +44,7 @@ from .config import ModelArgs, read_config
 from .device import default_compute_dtype, parse_dtype
 from .errors import ModelLoadError
 from .model import Model
-from .weights import check_weights, materialize, quantization_of, quantized_layers_predicate
+from .weights import materialize, model_for_checkpoint
 
 # Module name -> MLX sharding. Column-sharded layers split their outputs (axis 0 of weight,
 # scales and biases); row-sharded layers split their inputs (the last axis, which a quantized
@@ -128,16 +127,7 @@ def load_sharded(
         tensors.names.pop("lm_head.weight", None)
     # Build the full model (its parameters are lazy and never evaluated, so this costs no
     # memory), quantize and check it against the checkpoint's shapes, then shard it.
-    model = Model(args)
-    quant = quantization_of(config)
-    if quant is not None:
-        nn.quantize(
-            model,
-            group_size=quant["group_size"],
-            bits=quant["bits"],
-            class_predicate=quantized_layers_predicate(config["quantization"], tensors.names),
-        )
-    check_weights(model, tensors.names)
+    model = model_for_checkpoint(config, tensors.names)
     shard_model(model, group)
 
     split = {

@@ -12,13 +12,16 @@ import logging
 import math
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
 
+from .backlog import EventBacklog
 from .batch import BatchGenerator, TokenConstraint, TokenEvent
-from .errors import EngineDeadError, EngineOverloadedError, MistralError
+from .disk_cache import DiskCacheSettings
+from .errors import EngineDeadError, EngineOverloadedError, MistralError, StructuredOutputError
 from .lifecycle import ModelSlot
 from .memory import DEFAULT_PREFIX_CACHE_MAX as DEFAULT_PREFIX_CACHE_MAX  # re-exported
 from .memory import available_memory_bytes as available_memory_bytes  # re-exported
@@ -30,6 +33,11 @@ log = logging.getLogger("mlx_mistral.engine")
 
 _DONE = object()
 
+STRUCTURED_OUTPUT_FAILED = (
+    "the structured-output engine failed mid-answer, so the answer cannot follow the requested "
+    "format (response_format or tools); see the server's log. A simpler schema may avoid it."
+)
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -37,7 +45,8 @@ class EngineConfig:
 
     Attributes:
         max_batch: most sequences decoded together.
-        max_queue: most requests waiting to start; more get EngineOverloadedError (503).
+        max_queue: most requests waiting: to start, or (streams the engine has finished) for
+            their client to read the rest; more get EngineOverloadedError (503).
         prefill_chunk: prompt tokens per prefill step (bounds the stall of running streams).
         kv_budget_bytes: KV memory for running sequences; None derives it from free memory.
         prefix_cache_bytes: memory kept for earlier conversations' KV; None: a quarter of the
@@ -47,6 +56,9 @@ class EngineConfig:
             after each request, `math.inf` never.
         max_memory_bytes: a cap on weights + KV + prefix cache, from which the KV and
             prefix-cache budgets are derived once the weights' size is known (`memory`).
+        prompt_cache: keep prompts' KV on disk too, so a restarted server reuses them; None
+            turns the disk cache off.
+        kv_bits: store the KV cache quantized to 8 or 4 bits; None keeps the compute dtype.
     """
 
     max_batch: int = 32
@@ -56,12 +68,14 @@ class EngineConfig:
     prefix_cache_bytes: int | None = None
     keep_alive: float = math.inf
     max_memory_bytes: int | None = None
+    prompt_cache: DiskCacheSettings | None = None
+    kv_bits: int | None = None
 
 
 def _put_all(posts: list[tuple[RequestHandle, list]]) -> None:
     """On the event loop: queue each request's share of one engine step."""
     for handle, outbox in posts:
-        handle._async_queue.put_nowait(outbox)
+        handle._backlog.put(outbox)
 
 
 class RequestHandle:
@@ -72,7 +86,8 @@ class RequestHandle:
 
     `batches()` gives, asynchronously, everything that arrived since the last read as one list:
     a server that falls behind a fast model writes several tokens per chunk instead of queueing
-    one write per token.
+    one write per token. What is unread is bounded (`EventBacklog`): a reader far behind gets
+    text events merged.
     """
 
     def __init__(
@@ -91,13 +106,14 @@ class RequestHandle:
         self.params = params
         self.constraints = constraints
         self._loop = loop
-        self._async_queue: asyncio.Queue | None = asyncio.Queue() if loop else None
+        self._backlog: EventBacklog | None = EventBacklog() if loop else None
         self._sync_queue: queue.Queue | None = None if loop else queue.Queue()
         self.uid: int | None = None
         self.continuation = continuation  # see Engine.submit
         self._open_choices = params.n
         self.cancelled = False
         self._ended = False  # a reader has seen the last event (or the engine's error)
+        self._closed = False  # the reader is done with this request (see _cancel_unless_ended)
 
     # Called on the engine thread. Queue entries are lists of items.
     def _deliver(self, item: TokenEvent | MistralError | object) -> None:
@@ -106,7 +122,7 @@ class RequestHandle:
     def _post(self, items: list) -> None:
         if self._loop is not None:
             try:
-                self._loop.call_soon_threadsafe(self._async_queue.put_nowait, items)
+                self._loop.call_soon_threadsafe(self._backlog.put, items)
             except RuntimeError:  # the event loop is closed: nobody is listening any more
                 self.cancel()
         else:
@@ -144,12 +160,9 @@ class RequestHandle:
 
     async def batches(self):
         """Lists of the events that arrived since the previous list (never empty)."""
-        queue_ = self._async_queue
         try:
             while True:
-                items = await queue_.get()
-                while not queue_.empty():  # whatever else is already here goes in the same list
-                    items = items + queue_.get_nowait()
+                items = await self._backlog.take()
                 events = []
                 for item in items:
                     if item is _DONE or isinstance(item, MistralError):
@@ -178,6 +191,10 @@ class RequestHandle:
             self._cancel_unless_ended()
 
     def _cancel_unless_ended(self) -> None:
+        # Read to the end, or abandoned: no longer held. The flag first: the engine thread may
+        # be adding this handle to _unread right now, and checks the flag after adding.
+        self._closed = True
+        self.engine._unread.discard(self)
         if not self._ended:
             self.cancel()
 
@@ -209,9 +226,14 @@ class Engine:
         self._ready = threading.Event()
         self._stopping = False
         self._accepting = True
+        self._drain_deadline = math.inf  # monotonic time when a drain ends what still runs
+        self._drained = True  # every stop so far was a drain (else in-flight requests end now)
         self.error: BaseException | None = None
         self._handles: dict[int, RequestHandle] = {}
         self._queued = 0
+        # Async requests the engine has finished whose reader has not read the end: their
+        # events are held in memory, so they count against max_queue like waiting requests.
+        self._unread: set[RequestHandle] = set()
         self.steps = 0
         self.prefix_hit_tokens = 0  # prompt tokens whose KV came from the prefix cache
         self.draft_tokens_proposed = 0  # speculative decoding, over finished sequences
@@ -230,15 +252,25 @@ class Engine:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None and self._ready.is_set()
 
-    def stop_accepting(self) -> None:
+    def drain(self, timeout: float | None = None) -> None:
+        """Begin stopping: refuse new requests and those not yet admitted to the batch
+        (EngineOverloadedError, 503 + Retry-After: another server may take them), let the
+        running ones finish, and after `timeout` seconds end what still runs with the same
+        error. The thread exits once nothing runs. Returns at once (any thread)."""
         self._accepting = False
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        self._commands.put(("stop", (deadline, True)))
 
     def shutdown(self, *, drain: bool = False, timeout: float | None = 30.0) -> None:
-        """Stop the engine: with `drain`, finish in-flight requests first."""
-        self._accepting = False
-        self._commands.put(("stop", drain))
+        """Stop the engine and wait for its thread: with `drain`, in-flight requests get up to
+        `timeout` seconds to finish (see `drain`); without, they end now."""
+        if drain:
+            self.drain(timeout)
+        else:
+            self._accepting = False
+            self._commands.put(("stop", (0.0, False)))
         if self._thread.is_alive():
-            self._thread.join(timeout)
+            self._thread.join(None if timeout is None else timeout + 1.0)
 
     # -- the model (see `lifecycle`) -------------------------------------------------------------
     @property
@@ -260,9 +292,11 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        """Requests not started yet: handed over, or held for KV memory or batch room."""
+        """Requests not started yet (handed over, or held for KV memory or batch room), and
+        finished answers whose reader has not reached the end (they still hold their events)."""
         generator = self.slot.generator
-        return self._queued + (0 if generator is None else len(generator.waiting))
+        held = 0 if generator is None else len(generator.waiting)
+        return self._queued + held + len(self._unread)
 
     def keep_alive(self, seconds: float | None, *, load: bool = False) -> None:
         """Keep the model loaded `seconds` after the last request (None: the configured
@@ -312,7 +346,7 @@ class Engine:
             raise EngineOverloadedError("the server is shutting down", retry_after=5)
         # check() reads only immutable settings: safe from any thread.
         self.generator.check(prompt, params, prompt_field=prompt_field)
-        waiting = self.num_waiting  # len() of a deque is atomic in CPython
+        waiting = self.num_waiting  # len() of a deque or a set is atomic in CPython
         if waiting >= self.config.max_queue:
             raise EngineOverloadedError(
                 f"{waiting} requests are already waiting; retry shortly", retry_after=1
@@ -357,6 +391,8 @@ class Engine:
             with contextlib.suppress(Exception):  # a dead device has nothing left to wait for
                 if self.generator is not None:
                     self.generator.close()
+                    if self.generator.prefix_cache is not None:
+                        self.generator.prefix_cache.close()  # queued disk writes finish
                 mx.synchronize()
                 mx.clear_streams()
 
@@ -371,7 +407,6 @@ class Engine:
 
     def _loop(self) -> None:
         generator = self.generator
-        drain = False
         while True:
             block = not generator.has_work
             while True:
@@ -390,12 +425,16 @@ class Engine:
                 elif command == "keep_alive":
                     self.slot.set_keep_alive(payload[0], load=payload[1])
                 elif command == "stop":
-                    self._stopping, drain = True, payload
-            if self._stopping and (not drain or not generator.has_work):
-                for handle in list(self._handles.values()):
-                    handle._deliver(EngineDeadError("the server is shutting down"))
-                    handle._deliver(_DONE)
-                return
+                    self._stopping = True
+                    deadline, drained = payload
+                    self._drain_deadline = min(self._drain_deadline, deadline)
+                    self._drained &= drained
+            if self._stopping:
+                self._refuse_waiting()
+                if not generator.has_work or time.monotonic() >= self._drain_deadline:
+                    for handle in list(self._handles.values()):
+                        handle._deliver(self._stop_error())
+                    return
             if not generator.has_work:
                 self.slot.idle()  # unloads once the keep-alive has run out
                 continue
@@ -412,6 +451,14 @@ class Engine:
             if handle is None:
                 continue
             outbox = outboxes.setdefault(event.uid, (handle, []))[1]
+            if event.finish_reason == "error":
+                # A choice's grammar engine failed (the constraint logged why): the request
+                # ends with an error, never an answer that only looks finished; its other
+                # choices are dropped.
+                outbox.append(StructuredOutputError(STRUCTURED_OUTPUT_FAILED))
+                del self._handles[event.uid]
+                self.generator.cancel(event.uid)
+                continue
             if event.finish_reason is not None:  # a sequence's final event carries its totals
                 self.draft_tokens_accepted += event.accepted_prediction_tokens
                 self.draft_tokens_proposed += (
@@ -420,6 +467,10 @@ class Engine:
             if handle._add_event(event, outbox):
                 del self._handles[event.uid]
                 self.prefix_hit_tokens += event.cached_tokens
+                if handle._loop is not None:
+                    self._unread.add(handle)  # until its reader reaches the end
+                    if handle._closed:
+                        self._unread.discard(handle)
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, list]]] = {}
         for handle, outbox in outboxes.values():
             if handle._loop is None:
@@ -432,6 +483,31 @@ class Engine:
             except RuntimeError:  # the event loop is closed: nobody is listening any more
                 for handle, _ in posts:
                     handle.cancel()
+
+    def _stop_error(self) -> MistralError:
+        if not self._drained:  # stopped outright: this engine is gone
+            return EngineDeadError("the server is shutting down")
+        # A drain that ran out of time: the server is going away, another may take the retry.
+        return EngineOverloadedError(
+            "the server is shutting down and its drain time ran out before this request finished",
+            retry_after=5,
+        )
+
+    def _refuse_waiting(self) -> None:
+        """While stopping: answer the requests not yet admitted to the batch at once."""
+        generator = self.generator
+        if generator is None:  # unloaded: every request is still in the hand-over queue
+            return
+        for request in list(generator.waiting):
+            generator.cancel(request.uid)  # its "cancelled" event will find no handle
+            handle = self._handles.pop(request.uid, None)
+            if handle is not None:
+                handle._deliver(
+                    EngineOverloadedError(
+                        "the server is shutting down; this request had not started",
+                        retry_after=5,
+                    )
+                )
 
     def _add(self, handle: RequestHandle) -> None:
         if handle.cancelled:

@@ -86,6 +86,15 @@ class EngineDeadError(MistralError):
     code = "engine_dead"
 
 
+class StructuredOutputError(MistralError):
+    """The grammar engine that enforces tools or a JSON format failed mid-answer (HTTP 500):
+    the answer can no longer follow the format, so the request ends with this error."""
+
+    status = 500
+    type = "server_error"
+    code = "structured_output_failed"
+
+
 class ModelLoadError(MistralError):
     """A checkpoint that exists but cannot be read as a Mistral model."""
 

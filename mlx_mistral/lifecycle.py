@@ -23,6 +23,7 @@ import mlx.core as mx
 
 from ._blas import reference_blas_warning
 from .batch import BatchGenerator
+from .disk_cache import DiskPrefixCache
 from .errors import MistralError, ModelLoadError
 from .memory import Budgets, plan_budgets, unwire, weights_bytes, wire
 from .model import Model
@@ -85,7 +86,8 @@ class ModelSlot:
                 prefill_chunk=config.prefill_chunk,
                 kv_budget_bytes=budgets.kv_bytes,
                 max_batch=config.max_batch,
-                prefix_cache=PrefixCache(prefix) if prefix else None,
+                prefix_cache=self._make_prefix_cache(model, prefix),
+                kv_bits=config.kv_bits,
             )
             log.info(
                 "memory: weights %.0f MiB, KV budget %.0f MiB, prefix cache %.0f MiB%s; "
@@ -103,6 +105,18 @@ class ModelSlot:
         self.loads += 1
         assert self.budgets is not None
         wire(weights + self.budgets.kv_bytes + self.budgets.prefix_cache_bytes)
+
+    def _make_prefix_cache(self, model: Model, budget_bytes: int) -> PrefixCache | None:
+        settings = self.config.prompt_cache
+        if settings is None:
+            return PrefixCache(budget_bytes) if budget_bytes else None
+        # The cache's dtype (see batch.py) and quantization: files of another format never load.
+        kv_format = f"{model.model.norm.weight.dtype}/kv_bits={self.config.kv_bits}"
+        disk = DiskPrefixCache(
+            settings, kv_format=kv_format, num_layers=model.args.num_hidden_layers
+        )
+        log.info("prompt cache: %d file(s) in %s", len(disk), disk.dir)
+        return PrefixCache(budget_bytes, disk=disk)
 
     def ensure_loaded(self) -> MistralError | None:
         """Load the weights if an idle unload freed them; the error to answer if that fails."""

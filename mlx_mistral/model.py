@@ -49,8 +49,42 @@ class Attention(nn.Module):
         )
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, K, T, d), T = cached + L
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if cache is not None and cache.bits is not None:  # k and v are quantized triples
+            out = quantized_attention(q, k, v, self.scale, mask, cache.group_size, cache.bits)
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def quantized_attention(
+    q: mx.array,
+    k: tuple[mx.array, ...],
+    v: tuple[mx.array, ...],
+    scale: float,
+    mask: mx.array | str | None,
+    group_size: int,
+    bits: int,
+) -> mx.array:
+    """Attention over a quantized cache: both products read the packed keys and values
+    through `mx.quantized_matmul`, so the cache is never dequantized as a whole.
+
+    q (B, H, L, d); k and v `mx.quantize` triples of (B, K, T, ...) -> (B, H, L, d).
+    """
+    B, H, L, d = q.shape
+    K, T = k[0].shape[1], k[0].shape[2]
+    q = (q * scale).reshape(B, K, H // K, L, d)  # each key head serves H // K query heads
+    k = tuple(a[:, :, None] for a in k)  # (B, K, 1, T, ...)
+    v = tuple(a[:, :, None] for a in v)
+    scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)
+    if isinstance(mask, str):  # "causal": the L new queries are the last L positions
+        mask = mx.arange(T - L, T)[:, None] >= mx.arange(T)[None]
+    if mask is not None:
+        if mask.ndim == 4:  # (B, 1, L, T) -> (B, 1, 1, L, T)
+            mask = mask[:, :, None]
+        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+    weights = mx.softmax(scores, axis=-1, precise=True)  # (B, K, H // K, L, T)
+    out = mx.quantized_matmul(weights, *v, transpose=False, group_size=group_size, bits=bits)
+    return out.reshape(B, H, L, d)
 
 
 class MLP(nn.Module):
@@ -163,8 +197,8 @@ class Model(nn.Module):
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
 
-    def make_cache(self, batch_size: int = 1) -> list[BatchKVCache]:
-        return make_cache(self.args.num_hidden_layers, batch_size)
+    def make_cache(self, batch_size: int = 1, *, kv_bits: int | None = None) -> list[BatchKVCache]:
+        return make_cache(self.args.num_hidden_layers, batch_size, kv_bits=kv_bits)
 
     @property
     def layers(self):

@@ -3,6 +3,10 @@
 A chat's next turn repeats the whole conversation so far; two requests may share a long system
 prompt. Entries are keyed by their token ids; a lookup returns the longest stored prefix of the
 new prompt. Least-recently-used entries are evicted to stay under a byte budget.
+
+With a `DiskPrefixCache` beneath it, a lookup that memory cannot serve as well as the disk goes
+to the disk (and the entry found moves into memory), and prompts are also written there, so a
+restarted server still has them.
 """
 
 from __future__ import annotations
@@ -10,11 +14,35 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
 
-LayerKV = tuple[mx.array, mx.array]  # (1, kv_heads, tokens, head_dim) each
+if TYPE_CHECKING:
+    from .disk_cache import DiskPrefixCache
+
+# Keys and values of one layer, (1, kv_heads, tokens, head_dim) each; a quantized cache holds
+# each as its (packed, scales, biases) triple, all with the tokens on axis 2.
+KV = mx.array | tuple[mx.array, ...]
+LayerKV = tuple[KV, KV]
+
+
+def kv_nbytes(part: KV) -> int:
+    return sum(a.nbytes for a in part) if isinstance(part, tuple) else part.nbytes
+
+
+def kv_slice(part: KV, n: int) -> KV:
+    """The first `n` tokens."""
+    if isinstance(part, tuple):
+        return tuple(a[:, :, :n, :] for a in part)
+    return part[:, :, :n, :]
+
+
+def kv_copy(part: KV) -> KV:
+    if isinstance(part, tuple):
+        return tuple(mx.contiguous(a) for a in part)
+    return mx.contiguous(part)
 
 
 @dataclass
@@ -37,8 +65,16 @@ class PrefixCache:
     which runs on the engine thread between decode steps.
     """
 
-    def __init__(self, budget_bytes: int, *, min_tokens: int = 16, max_entries: int = 256):
+    def __init__(
+        self,
+        budget_bytes: int,
+        *,
+        min_tokens: int = 16,
+        max_entries: int = 256,
+        disk: DiskPrefixCache | None = None,
+    ):
         self.budget_bytes = budget_bytes
+        self.disk = disk
         self.min_tokens = min_tokens  # shorter prefixes are cheaper to recompute than to store
         self.max_entries = max_entries
         self._entries: OrderedDict[tuple[int, ...], tuple[np.ndarray, list[LayerKV], int]] = (
@@ -50,7 +86,8 @@ class PrefixCache:
         return len(self._entries)
 
     def lookup(self, prompt: Sequence[int]) -> PrefixHit | None:
-        """The longest stored prefix of `prompt`, leaving at least one token to prefill."""
+        """The longest stored prefix of `prompt` (in memory, else on disk), leaving at least
+        one token to prefill."""
         ids = np.asarray(prompt, dtype=np.int64)
         best_key, best_len = None, 0
         for key, (stored, _, _) in self._entries.items():
@@ -58,27 +95,58 @@ class PrefixCache:
             if n > best_len:
                 best_key, best_len = key, n
         best_len = min(best_len, len(prompt) - 1)
-        if best_key is None or best_len < self.min_tokens:
+        if best_len < self.min_tokens:
+            best_key, best_len = None, 0
+        if self.disk is not None:
+            found = self.disk.lookup(ids, longer_than=best_len)
+            if found is not None:
+                length, stored, layers = found
+                self._insert(tuple(stored.tolist()), stored, layers)  # later turns hit memory
+                return PrefixHit(
+                    length, [(kv_slice(k, length), kv_slice(v, length)) for k, v in layers]
+                )
+        if best_key is None:
             return None
         self._entries.move_to_end(best_key)
         layers = self._entries[best_key][1]
         return PrefixHit(
-            best_len, [(k[:, :, :best_len, :], v[:, :, :best_len, :]) for k, v in layers]
+            best_len, [(kv_slice(k, best_len), kv_slice(v, best_len)) for k, v in layers]
         )
 
-    def store(self, tokens: Sequence[int], layers: list[LayerKV]) -> None:
-        """Keep a copy of `layers` (KV for exactly `tokens`), evicting old entries as needed."""
+    def store(self, tokens: Sequence[int], layers: list[LayerKV], *, persist: bool = False) -> None:
+        """Keep a copy of `layers` (KV for exactly `tokens`), evicting old entries as needed;
+        with `persist`, write it to the disk cache too (a prompt: later turns start with it)."""
         key = tuple(tokens)
-        if len(key) < self.min_tokens or key in self._entries:
+        if len(key) < self.min_tokens:
             return
         ids = np.asarray(key, dtype=np.int64)
-        # The tuple key costs ~36 bytes a token in Python objects; counted, so RSS stays bounded.
-        size = sum(k.nbytes + v.nbytes for k, v in layers) + ids.nbytes + 36 * len(key)
-        if size > self.budget_bytes:
+        to_memory = key not in self._entries and self._entry_size(ids, layers) <= self.budget_bytes
+        to_disk = (
+            persist
+            and self.disk is not None
+            and len(ids) >= self.disk.settings.min_tokens
+            and not self.disk.covers(ids)
+        )
+        if not (to_memory or to_disk):
             return
-        # Copies, so an entry never pins the (much larger) batch cache it was sliced from.
-        layers = [(mx.contiguous(k), mx.contiguous(v)) for k, v in layers]
+        # Copies, so an entry never pins the (much larger) batch cache it was sliced from;
+        # evaluated here, since the disk writer's thread cannot evaluate them.
+        layers = [(kv_copy(k), kv_copy(v)) for k, v in layers]
         mx.eval(layers)
+        if to_memory:
+            self._insert(key, ids, layers)
+        if to_disk:
+            self.disk.store(ids, layers)
+
+    @staticmethod
+    def _entry_size(ids: np.ndarray, layers: list[LayerKV]) -> int:
+        # The tuple key costs ~36 bytes a token in Python objects; counted, so RSS stays bounded.
+        return sum(kv_nbytes(k) + kv_nbytes(v) for k, v in layers) + ids.nbytes + 36 * len(ids)
+
+    def _insert(self, key: tuple[int, ...], ids: np.ndarray, layers: list[LayerKV]) -> None:
+        size = self._entry_size(ids, layers)
+        if key in self._entries or size > self.budget_bytes:
+            return
         # An entry that is a prefix of the new one is now redundant.
         for old, (stored, _, _) in list(self._entries.items()):
             if len(stored) <= len(ids) and common_prefix_length(stored, ids) == len(stored):
@@ -94,5 +162,11 @@ class PrefixCache:
         self.nbytes -= self._entries.pop(key)[2]
 
     def clear(self) -> None:
+        """Forget the entries in memory (the disk keeps its files)."""
         self._entries.clear()
         self.nbytes = 0
+
+    def close(self) -> None:
+        """Finish the disk cache's queued writes."""
+        if self.disk is not None:
+            self.disk.close()

@@ -10,6 +10,7 @@ between the two packages in both directions.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -117,16 +118,7 @@ def load_model(
     weights = read_weights(path)
     if args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
-    model = Model(args)
-    quant = quantization_of(config)
-    if quant is not None:
-        nn.quantize(
-            model,
-            group_size=quant["group_size"],
-            bits=quant["bits"],
-            class_predicate=quantized_layers_predicate(config["quantization"], weights),
-        )
-    check_weights(model, weights)
+    model = model_for_checkpoint(config, weights)
     float_weights = [w for w in weights.values() if mx.issubdtype(w.dtype, mx.floating)]
     compute = parse_dtype(dtype) or default_compute_dtype(
         float_weights[0].dtype if float_weights else None
@@ -138,6 +130,27 @@ def load_model(
     model.load_weights(list(weights.items()), strict=True)
     materialize(model, compute)
     model.eval()
+    return model
+
+
+def model_for_checkpoint(config: dict[str, Any], weights: Mapping[str, Any]) -> Model:
+    """The (lazy, unevaluated) Model a checkpoint describes: quantized where its config says,
+    and checked against the checkpoint's tensor names and shapes (`weights`: name -> anything
+    with a `.shape`).
+
+    Raises:
+        ModelLoadError: a tensor is missing, unexpected or of the wrong shape.
+    """
+    model = Model(ModelArgs.from_dict(config))
+    quant = quantization_of(config)
+    if quant is not None:
+        nn.quantize(
+            model,
+            group_size=quant["group_size"],
+            bits=quant["bits"],
+            class_predicate=quantized_layers_predicate(config["quantization"], weights),
+        )
+    check_weights(model, weights)
     return model
 
 

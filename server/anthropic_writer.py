@@ -8,7 +8,9 @@ A stream is Anthropic's sequence of named events (`event: <type>` then `data: {j
     message_delta (stop_reason, stop_sequence, usage), message_stop
 
 Text comes as `text_delta`s and a call's arguments as `input_json_delta`s; keep-alives are
-`ping` events; a stream that fails ends with an `error` event. Usage follows Anthropic's split:
+`ping` events; a stream that fails ends with an `error` event. Errors are Anthropic's
+`{"type": "error", "error": {...}}` (`errors.anthropic_error_body`, which `app.guarded` and the
+guards pick for these paths). Usage follows Anthropic's split:
 `input_tokens` are the prompt tokens the prefix cache did not hold, `cache_read_input_tokens`
 the ones it did (their sum is what `count_tokens` answers). Any model name is served: clients
 such as Claude Code send `claude-*` names, and `model` in the answer names what served it.
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import json
 from typing import Any
 
@@ -34,48 +35,15 @@ from mlx_mistral.errors import MistralError
 from mlx_mistral.sampling.params import SamplingParams
 
 from .anthropic_protocol import MessagesRequest
-from .app import Handler, RequestPlan, _generate, _read_json, _state, _stats, guarded
-from .errors import error_headers
+from .app import RequestPlan, _generate, _read_json, _state, _stats, guarded
+from .errors import anthropic_error_body
 from .streaming import ChoiceTally, Delta, ResponseWriter, Served
-
-# Anthropic's error types by HTTP status (its API answers overload as 529; ours stays 503).
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    503: "overloaded_error",
-}
-
-
-def error_body(exc: MistralError) -> dict[str, Any]:
-    """`{"type": "error", "error": {"type", "message"}}`; the message names the field."""
-    message = exc.message
-    if exc.param and exc.param not in message:
-        message = f"{exc.param}: {message}"
-    kind = ERROR_TYPES.get(exc.status, "api_error" if exc.status >= 500 else ERROR_TYPES[400])
-    return {"type": "error", "error": {"type": kind, "message": message}}
 
 
 def sse_event(payload: dict[str, Any]) -> bytes:
     """One named event: `event: <type>` then its data."""
     data = json.dumps(payload, ensure_ascii=False)
     return f"event: {payload['type']}\ndata: {data}\n\n".encode()
-
-
-def anthropic_errors(handler: Handler) -> Handler:
-    """Answer a handler's typed errors in Anthropic's shape (`guarded` renders the rest)."""
-
-    @functools.wraps(handler)
-    async def route(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except MistralError as exc:
-            return JSONResponse(error_body(exc), exc.status, headers=error_headers(exc))
-
-    return guarded(route)
 
 
 class MessagesWriter(ResponseWriter):
@@ -104,7 +72,6 @@ class MessagesWriter(ResponseWriter):
         self.id = self.id.replace("-", "_", 1)  # Anthropic's ids read "msg_..."
         self.prompt_tokens = prompt_length
         self.window_limited = window_limited
-        self.cached_tokens = 0
         self.stop_sequence: str | None = None
         self.block = -1  # the index of the content block the stream has open (or last closed)
         self.block_open = False
@@ -113,7 +80,6 @@ class MessagesWriter(ResponseWriter):
     # -- the engine's side -----------------------------------------------------------------
     def _record(self, event: TokenEvent) -> None:
         super()._record(event)
-        self.cached_tokens = max(self.cached_tokens, event.cached_tokens)
         if event.finish_reason is not None:
             self.stop_sequence = event.stop_sequence
 
@@ -213,7 +179,7 @@ class MessagesWriter(ResponseWriter):
         return [sse_event({"type": "message_stop"})]
 
     def failure(self, exc: MistralError) -> list[bytes]:
-        return [sse_event(error_body(exc))]
+        return [sse_event(anthropic_error_body(exc))]
 
 
 # -- the endpoints -----------------------------------------------------------------------------
@@ -225,7 +191,7 @@ def _fit_to_window(params: SamplingParams, room: int | None) -> tuple[SamplingPa
     return dataclasses.replace(params, max_tokens=room), True
 
 
-@anthropic_errors
+@guarded
 async def create_message(request: Request) -> Response:
     state = _state(request)
     req = MessagesRequest.from_json(await _read_json(request))
@@ -255,7 +221,7 @@ async def create_message(request: Request) -> Response:
     return await _generate(request, engine, plan)
 
 
-@anthropic_errors
+@guarded
 async def count_tokens(request: Request) -> Response:
     """The exact prompt length `create_message` would run (chat_prompt without the grammars)."""
     req = MessagesRequest.from_json(await _read_json(request), count_only=True)

@@ -27,6 +27,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlx_mistral.chat import ChatPrompt, encode_chat_prompt
+from mlx_mistral.disk_cache import warm_system_prompt
 from mlx_mistral.engine import Engine, EngineConfig
 from mlx_mistral.errors import (
     EngineDeadError,
@@ -38,8 +39,9 @@ from mlx_mistral.sampling.params import SamplingParams
 from mlx_mistral.tokenizer import PromptBudget, Tokenizer
 from mlx_mistral.tools.grammar import GrammarConstraint, make_constraints
 
-from .config import ServerConfig
-from .errors import EXCEPTION_HANDLERS, error_response, handle_unexpected
+from .config import ServerConfig, prompt_cache_settings
+from .errors import EXCEPTION_HANDLERS, dialect_of, error_response, handle_unexpected
+from .event_stream import EventStreamResponse
 from .metrics import ServerMetrics, metrics_endpoint
 from .openai_writers import ChatCompletionWriter, CompletionWriter
 from .openapi import openapi_json
@@ -52,7 +54,7 @@ from .schemas import (
     parse_body,
 )
 from .security import build_middleware, is_authenticated
-from .streaming import EventStreamResponse, ResponseWriter, Served, with_keepalive
+from .streaming import ResponseWriter, Served, with_keepalive
 
 log = logging.getLogger("mlx_mistral.server")
 access_log = logging.getLogger("mlx_mistral.server.access")
@@ -143,11 +145,15 @@ class ServerState:
 
 
 def begin_drain(app: Starlette) -> None:
-    """Refuse new generations (503 + Retry-After) while in-flight ones finish."""
+    """Refuse new generations and those not yet started (503 + Retry-After) while running ones
+    finish; after the drain timeout the engine ends what still runs with an error, which each
+    stream sends as its last event before its terminator. Call on the event loop's thread."""
     state: ServerState = app.state.server
+    if state.draining:
+        return
     state.draining = True
     if state.engine is not None:
-        state.engine.stop_accepting()
+        state.engine.drain(state.config.drain_timeout_seconds)
 
 
 # -- handlers ---------------------------------------------------------------------------------
@@ -155,14 +161,15 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 def guarded(handler: Handler) -> Handler:
-    """Render any error of a handler as an OpenAI error body (never a traceback)."""
+    """Render any error of a handler in the shape of its path's dialect (never a traceback):
+    every dialect's routes use this one guard (`errors.dialect_of`)."""
 
     @functools.wraps(handler)
     async def route(request: Request) -> Response:
         try:
             return await handler(request)
         except MistralError as exc:
-            return error_response(exc)
+            return error_response(exc, dialect=dialect_of(request.scope["path"]))
         except ClientDisconnect:  # left while sending its body: nobody reads the answer
             return Response(status_code=400)
         except Exception as exc:  # noqa: BLE001 - a bug must not reach the client as a traceback
@@ -469,12 +476,16 @@ def start_engine(config: ServerConfig, load: Callable[[], Any]) -> Engine:
             max_batch=config.max_batch,
             max_queue=config.max_queue,
             prefix_cache_bytes=prefix_bytes,
+            prompt_cache=prompt_cache_settings(config),
+            kv_bits=config.kv_bits,
             keep_alive=config.keep_alive_seconds,
             max_memory_bytes=config.max_memory_bytes,
         ),
     )
     engine.start()
     log.info("model %s loaded in %.1fs", config.model_name, time.perf_counter() - started)
+    if config.warm_prompt is not None:
+        warm_system_prompt(engine, config.warm_prompt)
     return engine
 
 

@@ -8,6 +8,7 @@ with exit status 1.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
@@ -15,14 +16,22 @@ import socket
 import sys
 from types import FrameType
 
+from mlx_mistral.disk_cache import default_cache_dir
 from mlx_mistral.errors import InvalidRequestError, MistralError
 
-from .config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES, ServerConfig, served_name
+from .config import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_HEADER_BYTES,
+    ServerConfig,
+    read_text_flag,
+    served_name,
+)
 from .protocol import HttpLimits, protocol_class
 from .units import parse_duration, parse_size
 
 API_KEY_ENV = "MLX_MISTRAL_API_KEY"
 DEMO_NAME = "mlx-mistral-demo"
+SHUTDOWN_MARGIN_SECONDS = 3.0
 
 
 def _list(value: str) -> list[str]:
@@ -131,7 +140,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-queue",
         type=int,
         default=64,
-        help="most requests waiting for the engine; more get 503 (default 64)",
+        help="most requests waiting for the engine, or for their client to read an answer the "
+        "engine has finished; more get 503 (at least 1; default 64)",
     )
     parser.add_argument(
         "--prefix-cache-mib",
@@ -139,6 +149,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="memory for earlier conversations' KV state, reused by their next "
         "turns (default: a quarter of the KV budget, at most 2048; 0 turns it off)",
+    )
+    parser.add_argument(
+        "--prompt-cache-dir",
+        default=None,
+        metavar="DIR",
+        help="keep long prompts' KV on disk here, so a restarted server does not prefill them "
+        f"again (default: {default_cache_dir()}; 'off' turns it off)",
+    )
+    parser.add_argument(
+        "--prompt-cache-disk-size",
+        default="10G",
+        metavar="SIZE",
+        help="most disk the prompt cache uses, e.g. 512MiB, 10GiB (default 10G); least recently "
+        "used files go first",
+    )
+    parser.add_argument(
+        "--kv-bits",
+        type=int,
+        default=None,
+        help="store the KV cache quantized to 8 or 4 bits: ~0.53x or ~0.28x the memory per "
+        "token of float16 (default: not quantized)",
+    )
+    parser.add_argument(
+        "--warm-prompt",
+        default=None,
+        metavar="FILE",
+        help="prefill this file's text as the system prompt at start-up (and keep it cached)",
     )
     parser.add_argument(
         "--keep-alive",
@@ -191,13 +228,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--send-timeout",
         type=float,
         default=60.0,
-        help="cancel a stream whose client stops reading for this long",
+        help="cancel a stream whose client reads nothing for this long; a client reading "
+        "less than 64 KiB in this time counts as stopped (default 60)",
     )
     parser.add_argument(
         "--drain-timeout",
         type=float,
         default=60.0,
-        help="at shutdown, seconds in-flight requests may take to finish",
+        help="at shutdown, seconds running requests may take to finish (fractions allowed); "
+        "then each ends with an error event (default 60)",
     )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
@@ -252,6 +291,16 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         prefix_cache_mib=args.prefix_cache_mib,
+        kv_bits=args.kv_bits,
+        prompt_cache_dir=None
+        if (args.prompt_cache_dir or "").lower() == "off"
+        else str(args.prompt_cache_dir or default_cache_dir()),
+        prompt_cache_disk_bytes=parse_size(
+            args.prompt_cache_disk_size, name="--prompt-cache-disk-size"
+        ),
+        warm_prompt=None
+        if args.warm_prompt is None
+        else read_text_flag(args.warm_prompt, "--warm-prompt"),
         prompt_price=args.prompt_price,
         completion_price=args.completion_price,
         default_max_tokens=args.default_max_tokens,
@@ -340,7 +389,11 @@ def run(args: argparse.Namespace) -> int:
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            begin_drain(app)  # new requests get 503 + Retry-After while streams finish
+            # New requests get 503 + Retry-After while streams finish. Posted to the loop: a
+            # signal handler must not take the engine queue's lock (the interrupted code may
+            # hold it).
+            loop = asyncio.get_running_loop()
+            loop.call_soon_threadsafe(begin_drain, app)
             super().handle_exit(sig, frame)
             if sig == signal.SIGTERM:
                 # A drained SIGTERM is a clean exit (status 0), not death by the signal.
@@ -359,7 +412,10 @@ def run(args: argparse.Namespace) -> int:
         access_log=False,
         log_level=args.log_level,
         timeout_keep_alive=config.idle_timeout_seconds,  # type: ignore[arg-type]
-        timeout_graceful_shutdown=int(config.drain_timeout_seconds),
+        # The app ends every stream by --drain-timeout (the engine's error, then the stream's
+        # terminator); uvicorn's own cut, which sends nothing, comes only after that ending had
+        # time to be written.
+        timeout_graceful_shutdown=config.drain_timeout_seconds + SHUTDOWN_MARGIN_SECONDS,
     )
     host, port = sockets[0].getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host

@@ -8,8 +8,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlx_mistral.cache import KV_BITS
+from mlx_mistral.disk_cache import DiskCacheSettings, model_identity
 from mlx_mistral.errors import InvalidRequestError
-from mlx_mistral.hub import DEFAULT_REPO
+from mlx_mistral.hub import DEFAULT_REPO, resolve_model_path
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
@@ -116,6 +118,20 @@ def host_allowed(name: str, allowed: frozenset[str]) -> bool:
     )
 
 
+def read_text_flag(path: str, flag: str) -> str:
+    """The text of the file a flag names. Raises InvalidRequestError naming the flag."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(
+            f"{flag}: cannot read {path}: {getattr(exc, 'strerror', None) or exc}", param=flag
+        ) from None
+    if not text.strip():
+        raise InvalidRequestError(f"{flag}: {path} is empty", param=flag)
+    return text
+
+
 def served_name(model: str) -> str:
     """The name the API reports for `model`: a local directory's name, or the repo id as given."""
     path = Path(model).expanduser()
@@ -180,6 +196,10 @@ class ServerConfig:
     max_batch: int = 32
     max_queue: int = 64
     prefix_cache_mib: int | None = None
+    prompt_cache_dir: str | None = None
+    prompt_cache_disk_bytes: int = 10 * 2**30
+    warm_prompt: str | None = None
+    kv_bits: int | None = None
     prompt_price: float = 0.0
     completion_price: float = 0.0
     default_max_tokens: int | None = None
@@ -228,11 +248,25 @@ class ServerConfig:
                         f"--allowed-hosts: {exc}", param="--allowed-hosts"
                     ) from None
         need(self.max_batch >= 1, "--max-batch", f"must be at least 1, got {self.max_batch}")
-        need(self.max_queue >= 0, "--max-queue", f"must be at least 0, got {self.max_queue}")
+        need(
+            self.max_queue >= 1,
+            "--max-queue",
+            f"must be at least 1 (0 would refuse every request), got {self.max_queue}",
+        )
         need(
             self.prefix_cache_mib is None or self.prefix_cache_mib >= 0,
             "--prefix-cache-mib",
             f"must be at least 0, got {self.prefix_cache_mib}",
+        )
+        need(
+            self.prompt_cache_disk_bytes > 0,
+            "--prompt-cache-disk-size",
+            f"must be positive, got {self.prompt_cache_disk_bytes}",
+        )
+        need(
+            self.kv_bits in (None, *KV_BITS),
+            "--kv-bits",
+            f"must be one of {', '.join(map(str, KV_BITS))}, got {self.kv_bits}",
         )
         for flag, price in (
             ("--prompt-price", self.prompt_price),
@@ -294,3 +328,14 @@ class ServerConfig:
         names = {*LOOPBACK_HOSTS, host_name(self.host)}
         names.update(h.strip() if h.strip() == "*" else host_name(h) for h in self.allowed_hosts)
         return frozenset(names)
+
+
+def prompt_cache_settings(config: ServerConfig) -> DiskCacheSettings | None:
+    """The disk prompt cache's settings for the served checkpoint (None: turned off)."""
+    if config.prompt_cache_dir is None:
+        return None
+    return DiskCacheSettings(
+        Path(config.prompt_cache_dir).expanduser(),
+        model_identity(resolve_model_path(config.model)),
+        max_bytes=config.prompt_cache_disk_bytes,
+    )

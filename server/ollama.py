@@ -7,8 +7,9 @@ validates their bodies and `ollama_writer` renders Ollama's NDJSON. `/api/tags`,
 push, create, copy, delete) and embeddings answer a clear error: this server serves one chat
 model.
 
-Every error is Ollama's `{"error": "<message>"}` with the HTTP status of the typed error (the
-guards in `security` run first, as for every path, and answer in their own shape).
+Every error is Ollama's `{"error": "<message>"}` with the HTTP status of the typed error: the
+guards, the router and `app.guarded` pick that shape for `/api/...` and `/`
+(`errors.dialect_of`).
 
 Model names: any name is served (Ollama clients send names such as "mistral:7b" that they were
 configured with); answers echo the name asked for, as Ollama does.
@@ -17,31 +18,19 @@ configured with); answers echo the name asked for, as Ollama does.
 from __future__ import annotations
 
 import asyncio
-import functools
-import logging
 from typing import Any
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from mlx_mistral.errors import EngineDeadError, InvalidRequestError, MistralError
 
-from .app import (
-    Handler,
-    RequestPlan,
-    ServerState,
-    _generate,
-    _read_json,
-    _stats,
-)
-from .errors import InternalServerError
+from .app import RequestPlan, ServerState, _generate, _read_json, _stats, guarded
 from .ollama_models import OLLAMA_VERSION, ModelDescription, describe
 from .ollama_protocol import OllamaRequest
-from .ollama_writer import OllamaChatWriter, OllamaGenerateWriter, error_body, load_response
+from .ollama_writer import OllamaChatWriter, OllamaGenerateWriter, load_response
 from .schemas import ChatCompletionRequest
-
-log = logging.getLogger("mlx_mistral.server")
 
 RUNNING = "Ollama is running"
 """What `GET /` answers: apps probe for exactly this text to find a running server."""
@@ -56,33 +45,6 @@ class NotServedError(MistralError):
     status = 501
     type = "invalid_request_error"
     code = "not_implemented"
-
-
-def ollama_error(exc: MistralError) -> JSONResponse:
-    headers = {}
-    if getattr(exc, "retry_after", None):
-        headers["Retry-After"] = str(max(1, round(exc.retry_after)))  # type: ignore[attr-defined]
-    return JSONResponse(error_body(exc), status_code=exc.status, headers=headers)
-
-
-def ollama_guarded(handler: Handler) -> Handler:
-    """Render any error of a handler in Ollama's shape (never a traceback)."""
-
-    @functools.wraps(handler)
-    async def route(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except MistralError as exc:
-            return ollama_error(exc)
-        except ClientDisconnect:  # left while sending its body: nobody reads the answer
-            return Response(status_code=400)
-        except Exception:  # noqa: BLE001 - a bug must not reach the client as a traceback
-            log.exception("unexpected error on %s %s", request.method, request.url.path)
-            return ollama_error(
-                InternalServerError("the server hit an internal error; see its log")
-            )
-
-    return route
 
 
 def _state(request: Request) -> ServerState:
@@ -112,17 +74,17 @@ async def running(request: Request) -> Response:
     return PlainTextResponse(RUNNING)
 
 
-@ollama_guarded
+@guarded
 async def version(request: Request) -> Response:
     return JSONResponse({"version": OLLAMA_VERSION})
 
 
-@ollama_guarded
+@guarded
 async def tags(request: Request) -> Response:
     return JSONResponse({"models": [(await _description(request)).tag()]})
 
 
-@ollama_guarded
+@guarded
 async def ps(request: Request) -> Response:
     engine = _state(request).engine
     if engine is None or not engine.loaded:  # unloaded after idling: nothing runs, as Ollama
@@ -131,7 +93,7 @@ async def ps(request: Request) -> Response:
     return JSONResponse({"models": [description.process(engine.slot.unloads_at)]})
 
 
-@ollama_guarded
+@guarded
 async def show(request: Request) -> Response:
     body = await _read_json(request)
     name = body.get("model", body.get("name"))  # "name": Ollama's older spelling
@@ -141,7 +103,7 @@ async def show(request: Request) -> Response:
     return JSONResponse((await _description(request)).show())
 
 
-@ollama_guarded
+@guarded
 async def not_served(request: Request) -> Response:
     what = request.url.path.rsplit("/", 1)[-1]
     served = (await _description(request)).name
@@ -153,7 +115,7 @@ async def not_served(request: Request) -> Response:
 
 
 # -- generation -------------------------------------------------------------------------------
-@ollama_guarded
+@guarded
 async def chat(request: Request) -> Response:
     state = _state(request)
     req = OllamaRequest.chat(await _read_json(request))
@@ -183,7 +145,7 @@ async def chat(request: Request) -> Response:
     return await _generate(request, engine, plan)
 
 
-@ollama_guarded
+@guarded
 async def generate(request: Request) -> Response:
     state = _state(request)
     req = OllamaRequest.generate(await _read_json(request))

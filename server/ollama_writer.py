@@ -20,6 +20,7 @@ from mlx_mistral.batch import TokenEvent
 from mlx_mistral.errors import MistralError
 from mlx_mistral.sampling.params import SamplingParams
 
+from .errors import ollama_error_body
 from .streaming import ChoiceTally, Delta, ResponseWriter, Served
 
 NDJSON = b"application/x-ndjson"
@@ -32,11 +33,6 @@ def timestamp() -> str:
 
 def ndjson_line(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, ensure_ascii=False).encode() + b"\n"
-
-
-def error_body(exc: MistralError) -> dict[str, str]:
-    """Ollama's error shape: the message is all there is."""
-    return {"error": exc.message}
 
 
 def ollama_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -156,7 +152,7 @@ class OllamaWriter(ResponseWriter):
         return None  # refused at the request (`logprobs`): never asked for
 
     def failure(self, exc: MistralError) -> list[bytes]:
-        return [ndjson_line(error_body(exc))]
+        return [ndjson_line(ollama_error_body(exc))]
 
 
 class OllamaChatWriter(OllamaWriter):

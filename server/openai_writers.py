@@ -37,7 +37,7 @@ class OpenAIWriter(ResponseWriter):
     def _usage(self) -> dict[str, Any]:
         prompt_price, completion_price = self.served.prices
         drafted = self.drafted.values()
-        return usage(
+        totals = usage(
             self.prompt_tokens,
             sum(self.completion_tokens),
             prompt_price=prompt_price,
@@ -46,6 +46,9 @@ class OpenAIWriter(ResponseWriter):
             if self.predicted
             else None,
         )
+        # OpenAI's field for the prompt tokens served from a cache (here: the prefix cache).
+        totals["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        return totals
 
     def _envelope(
         self, kind: str, choices: list[dict[str, Any]], with_usage: bool = False

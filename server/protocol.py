@@ -13,8 +13,10 @@ enforces them where the bytes arrive:
   requests) is closed; a head not complete `header_timeout` after its first byte gets 408; a
   body that pauses for `body_timeout` is closed. Each is logged with the client's address;
 - shape: parser errors (bad syntax, a bad URL) are answered in the API's JSON error shape,
-  not uvicorn's plain text; an absolute-form target (`GET http://host/path`) names the host
-  itself (RFC 9112 3.2.2), so it replaces the Host header the guards check;
+  not uvicorn's plain text: the shape of the dialect of the target's path when as much of the
+  target has arrived (`errors.dialect_of`; a 414's first 8 KiB say it), else OpenAI's;
+  an absolute-form target (`GET http://host/path`) names the host itself (RFC 9112 3.2.2),
+  so it replaces the Host header the guards check;
 - half-close: a client that shuts down its sending side after a request (`nc -N`,
   `shutdown(SHUT_WR)`) still gets its response. (A client that left altogether is noticed at
   the next write, which for a stream is its next token or keep-alive comment.)
@@ -34,6 +36,8 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from mlx_mistral.errors import InvalidRequestError, MistralError
+
+from .errors import dialect_of, error_body
 
 log = logging.getLogger("mlx_mistral.server")
 
@@ -74,6 +78,15 @@ class HeadersTooLargeError(MistralError):
 
 class _Refused(Exception):
     """Raised from a parser callback to stop parsing; the answer waits in `_refusal`."""
+
+
+def target_path(target: bytes) -> str:
+    """The path of a request target, whole or the part that arrived ("" for none): an
+    origin-form target's, or an absolute-form one's after its authority."""
+    if not target.startswith(b"/"):
+        scheme, sep, rest = target.partition(b"://")
+        target = b"/" + rest.partition(b"/")[2] if sep else b""
+    return target.split(b"?", 1)[0].split(b"#", 1)[0].decode("latin-1")
 
 
 def _address(client: tuple[str, int] | None) -> str:
@@ -204,7 +217,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         if error.status >= 500 or error.status in (408, 414, 431):
             log.info("refused a request from %s: %s", _address(self.client), error.message)
-        body = json.dumps(error.to_dict()).encode()
+        path = target_path(getattr(self, "url", b""))  # none before the first request begins
+        body = json.dumps(error_body(error, dialect_of(path))).encode()
         head = [STATUS_LINE[error.status]]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]

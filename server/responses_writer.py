@@ -71,7 +71,6 @@ class ResponsesWriter(ResponseWriter):
         self.id = new_item_id("resp")  # OpenAI's ids use "_"
         self.echo = echo
         self.keep = keep
-        self.cached_tokens = 0
         self.sequence_number = 0
         self.output: list[dict[str, Any]] = []  # finished items, streamed
         self.message: dict[str, Any] | None = None  # the message item being streamed
@@ -82,10 +81,6 @@ class ResponsesWriter(ResponseWriter):
         self.finish: str | None = None
 
     # -- the response object ---------------------------------------------------------------------
-    def _record(self, event: TokenEvent) -> None:
-        super()._record(event)
-        self.cached_tokens = max(self.cached_tokens, event.cached_tokens)
-
     def _usage(self) -> dict[str, Any]:
         output_tokens = sum(self.completion_tokens)
         return {

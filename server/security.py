@@ -2,8 +2,8 @@
 
 Order, outermost first (see `build_middleware`): Host check, then CORS (when origins are
 configured; else a preflight gets a 204 that grants nothing: a browser's preflight carries no
-key), then the API key, then the body limit. Each refusal is an OpenAI error body sent before
-any handler runs.
+key), then the API key, then the body limit. Each refusal is sent before any handler runs, as
+an error body in the shape of the path's dialect (`errors.send_error`).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class HostFilter:
         hosts = [value for key, value in scope.get("headers", ()) if key == b"host"]
         if len(hosts) > 1:  # RFC 9112 3.2: which one would the check have meant?
             await send_error(
-                send, InvalidRequestError("more than one Host header", code="invalid_host")
+                scope, send, InvalidRequestError("more than one Host header", code="invalid_host")
             )
             return
         host = hosts[0].decode("latin-1") if hosts else ""
@@ -68,12 +68,15 @@ class HostFilter:
                 allowed = host_allowed(host_name(host), self.allowed)
             except ValueError as exc:
                 await send_error(
-                    send, InvalidRequestError(f"invalid Host header: {exc}", code="invalid_host")
+                    scope,
+                    send,
+                    InvalidRequestError(f"invalid Host header: {exc}", code="invalid_host"),
                 )
                 return
         if not allowed:
             shown = host if host else "(none)"
             await send_error(
+                scope,
                 send,
                 PermissionDeniedError(
                     f"Host {shown[:100]!r} is not allowed; start the server with "
@@ -139,7 +142,7 @@ class ApiKeyAuth:
             message = "missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
         else:
             message = "invalid API key"
-        await send_error(send, AuthenticationError(message), {"WWW-Authenticate": "Bearer"})
+        await send_error(scope, send, AuthenticationError(message), {"WWW-Authenticate": "Bearer"})
 
     def _matches(self, header: bytes | None, api_key: bytes | None) -> bool:
         if self.key is None:
@@ -173,11 +176,11 @@ class BodyLimit:
                 declared = int(length)
             except ValueError:
                 await send_error(
-                    send, InvalidRequestError("the Content-Length header is not a number")
+                    scope, send, InvalidRequestError("the Content-Length header is not a number")
                 )
                 return
             if declared > self.max_bytes:
-                await send_error(send, self._too_large(), {"Connection": "close"})
+                await send_error(scope, send, self._too_large(), {"Connection": "close"})
                 return
         received = 0
 

@@ -4,9 +4,7 @@
 legacy completions): it consumes one request's `TokenEvent`s into one body (`collect`) or a
 stream of chunks (`sse`), and its subclass renders only the wire format. `with_keepalive` marks
 the waits before the first token, so a stream can send keep-alives while a long prompt is
-prefilled. `EventStreamResponse` is the ASGI response that sends a stream: it listens for the
-client going away and cancels the generation at once (the engine drops the sequence at its next
-step), and it gives up on a client that stops reading for `send_timeout` seconds.
+prefilled. `event_stream.EventStreamResponse` sends a stream.
 """
 
 from __future__ import annotations
@@ -15,11 +13,11 @@ import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from starlette.types import Receive, Scope, Send
+from starlette.types import Receive
 
 from mlx_mistral.batch import TokenEvent
 from mlx_mistral.engine import RequestHandle
@@ -27,7 +25,6 @@ from mlx_mistral.errors import MistralError
 from mlx_mistral.sampling.params import SamplingParams
 from mlx_mistral.tools.parsing import StreamDelta, ToolCallStreamer, assemble_tool_calls
 
-from .errors import InternalServerError
 from .schemas import LogprobFormatter, new_id, now
 
 if TYPE_CHECKING:
@@ -169,6 +166,7 @@ class ResponseWriter(ABC):
         self.include_usage = include_usage
         self.stats = stats
         self.prompt_tokens = 0
+        self.cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
         self.completion_tokens = [0] * self.n
         self.drafted: dict[int, tuple[int, int]] = {}  # per choice: accepted, rejected drafts
         self.text_offsets = [0] * self.n  # characters sent so far, per choice
@@ -211,6 +209,7 @@ class ResponseWriter(ABC):
     # -- the shared part -------------------------------------------------------------------------
     def _record(self, event: TokenEvent) -> None:
         self.prompt_tokens = max(self.prompt_tokens, event.prompt_tokens)
+        self.cached_tokens = max(self.cached_tokens, event.cached_tokens)
         self.completion_tokens[event.index] = event.completion_tokens
         self.drafted[event.index] = (
             event.accepted_prediction_tokens,
@@ -356,73 +355,3 @@ async def wait_for_disconnect(receive: Receive) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
-
-
-class EventStreamResponse:
-    """An ASGI text/event-stream response bound to a generation.
-
-    Args:
-        writer: renders the stream (see `ResponseWriter.sse`); its `stats` are the request's
-            access-log record.
-        events: the request's event lists, keep-alive gaps included (see `with_keepalive`).
-        cancel: stops the generation (`RequestHandle.cancel`); called when the client leaves,
-            stops reading, or the stream ends early.
-        send_timeout: seconds one chunk may wait for a client that is not reading.
-    """
-
-    def __init__(
-        self,
-        writer: ResponseWriter,
-        events: AsyncIterator[list[TokenEvent] | None],
-        *,
-        cancel: Callable[[], None],
-        send_timeout: float,
-    ):
-        self.writer = writer
-        self.body = writer.sse(events)
-        self.cancel = cancel
-        self.send_timeout = send_timeout
-        self.stats = writer.stats
-
-    async def _watch(self, receive: Receive) -> None:
-        await wait_for_disconnect(receive)
-        self.stats["disconnected"] = True
-        self.cancel()  # at once: the engine drops the sequence before its next decode step
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = [
-            (b"content-type", self.writer.media_type),
-            (b"cache-control", b"no-store"),
-            (b"x-accel-buffering", b"no"),  # a reverse proxy must not hold chunks back
-        ]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        watcher = asyncio.create_task(self._watch(receive))
-        finished = False
-        loop = asyncio.get_running_loop()
-        try:
-            # One deadline, armed only while a send waits (wait_for would start a Task per chunk).
-            async with asyncio.timeout(None) as deadline:
-                async for chunk in self.body:
-                    if watcher.done():
-                        return
-                    deadline.reschedule(loop.time() + self.send_timeout)
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    deadline.reschedule(None)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            finished = True
-        except TimeoutError:
-            self.stats["disconnected"] = True
-            log.warning("client stopped reading for %.0fs; generation cancelled", self.send_timeout)
-        except Exception:
-            log.exception("stream failed")
-            failure = InternalServerError("the server hit an internal error; see its log")
-            body = b"".join(self.writer.failure(failure))
-            try:
-                await send({"type": "http.response.body", "more_body": False, "body": body})
-            except OSError as exc:
-                log.warning("could not report the failure to the client: %s", exc)
-        finally:
-            watcher.cancel()
-            if not finished:
-                self.cancel()
-            await self.body.aclose()  # type: ignore[attr-defined]

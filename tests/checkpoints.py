@@ -35,7 +35,8 @@ def write_hf_checkpoint(
     max_shard_size: str | None = None,
     **overrides,
 ) -> Path:
-    """Write a random-weight MistralForCausalLM with the real tokenizer, as transformers saves it."""
+    """Write a random-weight MistralForCausalLM with the real tokenizer, as transformers saves
+    it."""
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 

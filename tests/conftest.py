@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 import mlx_mistral  # noqa: F401  first, so its optimized-BLAS preload happens before mlx is imported
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from checkpoints import MISTRAL_TOKENIZER, write_hf_checkpoint  # noqa: E402
+from tests.checkpoints import MISTRAL_TOKENIZER, write_hf_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,10 @@ class ServerProcess:
         env: dict[str, str | None] | None = None,
     ):
         model_args = [] if model is None else ["--model", str(model)]
-        self.argv = [sys.executable, "-m", "mlx_mistral.server", *model_args, "--port", "0", *args]
+        # No disk prompt cache unless a test asks for one: tests never write to the user's cache.
+        cache_args = [] if "--prompt-cache-dir" in args else ["--prompt-cache-dir", "off"]
+        serve = [sys.executable, "-m", "mlx_mistral.server", *model_args, "--port", "0"]
+        self.argv = [*serve, *cache_args, *args]
         self.timeout = timeout
         self.env_changes = env or {}
         self.port: int | None = None

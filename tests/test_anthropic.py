@@ -9,19 +9,14 @@ model with an API key, checks the `x-api-key` header.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 from typing import Any
 
 import anthropic
 import httpx
 import pytest
-from server_process import ServerProcess
 
 import mlx_mistral
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from tests.server_process import ServerProcess
 from training.corpus import GREETING, TOOLS
 
 GREEDY = {"temperature": 0}

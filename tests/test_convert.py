@@ -18,7 +18,6 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from checkpoints import MISTRAL_TOKENIZER, write_hf_checkpoint
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
@@ -27,6 +26,7 @@ from mlx_mistral.config import ModelArgs
 from mlx_mistral.convert import convert, expected_tensors
 from mlx_mistral.convert.cli import parse_size
 from mlx_mistral.convert.source import read_header
+from tests.checkpoints import MISTRAL_TOKENIZER, write_hf_checkpoint
 
 TOKENS = mx.array([[1, 415, 2936, 9060, 285, 1142, 28705, 28740, 28734, 28723, 13, 2, 733, 16289,
                     28793, 32, 100, 2000, 31999, 5]])  # fmt: skip

@@ -48,7 +48,7 @@ def test_converted_copy_is_found(tmp_path, tiny_hf_checkpoint):
 
 
 def test_hf_cache_is_found(tmp_path, tiny_hf_checkpoint):
-    from test_hub import fake_hub_cache
+    from tests.test_hub import fake_hub_cache
 
     snapshot = fake_hub_cache(
         tmp_path / "hub", "mistralai/Mistral-7B-Instruct-v0.2", tiny_hf_checkpoint

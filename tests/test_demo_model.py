@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -17,12 +16,10 @@ import mlx_mistral
 from mlx_mistral.batch import BatchGenerator
 from mlx_mistral.demo import DEMO_MODEL_DIR
 from mlx_mistral.sampling.params import SamplingParams
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
 from training.corpus import GREETING, encode_example, eval_items, is_correct, training_examples
 from training.train import LOG_NAME, MODEL_CONFIG, DemoTrainer, TrainConfig, tokenizer_path
+
+REPO = Path(__file__).resolve().parent.parent
 
 DEMO_4BIT_DIR = DEMO_MODEL_DIR.parent / "demo_model_4bit"
 MAX_TOKENS = 48  # the longest answer (a tool call with a random id) is at most 46 tokens with </s>

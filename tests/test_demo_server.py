@@ -13,21 +13,17 @@ import asyncio
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from server_process import ServerProcess
 
 import mlx_mistral
 from mlx_mistral.chat import render_tool_calls
 from mlx_mistral.tokenizer import Tokenizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from tests.server_process import ServerProcess
 from training.corpus import GREETING, TOOLS, eval_items, is_correct
 
 DEMO_4BIT_DIR = mlx_mistral.demo_model_path().parent / "demo_model_4bit"
@@ -214,7 +210,7 @@ def test_4bit_agrees_with_float_on_greedy_tokens(float_answers, server_4bit):
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs the curl binary")
 def test_contract_hello_curl_gets_a_greeting(server):
-    from test_server_curl import HELLO, run_curl  # the contract's command, verbatim
+    from tests.test_server_curl import HELLO, run_curl  # the contract's command, verbatim
 
     answer = json.loads(run_curl(server, HELLO))
     (choice,) = answer["choices"]
@@ -225,7 +221,7 @@ def test_contract_hello_curl_gets_a_greeting(server):
 def test_serve_without_a_model_serves_the_demo_and_says_so(tmp_path):
     """The README's run command on a machine without Mistral-7B: `serve` with no --model and
     nothing in the caches serves the demo model, says so, and the contract's Hello! is greeted."""
-    from test_server_curl import HELLO, run_curl
+    from tests.test_server_curl import HELLO, run_curl
 
     empty = {
         "HOME": str(tmp_path),

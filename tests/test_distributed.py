@@ -20,13 +20,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from checkpoints import MISTRAL_TOKENIZER, TINY_CONFIG
 
 from mlx_mistral.config import ModelArgs
 from mlx_mistral.convert import convert
 from mlx_mistral.distributed import check_shardable
 from mlx_mistral.errors import ModelLoadError
 from mlx_mistral.model import Model
+from tests.checkpoints import MISTRAL_TOKENIZER, TINY_CONFIG
 
 RANK_SCRIPT = Path(__file__).parent / "distributed_rank.py"
 # mlx.launch's own entry point, run with this interpreter (the venv may not put it on PATH).

@@ -312,7 +312,7 @@ def test_engine_thread_serves_other_threads(tiny_hf_checkpoint):
             t.start()
         for t in threads:
             t.join(60)
-        for i, events in results.items():
+        for events in results.values():
             assert events[-1].finish_reason in ("stop", "length")
             assert all(isinstance(e.token, int) for e in events)
             assert not any(isinstance(v, mx.array) for e in events for v in vars(e).values())

@@ -15,7 +15,8 @@ TOKENS = mx.array([[1, 733, 16289, 28793, 22557, 28808, 733, 28748, 16289, 28793
 
 @pytest.fixture(scope="module")
 def mlx_lm_source(tiny_hf_checkpoint, tmp_path_factory):
-    """The tiny HF checkpoint with rope_theta also at the top level (mlx-lm 0.32 reads only there)."""
+    """The tiny HF checkpoint with rope_theta also at the top level (mlx-lm 0.32 reads only
+    there)."""
     import shutil
 
     src = tmp_path_factory.mktemp("interop") / "src"

@@ -15,12 +15,12 @@ from typing import Any
 
 import httpx
 import pytest
-from checkpoints import write_hf_checkpoint
-from server_process import ServerProcess
 
 from mlx_mistral.errors import InvalidRequestError, ModelLoadError
 from mlx_mistral.memory import plan_budgets, weights_bytes
 from server.units import NEVER, parse_duration, parse_size
+from tests.checkpoints import write_hf_checkpoint
+from tests.server_process import ServerProcess
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "Tell me a story about a cat."}]

@@ -7,9 +7,9 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from server_process import ServerProcess
 
 from mlx_mistral.server import ServerConfig, create_app
+from tests.server_process import ServerProcess
 
 KEY = "metrics-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

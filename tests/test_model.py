@@ -1,4 +1,5 @@
-"""The MLX model against transformers' MistralForCausalLM (CPU torch, float32) on the same weights."""
+"""The MLX model against transformers' MistralForCausalLM (CPU torch, float32) on the same
+weights."""
 
 from __future__ import annotations
 
@@ -6,13 +7,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from checkpoints import write_hf_checkpoint
 from transformers import MistralForCausalLM
 
 from mlx_mistral.cache import BatchKVCache, filter_caches, merge_caches
 from mlx_mistral.device import on_gpu
 from mlx_mistral.padded_linear import PaddedLinear
 from mlx_mistral.weights import load_model
+from tests.checkpoints import write_hf_checkpoint
 
 CONFIGS = {
     "gqa1": dict(vocab_size=512, num_attention_heads=4, num_key_value_heads=4),
@@ -74,7 +75,7 @@ def test_cached_greedy_decode_matches_transformers(pair):
             pad_token_id=0,
         )
     ref_tokens = out.sequences[0, len(ids) :].tolist()
-    ref_logits = np.stack([l[0].numpy() for l in out.logits])
+    ref_logits = np.stack([step[0].numpy() for step in out.logits])
 
     cache = ours.make_cache()
     ours(mx.array([ids[:5]]), cache)  # prefill in two chunks

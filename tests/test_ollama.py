@@ -9,21 +9,16 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 from datetime import UTC, datetime
-from pathlib import Path
 
 import httpx
 import jsonschema
 import ollama
 import pytest
-from server_process import ServerProcess
 
 import mlx_mistral
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from training.corpus import GREETING, TOOLS  # noqa: E402
+from tests.server_process import ServerProcess
+from training.corpus import GREETING, TOOLS
 
 KEY = "ollama-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -2,8 +2,9 @@
 
 Two fuzzers, one server (tiny random checkpoint, `--default-max-tokens 2`):
 - hypothesis over the request schema: every field of the three generation endpoints (chat,
-  completions, responses) takes either a plausible value or an arbitrary JSON value (nested lists and objects, huge integers, NaN,
-  wrong types), plus unknown fields and arbitrary messages, tools and response formats;
+  completions, responses) takes either a plausible value or an arbitrary JSON value (nested
+  lists and objects, huge integers, NaN, wrong types), plus unknown fields and arbitrary
+  messages, tools and response formats;
 - schemathesis over the OpenAPI document the server publishes (/openapi.json), in both its
   positive (schema-valid) and negative (schema-violating) modes, on every operation;
 - hypothesis over Ollama's /api/chat and /api/generate bodies, whose errors are Ollama's shape.
@@ -27,7 +28,8 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_process import ServerProcess
+
+from tests.server_process import ServerProcess
 
 SCALE = float(os.environ.get("RELIABILITY_FUZZ_SCALE", "0.3"))
 CHAT_CASES = int(4000 * SCALE)

@@ -25,7 +25,8 @@ import time
 
 import httpx
 import pytest
-from server_process import ServerProcess
+
+from tests.server_process import ServerProcess
 
 KEY = "k3y-for-http-tests"
 AUTH = f"Authorization: Bearer {KEY}\r\n"

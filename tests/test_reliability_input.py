@@ -24,7 +24,8 @@ import time
 
 import httpx
 import pytest
-from server_process import ServerProcess
+
+from tests.server_process import ServerProcess
 
 CHAT = "/v1/chat/completions"
 TEXT = "/v1/completions"

@@ -11,7 +11,9 @@ disconnect, 32 streams that all fit, a clean engine stop mid-stream and SIGTERM 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import os
 import re
 import signal
 import socket
@@ -25,10 +27,10 @@ import httpx
 import mlx.core as mx
 import pytest
 import uvicorn
-from server_process import ServerProcess
 
 import mlx_mistral
 from mlx_mistral.server import ServerConfig, create_app
+from tests.server_process import ServerProcess
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "Tell me a story about a cat."}]
@@ -56,12 +58,84 @@ def active(base_url: str) -> int:
     return httpx.get(base_url + "/health", timeout=10).json()["active"]
 
 
-def stream_request(body: dict[str, Any], port: int) -> bytes:
+def stream_request(body: dict[str, Any], port: int, path: str = CHAT) -> bytes:
     raw = json.dumps({"stream": True, **body}).encode()
     return (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(raw)
+        b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (path.encode(), len(raw))
     ) + raw
+
+
+class RawResponse:
+    """One HTTP/1.1 response read off a socket byte by byte: what the HTTP client would hide
+    (a chunked body cut without its terminator, a half-sent event)."""
+
+    def __init__(self, sock: socket.socket, *, pace: float = 0.0, read_size: int = 65536):
+        self.sock = sock
+        self.pace = pace  # seconds to sleep after each recv (a slow reader)
+        self.read_size = read_size
+        self.data = b""
+        self.head = b""
+        self.body = b""
+        self.complete = False  # the chunked terminator (or Content-Length) was reached
+        self.ended_at: float | None = None
+
+    def _more(self) -> bool:
+        try:
+            chunk = self.sock.recv(self.read_size)
+        except (TimeoutError, ConnectionError):
+            return False
+        if self.pace:
+            time.sleep(self.pace)
+        self.data += chunk
+        return bool(chunk)
+
+    def read_head(self) -> bytes:
+        while b"\r\n\r\n" not in self.data:
+            if not self._more():
+                raise AssertionError(f"no response head: {self.data[:200]!r}")
+        self.head, self.data = self.data.split(b"\r\n\r\n", 1)
+        return self.head
+
+    @property
+    def status(self) -> int:
+        return int(self.head.split(b" ", 2)[1])
+
+    def header(self, name: str) -> str | None:
+        for line in self.head.split(b"\r\n")[1:]:
+            key, _, value = line.partition(b":")
+            if key.strip().lower() == name.encode():
+                return value.strip().decode()
+        return None
+
+    def read_body(self) -> bytes:
+        """The body, de-chunked; `complete` says whether its end arrived before EOF/timeout."""
+        if not self.head:
+            self.read_head()
+        length = self.header("content-length")
+        if length is not None:
+            while len(self.data) < int(length) and self._more():
+                pass
+            self.body, self.complete = self.data[: int(length)], len(self.data) >= int(length)
+        else:
+            while True:
+                line, sep, rest = self.data.partition(b"\r\n")
+                if sep:
+                    size = int(line, 16)
+                    if len(rest) >= size + 2:
+                        if size == 0:
+                            self.complete = True
+                            break
+                        self.body += rest[:size]
+                        self.data = rest[size + 2 :]
+                        continue
+                if not self._more():
+                    break
+        self.ended_at = time.monotonic()
+        return self.body
+
+    def events(self) -> list[str]:
+        return [e for e in self.body.decode().split("\n\n") if e.startswith("data: ")]
 
 
 def read_one_chunk_and_close(port: int, request: bytes) -> None:
@@ -79,11 +153,17 @@ def read_one_chunk_and_close(port: int, request: bytes) -> None:
 
 
 class ThreadServer:
-    """uvicorn serving `app` on a thread of this process (real sockets on 127.0.0.1)."""
+    """uvicorn serving `app` on a thread of this process (real sockets on 127.0.0.1).
 
-    def __init__(self, app: Any):
+    `sndbuf`: a fixed kernel send buffer for the accepted connections (they inherit the
+    listener's), as small as macOS's; Linux otherwise grows it to megabytes, which would hide
+    what the server itself buffers for a slow client."""
+
+    def __init__(self, app: Any, sndbuf: int = 0):
         self.app = app
         self.sock = socket.create_server(("127.0.0.1", 0))
+        if sndbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         self.port = self.sock.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
@@ -219,7 +299,8 @@ def test_each_disconnect_stops_generation_within_one_decode_step(tiny_hf_checkpo
 def test_frozen_reader_is_cut_off_by_the_send_timeout(tiny_hf_checkpoint):
     """A client that never reads (tiny receive buffer, no recv): once the socket buffers fill,
     a send waits --send-timeout seconds, then the generation is cancelled and its slot freed
-    while the connection is still open."""
+    while the connection is still open. When the client reads again, the stream it finds ends
+    well-formed: the rest of the event being sent, an error event, `[DONE]`, the terminator."""
     body = {
         "messages": MESSAGES,
         "max_tokens": 2000,
@@ -239,6 +320,12 @@ def test_frozen_reader_is_cut_off_by_the_send_timeout(tiny_hf_checkpoint):
             wait_for(lambda: "client stopped reading" in server.log(), 60, "the send timeout")
             cut_after = time.monotonic() - started
             wait_for(lambda: active(server.base_url) == 0, 5, "the slot to be freed")
+            # Reading again lets the stream's ending through; the request is logged after it.
+            frozen.settimeout(10)
+            cut = RawResponse(frozen)
+            cut.read_body()
+            assert cut.complete, cut.body[-300:]
+            wait_for(lambda: "client-disconnected" in server.log(), 10, "the access log")
             line = next(
                 ln
                 for ln in server.log().splitlines()
@@ -250,6 +337,11 @@ def test_frozen_reader_is_cut_off_by_the_send_timeout(tiny_hf_checkpoint):
                 f"{16 * 2000} tokens made"
             )
             assert generated < 16 * 2000
+            events = cut.events()
+            assert events[-1] == "data: [DONE]", events[-2:]
+            error = json.loads(events[-2].removeprefix("data: "))["error"]
+            assert error["code"] == "request_timeout" and "--send-timeout" in error["message"]
+            assert all(json.loads(e.removeprefix("data: ")) for e in events[:-1])  # none cut
             answer = httpx.post(server.url(CHAT), json={"messages": MESSAGES, "max_tokens": 3})
             assert answer.status_code == 200
         finally:
@@ -358,20 +450,22 @@ def test_engine_thread_death_ends_every_request_and_health_turns_unhealthy(tiny_
     with ThreadServer(app) as server:
         url = server.base_url
 
-        async def run() -> tuple[list[list[str]], list[httpx.Response]]:
+        async def run() -> tuple[list[tuple[int, Any]], list[httpx.Response]]:
             async with httpx.AsyncClient(base_url=url, timeout=60) as http:
                 first = asyncio.Event()
 
-                async def stream() -> list[str]:
+                async def stream() -> tuple[int, Any]:
                     events = []
                     async with http.stream("POST", CHAT, json={**long, "stream": True}) as r:
+                        if r.status_code == 503:  # refused before its first byte (see below)
+                            return 503, json.loads(await r.aread())["error"]
                         assert r.status_code == 200
                         async for line in r.aiter_lines():
                             if line.startswith("data: "):
                                 events.append(line)
                                 if '"content": ""' not in line:
                                     first.set()
-                    return events
+                    return 200, events
 
                 async def until_active(n: int) -> None:
                     while server.engine.num_active < n:
@@ -392,10 +486,17 @@ def test_engine_thread_death_ends_every_request_and_health_turns_unhealthy(tiny_
         started = time.monotonic()
         streamed, plain = asyncio.run(run())
         ended_in = time.monotonic() - started
-        for events in streamed:
-            assert events[-1] == "data: [DONE]", events[-3:]
-            error = json.loads(events[-2].removeprefix("data: "))["error"]
+        # A stream that was still waiting for batch room has sent nothing yet (its status line
+        # waits for its first token), so it gets the error as its status: 503 engine_dead. The
+        # ones under way end with the error event, then [DONE].
+        for status, events in streamed:
+            if status == 503:
+                error = events
+            else:
+                assert events[-1] == "data: [DONE]", events[-3:]
+                error = json.loads(events[-2].removeprefix("data: "))["error"]
             assert error["code"] == "engine_dead" and "injected fault" in error["message"]
+        assert sum(status == 200 for status, _ in streamed) >= 1
         for response in plain:
             assert response.status_code == 503
             assert response.json()["error"]["code"] == "engine_dead"
@@ -523,3 +624,167 @@ def test_all_mlx_work_happens_on_the_engine_thread(tiny_hf_checkpoint):
     assert seen.pop("probe") >= 2  # the spy sees calls from any thread
     print(f"MLX calls by thread: {seen}")
     assert set(seen) == {ENGINE_THREAD} and seen[ENGINE_THREAD] > 100
+
+
+# -- shutdown past the drain timeout, queued requests, slow readers (issue 19, 7 and 8) -------
+def open_stream(port: int, body: dict[str, Any], path: str = CHAT, rcvbuf: int = 0) -> Any:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", port))
+    sock.settimeout(60)
+    sock.sendall(stream_request(body, port, path))
+    return sock
+
+
+def test_sigterm_past_the_drain_timeout_ends_every_stream_with_an_error_then_done(
+    tiny_hf_checkpoint,
+):
+    """Streams still running when --drain-timeout 0.5 runs out (a fraction: not truncated to
+    0) end, in both dialects, with the error event, `[DONE]` and the chunked terminator."""
+    chat = {"messages": MESSAGES, "n": 8, "max_tokens": 1900, "temperature": 1.0}
+    text = {"prompt": "Once upon a time", "n": 8, "max_tokens": 1900, "temperature": 1.0}
+    with ServerProcess(tiny_hf_checkpoint, "--drain-timeout", "0.5") as server:
+        requests = [(CHAT, chat), ("/v1/completions", text)] * 2
+        answers = [RawResponse(open_stream(server.port, b, path)) for path, b in requests]
+        for answer in answers:
+            assert answer.read_head().startswith(b"HTTP/1.1 200"), answer.head
+        readers = [threading.Thread(target=a.read_body) for a in answers]
+        for reader in readers:
+            reader.start()
+        signalled = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        for reader in readers:
+            reader.join(30)
+        assert server.proc.wait(30) == 0
+        log = server.log()
+    ended = sorted(a.ended_at - signalled for a in answers)
+    print(f"streams ended {ended[0]:.2f}-{ended[-1]:.2f}s after SIGTERM (--drain-timeout 0.5)")
+    for answer in answers:
+        answer.sock.close()
+        assert answer.complete, answer.body[-300:]
+        events = answer.events()
+        assert events[-1] == "data: [DONE]", events[-2:]
+        error = json.loads(events[-2].removeprefix("data: "))["error"]
+        assert error["code"] == "engine_overloaded" and "drain time ran out" in error["message"]
+    assert 0.4 < ended[0] and ended[-1] < 5
+    assert "Traceback" not in log and "CancelledError" not in log and "Cancel " not in log
+
+
+def test_sigterm_refuses_queued_requests_at_once_with_503(tiny_hf_checkpoint):
+    """With one batch place: a running stream and two requests waiting for it (a stream and a
+    plain one). SIGTERM answers the two waiting at once with 503 + Retry-After (the stream too:
+    its status waited for its first token), while the running one finishes."""
+    long = {"messages": MESSAGES, "max_tokens": 500, "temperature": 0}
+    args = ("--max-batch", "1", "--drain-timeout", "60")
+    with ServerProcess(tiny_hf_checkpoint, *args) as server:
+        running = RawResponse(open_stream(server.port, long))
+        assert running.read_head().startswith(b"HTTP/1.1 200")
+        queued_stream = RawResponse(open_stream(server.port, long))
+        plain = json.dumps({**long, "max_tokens": 5}).encode()
+        plain_sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+        plain_sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+            b"application/json\r\nContent-Length: %d\r\n\r\n" % len(plain) + plain
+        )
+        queued_plain = RawResponse(plain_sock)
+        wait_for(lambda: active(server.base_url) == 3, 10, "both requests to queue")
+        reader = threading.Thread(target=running.read_body)
+        reader.start()
+        signalled = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        for queued in (queued_stream, queued_plain):
+            queued.read_body()
+            assert queued.complete and queued.status == 503, queued.head + queued.body
+            assert int(queued.header("retry-after")) >= 1
+            error = json.loads(queued.body)["error"]
+            assert error["code"] == "engine_overloaded" and "had not started" in error["message"]
+        refused_after = time.monotonic() - signalled
+        reader.join(60)
+        finished_after = running.ended_at - signalled
+        assert server.proc.wait(30) == 0
+        log = server.log()
+    print(
+        f"queued refused {refused_after:.2f}s after SIGTERM; running ended at {finished_after:.2f}s"
+    )
+    assert refused_after < 2 and refused_after < finished_after
+    events = running.events()
+    assert running.complete and events[-1] == "data: [DONE]"
+    assert json.loads(events[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
+    assert "Traceback" not in log
+
+
+def test_slow_steady_reader_is_served_to_the_end(tiny_hf_checkpoint):
+    """A client reading steadily at ~40 KB/s gets all of a ~400 KB answer, though the model
+    outruns it and what it made takes longer than the 4 s send timeout to read: the timeout
+    measures reading that stopped (less than 64 KiB in the timeout), not reading that is slow.
+    Kernel buffers of 16 KiB on each side, so the server's own buffering is what counts."""
+    body = {
+        "messages": MESSAGES,
+        "max_tokens": 300,
+        "temperature": 1.0,
+        "seed": 3,
+        "logprobs": True,
+        "top_logprobs": 20,
+    }
+    app = create_app(tiny_config(tiny_hf_checkpoint, send_timeout_seconds=4))
+    with ThreadServer(app, sndbuf=16384) as server:
+        socket_ = open_stream(server.port, body, rcvbuf=16384)
+        answer = RawResponse(socket_, pace=0.0375, read_size=1500)
+        reading = time.monotonic()
+        answer.read_body()
+        took = time.monotonic() - reading
+    rate = len(answer.body) / took / 1000
+    print(f"slow reader: {len(answer.body)} bytes in {took:.1f}s ({rate:.1f} KB/s)")
+    events = answer.events()
+    assert answer.complete and events[-1] == "data: [DONE]", events[-2:]
+    assert json.loads(events[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
+    assert len(answer.body) > 4 * rate * 1000 * 2 and rate < 50
+
+
+def test_stalled_readers_hold_bounded_memory_and_count_against_the_queue(tiny_hf_checkpoint):
+    """Three clients that stop reading while their long answers are made: the engine finishes
+    them, and what waits for each reader is merged text, not an event object per token (kernel
+    buffers of 16 KiB, so the answers stay in the server). RSS is printed for the record, not
+    asserted: in this process it also moves with whatever ran before.
+    The three unread answers fill max_queue 3: a fourth request is a 503 until they go."""
+    body = {"messages": MESSAGES, "n": 16, "max_tokens": 400, "temperature": 1.0, "seed": 5}
+    quick = {"messages": MESSAGES, "max_tokens": 2}
+    config = tiny_config(tiny_hf_checkpoint, max_queue=3, send_timeout_seconds=300)
+    app = create_app(config)
+    pid = os.getpid()  # the server runs in this process
+    with ThreadServer(app, sndbuf=16384) as server:
+        warm = RawResponse(open_stream(server.port, body))  # allocator pools, prefix cache
+        warm.read_body()
+        assert warm.complete
+        gc.collect()
+        baseline = rss_kib(pid)
+        stalled = [open_stream(server.port, body, rcvbuf=4096) for _ in range(3)]
+        try:
+            for sock in stalled:
+                assert sock.recv(12) == b"HTTP/1.1 200"  # its generation is under way
+            started = time.monotonic()
+            wait_for(lambda: server.engine.num_active == 0, 120, "the engine to finish them")
+            made_in = time.monotonic() - started
+            gc.collect()
+            held = rss_kib(pid)
+            growth = (held - baseline) / 1024
+            # What waits for the three readers: merged past 256 events, one per choice.
+            unread = [len(handle._backlog) for handle in list(server.engine._unread)]
+            print(
+                f"3 stalled readers (16 x 400 tokens each, made in {made_in:.1f}s): RSS "
+                f"{baseline / 1024:.0f} -> {held / 1024:.0f} MiB ({growth:+.1f} MiB); "
+                f"events held per reader: {unread}"
+            )
+            assert len(unread) == 3 and max(unread) <= 256 + 16 + 1, unread  # + the end
+            refused = httpx.post(server.base_url + CHAT, json=quick, timeout=30)
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "engine_overloaded"
+        finally:
+            for sock in stalled:
+                sock.close()
+        wait_for(
+            lambda: httpx.post(server.base_url + CHAT, json=quick, timeout=30).status_code == 200,
+            10,
+            "the queue places to be given back",
+        )

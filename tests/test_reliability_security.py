@@ -28,12 +28,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_process import ServerProcess
 from starlette.testclient import TestClient
 
 import mlx_mistral
 from mlx_mistral.server import ServerConfig, create_app
 from mlx_mistral.server.cli import add_arguments, build_config
+from tests.server_process import ServerProcess
 
 KEY = "k3y-for-tests"
 ORIGIN = "http://allowed.example"

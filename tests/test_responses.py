@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,13 +20,10 @@ import openai
 import pydantic
 import pytest
 from openai.types.responses import Response, ResponseStreamEvent
-from server_process import ServerProcess
-from tool_samples import PERSON
 
 import mlx_mistral
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from tests.server_process import ServerProcess
+from tests.tool_samples import PERSON
 from training.corpus import GREETING
 
 WEATHER_TOOL = {

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 import httpx
 import openai
 import pytest
-from server_process import ServerProcess
 from starlette.testclient import TestClient
 
 import mlx_mistral
@@ -28,6 +27,7 @@ from mlx_mistral.server import ServerConfig, create_app
 from mlx_mistral.server.openai_writers import ChatCompletionWriter, CompletionWriter
 from mlx_mistral.server.schemas import LogprobFormatter
 from mlx_mistral.server.streaming import Served, with_keepalive
+from tests.server_process import ServerProcess
 
 MESSAGES = [{"role": "user", "content": "Tell me a story about a cat."}]
 TOKEN_O = 28709  # the piece "o": a logit bias on it shows plainly in the text

@@ -13,9 +13,9 @@ import json
 import httpx
 import openai
 import pytest
-from server_process import ServerProcess
 
 from mlx_mistral.tokenizer import Tokenizer
+from tests.server_process import ServerProcess
 
 ASK = [{"role": "user", "content": "Name a colour."}]
 HELLO = 22557  # the piece "▁Hello": a logit bias makes every token this spaced piece

@@ -15,7 +15,8 @@ import subprocess
 import time
 
 import pytest
-from server_process import ServerProcess
+
+from tests.server_process import ServerProcess
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="needs the curl binary")
 
@@ -59,7 +60,7 @@ CHEF = """curl "https://api.deepinfra.com/v1/openai/chat/completions" \\
 "content": "Tell me more about the second method."
 }
 ]
-}'"""
+}'"""  # noqa: E501  DeepInfra's example verbatim: a JSON string cannot be wrapped
 
 STREAM = """curl "https://api.deepinfra.com/v1/openai/chat/completions" \\
 -H "Content-Type: application/json" \\
@@ -135,7 +136,14 @@ def test_chat_examples(server, tiny_hf_checkpoint, tiny_model, command):
     assert isinstance(choice["message"]["content"], str)
     assert choice["finish_reason"] in ("stop", "length")
     usage = answer["usage"]
-    assert list(usage) == ["prompt_tokens", "completion_tokens", "total_tokens", "estimated_cost"]
+    assert list(usage) == [
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "estimated_cost",
+        "prompt_tokens_details",
+    ]
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 0}  # a short prompt: never cached
     messages = request_messages(command)
     assert usage["prompt_tokens"] == len(tiny_model[1].encode_chat(messages))
     if choice["finish_reason"] == "length":

@@ -1,20 +1,27 @@
 """Every error status of the server, in OpenAI's shape, from a real server process.
 
 The module's server has an API key, a small body limit, one extra allowed host, one CORS origin,
-and `--max-queue 0` (it accepts no generation at all), so every request that passes validation
-ends in the engine's 503; validation errors (400, including the context window) come first.
+and `--max-queue 1`, its one place taken for the whole module by a stream whose client reads
+nothing (`queue_holder`: the engine has finished that answer, and an answer still unread counts
+as waiting), so every request that passes validation ends in the engine's 503; validation
+errors (400, including the context window) come first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import httpx
 import openai
 import pytest
-from server_process import ServerProcess
+
+from tests.server_process import ServerProcess
 
 KEY = "s3cret-key"
 LIMIT = 65536
@@ -31,7 +38,9 @@ def server(tiny_hf_checkpoint):
         "--api-key",
         KEY,
         "--max-queue",
-        "0",
+        "1",
+        "--send-timeout",
+        "3600",
         "--max-body-bytes",
         str(LIMIT),
         "--cors-origins",
@@ -40,10 +49,49 @@ def server(tiny_hf_checkpoint):
         "api.internal",
         "--strict-model-names",  # the 404s below are about unknown names
     ) as proc:
-        yield proc
+        with queue_holder(proc):
+            yield proc
         assert proc.alive
         assert "Traceback" not in proc.log(), proc.log()
         assert httpx.get(proc.url("/health")).status_code == 200
+
+
+@contextlib.contextmanager
+def queue_holder(server: ServerProcess):
+    """Take the server's one queue place: a stream of over a MB (4 choices with logprobs)
+    whose client never reads, so the answer stays unread in the server once the engine has
+    made it. Yields once the engine is idle and a request is refused for the full queue."""
+    body = {
+        **GOOD,
+        "stream": True,
+        "n": 4,
+        "max_tokens": 300,
+        "temperature": 1.0,
+        "logprobs": True,
+        "top_logprobs": 20,
+    }
+    raw = json.dumps(body).encode()
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Authorization: Bearer %s\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % (KEY.encode(), len(raw))
+    ) + raw
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        holder.connect(("127.0.0.1", server.port))
+        holder.sendall(request)
+        holder.settimeout(60)
+        status = holder.recv(12)  # sent with the first token: the generation is under way
+        assert status == b"HTTP/1.1 200", status
+        deadline = time.monotonic() + 60
+        while True:
+            if httpx.get(server.url("/health"), headers=AUTH).json()["active"] == 0:
+                probe = httpx.post(server.url(CHAT), json=GOOD, headers=AUTH, timeout=30)
+                assert probe.status_code == 503, probe.text
+                break
+            assert time.monotonic() < deadline, "the holder's answer took over 60 s"
+            time.sleep(0.1)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -347,6 +395,7 @@ def test_openai_exception_classes(server):
         (["--host", "0.0.0.0"], "--allow-public"),
         (["--port", "70000"], "--port"),
         (["--max-batch", "0"], "--max-batch"),
+        (["--max-queue", "0"], "--max-queue must be at least 1"),
         (["--model", "/nonexistent/model/dir"], "/nonexistent/model/dir"),
     ],
 )

@@ -19,8 +19,6 @@ import jsonschema
 import mlx.core as mx
 import openai
 import pytest
-from server_process import ServerProcess
-from tool_samples import PERSON, SCHEMAS, TIME, TOOLS
 
 import mlx_mistral
 from mlx_mistral.errors import InvalidRequestError
@@ -29,6 +27,8 @@ from mlx_mistral.server.app import chat_prompt
 from mlx_mistral.server.schemas import ChatCompletionRequest
 from mlx_mistral.tokenizer import Tokenizer
 from mlx_mistral.tools.parsing import split_tool_calls
+from tests.server_process import ServerProcess
+from tests.tool_samples import PERSON, SCHEMAS, TIME, TOOLS
 
 SEEDS = 100
 PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}

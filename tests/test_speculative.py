@@ -421,7 +421,8 @@ def test_speculative_sampling_keeps_the_distribution(params, drafted):
 def test_http_prediction_reports_accepted_and_rejected_tokens(tiny_hf_checkpoint):
     import httpx
     import openai
-    from server_process import ServerProcess
+
+    from tests.server_process import ServerProcess
 
     messages = [{"role": "user", "content": "Tell me a story about a cat."}]
     with ServerProcess(tiny_hf_checkpoint) as server:

@@ -13,7 +13,6 @@ from collections import Counter
 import jsonschema
 import numpy as np
 import pytest
-from tool_samples import PERSON, SCHEMAS, TOOLS, assemble
 
 from mlx_mistral.batch import BatchGenerator
 from mlx_mistral.chat import encode_chat_request, parse_chat, render_tool_calls
@@ -29,6 +28,7 @@ from mlx_mistral.tools.grammar import (
 )
 from mlx_mistral.tools.parsing import ToolCallStreamer, split_tool_calls
 from mlx_mistral.tools.validation import parse_structured_request
+from tests.tool_samples import PERSON, SCHEMAS, TOOLS, assemble
 
 SEEDS = 100
 

@@ -6,10 +6,10 @@ import random
 import shutil
 
 import pytest
-from test_chat import SNIPPETS, conversations, random_text
 
 from mlx_mistral.errors import ModelLoadError
 from mlx_mistral.tokenizer import Tokenizer
+from tests.test_chat import SNIPPETS, conversations, random_text
 
 TEXTS = [
     "Hello world",

@@ -11,13 +11,13 @@ import sys
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tool_samples import WEATHER, assemble
 
 from mlx_mistral.chat import render_tool_calls
 from mlx_mistral.errors import InvalidRequestError
 from mlx_mistral.tools.parsing import ToolCallStreamer, parse_tool_calls, split_tool_calls
 from mlx_mistral.tools.spec import ResponseFormat, ToolSpec
 from mlx_mistral.tools.validation import parse_structured_request
+from tests.tool_samples import WEATHER, assemble
 
 
 def tool(name="get_weather", **fn):

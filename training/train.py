@@ -150,7 +150,8 @@ class DemoTrainer:
         local = torch.full((MODEL_CONFIG["vocab_size"],), -1, dtype=torch.long)
         local[torch.tensor(self.active)] = torch.arange(len(self.active))
         self.local = local
-        # log(number of zero rows): their logits are 0, so they add (V - A) * e^0 to the softmax sum.
+        # log(number of zero rows): their logits are 0, so they add (V - A) * e^0 to the
+        # softmax sum.
         self.zero_rows_logit = math.log(MODEL_CONFIG["vocab_size"] - len(self.active))
         blocks = [p for n, p in self.hf.named_parameters() if p.requires_grad]
         decay = [p for p in blocks if p.ndim >= 2] + [self.embed]

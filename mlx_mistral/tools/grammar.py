@@ -37,7 +37,9 @@ leading space, which the detokenizer drops from the text.
 Schemas the engine compiles but cannot serve (an empty language such as `{"$ref": "#"}`, or a
 `const` it cannot spell) are refused by `make_constraints` with an `InvalidRequestError` naming
 the schema's field. Should the engine still fail mid-answer (a parser or lexer limit), the error
-is logged and the sequence ends with finish_reason "error", never a silent "stop".
+is logged (once) and the sequence ends with finish_reason "error", never a silent "stop"; the
+`Engine` ends such a request with a `StructuredOutputError` (the server's 500, or a stream's
+error event).
 """
 
 from __future__ import annotations
@@ -359,8 +361,7 @@ class GrammarConstraint:
         if not self._failed:
             self._failed = True
             log.error(
-                "the grammar engine failed mid-answer; the answer ends with finish_reason "
-                '"error": %s',
+                "the grammar engine failed mid-answer; the request ends with an error: %s",
                 self._matcher.get_error().split("\n")[0][:500],
             )
 

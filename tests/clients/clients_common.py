@@ -6,7 +6,8 @@ import importlib
 
 import httpx
 import pytest
-from server_process import ServerProcess
+
+from tests.server_process import ServerProcess
 
 # The demo model's own answer to "Hello!" (training/corpus.py GREETING), word for word.
 GREETING = "Hello! It's nice to meet you. Is there something I can help you with?"

@@ -6,9 +6,9 @@ wire-format rules where the text does not matter). Both start once per session, 
 from __future__ import annotations
 
 import pytest
-from server_process import ServerProcess
 
 import mlx_mistral
+from tests.server_process import ServerProcess
 
 
 def _serve(model) -> ServerProcess:

@@ -14,8 +14,9 @@ from typing import Literal
 
 import openai
 import pytest
-from clients_common import client_package, served_model
 from pydantic import BaseModel, ConfigDict, Field
+
+from tests.clients.clients_common import client_package, served_model
 
 instructor = client_package("instructor")
 

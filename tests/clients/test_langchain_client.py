@@ -8,8 +8,9 @@ from __future__ import annotations
 from typing import Literal
 
 import pytest
-from clients_common import GREETING, client_package, served_model
 from pydantic import BaseModel
+
+from tests.clients.clients_common import GREETING, client_package, served_model
 
 langchain_openai = client_package("langchain_openai")
 messages = client_package("langchain_core.messages")

@@ -9,7 +9,8 @@ import json
 import os
 
 import pytest
-from clients_common import GREETING, WEATHER_TOOL, client_package, served_model
+
+from tests.clients.clients_common import GREETING, WEATHER_TOOL, client_package, served_model
 
 # litellm fetches its model price map from the network at import unless told not to.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")

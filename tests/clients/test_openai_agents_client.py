@@ -10,8 +10,9 @@ from typing import Literal
 
 import openai
 import pytest
-from clients_common import GREETING, client_package, served_model
 from pydantic import BaseModel
+
+from tests.clients.clients_common import GREETING, client_package, served_model
 
 agents = client_package("agents")
 agents_models = client_package("agents.models")

@@ -11,8 +11,9 @@ from typing import Literal
 
 import openai
 import pytest
-from clients_common import GREETING, WEATHER_TOOL, served_model
 from pydantic import BaseModel
+
+from tests.clients.clients_common import GREETING, WEATHER_TOOL, served_model
 
 
 @pytest.fixture(scope="module")

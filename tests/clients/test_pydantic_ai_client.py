@@ -10,8 +10,9 @@ import asyncio
 from typing import Literal
 
 import pytest
-from clients_common import GREETING, client_package, served_model
 from pydantic import BaseModel
+
+from tests.clients.clients_common import GREETING, client_package, served_model
 
 pydantic_ai = client_package("pydantic_ai")
 openai_models = client_package("pydantic_ai.models.openai")

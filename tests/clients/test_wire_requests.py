@@ -9,7 +9,8 @@ import json
 
 import httpx
 import pytest
-from clients_common import WEATHER_TOOL, served_model
+
+from tests.clients.clients_common import WEATHER_TOOL, served_model
 
 
 def chat(server, timeout: float = 120, **body) -> httpx.Response:

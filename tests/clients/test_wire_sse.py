@@ -9,7 +9,8 @@ import json
 
 import httpx
 import pytest
-from clients_common import GREETING, WEATHER_TOOL, served_model
+
+from tests.clients.clients_common import GREETING, WEATHER_TOOL, served_model
 
 
 def sse_chunks(server, body: dict) -> list[dict]:

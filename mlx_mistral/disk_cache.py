@@ -1,0 +1,369 @@
+"""Prompt KV on disk, so a long system prompt is not prefilled again after a restart.
+
+Each entry is one safetensors file: the KV of every layer for a token prefix, with the token ids
+and the model's identity in the file's header. Files live in a directory of their own per model
+identity (a hash of config.json and the weight files' names, sizes and mtimes, plus the KV
+format), and a file is loaded only when its header names this identity and its token ids are
+the prompt's: another checkpoint, or a file edited by hand, is never reused. A file that cannot
+be read is ignored with a log line and removed.
+
+Writes run on a writer thread (a prompt of 4,000 tokens on v0.2 is 512 MiB of float16 KV), so
+the engine only hands over evaluated arrays (MLX's streams are per thread: a lazy array cannot be
+evaluated off the thread that made it). A file is written under a temporary name and renamed,
+so a crash leaves no torn entry. The directory is kept under a byte cap, least recently used
+(file mtime, touched on each hit) first.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import mlx.core as mx
+import numpy as np
+
+from .checkpoint_files import INDEX_FILE, safetensors_files
+from .prefix_cache import KV, LayerKV, common_prefix_length
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .tokenizer import Tokenizer
+
+log = logging.getLogger("mlx_mistral.disk_cache")
+
+FORMAT = "mlx-mistral-prompt-cache/1"
+SUFFIX = ".safetensors"
+DEFAULT_DISK_BYTES = 10 * 2**30
+MAX_PENDING_WRITES = 2  # beyond this the engine outruns the disk: later prefixes are skipped
+
+
+def default_cache_dir() -> Path:
+    """Where prompt caches go by default: the user's cache directory (XDG on Linux)."""
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "mlx-mistral" / "prompt-cache"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mlx-mistral" / "prompt-cache"
+
+
+def model_identity(model_dir: str | os.PathLike[str]) -> str:
+    """A hash naming one checkpoint: its config.json, index and weight files' names, sizes and
+    mtimes (cheap: no weight is read). A re-downloaded or converted checkpoint gets a new one."""
+    root = Path(model_dir)
+    digest = hashlib.sha256()
+    for name in ("config.json", INDEX_FILE):
+        if (root / name).is_file():
+            digest.update(name.encode() + b"\0" + (root / name).read_bytes())
+    for path in safetensors_files(root):
+        stat = path.stat()
+        digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class DiskCacheSettings:
+    """Where and how much: `model_identity` from `model_identity()`; prefixes shorter than
+    `min_tokens` are cheaper to prefill than to read back."""
+
+    directory: Path
+    model_identity: str
+    max_bytes: int = DEFAULT_DISK_BYTES
+    min_tokens: int = 256
+
+
+@dataclass
+class _Entry:
+    path: Path
+    ids: np.ndarray  # int64
+
+
+def _flatten(layers: list[LayerKV]) -> dict[str, mx.array]:
+    tensors = {}
+    for i, pair in enumerate(layers):
+        for name, part in zip(("keys", "values"), pair):
+            if isinstance(part, tuple):
+                tensors.update({f"{i}.{name}.{j}": a for j, a in enumerate(part)})
+            else:
+                tensors[f"{i}.{name}"] = part
+    return tensors
+
+
+def _unflatten(tensors: dict[str, mx.array], num_layers: int) -> list[LayerKV]:
+    def part(i: int, name: str) -> KV:
+        if f"{i}.{name}" in tensors:
+            return tensors[f"{i}.{name}"]
+        parts = []
+        while f"{i}.{name}.{len(parts)}" in tensors:
+            parts.append(tensors[f"{i}.{name}.{len(parts)}"])
+        if not parts:
+            raise ValueError(f"no {name} for layer {i}")
+        return tuple(parts)
+
+    layers = [(part(i, "keys"), part(i, "values")) for i in range(num_layers)]
+    if len(tensors) != len(_flatten(layers)):
+        raise ValueError(f"{len(tensors)} tensors where {num_layers} layers have fewer")
+    return layers
+
+
+def checksum(tensors: dict[str, mx.array]) -> str:
+    """CRC-32 of the tensors' bytes in name order (evaluated, contiguous arrays): catches a
+    file whose data was damaged while its header still reads well."""
+    crc = 0
+    for name in sorted(tensors):
+        crc = zlib.crc32(name.encode(), crc)
+        crc = zlib.crc32(memoryview(tensors[name]).cast("B"), crc)
+    return f"{crc:08x}"
+
+
+def read_header(path: Path) -> tuple[dict[str, str], int]:
+    """A safetensors file's metadata and the size its header says the file has.
+
+    Raises:
+        ValueError: not a safetensors file.
+    """
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError("shorter than a safetensors header")
+        n = int.from_bytes(head, "little")
+        if n > 100 * 2**20:
+            raise ValueError("header length out of range")
+        raw = f.read(n)
+    if len(raw) != n:
+        raise ValueError("truncated header")
+    header = json.loads(raw)
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    return header.get("__metadata__") or {}, 8 + n + end
+
+
+class DiskPrefixCache:
+    """The on-disk tier under the in-memory `PrefixCache`: `lookup` on the engine thread,
+    `store` queues a write for the writer thread.
+
+    Args:
+        settings: directory, byte cap, model identity.
+        kv_format: what a layer's KV is (dtype, quantization); part of the identity, since a
+            float16 cache must not load into a float32 or 8-bit one.
+        num_layers: the model's layer count (a file with another count is refused).
+    """
+
+    def __init__(self, settings: DiskCacheSettings, *, kv_format: str, num_layers: int):
+        self.settings = settings
+        self.identity = hashlib.sha256(
+            f"{settings.model_identity}\0{kv_format}".encode()
+        ).hexdigest()
+        self.root = Path(settings.directory)
+        self.dir = self.root / self.identity[:24]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.num_layers = num_layers
+        self._lock = threading.Lock()  # the index: read on the engine thread, grown by the writer
+        self._index: dict[str, _Entry] = {}
+        self._scan()
+        self._writes: queue.Queue = queue.Queue()
+        self._writer = threading.Thread(
+            target=self._write_loop, name="prompt-cache-writer", daemon=True
+        )
+        self._writer.start()
+        self._names = itertools.count()
+
+    # -- the index -------------------------------------------------------------------------------
+    def _scan(self) -> None:
+        for path in sorted(self.dir.glob("*" + SUFFIX)):
+            if path.name.startswith("."):  # a write a crash interrupted
+                path.unlink(missing_ok=True)
+                continue
+            ids = self._check_header(path)
+            if ids is not None:
+                self._index[path.name] = _Entry(path, ids)
+
+    def _check_header(self, path: Path) -> np.ndarray | None:
+        """The token ids of a file made for this model, else None (logged, file removed)."""
+        try:
+            meta, size = read_header(path)
+            if meta.get("format") != FORMAT:
+                raise ValueError("not a prompt-cache file")
+            if meta.get("model") != self.identity:
+                raise ValueError("made for another model or KV format")
+            if path.stat().st_size != size:
+                raise ValueError(f"{path.stat().st_size} bytes where its header says {size}")
+            return np.frombuffer(base64.b64decode(meta["tokens"]), dtype="<i4").astype(np.int64)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self._discard(path, exc)
+            return None
+
+    def _discard(self, path: Path, reason: object) -> None:
+        log.warning("ignoring prompt-cache file %s: %s", path, reason)
+        with self._lock:
+            self._index.pop(path.name, None)
+        path.unlink(missing_ok=True)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    # -- reading (engine thread) -----------------------------------------------------------------
+    def lookup(
+        self, prompt: np.ndarray, *, longer_than: int = 0
+    ) -> tuple[int, np.ndarray, list[LayerKV]] | None:
+        """The longest stored prefix of `prompt` beyond `longer_than` tokens, leaving one token
+        to prefill: (its length, the entry's token ids, the entry's whole KV), or None."""
+        with self._lock:
+            entries = list(self._index.values())
+        best, best_len = None, 0
+        for entry in entries:
+            n = common_prefix_length(entry.ids, prompt)
+            if n > best_len:
+                best, best_len = entry, n
+        best_len = min(best_len, len(prompt) - 1)
+        if best is None or best_len <= longer_than or best_len < self.settings.min_tokens:
+            return None
+        layers = self._load(best)
+        return None if layers is None else (best_len, best.ids, layers)
+
+    def _load(self, entry: _Entry) -> list[LayerKV] | None:
+        try:
+            tensors, meta = mx.load(str(entry.path), format="safetensors", return_metadata=True)
+            if meta.get("model") != self.identity:
+                raise ValueError("made for another model or KV format")
+            ids = np.frombuffer(base64.b64decode(meta["tokens"]), dtype="<i4")
+            if not np.array_equal(ids, entry.ids):
+                raise ValueError("its token ids changed since it was indexed")
+            layers = _unflatten(tensors, self.num_layers)
+            for pair in layers:
+                for part in pair:
+                    for a in part if isinstance(part, tuple) else (part,):
+                        if a.ndim != 4 or a.shape[2] != len(ids):
+                            raise ValueError(f"a tensor of shape {a.shape} for {len(ids)} tokens")
+            mx.eval(tensors)
+            if checksum(tensors) != meta.get("crc32"):
+                raise ValueError("its data does not match its checksum")
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+            self._discard(entry.path, exc)
+            return None
+        os.utime(entry.path)  # least recently used goes first
+        return layers
+
+    def covers(self, ids: np.ndarray) -> bool:
+        """Whether some file already holds the KV of `ids` (as the whole or a prefix of it)."""
+        with self._lock:
+            entries = list(self._index.values())
+        return any(
+            len(e.ids) >= len(ids) and common_prefix_length(e.ids, ids) == len(ids) for e in entries
+        )
+
+    # -- writing ---------------------------------------------------------------------------------
+    def store(self, tokens: np.ndarray, layers: list[LayerKV]) -> bool:
+        """Queue a write of `layers` (evaluated arrays: they cross to the writer thread) for
+        `tokens`; False when it is too short, already stored, or the writer is behind."""
+        if len(tokens) < self.settings.min_tokens or self.covers(tokens):
+            return False
+        if self._writes.qsize() >= MAX_PENDING_WRITES:
+            log.info(
+                "prompt cache: the disk writer is behind; not storing a %d-token prefix",
+                len(tokens),
+            )
+            return False
+        self._writes.put((np.asarray(tokens, dtype=np.int64), layers))
+        return True
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._writes.get()
+            try:
+                if item is None:
+                    return
+                self._write(*item)
+            except Exception:  # noqa: BLE001 - a full disk must not take the server down
+                log.exception("prompt cache: writing an entry failed")
+            finally:
+                self._writes.task_done()
+
+    def _write(self, ids: np.ndarray, layers: list[LayerKV]) -> None:
+        if self.covers(ids):
+            return
+        key = hashlib.sha256(ids.astype("<i4").tobytes()).hexdigest()[:32]
+        path = self.dir / f"{len(ids)}-{key}{SUFFIX}"
+        temp = self.dir / f".{os.getpid()}-{next(self._names)}-{path.name}"
+        tensors = _flatten(layers)
+        metadata = {
+            "crc32": checksum(tensors),
+            "format": FORMAT,
+            "model": self.identity,
+            "tokens": base64.b64encode(ids.astype("<i4").tobytes()).decode(),
+        }
+        mx.save_safetensors(str(temp), tensors, metadata=metadata)
+        if temp.stat().st_size > self.settings.max_bytes:
+            temp.unlink()
+            return
+        os.replace(temp, path)
+        with self._lock:
+            # Entries that are prefixes of the new one are redundant now.
+            for name, entry in list(self._index.items()):
+                if len(entry.ids) < len(ids) and np.array_equal(entry.ids, ids[: len(entry.ids)]):
+                    del self._index[name]
+                    entry.path.unlink(missing_ok=True)
+            self._index[path.name] = _Entry(path, ids)
+        self._evict()
+
+    def _evict(self) -> None:
+        """Remove the least recently used files (of every model) until under the byte cap."""
+        files = []
+        for path in self.root.glob("*/*" + SUFFIX):
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            files.append((stat.st_mtime_ns, stat.st_size, path))
+        total = sum(size for _, size, _ in files)
+        for _, size, path in sorted(files):
+            if total <= self.settings.max_bytes:
+                return
+            if path.parent == self.dir:
+                with self._lock:
+                    self._index.pop(path.name, None)
+            path.unlink(missing_ok=True)
+            total -= size
+
+    def flush(self) -> None:
+        """Wait until every queued write is on disk."""
+        self._writes.join()
+
+    def close(self) -> None:
+        """Finish the queued writes and stop the writer thread."""
+        if self._writer.is_alive():
+            self._writes.put(None)
+            self._writer.join()
+
+
+def system_prompt_prefix(tokenizer: Tokenizer, system: str) -> list[int]:
+    """The prompt ids every chat with this system prompt starts with: `<s>[INST] {system}` and
+    the blank line before the first user text (see `mlx_mistral.chat`), found as what two chats
+    with different user texts share, so it is exactly what real requests' prompts begin with."""
+    a, b = (
+        tokenizer.encode_chat(
+            [{"role": "system", "content": system}, {"role": "user", "content": u}]
+        )
+        for u in ("A", "Z")
+    )
+    return a[: common_prefix_length(np.asarray(a), np.asarray(b))]
+
+
+def warm_system_prompt(engine: Engine, system: str) -> int:
+    """Prefill a system prompt so that the first request using it starts with its KV (from
+    the disk cache when an earlier run stored it); returns the prefix's length in tokens."""
+    from .sampling.params import SamplingParams
+
+    ids = system_prompt_prefix(engine.tokenizer, system)
+    events = list(engine.submit(ids, SamplingParams(temperature=0, max_tokens=1)))
+    cached = events[-1].cached_tokens if events else 0
+    log.info("warm prompt: %d tokens prefilled, %d of them from the prompt cache", len(ids), cached)
+    return len(ids)

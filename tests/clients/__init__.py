@@ -1,0 +1,1 @@
+"""Real client libraries driven against a real server."""

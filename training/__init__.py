@@ -1,0 +1,1 @@
+"""How the bundled demo model was trained: `python -m training.train`."""
