@@ -37,12 +37,15 @@ from .prefix_cache import PrefixCache
 from .sampling.params import SamplingParams
 from .sampling.sampler import PendingSample, TokenLogprobs, sample_async
 from .sampling.state import SamplerState
-from .speculative import choose_tokens
+from .speculative import Verification, choose_tokens, verification_width
 from .stopping import StopMatcher
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from .distributed_engine import Leader
+
+SPECULATE_PAUSE = (4, 64)
+"""Decode steps without looking for drafts after a look that verified none: first, most."""
 
 
 class TokenConstraint(Protocol):
@@ -173,6 +176,11 @@ class BatchGenerator:
         # Tensor-parallel serving (`distributed_engine.Leader`), a thin hook: every forward and
         # KV-cache change below is announced to the other ranks first, which replay it.
         self.replica: Leader | None = None
+        # Looking for drafts waits for the step's tokens (no pipelining), so after a look that
+        # verified nothing the batch skips looking for a number of steps that doubles.
+        self._decode_steps = 0
+        self._speculate_at = 0
+        self._speculate_pause = SPECULATE_PAUSE[0]
 
     # -- submission ----------------------------------------------------------------------------
     def check(
@@ -395,6 +403,7 @@ class BatchGenerator:
             self.replica.join(request.uid, n, logits)
         request.cache = None
         self.running.extend(sequences)
+        self._speculate_at = 0  # a newcomer may bring a prediction: look at once
         events = self._sample_and_emit(mx.repeat(logits, n, axis=0), sequences)
         if self.prefix_cache is not None:  # after the first token: off the TTFT path
             # Concurrent requests share it; a restarted server finds it on disk.
@@ -411,16 +420,27 @@ class BatchGenerator:
     def _decode(self) -> list[TokenEvent]:
         # A row that may propose a draft needs its newest token on the host; so does a grammar.
         lag = 0 if self._in_flight is None else 1
-        if any(
-            seq.constraint is not None or (seq.speculator and seq.speculator.may_propose(lag))
-            for seq in self.running
-        ):
+        self._decode_steps += 1
+        speculate = self._decode_steps >= self._speculate_at and any(
+            seq.speculator and seq.speculator.may_propose(lag) for seq in self.running
+        )
+        if speculate or any(seq.constraint is not None for seq in self.running):
             events = self._settle()
             if not self.running:
                 return events
-            drafts = [self._draft(seq) for seq in self.running]
+            drafts = [self._draft(seq) for seq in self.running] if speculate else []
             if any(drafts):
-                return events + self._speculate(drafts)
+                rates = [seq.speculator.rate if d else 0.0 for seq, d in zip(self.running, drafts)]
+                width = verification_width([len(d) for d in drafts], rates)
+                if width:
+                    self._speculate_pause = SPECULATE_PAUSE[0]
+                    return events + self._speculate([d[:width] for d in drafts])
+                for seq, draft in zip(self.running, drafts):
+                    if draft:  # not worth verifying in this batch: decode plainly a while
+                        seq.speculator.decline()
+            if speculate:  # the look cost the pipeline and found nothing worth verifying
+                self._speculate_at = self._decode_steps + self._speculate_pause
+                self._speculate_pause = min(SPECULATE_PAUSE[1], self._speculate_pause * 2)
             tokens = mx.array([seq.tokens[-1] for seq in self.running])
             return events + self._sample_and_emit(self._next_logits(tokens), list(self.running))
         # Schedule step t+1 on step t's pending tokens, then read step t's.
@@ -467,31 +487,22 @@ class BatchGenerator:
     def _speculate(self, drafts: list[list[int]]) -> list[TokenEvent]:
         """Verify every row's draft in one forward (rows without one just decode a token).
 
-        Rows are padded to the longest draft; each row then keeps the KV of the tokens it
-        accepted, and `trim_cache_rows` re-aligns the rows that kept fewer (see its comment).
+        Rows are padded to the longest draft (which :func:`verification_width` keeps short
+        when rows without a draft would pay for it); each row then keeps the KV of the tokens
+        it accepted, and `trim_cache_rows` re-aligns the rows that kept fewer (see its comment).
         """
         rows, width = list(self.running), max(len(d) for d in drafts)
         inputs = [[seq.tokens[-1], *d, *[0] * (width - len(d))] for seq, d in zip(rows, drafts)]
         logits = self.model.project(self.model.hidden_states(mx.array(inputs), self.cache))
-        events: list[tuple[int, TokenEvent]] = []
+        if any(seq.constraint is not None for seq, d in zip(rows, drafts) if d):
+            events = self._accept_in_order(logits, rows, drafts)
+        else:
+            events = self._accept_at_once(logits, rows, drafts)
         emitted, accepted = [0] * len(rows), [0] * len(rows)
-        live = list(range(len(rows)))
-        for j in range(width + 1):  # position j checks drafts[i][j]
-            proposals = [drafts[i][j] if j < len(drafts[i]) else None for i in live]
-            tokens, logprobs = choose_tokens(
-                logits[mx.array(live), j],
-                [rows[i].state for i in live],
-                proposals,
-                self._allowed([rows[i] for i in live], logits.shape[-1]),
-            )
-            for i, proposal, token, lp in zip(list(live), proposals, tokens, logprobs):
-                accepted[i] += token == proposal
-                events.append((i, self._emit(rows[i], token, lp)))
-                emitted[i] += 1
-                if rows[i].finished or token != proposal:
-                    live.remove(i)
-            if not live:
-                break
+        for i, event in events:
+            emitted[i] += 1
+            proposal = drafts[i][emitted[i] - 1] if emitted[i] <= len(drafts[i]) else None
+            accepted[i] += event.token == proposal
         for seq, draft, n in zip(rows, drafts, accepted):
             if draft:
                 seq.speculator.record(len(draft), n)
@@ -503,6 +514,46 @@ class BatchGenerator:
         trim_cache_rows(self.cache, [width + 1 - n for n in emitted])
         self._retire_finished()
         return [event for _, event in events]
+
+    def _accept_at_once(
+        self, logits: mx.array, rows: list[_Sequence], drafts: list[list[int]]
+    ) -> list[tuple[int, TokenEvent]]:
+        """All positions drawn in one pass (:class:`Verification`), then each row emits its
+        accepted tokens and the one after, up to where it finishes."""
+        verified = Verification(
+            logits, [s.state for s in rows], drafts, self._allowed(rows, logits.shape[-1])
+        )
+        events: list[tuple[int, TokenEvent]] = []
+        for i, seq in enumerate(rows):
+            for token, lp in zip(verified.tokens[i], verified.logprobs[i]):
+                events.append((i, self._emit(seq, token, lp)))
+                if seq.finished:
+                    break
+            verified.commit(i, sum(1 for r, _ in events if r == i))
+        return events
+
+    def _accept_in_order(
+        self, logits: mx.array, rows: list[_Sequence], drafts: list[list[int]]
+    ) -> list[tuple[int, TokenEvent]]:
+        """Position by position: penalties and grammars of a position see the tokens before
+        it, and a sampled row's randomness is drawn per position (see `speculative`)."""
+        events: list[tuple[int, TokenEvent]] = []
+        live = list(range(len(rows)))
+        for j in range(logits.shape[1]):  # position j checks drafts[i][j]
+            proposals = [drafts[i][j] if j < len(drafts[i]) else None for i in live]
+            tokens, logprobs = choose_tokens(
+                logits[mx.array(live), j],
+                [rows[i].state for i in live],
+                proposals,
+                self._allowed([rows[i] for i in live], logits.shape[-1]),
+            )
+            for i, proposal, token, lp in zip(list(live), proposals, tokens, logprobs):
+                events.append((i, self._emit(rows[i], token, lp)))
+                if rows[i].finished or token != proposal:
+                    live.remove(i)
+            if not live:
+                break
+        return events
 
     def _allowed(self, sequences: list[_Sequence], vocab: int) -> mx.array | None:
         if all(seq.constraint is None for seq in sequences):

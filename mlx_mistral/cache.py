@@ -74,12 +74,14 @@ class BatchKVCache:
         if not any(shifts) or self.keys is None:
             return
         # Row i's token at t moves to t + shift_i; positions that come from before 0 read 0,
-        # which becomes (masked) padding.
-        source = mx.arange(self.length)[None, :] - mx.array(shifts)[:, None]  # (B, T)
-        index = mx.maximum(source, 0)[:, None, :, None]  # (B, 1, T, 1)
+        # which becomes (masked) padding. Only the rows that move are gathered and written.
+        moved = [i for i, s in enumerate(shifts) if s]
+        rows = mx.array(moved)
+        source = mx.arange(self.length)[None, :] - mx.array([shifts[i] for i in moved])[:, None]
+        index = mx.maximum(source, 0)[:, None, :, None]  # (moved, 1, T, 1)
         for buffer in self._buffers():
-            buffer[..., : self.length, :] = mx.take_along_axis(
-                buffer[..., : self.length, :], index, axis=2
+            buffer[rows, :, : self.length, :] = mx.take_along_axis(
+                buffer[rows, :, : self.length, :], index, axis=2
             )
         self.left_padding = [p + s for p, s in zip(self.left_padding, shifts)]
 

@@ -138,6 +138,8 @@ class Speculator:
 
     base_pause = 16
     max_pause = 256
+    decline_pause = 8  # tokens without proposing after the batch's cost model said no
+    memory = 0.8  # weight of past verifications in `rate`
 
     def __init__(
         self, prompt: Sequence[int], prediction: Sequence[int] | None, *, prompt_lookup: bool
@@ -151,6 +153,15 @@ class Speculator:
         self.resume_at = 0
         self.proposed = 0  # drafted tokens sent for verification, over the whole sequence
         self.accepted = 0  # of those, the ones the model agreed with
+        # Recent per-token acceptance, as counts of drafted tokens that held (`_hits`) out of
+        # those tested (`_tests`: a draft is tested up to its first miss), decayed per draft.
+        self._hits = 0.0
+        self._tests = 0.0
+
+    @property
+    def rate(self) -> float:
+        """The chance that a drafted token holds, from recent drafts (1/2 before any)."""
+        return (self._hits + 1) / (self._tests + 2)
 
     @property
     def rejected(self) -> int:
@@ -186,6 +197,8 @@ class Speculator:
         """The outcome of verifying a draft of `proposed` tokens."""
         self.proposed += proposed
         self.accepted += accepted
+        self._hits = self.memory * self._hits + accepted
+        self._tests = self.memory * self._tests + accepted + (accepted < proposed)
         if accepted == proposed:
             self.length = min(MAX_DRAFT, self.length * 2)
         else:
@@ -194,6 +207,11 @@ class Speculator:
             self.misses, self.pause = 0, self.base_pause
         else:
             self._missed()
+
+    def decline(self) -> None:
+        """The batch chose not to verify this step's draft (it would not pay): ask again after
+        a few tokens, so that the plain steps between keep their pipelining."""
+        self.resume_at = self.generated + self.decline_pause
 
     def _missed(self) -> None:
         self.misses += 1

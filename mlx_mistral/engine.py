@@ -239,6 +239,8 @@ class Engine:
         # Run on the engine thread as it ends, with its error or None (distributed serving
         # tells the other ranks to stop from here: the collectives belong to this thread).
         self.on_exit: Callable[[BaseException | None], None] | None = None
+        self.draft_tokens_proposed = 0  # speculative decoding, over finished sequences
+        self.draft_tokens_accepted = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self, timeout: float | None = None) -> Engine:
@@ -464,6 +466,11 @@ class Engine:
                 del self._handles[event.uid]
                 self.generator.cancel(event.uid)
                 continue
+            if event.finish_reason is not None:  # a sequence's final event carries its totals
+                self.draft_tokens_accepted += event.accepted_prediction_tokens
+                self.draft_tokens_proposed += (
+                    event.accepted_prediction_tokens + event.rejected_prediction_tokens
+                )
             if handle._add_event(event, outbox):
                 del self._handles[event.uid]
                 self.prefix_hit_tokens += event.cached_tokens

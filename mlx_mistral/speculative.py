@@ -1,46 +1,33 @@
 """Speculative sampling: accept or replace drafted tokens so that the output keeps its exact law.
 
 The batch feeds every row its newest token and its draft (:mod:`mlx_mistral.drafts`) in one
-forward, then walks the positions in order. At each position a row either proposes its drafted
-token ``x`` or, past its draft, has nothing to propose:
-
-- nothing proposed: the ordinary sampler draws (:func:`~mlx_mistral.sampling.sample_async`), so
-  a row that does not speculate gets exactly the draw it gets in a plain step;
-- greedy: the token is the argmax of the processed logits; ``x`` is accepted when it is that;
-- sampled: with ``p`` the distribution the sampler would draw from here (penalties over the
-  tokens before this position, logit_bias, the grammar's mask for this position, temperature,
-  top_k, top_p, min_p), ``x`` is accepted with probability ``p(x)``; otherwise the token is
-  drawn from ``p`` with ``x`` removed and renormalised. For a draft that is one fixed token
-  (no draft model) this is the standard rule, and the token has law ``p`` exactly:
-  ``P(y) = p(x)[y = x] + (1 - p(x)) p(y)[y != x] / (1 - p(x)) = p(y)``.
+forward. At each position a row draws the token the ordinary sampler
+(:func:`~mlx_mistral.sampling.sample_async`) would draw there, with every parameter applied as
+in a plain step (penalties over the tokens before the position, logit_bias, the grammar's mask,
+temperature, top_k, top_p, min_p) and the key the plain step would use; the drafted token is
+accepted when the draw equals it. A draft that is one fixed token ``x`` (no draft model) is
+then accepted with probability ``p(x)``, as in the standard rule, and when it is not the token
+has law ``p(y) / (1 - p(x))`` over ``y != x``: the standard residual. So the output is exactly
+the sampler's, token for token for a seeded row, whether it speculates or not, and in any batch.
 
 A row stops at its first rejected position (the token drawn there replaces the draft) or takes
-one more token from the position after its whole draft. Randomness comes from the row's own key,
-split once per position, so a seeded row gives the same tokens whatever shares its batch.
+one more token from the position after its whole draft. Positions are independent given the
+draft (its prefix is what the row has said when a position is reached), so
+:class:`Verification` settles all of them in one pass and one wait for the host; only a row
+under a grammar, whose mask for a position depends on the tokens before it, is walked position
+by position with :func:`choose_tokens`.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import mlx.core as mx
 
-from .sampling.filters import (
-    HEAD_WIDTH,
-    NEG_INF,
-    apply_floor,
-    apply_temperature,
-    sorted_head,
-    truncation_floor,
-)
-from .sampling.sampler import (
-    TokenLogprobs,
-    _BatchParams,
-    _bias_inputs,
-    _penalty_inputs,
-    process_logits,
-    sample_async,
-)
+from .device import on_gpu
+from .padded_linear import MULTIPLE, ROWS
+from .sampling.sampler import TokenLogprobs, sample_async
 from .sampling.state import SamplerState
 
 
@@ -50,100 +37,142 @@ def choose_tokens(
     proposals: Sequence[int | None],
     allowed: mx.array | None = None,
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """The token of every row at one position: a proposal verified, or an ordinary draw.
+    """The token of every row at one position: the sampler's draw, which verifies a proposal
+    by equalling it (see the module docstring). Advances each state as the sampler does.
 
     Args:
         logits: ``[B, V]`` the model's logits at this position.
         states: each row's sampler state, holding its tokens up to this position.
-        proposals: each row's drafted token here, or None.
+        proposals: each row's drafted token here, or None (the draw does not depend on it).
         allowed: ``[B, V]`` grammar masks for this position, or None.
 
     Returns:
         The tokens, and their logprobs for rows that asked (rows that ask never propose).
     """
-    tokens: list[int] = [0] * len(states)
-    logprobs: list[TokenLogprobs | None] = [None] * len(states)
-    plain = [i for i, p in enumerate(proposals) if p is None]
-    drafted = [i for i, p in enumerate(proposals) if p is not None]
-    for rows in (plain, drafted):
-        if not rows:
-            continue
-        index = mx.array(rows)
-        sub_states = [states[r] for r in rows]
-        sub_allowed = None if allowed is None else allowed[index]
-        if rows is drafted:
-            chosen = verify(logits[index], sub_states, [proposals[r] for r in rows], sub_allowed)
-            lps: list[TokenLogprobs | None] = [None] * len(rows)
-        else:
-            out = sample_async(logits[index], sub_states, sub_allowed).resolve()
-            chosen, lps = out.tokens, out.logprobs
-        for r, token, lp in zip(rows, chosen, lps):
-            tokens[r], logprobs[r] = token, lp
-    return tokens, logprobs
+    out = sample_async(logits, states, allowed).resolve()
+    return out.tokens, out.logprobs
 
 
-def verify(
-    logits: mx.array,
-    states: Sequence[SamplerState],
-    drafted: Sequence[int],
-    allowed: mx.array | None = None,
-) -> list[int]:
-    """Accept each row's drafted token or replace it (see the module docstring).
+class Verification:
+    """Every row's tokens for one verification step, all positions drawn in one pass.
 
-    Advances each state as :func:`~mlx_mistral.sampling.sample` would: its key (sampled rows)
-    and its token history (the penalties of the next position see the chosen token).
+    Position ``j`` of a row is drawn from a copy of its state advanced as if it had said its
+    draft's first ``j`` tokens (its key split ``j`` times as the sampler splits it, its
+    penalty counts grown by them): what the state is when that position is reached.
+
+    Args:
+        logits: ``[B, W + 1, V]`` the forward's logits.
+        states: each row's sampler state.
+        drafts: each row's draft (empty: the row only takes position 0).
+        allowed: ``[B, V]`` grammar masks for position 0, or None; rows with a draft have none.
+
+    Attributes:
+        tokens: per row, its accepted draft tokens then the token drawn after them.
+        logprobs: per row, each token's logprobs (for rows that asked).
     """
-    params = [s.params for s in states]
-    # The sampler's own steps build the processed logits: one definition of what a token's
-    # probability is, for the plain draw and for verification alike.
-    counts, seen, penalties = _penalty_inputs(states, logits.shape[-1])
-    processed = process_logits(
-        logits,
-        counts=counts,
-        seen=seen,
-        penalties=penalties,
-        bias=_bias_inputs(params),
-        allowed=allowed,
-    )
-    x = mx.array(list(drafted), dtype=mx.int32)[:, None]  # (B, 1)
-    tokens = mx.argmax(processed, axis=-1)
-    sampled = [i for i, p in enumerate(params) if not p.greedy]
-    if sampled:
-        final = _final_logits(processed, params)  # -inf outside what the sampler keeps
-        log_p = final - mx.logsumexp(final, axis=-1, keepdims=True)
-        p_x = mx.exp(mx.take_along_axis(log_p, x, axis=-1))[:, 0]
-        split = mx.vmap(mx.random.split)(mx.stack([s.key for s in states]))  # (B, 2, 2)
-        step = mx.vmap(lambda k: mx.random.split(k))(split[:, 1])  # (B, 2, 2): accept, residual
-        u = mx.vmap(lambda k: mx.random.uniform(key=k))(step[:, 0])
-        residual = mx.put_along_axis(final, x, mx.array(NEG_INF), axis=-1)
-        noise = mx.vmap(lambda k: mx.random.gumbel((final.shape[-1],), key=k))(step[:, 1])
-        redrawn = mx.argmax(residual + noise, axis=-1)
-        greedy = mx.array([p.greedy for p in params])
-        drawn = mx.where(u < p_x, x[:, 0], redrawn)
-        tokens = mx.where(greedy, tokens, drawn)
-        mx.eval(tokens, split)
-        for i in sampled:
-            states[i].key = split[i, 0]
-    else:
-        mx.eval(tokens)
-    chosen = tokens.tolist()
-    for state, token in zip(states, chosen):
-        state.record(token)
-    return chosen
+
+    def __init__(
+        self,
+        logits: mx.array,
+        states: Sequence[SamplerState],
+        drafts: Sequence[Sequence[int]],
+        allowed: mx.array | None = None,
+    ):
+        self._states = list(states)
+        self._positions: list[list[SamplerState]] = []
+        index, masks = [], []
+        for row, (state, draft) in enumerate(zip(states, drafts)):
+            positions = [state] if not draft else _ahead(state, draft)
+            self._positions.append(positions)
+            index += [(row, j) for j in range(len(positions))]
+            if allowed is not None:
+                full = mx.ones_like(allowed[row])
+                masks += [allowed[row] if j == 0 else full for j in range(len(positions))]
+        rows, cols = (mx.array(list(a)) for a in zip(*index))
+        flat = [s for positions in self._positions for s in positions]
+        out = sample_async(logits[rows, cols], flat, mx.stack(masks) if masks else None).resolve()
+        self.tokens: list[list[int]] = []
+        self.logprobs: list[list[TokenLogprobs | None]] = []
+        start = 0
+        for draft, positions in zip(drafts, self._positions):
+            drawn = out.tokens[start : start + len(positions)]
+            lps = out.logprobs[start : start + len(positions)]
+            start += len(positions)
+            kept = next((j for j, (x, y) in enumerate(zip(draft, drawn)) if x != y), len(draft))
+            self.tokens.append(drawn[: kept + 1])
+            self.logprobs.append(lps[: kept + 1])
+
+    def commit(self, row: int, emitted: int) -> None:
+        """Leave row `row`'s state as the sampler would after its first `emitted` tokens."""
+        if emitted == 1 and len(self._positions[row]) == 1:
+            return  # drawn from the state itself
+        done = self._positions[row][emitted - 1]
+        state = self._states[row]
+        state.key, state.counts, state.num_generated = done.key, done.counts, done.num_generated
 
 
-def _final_logits(processed: mx.array, params: Sequence) -> mx.array:
-    """Temperature then the top_k/top_p/min_p floor: the logits whose softmax the sampler
-    draws from (greedy rows get temperature 1 and are not read)."""
+def _ahead(state: SamplerState, draft: Sequence[int]) -> list[SamplerState]:
+    """Copies of `state` at each position of a verification: after 0, 1, ... len(draft) of the
+    draft's tokens. The key advances as `sample_async` advances it (the first half of a split)."""
+    positions = []
+    key, counts = state.key, state.counts
+    for j in range(len(draft) + 1):
+        ahead = copy.copy(state)
+        ahead.key, ahead.counts, ahead.num_generated = key, counts, state.num_generated + j
+        positions.append(ahead)
+        if j < len(draft):
+            key = mx.random.split(key)[0]
+            if counts is not None:
+                counts = counts + (mx.arange(state.vocab_size) == draft[j])
+    return positions
 
-    batch = _BatchParams.of(params)
-    scaled = apply_temperature(processed, batch.temperature)
-    if not batch.any_truncated:
-        return scaled
-    vocab = processed.shape[-1]
-    head, _ = sorted_head(scaled, min(HEAD_WIDTH, vocab))
-    args = (batch.top_k, batch.top_p, batch.min_p)
-    floor, exact = truncation_floor(scaled, head, *args)
-    if not mx.all(exact | batch.greedy).item():  # a nucleus wider than the head: sort it all
-        floor, _ = truncation_floor(scaled, sorted_head(scaled, vocab)[0], *args)
-    return apply_floor(scaled, floor)
+
+# -- when a draft is worth verifying -----------------------------------------------------------
+TOKENS_PER_FORWARD = 24 if not on_gpu() else 512
+"""Tokens (rows x positions) at which a forward costs twice a one-token forward. On this CPU a
+forward of 16 rows costs ~1.6x one row (docs/benchmarks.md): compute-bound soon. On a GPU a
+decode step reads the weights whatever the rows, so hundreds of tokens cost little more."""
+
+SYNC_COST = 0.1
+"""A verification step waits for its tokens (no pipelining), in one-token forwards."""
+
+SLOWDOWN = 0.05
+"""How much slower than a plain step any row's expected token rate may get from a verification
+step: rows that do not speculate (free text) are never made noticeably slower by those that do."""
+
+
+def forward_cost(tokens: int) -> float:
+    """A forward of `tokens` tokens, in one-token forwards (rows padded as the CPU's linear
+    layers pad them, see :mod:`mlx_mistral.padded_linear`)."""
+    if not on_gpu() and tokens % MULTIPLE and tokens in ROWS:
+        tokens += MULTIPLE - tokens % MULTIPLE
+    return 1 + tokens / TOKENS_PER_FORWARD
+
+
+def expected_accepted(rate: float, length: int) -> float:
+    """Expected accepted tokens of a `length`-token draft whose tokens each hold with `rate`
+    (a draft is accepted up to its first miss)."""
+    return sum(rate**j for j in range(1, length + 1))
+
+
+def verification_width(draft_lengths: Sequence[int], rates: Sequence[float]) -> int:
+    """How many drafted positions to verify this step (0: a plain step), by a cost model.
+
+    Each row's expected tokens at width `w` are 1 plus its expected accepted draft tokens
+    (drafts cut to `w`); the step costs a forward of rows x (w + 1) tokens plus the wait. A
+    width is allowed only if no row's expected rate falls more than `SLOWDOWN` below its plain
+    step's (a row without a draft gets 1 token either way, so this caps the width by what the
+    plain rows can afford); the allowed width with the most tokens per unit of cost wins.
+    """
+    rows = len(draft_lengths)
+    plain = forward_cost(rows)
+    best, best_value = 0, rows / plain
+    for width in range(1, max(draft_lengths, default=0) + 1):
+        cost = forward_cost(rows * (width + 1)) + SYNC_COST
+        gains = [expected_accepted(r, min(d, width)) for d, r in zip(draft_lengths, rates)]
+        if min(1 + g for g in gains) * plain < (1 - SLOWDOWN) * cost:
+            continue
+        value = (rows + sum(gains)) / cost
+        if value > best_value:
+            best, best_value = width, value
+    return best

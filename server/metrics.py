@@ -74,6 +74,16 @@ class EngineCollector(Collector):
                 "Prompt tokens whose KV came from the prefix cache.",
                 engine.prefix_hit_tokens,
             ),
+            (
+                "draft_tokens_proposed",
+                "Drafted tokens verified by speculative decoding (finished sequences).",
+                engine.draft_tokens_proposed,
+            ),
+            (
+                "draft_tokens_accepted",
+                "Drafted tokens the model agreed with (finished sequences).",
+                engine.draft_tokens_accepted,
+            ),
             ("model_loads", "Times the weights were loaded.", engine.slot.loads),
             ("model_unloads", "Times the weights were freed after idling.", engine.slot.unloads),
         ):

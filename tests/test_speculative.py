@@ -304,6 +304,41 @@ def test_seeded_speculating_request_is_reproducible_in_any_batch(tiny_model):
     assert first == again == run(generator)[uid]
 
 
+def test_seeded_sampled_row_says_the_same_with_or_without_speculation(tiny_model):
+    """Verification draws the sampler's own token with the sampler's own key, so a seeded row's
+    text does not depend on whether (or how wide) the batch chose to verify its drafts."""
+    model, tokenizer = tiny_model
+    prompt = chat(tokenizer, f"Echo: {REPEATS}")
+    for seeded in (
+        SamplingParams(temperature=0.8, top_k=20, seed=3, max_tokens=30),
+        SamplingParams(temperature=1.0, presence_penalty=0.5, seed=9, max_tokens=30),
+    ):
+        without = plain(model, tokenizer, prompt, seeded)
+        tokens, last = speculated(model, tokenizer, prompt, seeded, prediction=without)
+        assert tokens == without
+        assert last.accepted_prediction_tokens > 10  # the drafts were verified, and held
+
+
+def test_cost_model_verifies_only_what_pays():
+    from mlx_mistral.speculative import (
+        SLOWDOWN,
+        forward_cost,
+        verification_width,
+    )
+
+    assert verification_width([0, 0, 0], [0.0] * 3) == 0
+    assert verification_width([8], [0.05]) == 0  # drafts that keep failing: a plain step
+    assert verification_width([8], [0.95]) == 8  # a good prediction alone: verify it all
+    assert 0 < verification_width([8], [0.5]) < 8  # unsure: a short, cheap check first
+    # Rows without a draft never pay more than SLOWDOWN for their neighbours' drafts.
+    for rows, drafting in ((8, 4), (16, 1), (4, 2), (2, 1)):
+        lengths = [8] * drafting + [0] * (rows - drafting)
+        width = verification_width(lengths, [0.99] * drafting + [0.0] * (rows - drafting))
+        if width:
+            step = forward_cost(rows * (width + 1))
+            assert step <= forward_cost(rows) / (1 - SLOWDOWN)
+
+
 # -- the distribution --------------------------------------------------------------------------
 def _expected_distribution(logits, params: SamplingParams, counts, prompt_ids):
     """The sampler's law, computed independently in numpy (vLLM's order of operations)."""
@@ -452,4 +487,16 @@ def test_http_prediction_reports_accepted_and_rejected_tokens(tiny_hf_checkpoint
         )
         assert bad.status_code == 400
         assert bad.json()["error"]["param"] == "prediction.content"
+        metrics = httpx.get(server.url("/metrics")).text
+        counts = {
+            line.split()[0]: float(line.split()[1])
+            for line in metrics.splitlines()
+            if line.startswith("mlx_mistral_draft_tokens_")
+        }
+        proposed = counts["mlx_mistral_draft_tokens_proposed_total"]
+        accepted = counts["mlx_mistral_draft_tokens_accepted_total"]
+        assert accepted >= details.accepted_prediction_tokens + 10 + 5  # three good predictions
+        assert (
+            proposed >= accepted + wrong.usage.completion_tokens_details.rejected_prediction_tokens
+        )
         assert "Traceback" not in server.log()
