@@ -6,7 +6,9 @@ OpenBLAS on x86 (measured, docs/benchmarks.md), a float32 matmul against a large
 37.7 ms at 12 and 19.5 ms at 16; 17-31 rows are likewise slower than 32. So the layer appends
 zero rows up to the next multiple of 16 and drops their outputs. Each output row is still the
 product of its own input row. Off on a GPU and for quantized layers (neither calls BLAS), for
-small weights (the copy costs more than it saves) and past 64 rows (prefill chunks).
+small weights (the copy costs more than it saves) and past 64 rows (prefill chunks), and off on
+MLX's reference BLAS (no OpenBLAS loaded, see `_blas`): its matmul costs grow with the rows, so
+padding 8 rows to 16 doubled the work (8 streams decoded at 0.67x one stream's rate).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import _blas
 from .device import on_gpu
 
 MULTIPLE = 16
@@ -26,7 +29,11 @@ class PaddedLinear(nn.Linear):
 
     def __init__(self, input_dims: int, output_dims: int, bias: bool = True):
         super().__init__(input_dims, output_dims, bias=bias)
-        self.pad_rows = not on_gpu() and input_dims * output_dims >= MIN_WEIGHT_ELEMENTS
+        self.pad_rows = (
+            not on_gpu()
+            and _blas.loaded is not None  # the padding pays off with OpenBLAS only
+            and input_dims * output_dims >= MIN_WEIGHT_ELEMENTS
+        )
 
     def __call__(self, x: mx.array) -> mx.array:
         rows = x.size // x.shape[-1]
