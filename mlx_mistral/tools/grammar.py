@@ -415,6 +415,7 @@ def make_constraints(
     Example:
         >>> from mlx_mistral.tools.validation import parse_structured_request
         >>> from mlx_mistral import demo_model_path
+        >>> from mlx_mistral.tokenizer import Tokenizer
         >>> tokenizer = Tokenizer.from_file(demo_model_path() / "tokenizer.model")
         >>> spec = parse_structured_request(
         ...     tools=[{"type": "function", "function": {"name": "now"}}], tool_choice="required")
