@@ -78,7 +78,7 @@ NUMERIC = [
     ("frequency_penalty", -2, 2, False),
     ("repetition_penalty", 0.01, 5, False),
     ("repeat_penalty", 0.01, 5, False),
-    ("seed", 0, 2**63 - 1, True),
+    ("seed", -(2**63), 2**63 - 1, True),  # a negative seed means "random" (issue 13)
     ("n", 1, 16, True),
 ]
 CHAT_ONLY = [("top_logprobs", 0, 20, True)]
