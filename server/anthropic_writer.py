@@ -35,7 +35,7 @@ from mlx_mistral.sampling.params import SamplingParams
 
 from .anthropic_protocol import MessagesRequest
 from .errors import anthropic_error_body
-from .handling import RequestPlan, guarded, read_json, run_plan, state_of, stats_of
+from .handling import RequestPlan, guarded, read_json, run_plan, state_of, stats_of, tool_call_ids
 from .streaming import ChoiceTally, Delta, ResponseWriter, Served
 
 
@@ -190,7 +190,7 @@ async def create_message(request: Request) -> Response:
     chat = req.as_chat()
     encoded, constraints = await state.chat_prompt(request, engine, chat)
     prompt = encoded.ids
-    call_ids = [c.call_ids for c in constraints] if chat.parses_tool_calls and constraints else None
+    call_ids = tool_call_ids(chat.parses_tool_calls, constraints)
     # Claude Code sends max_tokens 32000 as a ceiling (Anthropic requires the field).
     params, limited = state.fit_to_window(req.params, True, len(prompt))
     writer = MessagesWriter(

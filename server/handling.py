@@ -170,6 +170,16 @@ async def read_json(request: Request) -> dict[str, Any]:
     return parse_body(await request.body())
 
 
+def tool_call_ids(
+    parses_tool_calls: bool, constraints: Sequence[GrammarConstraint] | None
+) -> list[tuple[str, ...]] | None:
+    """Per choice, the call ids its grammar forces (what the writer reads tool calls with); None
+    when the answer holds no tool calls to read."""
+    if not (parses_tool_calls and constraints):
+        return None
+    return [c.call_ids for c in constraints]
+
+
 def chat_prompt(
     tokenizer: Tokenizer, req: ChatCompletionRequest, context_length: int | None = None
 ) -> tuple[ChatPrompt, list[GrammarConstraint] | None]:

@@ -26,7 +26,15 @@ from starlette.routing import Route
 
 from mlx_mistral.errors import EngineDeadError, InvalidRequestError, MistralError
 
-from .handling import RequestPlan, ServerState, guarded, read_json, run_plan, stats_of
+from .handling import (
+    RequestPlan,
+    ServerState,
+    guarded,
+    read_json,
+    run_plan,
+    stats_of,
+    tool_call_ids,
+)
 from .ollama_models import OLLAMA_VERSION, ModelDescription, describe
 from .ollama_protocol import OllamaRequest
 from .ollama_writer import OllamaChatWriter, OllamaGenerateWriter, load_response
@@ -126,9 +134,7 @@ async def chat(request: Request) -> Response:
     as_openai = ChatCompletionRequest(req.messages, req.params, structured=req.structured)
     encoded, constraints = await state.chat_prompt(request, engine, as_openai)
     prompt = encoded.ids
-    call_ids = None
-    if req.parses_tool_calls and constraints:
-        call_ids = [c.call_ids for c in constraints]
+    call_ids = tool_call_ids(req.parses_tool_calls, constraints)
     writer = OllamaChatWriter(
         state.served, req.params, model=req.model, stats=stats_of(request), call_ids=call_ids
     )

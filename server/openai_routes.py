@@ -19,7 +19,7 @@ from mlx_mistral.engine import Engine
 from mlx_mistral.tokenizer import PromptBudget
 
 from .event_stream import EventStreamResponse
-from .handling import RequestPlan, guarded, read_json, run_plan, state_of, stats_of
+from .handling import RequestPlan, guarded, read_json, run_plan, state_of, stats_of, tool_call_ids
 from .openai_writers import ChatCompletionWriter, CompletionWriter
 from .prompt_list import HandleGroup
 from .schemas import (
@@ -38,9 +38,7 @@ async def chat_completions(request: Request) -> Response:
     state.check_model(req.model)
     engine = state.live_engine()
     prompt, constraints = await state.chat_prompt(request, engine, req)
-    call_ids = None
-    if req.parses_tool_calls and constraints:
-        call_ids = [c.call_ids for c in constraints]
+    call_ids = tool_call_ids(req.parses_tool_calls, constraints)
     writer = ChatCompletionWriter(
         state.served,
         req.params,

@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from mlx_mistral.errors import InvalidRequestError, MistralError
 
-from .handling import RequestPlan, guarded, read_json, run_plan, state_of, stats_of
+from .handling import RequestPlan, guarded, read_json, run_plan, state_of, stats_of, tool_call_ids
 from .responses_protocol import ResponsesRequest
 from .responses_writer import ResponsesWriter
 
@@ -103,9 +103,7 @@ class ResponsesAPI:
             encoded, constraints = await state.chat_prompt(request, engine, chat)
         except InvalidRequestError as exc:
             raise req.rename_error(exc, len(history)) from None
-        call_ids = None
-        if chat.parses_tool_calls and constraints:
-            call_ids = [c.call_ids for c in constraints]
+        call_ids = tool_call_ids(chat.parses_tool_calls, constraints)
         conversation = (*history, *req.input_messages)
 
         def keep(body: dict[str, Any], answer: dict[str, Any] | None) -> None:
