@@ -361,6 +361,8 @@ class BatchGenerator:
         if hit is not None:
             request.cache = [cache_from_state(k, v) for k, v in hit.layers]
             request.prefilled = request.cached_tokens = hit.length
+            if self.replica is not None:
+                self.replica.reuse(request.uid, hit.entry, hit.length)
         else:
             request.cache = self.model.make_cache(kv_bits=self.kv_bits)
 
@@ -407,14 +409,14 @@ class BatchGenerator:
         events = self._sample_and_emit(mx.repeat(logits, n, axis=0), sequences)
         if self.prefix_cache is not None:  # after the first token: off the TTFT path
             # Concurrent requests share it; a restarted server finds it on disk.
-            self.prefix_cache.store(request.prompt, prompt_kv, persist=True)
+            entry = self.prefix_cache.store(request.prompt, prompt_kv, persist=True)
+            if self.replica is not None and entry is not None:
+                self.replica.store_prompt(entry, request.uid)
         return events
 
     def _speculator(self, request: _Request) -> Speculator | None:
         if request.params.logprobs or not (self.prompt_lookup or request.prediction):
             return None  # verified tokens carry no logprobs
-        if self.replica is not None:
-            return None  # verification is not replicated across ranks (exact: speed only)
         return Speculator(request.prompt, request.prediction, prompt_lookup=self.prompt_lookup)
 
     def _decode(self) -> list[TokenEvent]:
@@ -493,7 +495,10 @@ class BatchGenerator:
         """
         rows, width = list(self.running), max(len(d) for d in drafts)
         inputs = [[seq.tokens[-1], *d, *[0] * (width - len(d))] for seq, d in zip(rows, drafts)]
-        logits = self.model.project(self.model.hidden_states(mx.array(inputs), self.cache))
+        tokens = mx.array(inputs)
+        if self.replica is not None:
+            tokens = self.replica.verify(tokens)
+        logits = self.model.project(self.model.hidden_states(tokens, self.cache))
         if any(seq.constraint is not None for seq, d in zip(rows, drafts) if d):
             events = self._accept_in_order(logits, rows, drafts)
         else:
@@ -511,7 +516,10 @@ class BatchGenerator:
                 event.accepted_prediction_tokens = rows[i].speculator.accepted
                 event.rejected_prediction_tokens = rows[i].speculator.rejected
         # Row i fed its last token and its draft; the KV of the last `emitted` of them is kept.
-        trim_cache_rows(self.cache, [width + 1 - n for n in emitted])
+        drop = [width + 1 - n for n in emitted]
+        if self.replica is not None:
+            self.replica.trim(drop)
+        trim_cache_rows(self.cache, drop)
         self._retire_finished()
         return [event for _, event in events]
 
@@ -638,7 +646,9 @@ class BatchGenerator:
                 # pipelined step already fed the last one.
                 fed_count = self.cache[0].length - self.cache[0].left_padding[row]
                 fed = (request.prompt + seq.tokens)[:fed_count]
-                self.prefix_cache.store(fed, [c.extract(row) for c in self.cache])
+                entry = self.prefix_cache.store(fed, [c.extract(row) for c in self.cache])
+                if self.replica is not None and entry is not None:
+                    self.replica.store_row(entry, row)
         self._forget_finished_requests()
         self._remove_finished_rows()
 

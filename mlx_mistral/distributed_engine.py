@@ -18,10 +18,13 @@ every backend has. The decode step's payload, the tokens drawn by the previous s
 being computed when the next step is scheduled (`batch`'s pipelining); its broadcast stays lazy
 and feeds the forward on every rank, so rank 0 never waits for it.
 
-Not replicated yet, so refused or off with `--distributed`: the prefix cache, in memory and on
-disk, and the warmed system prompt (entries would have to be mirrored on every rank), and
-speculative decoding (prompt lookup and Predicted Outputs: exact, so turning them off changes
-the speed only). With `--kv-bits` every rank quantizes its own heads' cache alike.
+The in-memory prefix cache is mirrored by id: rank 0's `PrefixCache` decides what to keep and
+what to evict, and announces it (an entry made of a prompt just prefilled or of a finished
+row's cache; an entry dropped; a prefill that starts from an entry's first L tokens), and each
+follower keeps the same entries of its own heads. Speculative decoding's verification forward
+and the cache trim after it are announced like a decode step. Not replicated: the disk prompt
+cache (each rank would need its own files, kept in step), so `--prompt-cache-dir` is refused.
+With `--kv-bits` every rank quantizes its own heads' cache alike.
 
 A rank that dies makes the next collective fail on the others ("connection to a peer was
 lost"): rank 0's engine ends every request with an error and the process stops itself; a
@@ -37,8 +40,9 @@ from collections.abc import Sequence
 
 import mlx.core as mx
 
-from .cache import BatchKVCache, filter_caches, merge_caches
+from .cache import BatchKVCache, cache_from_state, filter_caches, merge_caches, trim_cache_rows
 from .model import Model
+from .prefix_cache import LayerKV, kv_copy, kv_slice
 
 log = logging.getLogger("mlx_mistral.distributed")
 
@@ -49,6 +53,12 @@ DECODE = 3  # payload: one token per running row
 FILTER = 4  # payload: the rows to keep, in order (none: the batch is empty)
 DROP = 5  # a: request uid; a cancelled request's prefill cache is dropped
 STOP = 6  # rank 0's engine has stopped: exit
+REUSE = 7  # a: request uid, b: prefix-cache entry; payload: [length]; its prefill starts there
+STORE_PROMPT = 8  # a: entry, b: request uid; the prompt just joined becomes the entry
+STORE_ROW = 9  # a: entry, b: row; that row's cache (a finished sequence) becomes the entry
+FORGET = 10  # a: entry; the prefix cache dropped it
+VERIFY = 11  # a: rows, b: positions; payload: each row's token and draft (speculation)
+TRIM = 12  # payload: per row, the positions its cache drops after a verification
 HEADER_INTS = 4
 
 
@@ -98,6 +108,27 @@ class Leader:
     def drop(self, uid: int) -> None:
         self._send(DROP, uid)
 
+    def reuse(self, uid: int, entry: int, length: int) -> None:
+        """Announce that request `uid`'s prefill starts from `entry`'s first `length` tokens."""
+        mx.eval(self._send(REUSE, uid, entry, mx.array([length], dtype=mx.int32)))
+
+    def store_prompt(self, entry: int, uid: int) -> None:
+        self._send(STORE_PROMPT, entry, uid)
+
+    def store_row(self, entry: int, row: int) -> None:
+        self._send(STORE_ROW, entry, row)
+
+    def forget(self, entry: int) -> None:
+        self._send(FORGET, entry)
+
+    def verify(self, tokens: mx.array) -> mx.array:
+        """Announce a verification forward over `tokens` [B, W]; returns them to feed."""
+        rows, width = tokens.shape
+        return self._send(VERIFY, rows, width, tokens.reshape(-1)).reshape(rows, width)
+
+    def trim(self, drop: Sequence[int]) -> None:
+        mx.eval(self._send(TRIM, payload=mx.array(list(drop), dtype=mx.int32)))
+
     def stop(self) -> None:
         self._send(STOP)
 
@@ -111,6 +142,9 @@ class Follower:
         self.group = group
         self.prefilling: dict[int, list[BatchKVCache]] = {}
         self.cache: list[BatchKVCache] | None = None
+        self.entries: dict[int, list[LayerKV]] = {}  # rank 0's prefix-cache entries, our heads
+        # The prompt KV of the request that joined last, until rank 0 stores it (or not).
+        self.joined: tuple[int, list[LayerKV]] | None = None
         self.steps = 0
 
     def _receive(self, shape: int) -> mx.array:
@@ -129,6 +163,8 @@ class Follower:
 
     def _apply(self, op: int, a: int, b: int, payload: mx.array | None) -> None:
         model = self.model
+        if op in (PREFILL, DECODE, VERIFY):
+            self.joined = None  # past the point where rank 0 stores a joined prompt
         if op == PREFILL:
             cache = self.prefilling.get(a) or model.make_cache(kv_bits=self.kv_bits)
             self.prefilling[a] = cache
@@ -139,6 +175,7 @@ class Follower:
             mx.eval(h if b else [c.state for c in cache])
         elif op == JOIN:
             joined = self.prefilling.pop(a)
+            self.joined = (a, [c.state for c in joined])
             self.cache = merge_caches(([self.cache] if self.cache else []) + [joined] * b)
         elif op == DECODE:
             h = model.hidden_states(payload[:, None], self.cache)
@@ -150,8 +187,34 @@ class Follower:
                 filter_caches(self.cache, payload.tolist())
         elif op == DROP:
             self.prefilling.pop(a, None)
+        elif op == REUSE:
+            length = payload.item()
+            layers = self.entries[b]
+            self.prefilling[a] = [
+                cache_from_state(kv_slice(k, length), kv_slice(v, length)) for k, v in layers
+            ]
+        elif op == STORE_PROMPT:
+            if self.joined is None or self.joined[0] != b:
+                raise RuntimeError(f"rank 0 stored the prompt of request {b}, not the last joined")
+            self._keep(a, self.joined[1])
+            self.joined = None
+        elif op == STORE_ROW:
+            self._keep(a, [c.extract(b) for c in self.cache])
+        elif op == FORGET:
+            del self.entries[a]
+        elif op == VERIFY:
+            h = model.hidden_states(payload.reshape(a, b), self.cache)
+            mx.async_eval(h)
+        elif op == TRIM:
+            trim_cache_rows(self.cache, payload.tolist())
         else:
             raise RuntimeError(f"unknown lockstep op {op} from rank 0")
+
+    def _keep(self, entry: int, layers: list[LayerKV]) -> None:
+        """A copy, as rank 0's prefix cache keeps one: an entry never pins the batch cache."""
+        copied = [(kv_copy(k), kv_copy(v)) for k, v in layers]
+        mx.eval(copied)
+        self.entries[entry] = copied
 
 
 def attach_leader(generator, group: mx.distributed.Group) -> Leader:
@@ -159,13 +222,18 @@ def attach_leader(generator, group: mx.distributed.Group) -> Leader:
 
     Each rank's KV cache holds its share of the KV heads, so a token costs each rank
     1/size of what `kv_bytes_per_token` counts for the whole model; the budget (rank 0's
-    memory) is spent at that rate.
+    memory) is spent at that rate. The prefix cache's entries are rank 0's share too, so its
+    budget holds on every rank; the followers mirror them (`PrefixCache.on_drop` says when
+    one goes).
     """
-    if generator.prefix_cache is not None:
-        raise ValueError("the prefix cache is not replicated across ranks: turn it off")
+    prefix_cache = generator.prefix_cache
+    if prefix_cache is not None and prefix_cache.disk is not None:
+        raise ValueError("the disk prompt cache is not replicated across ranks: turn it off")
     leader = Leader(group)
     generator.kv_bytes_per_token //= group.size()
     generator.replica = leader
+    if prefix_cache is not None:
+        prefix_cache.on_drop = leader.forget
     return leader
 
 

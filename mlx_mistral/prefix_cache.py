@@ -12,7 +12,7 @@ restarted server still has them.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -49,6 +49,7 @@ def kv_copy(part: KV) -> KV:
 class PrefixHit:
     length: int  # how many leading prompt tokens the stored state covers
     layers: list[LayerKV]
+    entry: int  # the id of the entry it came from (see `PrefixCache.store`)
 
 
 def common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
@@ -63,6 +64,9 @@ class PrefixCache:
 
     A lookup compares the prompt with every entry (vectorized); `max_entries` bounds that scan,
     which runs on the engine thread between decode steps.
+
+    Each entry in memory has an id, which `store` returns and `on_drop` is called with when the
+    entry leaves: tensor-parallel serving mirrors the entries on every rank by id.
     """
 
     def __init__(
@@ -77,10 +81,13 @@ class PrefixCache:
         self.disk = disk
         self.min_tokens = min_tokens  # shorter prefixes are cheaper to recompute than to store
         self.max_entries = max_entries
-        self._entries: OrderedDict[tuple[int, ...], tuple[np.ndarray, list[LayerKV], int]] = (
+        # key -> (its ids, its per-layer KV, its size in bytes, its id)
+        self._entries: OrderedDict[tuple[int, ...], tuple[np.ndarray, list[LayerKV], int, int]] = (
             OrderedDict()
         )
         self.nbytes = 0
+        self._next_id = 0
+        self.on_drop: Callable[[int], None] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -90,7 +97,7 @@ class PrefixCache:
         one token to prefill."""
         ids = np.asarray(prompt, dtype=np.int64)
         best_key, best_len = None, 0
-        for key, (stored, _, _) in self._entries.items():
+        for key, (stored, *_) in self._entries.items():
             n = common_prefix_length(stored, ids)
             if n > best_len:
                 best_key, best_len = key, n
@@ -101,24 +108,29 @@ class PrefixCache:
             found = self.disk.lookup(ids, longer_than=best_len)
             if found is not None:
                 length, stored, layers = found
-                self._insert(tuple(stored.tolist()), stored, layers)  # later turns hit memory
+                entry = self._insert(tuple(stored.tolist()), stored, layers)  # for later turns
                 return PrefixHit(
-                    length, [(kv_slice(k, length), kv_slice(v, length)) for k, v in layers]
+                    length,
+                    [(kv_slice(k, length), kv_slice(v, length)) for k, v in layers],
+                    -1 if entry is None else entry,
                 )
         if best_key is None:
             return None
         self._entries.move_to_end(best_key)
-        layers = self._entries[best_key][1]
+        _, layers, _, entry = self._entries[best_key]
         return PrefixHit(
-            best_len, [(kv_slice(k, best_len), kv_slice(v, best_len)) for k, v in layers]
+            best_len, [(kv_slice(k, best_len), kv_slice(v, best_len)) for k, v in layers], entry
         )
 
-    def store(self, tokens: Sequence[int], layers: list[LayerKV], *, persist: bool = False) -> None:
+    def store(
+        self, tokens: Sequence[int], layers: list[LayerKV], *, persist: bool = False
+    ) -> int | None:
         """Keep a copy of `layers` (KV for exactly `tokens`), evicting old entries as needed;
-        with `persist`, write it to the disk cache too (a prompt: later turns start with it)."""
+        with `persist`, write it to the disk cache too (a prompt: later turns start with it).
+        Returns the new entry's id, or None when memory did not take it."""
         key = tuple(tokens)
         if len(key) < self.min_tokens:
-            return
+            return None
         ids = np.asarray(key, dtype=np.int64)
         to_memory = key not in self._entries and self._entry_size(ids, layers) <= self.budget_bytes
         to_disk = (
@@ -128,43 +140,48 @@ class PrefixCache:
             and not self.disk.covers(ids)
         )
         if not (to_memory or to_disk):
-            return
+            return None
         # Copies, so an entry never pins the (much larger) batch cache it was sliced from;
         # evaluated here, since the disk writer's thread cannot evaluate them.
         layers = [(kv_copy(k), kv_copy(v)) for k, v in layers]
         mx.eval(layers)
-        if to_memory:
-            self._insert(key, ids, layers)
+        entry = self._insert(key, ids, layers) if to_memory else None
         if to_disk:
             self.disk.store(ids, layers)
+        return entry
 
     @staticmethod
     def _entry_size(ids: np.ndarray, layers: list[LayerKV]) -> int:
         # The tuple key costs ~36 bytes a token in Python objects; counted, so RSS stays bounded.
         return sum(kv_nbytes(k) + kv_nbytes(v) for k, v in layers) + ids.nbytes + 36 * len(ids)
 
-    def _insert(self, key: tuple[int, ...], ids: np.ndarray, layers: list[LayerKV]) -> None:
+    def _insert(self, key: tuple[int, ...], ids: np.ndarray, layers: list[LayerKV]) -> int | None:
         size = self._entry_size(ids, layers)
         if key in self._entries or size > self.budget_bytes:
-            return
+            return None
         # An entry that is a prefix of the new one is now redundant.
-        for old, (stored, _, _) in list(self._entries.items()):
+        for old, (stored, *_) in list(self._entries.items()):
             if len(stored) <= len(ids) and common_prefix_length(stored, ids) == len(stored):
                 self._drop(old)
         while self._entries and (
             self.nbytes + size > self.budget_bytes or len(self._entries) >= self.max_entries
         ):
             self._drop(next(iter(self._entries)))
-        self._entries[key] = (ids, layers, size)
+        entry, self._next_id = self._next_id, self._next_id + 1
+        self._entries[key] = (ids, layers, size, entry)
         self.nbytes += size
+        return entry
 
     def _drop(self, key: tuple[int, ...]) -> None:
-        self.nbytes -= self._entries.pop(key)[2]
+        _, _, size, entry = self._entries.pop(key)
+        self.nbytes -= size
+        if self.on_drop is not None:
+            self.on_drop(entry)
 
     def clear(self) -> None:
         """Forget the entries in memory (the disk keeps its files)."""
-        self._entries.clear()
-        self.nbytes = 0
+        for key in list(self._entries):
+            self._drop(key)
 
     def close(self) -> None:
         """Finish the disk cache's queued writes."""

@@ -246,8 +246,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="tensor-parallel across the ranks of `mlx.launch` (e.g. `mlx.launch --hosts "
         "mac1,mac2 --backend ring -- mlx-mistral serve --distributed`): each rank holds its "
-        "share of the weights; rank 0 serves HTTP. The prefix cache and speculative decoding "
-        "are off in this mode",
+        "share of the weights; rank 0 serves HTTP. The disk prompt cache is off in this mode",
     )
 
 
@@ -341,18 +340,13 @@ def distributed_setup(
 
     import mlx.core as mx
 
-    # The caches of earlier prompts (in memory, on disk, warmed at start) are not mirrored on
-    # the other ranks yet; the default disk directory is simply not used.
-    asked = {
-        "--prefix-cache-mib": bool(config.prefix_cache_mib),
-        "--prompt-cache-dir": (args.prompt_cache_dir or "off").lower() != "off",
-        "--warm-prompt": config.warm_prompt is not None,
-    }
-    for flag in [flag for flag, given in asked.items() if given]:
+    # The in-memory prefix cache is mirrored on every rank; the disk prompt cache is not (each
+    # rank would need its own files, kept in step), and the default directory is not used.
+    if (args.prompt_cache_dir or "off").lower() != "off":
         raise InvalidRequestError(
-            f"{flag}: the prompt caches are not replicated across ranks yet; leave it out with "
-            "--distributed",
-            param=flag,
+            "--prompt-cache-dir: the disk prompt cache is not replicated across ranks; leave it "
+            "out with --distributed (the in-memory prefix cache is)",
+            param="--prompt-cache-dir",
         )
     group = mx.distributed.init()
     if group.size() < 2:
@@ -362,7 +356,7 @@ def distributed_setup(
             "--distributed`)",
             param="--distributed",
         )
-    return dataclasses.replace(config, prefix_cache_mib=0, prompt_cache_dir=None), group
+    return dataclasses.replace(config, prompt_cache_dir=None), group
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -171,16 +171,67 @@ def test_sigterm_on_rank_0_drains_and_stops_every_rank():
         assert "rank 1: rank 0 stopped" in group.log()
 
 
-def test_distributed_needs_launch_and_refuses_the_prefix_cache():
+def test_distributed_needs_launch_and_refuses_the_disk_prompt_cache():
     serve = [sys.executable, "-m", "mlx_mistral.server", "--model", str(demo_model_path())]
     alone = subprocess.run([*serve, "--distributed"], capture_output=True, text=True, timeout=60)
     assert alone.returncode == 1
     assert "--distributed needs two or more ranks: start it with `mlx.launch`" in alone.stderr
     cached = subprocess.run(
-        [*serve, "--distributed", "--prefix-cache-mib", "64"],
+        [*serve, "--distributed", "--prompt-cache-dir", tempfile.gettempdir()],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert cached.returncode == 1
-    assert "--prefix-cache-mib: the prompt caches are not replicated" in cached.stderr
+    assert "--prompt-cache-dir: the disk prompt cache is not replicated" in cached.stderr
+
+
+SYSTEM = "You are a patient teacher who answers in short, plain sentences. " * 6
+TOPICS = ["the sea", "bread", "the moon", "rivers", "bees", "glass", "maps", "snow", "iron"]
+
+
+def _chat(base_url: str, messages: list[dict], **fields) -> dict:
+    body = {"messages": messages, "temperature": 0, "max_tokens": 16, **fields}
+    response = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=TIMEOUT)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def cached_and_speculated(base_url: str) -> list[dict]:
+    """One request at a time, so both servers see the same order: a system prompt shared by
+    nine conversations (more than a 1 MiB prefix cache holds: entries are evicted), a second
+    turn of the first (its prefix comes from the cache), and the first asked again with its
+    own answer as the prediction, greedy and seeded."""
+    system = {"role": "system", "content": SYSTEM}
+    first = [system, {"role": "user", "content": f"Tell me about {TOPICS[0]}."}]
+    answers = [_chat(base_url, first)]
+    for topic in TOPICS[1:]:
+        answers.append(_chat(base_url, [system, {"role": "user", "content": f"And {topic}?"}]))
+    said = answers[0]["choices"][0]["message"]["content"]
+    turn_two = [*first, {"role": "assistant", "content": said}, {"role": "user", "content": "Why?"}]
+    answers.append(_chat(base_url, turn_two))
+    prediction = {"type": "content", "content": said}
+    answers.append(_chat(base_url, first, prediction=prediction))
+    seeded = {"temperature": 0.8, "top_p": 0.95, "seed": 3}
+    answers.append(_chat(base_url, first, prediction=prediction, **seeded))
+    answers.append(_chat(base_url, first, **seeded))
+    return answers
+
+
+def test_two_ranks_share_the_prefix_cache_and_speculate_as_one_process():
+    # Each rank's entries hold its head: a prompt of ~110 tokens is ~110 KiB on a rank.
+    args = ["--prefix-cache-mib", "1"]
+    with ServerProcess(demo_model_path(), *args) as single:
+        expected = cached_and_speculated(single.base_url)
+    with DistributedServer(*args) as group:
+        answers = cached_and_speculated(group.url(""))
+        log = group.log()
+    contents = [a["choices"][0]["message"]["content"] for a in answers]
+    assert contents == [a["choices"][0]["message"]["content"] for a in expected]
+    # The seeded request gives the same text with and without its prediction.
+    assert contents[-2] == contents[-1]
+    turn_two, predicted = answers[len(TOPICS)], answers[len(TOPICS) + 1]
+    assert turn_two["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    details = predicted["usage"]["completion_tokens_details"]
+    assert details["accepted_prediction_tokens"] > 0 and details["rejected_prediction_tokens"] == 0
+    assert "Traceback" not in log and "ERROR" not in log
