@@ -16,11 +16,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 from mlx_mistral.demo import demo_model_path
+from tests.checkpoints import write_hf_checkpoint
 from tests.server_process import ServerProcess
 from tests.test_distributed import LAUNCH, free_port_pair
 
@@ -53,11 +55,11 @@ ENDLESS = {
 class DistributedServer:
     """`mlx.launch --backend ring -n 2 -- python -m mlx_mistral.server --distributed ...`."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, model: Path | None = None):
         launch = [sys.executable, "-c", LAUNCH, "--backend", "ring", "-n", "2"]
         launch += ["--starting-port", str(free_port_pair()), "--"]
         serve = [sys.executable, "-m", "mlx_mistral.server", "--distributed"]
-        serve += ["--model", str(demo_model_path()), "--port", "0", *args]
+        serve += ["--model", str(model or demo_model_path()), "--port", "0", *args]
         fd, self._log_path = tempfile.mkstemp(prefix="mlx-mistral-distributed-", suffix=".log")
         self._log = os.fdopen(fd, "w+")
         self.proc = subprocess.Popen(
@@ -235,3 +237,15 @@ def test_two_ranks_share_the_prefix_cache_and_speculate_as_one_process():
     details = predicted["usage"]["completion_tokens_details"]
     assert details["accepted_prediction_tokens"] > 0 and details["rejected_prediction_tokens"] == 0
     assert "Traceback" not in log and "ERROR" not in log
+
+
+def test_two_ranks_with_a_quantized_kv_cache_answer_as_one_process(tmp_path_factory):
+    """--kv-bits 8: every rank quantizes its own head's cache (quantization groups of 64: a
+    random model with 64-wide heads, two KV heads, one per rank)."""
+    model = write_hf_checkpoint(
+        tmp_path_factory.mktemp("heads-64"), hidden_size=128, num_attention_heads=2, head_dim=64
+    )
+    with ServerProcess(model, "--kv-bits", "8") as single:
+        expected = completions(single.base_url)
+    with DistributedServer("--kv-bits", "8", model=model) as group:
+        assert completions(group.url("")) == expected
