@@ -1,10 +1,11 @@
-"""OpenAI's Responses API, served: `POST /v1/responses`, `GET` and `DELETE /v1/responses/{id}`.
+"""OpenAI's Responses API, served: `POST /v1/responses`, `GET` and `DELETE /v1/responses/{id}`,
+`GET /v1/responses/{id}/input_items`.
 
 A request is translated into a chat request (`responses_protocol`), generated on the chat prompt
 path (`app.chat_prompt`, `app.RequestPlan`) and rendered by `ResponsesWriter`. Responses are kept
 in a bounded in-memory store (`ResponseStore`, most recent first) unless the request says
-`store: false`: a kept response can be retrieved, deleted, and continued with
-`previous_response_id`, which replays its conversation (input and output) ahead of the new
+`store: false`: a kept response can be retrieved, deleted, listed its input items, and continued
+with `previous_response_id`, which replays its conversation (input and output) ahead of the new
 input. The replayed prompt is token for token the earlier one followed by the earlier answer, so
 the engine's prefix cache serves it and only the new turn is prefilled.
 """
@@ -24,7 +25,7 @@ from mlx_mistral.errors import InvalidRequestError, MistralError
 
 from .handling import RequestPlan, guarded, read_json, run_plan, state_of, stats_of, tool_call_ids
 from .responses_protocol import ResponsesRequest
-from .responses_writer import ResponsesWriter
+from .responses_writer import ResponsesWriter, new_item_id
 
 MAX_STORED = 256
 """Responses kept for retrieval and `previous_response_id`; the oldest are forgotten first. A
@@ -42,6 +43,59 @@ class ResponseNotFoundError(MistralError):
 class StoredResponse:
     body: dict[str, Any]  # the response object, as returned
     conversation: tuple[dict[str, Any], ...]  # chat messages without the system prompt
+    input_items: tuple[dict[str, Any], ...] = ()  # the request's `input`, as items with ids
+
+
+def input_items(raw: str | list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
+    """A validated `input` as the input-items list shows it: a string is one user message, a
+    message's string content one text part, and every item has an id (the client's, or new)."""
+    items = [{"type": "message", "role": "user", "content": raw}] if isinstance(raw, str) else raw
+    out = []
+    for item in items:
+        item = {"type": "message", **item}
+        kind = item["type"]
+        if kind == "message" and isinstance(item.get("content"), str):
+            part = "output_text" if item.get("role") == "assistant" else "input_text"
+            extra = {"annotations": []} if part == "output_text" else {}
+            item["content"] = [{"type": part, "text": item["content"], **extra}]
+        prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
+        item.setdefault("id", new_item_id(prefix.get(kind, "item")))
+        if kind != "reasoning":
+            item.setdefault("status", "completed")
+        out.append(item)
+    return tuple(out)
+
+
+def item_page(items: tuple[dict[str, Any], ...], query: Any) -> dict[str, Any]:
+    """One page of `items` as `GET /v1/responses/{id}/input_items` answers, from its query:
+    `limit` (1-100, default 20), `order` (`desc`, the default, or `asc`), `after` (an item id:
+    the page starts after it). Raises InvalidRequestError naming a bad parameter."""
+    try:
+        limit = int(query.get("limit", 20))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 100:
+        raise InvalidRequestError("limit must be an integer from 1 to 100", param="limit")
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise InvalidRequestError(f"order must be asc or desc, got {order[:100]!r}", param="order")
+    ordered = list(items) if order == "asc" else list(reversed(items))
+    after = query.get("after")
+    if after is not None:
+        ids = [item["id"] for item in ordered]
+        if after not in ids:
+            raise InvalidRequestError(
+                f"after: no input item with id {after[:100]!r} in this response", param="after"
+            )
+        ordered = ordered[ids.index(after) + 1 :]
+    page = ordered[:limit]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(ordered) > limit,
+    }
 
 
 class ResponseStore:
@@ -88,11 +142,13 @@ class ResponsesAPI:
             path = f"{prefix}/responses/{{response_id}}"
             out.append(Route(path, guarded(self.retrieve), methods=["GET"]))
             out.append(Route(path, guarded(self.delete), methods=["DELETE"]))
+            out.append(Route(f"{path}/input_items", guarded(self.input_items), methods=["GET"]))
         return out
 
     async def create(self, request: Request) -> Response:
         state = state_of(request)
-        req = ResponsesRequest.from_json(await read_json(request))
+        body = await read_json(request)
+        req = ResponsesRequest.from_json(body)
         state.check_model(req.chat.model)
         history: tuple[dict[str, Any], ...] = ()
         if req.previous_response_id is not None:
@@ -105,10 +161,11 @@ class ResponsesAPI:
             raise req.rename_error(exc, len(history)) from None
         call_ids = tool_call_ids(chat.parses_tool_calls, constraints)
         conversation = (*history, *req.input_messages)
+        items = input_items(body["input"]) if req.store else ()
 
-        def keep(body: dict[str, Any], answer: dict[str, Any] | None) -> None:
+        def keep(response: dict[str, Any], answer: dict[str, Any] | None) -> None:
             answered = conversation if answer is None else (*conversation, answer)
-            self.store.put(StoredResponse(body, answered))
+            self.store.put(StoredResponse(response, answered, items))
 
         writer = ResponsesWriter(
             state.served,
@@ -133,6 +190,10 @@ class ResponsesAPI:
 
     async def retrieve(self, request: Request) -> Response:
         return JSONResponse(self.store.get(request.path_params["response_id"]).body)
+
+    async def input_items(self, request: Request) -> Response:
+        stored = self.store.get(request.path_params["response_id"])
+        return JSONResponse(item_page(stored.input_items, request.query_params))
 
     async def delete(self, request: Request) -> Response:
         response_id = request.path_params["response_id"]

@@ -218,6 +218,44 @@ def test_store_false_and_delete(client, model):
         client.responses.delete(kept.id)
 
 
+def test_input_items_list_what_was_sent(client, model):
+    """`responses.input_items.list`: the request's own input (not the chain's), newest first by
+    default, as the SDK's item types, paged by `limit` and `after`."""
+    said = client.responses.create(model=model, input="Hello!", max_output_tokens=2)
+    items = client.responses.input_items.list(said.id)
+    assert [(i.type, i.role, i.content[0].text) for i in items.data] == [
+        ("message", "user", "Hello!")
+    ]
+    sent = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 3?", "id": "msg_mine"},
+        {"type": "function_call", "call_id": "c1", "name": "add", "arguments": '{"a": 2}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "5"},
+    ]
+    chained = client.responses.create(
+        model=model, input=sent, previous_response_id=said.id, max_output_tokens=2
+    )
+    listed = client.responses.input_items.list(chained.id, order="asc").data
+    assert [i.type for i in listed] == [
+        "message",
+        "message",
+        "function_call",
+        "function_call_output",
+    ]
+    assert listed[1].id == "msg_mine" and listed[2].call_id == "c1" and listed[3].output == "5"
+    assert len({i.id for i in listed}) == 4
+    newest = client.responses.input_items.list(chained.id, limit=2)
+    assert [i.type for i in newest.data] == ["function_call_output", "function_call"]
+    assert newest.has_more and newest.last_id == listed[2].id
+    rest = client.responses.input_items.list(chained.id, limit=2, after=newest.last_id)
+    assert [i.id for i in rest.data] == ["msg_mine", listed[0].id] and not rest.has_more
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.input_items.list(chained.id, limit=0)
+    assert caught.value.body["param"] == "limit"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list("resp_unknown")
+
+
 def test_incomplete_at_the_token_limit(client, model):
     response = client.responses.create(model=model, input="Hello!", max_output_tokens=3)
     assert response.status == "incomplete"
