@@ -477,6 +477,8 @@ def run(args: argparse.Namespace) -> int:
             "--api-key-file",
             API_KEY_ENV,
         )
+    for sock in sockets:  # before saying so: a client that reads the line is not refused
+        sock.listen(uv_config.backlog)
     log.info(
         "serving %s on http://%s:%d/v1%s",
         config.model_name,

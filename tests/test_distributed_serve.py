@@ -80,8 +80,11 @@ class DistributedServer:
             found = [p.search(log) for p in (_LISTENING, _RANK0_PID, _RANK1_PID)]
             if all(found):
                 self.port, self.rank0, self.rank1 = (int(m.group(1)) for m in found)
-                if httpx.get(self.url("/health"), timeout=5).status_code == 200:
-                    return self
+                try:
+                    if httpx.get(self.url("/health"), timeout=5).status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass  # not answering yet
             time.sleep(0.1)
         raise RuntimeError(f"the distributed server did not start in {TIMEOUT}s:\n{self.log()}")
 

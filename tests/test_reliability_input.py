@@ -496,4 +496,5 @@ def test_prompts_over_the_context_are_refused_before_tokenizing(server):
     for response in answers:
         error = error_of(response)
         assert error["code"] == "context_length_exceeded" and "characters" in error["message"]
-    assert time.monotonic() - started < 20 and worst < 2, worst
+    # Tokenizing them took 17-36 s each; 2.9 s is the worst seen with the machine at load 12.
+    assert time.monotonic() - started < 20 and worst < 5, worst
