@@ -31,8 +31,8 @@ from pathlib import Path
 # Sibling modules: `python bench/NAME.py` puts bench/ first on sys.path.
 from checkpoints import write_random_checkpoint
 from report import machine, write_section
+from workers import in_turn, mlx_lm_blas_env, run_worker
 
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
 STORY = (
     "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle, "
     "with dialogue, weather, and the history of the coast. "
@@ -176,18 +176,6 @@ def direct_worker(model_path: str, tokens: int) -> dict:
     times = [time.perf_counter() for _ in engine.submit(ids, params, continuation=True)]
     engine.shutdown()
     return {"decode_tps": (len(times) - 1) / (times[-1] - times[0])}
-
-
-def run_worker(args: list[str], env: dict | None = None) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--worker", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    if out.returncode:
-        raise RuntimeError(f"worker {args} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # ----------------------------------------------------------------------------- HTTP
@@ -356,22 +344,18 @@ def median(runs: list[dict], key: str) -> float:
 
 
 # ----------------------------------------------------------------------------- main
-def in_turn(round_: int, a: str, b: str) -> tuple[str, str]:
-    """Which side goes first swaps from round to round, so neither always follows the other
-    (or a slow minute on a shared machine)."""
-    return (a, b) if round_ % 2 == 0 else (b, a)
-
-
 def bench_model(name: str, path: Path, quick: bool, repeats: int) -> dict:
     prompt_tokens, decode_tokens = (128, 64) if quick else (512, 128)
-    blas_env = {"LD_PRELOAD": OPENBLAS} if os.path.exists(OPENBLAS) else {}
+    blas_env = mlx_lm_blas_env()
     args = [str(path), str(prompt_tokens), str(decode_tokens)]
     result: dict = {"name": name, "ours": [], "mlx_lm": []}
     for round_ in range(repeats):
         for side in in_turn(round_, "ours", "mlx_lm"):
-            result[side].append(run_worker([side, *args], blas_env if side == "mlx_lm" else None))
-    result["mlx_lm_shipped"] = run_worker(["mlx_lm", *args], {"LD_PRELOAD": ""})
-    result["prefix"] = run_worker(["prefix", str(path), "5"])
+            result[side].append(
+                run_worker(__file__, [side, *args], blas_env if side == "mlx_lm" else None)
+            )
+    result["mlx_lm_shipped"] = run_worker(__file__, ["mlx_lm", *args], {"LD_PRELOAD": ""})
+    result["prefix"] = run_worker(__file__, ["prefix", str(path), "5"])
     # Each concurrent client streams 2 x decode_tokens; the HTTP-vs-direct stream lasts ~8 s
     # at batch-1 speed, whatever the model.
     http_tokens = 2 * decode_tokens
@@ -426,7 +410,7 @@ def bench_model(name: str, path: Path, quick: bool, repeats: int) -> dict:
     for round_ in range(repeats):  # the same stream through HTTP and direct, each a new process
         for kind in in_turn(round_, "direct", "stream"):
             result[kind].append(
-                run_worker(["direct", str(path), str(stream_tokens)])
+                run_worker(__file__, ["direct", str(path), str(stream_tokens)])
                 if kind == "direct"
                 else new_server_stream(path, name, stream_tokens)
             )

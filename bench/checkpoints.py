@@ -1,4 +1,9 @@
-"""Random Mistral-shaped checkpoints for benchmarks, written directly with safetensors (fast)."""
+"""Random Mistral-shaped checkpoints for benchmarks, written directly with safetensors (fast).
+
+Float32 by default; with `bits` each Linear and Embedding weight is quantized as it is drawn,
+through the converter's own `transform` (mlx-lm's layout), so a 7B-shaped 4-bit checkpoint never
+holds its float weights at once (one matrix at a time: at most 32000 x 4096 floats, 0.5 GiB).
+"""
 
 from __future__ import annotations
 
@@ -27,6 +32,15 @@ SHAPES = {
         num_key_value_heads=4,
         head_dim=64,
     ),
+    # Mistral-7B-v0.2's dimensions; a CPU decodes a few of its 32 layers (pass `layers`).
+    "7b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+    ),
 }
 
 
@@ -36,11 +50,24 @@ def tokenizer_model() -> Path:
     return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 
 
-def write_random_checkpoint(out: Path, shape: str, *, seed: int = 0) -> Path:
-    """A float32 HF-format Mistral checkpoint with random weights and the real v0.2 tokenizer."""
+def write_random_checkpoint(
+    out: Path, shape: str, *, seed: int = 0, layers: int | None = None, bits: int | None = None
+) -> Path:
+    """An HF-format Mistral checkpoint with random weights and the real v0.2 tokenizer.
+
+    Args:
+        out: the directory to write; returned as it is when it already holds a checkpoint.
+        shape: a key of SHAPES.
+        seed: the weights' random seed.
+        layers: the number of decoder layers (default: the shape's).
+        bits: quantize Linear and Embedding weights to this many bits (group size 64, float32
+            scales and biases: float16 ones are ~40x slower on an x86 CPU); None: float32.
+    """
     if (out / "config.json").is_file():
         return out
-    dims = SHAPES[shape]
+    dims = dict(SHAPES[shape])
+    if layers is not None:
+        dims["num_hidden_layers"] = layers
     config = dict(
         model_type="mistral",
         architectures=["MistralForCausalLM"],
@@ -56,46 +83,72 @@ def write_random_checkpoint(out: Path, shape: str, *, seed: int = 0) -> Path:
         torch_dtype="float32",
         **dims,
     )
-    rng = np.random.default_rng(seed)
-    D, F, H, K, d = (
-        dims[k]
+    quant = None
+    if bits is not None:
+        from mlx_mistral.convert.quantize import QuantConfig
+
+        quant = QuantConfig(bits=bits, group_size=64)
+        config["quantization"] = config["quantization_config"] = quant.config_block()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = dict(_random_tensors(config, np.random.default_rng(seed), quant))
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    shutil.copy(tokenizer_model(), tmp / "tokenizer.model")
+    tmp.rename(out)
+    return out
+
+
+def _tensor_shapes(config: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """Every tensor's name and shape, in the order their random values are drawn (kept as the
+    first float checkpoints drew them, so a rewritten checkpoint has the same weights)."""
+    D, F, H, K, d, V = (
+        config[k]
         for k in (
             "hidden_size",
             "intermediate_size",
             "num_attention_heads",
             "num_key_value_heads",
             "head_dim",
+            "vocab_size",
         )
     )
-
-    def w(*shape):
-        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
-
-    tensors = {
-        "model.embed_tokens.weight": w(32000, D),
-        "lm_head.weight": w(32000, D),
-        "model.norm.weight": np.ones(D, np.float32),
-    }
-    for i in range(dims["num_hidden_layers"]):
+    shapes = [("model.embed_tokens.weight", (V, D)), ("lm_head.weight", (V, D))]
+    shapes.append(("model.norm.weight", (D,)))
+    for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        tensors.update(
-            {
-                p + "self_attn.q_proj.weight": w(H * d, D),
-                p + "self_attn.k_proj.weight": w(K * d, D),
-                p + "self_attn.v_proj.weight": w(K * d, D),
-                p + "self_attn.o_proj.weight": w(D, H * d),
-                p + "mlp.gate_proj.weight": w(F, D),
-                p + "mlp.up_proj.weight": w(F, D),
-                p + "mlp.down_proj.weight": w(D, F),
-                p + "input_layernorm.weight": np.ones(D, np.float32),
-                p + "post_attention_layernorm.weight": np.ones(D, np.float32),
-            }
-        )
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    shutil.copy(tokenizer_model(), tmp / "tokenizer.model")
-    tmp.rename(out)
-    return out
+        shapes += [
+            (p + "self_attn.q_proj.weight", (H * d, D)),
+            (p + "self_attn.k_proj.weight", (K * d, D)),
+            (p + "self_attn.v_proj.weight", (K * d, D)),
+            (p + "self_attn.o_proj.weight", (D, H * d)),
+            (p + "mlp.gate_proj.weight", (F, D)),
+            (p + "mlp.up_proj.weight", (F, D)),
+            (p + "mlp.down_proj.weight", (D, F)),
+            (p + "input_layernorm.weight", (D,)),
+            (p + "post_attention_layernorm.weight", (D,)),
+        ]
+    return shapes
+
+
+def _random_tensors(config: dict, rng: np.random.Generator, quant):
+    """(name, numpy array) for every tensor of `config`'s model, quantized one by one when
+    `quant` is given; norms are ones, the matrices N(0, 0.02)."""
+    import mlx.core as mx
+
+    from mlx_mistral.convert.quantize import transform
+    from mlx_mistral.convert.weight_map import TensorSpec
+
+    for name, shape in _tensor_shapes(config):
+        if len(shape) == 1:  # a norm
+            yield name, np.ones(shape, np.float32)
+            continue
+        weight = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
+        if quant is None:
+            yield name, weight
+            continue
+        spec = TensorSpec(name, shape, quantizable=True)
+        for out_name, array in transform(spec, mx.array(weight), mx.float32, quant):
+            mx.eval(array)
+            yield out_name, np.array(array)
