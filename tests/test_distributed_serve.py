@@ -72,6 +72,13 @@ class DistributedServer:
         self.port = self.rank0 = self.rank1 = 0
 
     def __enter__(self) -> DistributedServer:
+        try:
+            return self._wait_until_serving()
+        except BaseException:
+            self.__exit__()  # the launcher and both ranks, which would otherwise run on
+            raise
+
+    def _wait_until_serving(self) -> DistributedServer:
         deadline = time.monotonic() + TIMEOUT
         while time.monotonic() < deadline:
             log = self.log()
@@ -89,9 +96,11 @@ class DistributedServer:
         raise RuntimeError(f"the distributed server did not start in {TIMEOUT}s:\n{self.log()}")
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
+        try:  # the ranks too, even when the launcher is gone
             os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
         self._log.close()
         os.unlink(self._log_path)
 
