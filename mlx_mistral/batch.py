@@ -32,6 +32,7 @@ from .cache import (
 )
 from .drafts import Speculator
 from .errors import ContextLengthExceededError, InvalidRequestError
+from .forward_cost import forward_cost_of
 from .model import Model
 from .prefix_cache import PrefixCache
 from .sampling.params import SamplingParams
@@ -431,7 +432,9 @@ class BatchGenerator:
             drafts = [self._draft(seq) for seq in self.running] if speculate else []
             if any(drafts):
                 rates = [seq.speculator.rate if d else 0.0 for seq, d in zip(self.running, drafts)]
-                width = verification_width([len(d) for d in drafts], rates)
+                # The model's forward cost is timed at the first decision (once per model).
+                cost = forward_cost_of(self.model)
+                width = verification_width([len(d) for d in drafts], rates, cost)
                 if width:
                     self._speculate_pause = SPECULATE_PAUSE[0]
                     return events + self._speculate([d[:width] for d in drafts])
