@@ -26,10 +26,11 @@ SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
 drafted positions is 288; beyond the last size the cost grows in proportion), and the multiples
 of 16 between them where OpenBLAS's padding (16 to 64 rows) makes the cost jump."""
 
-ROUNDS = 3
-"""Rounds over the sizes; each size keeps its fastest time (a shared machine's interference
-only adds time). Rounds interleave the sizes, so a busy spell slows several of them, not all the
-samples of one; the one-token forward, the unit, is timed twice a round."""
+ROUNDS = (2, 12)
+"""Rounds over the sizes, fewest and most; each size keeps its fastest time (a shared machine's
+interference only adds time, and on a busy 2-core machine a single forward's time varies 2-5x).
+Rounds interleave the sizes, so a busy spell slows several of them, not all the samples of one;
+the one-token forward, the unit, is timed twice a round. A cheap model gets more rounds."""
 
 LINEAR = 0.9
 """Stop adding sizes once the cost per token has stopped falling twice in a row (each size
@@ -38,8 +39,8 @@ the forward is compute-bound from there, and extrapolating in proportion is accu
 because one step up can be padding's (OpenBLAS: 4 rows are padded to 16) or noise; a wrong stop
 only overestimates wide forwards. A CPU quantized model stops at 4 tokens."""
 
-BUDGET_SECONDS = 3.0
-"""No round starts after this long (the first always runs to its end)."""
+BUDGET_SECONDS = 1.5
+"""No round past the fewest starts after this long."""
 
 
 class ForwardCost:
@@ -80,7 +81,7 @@ class ForwardCost:
         model: Model,
         sizes: Sequence[int] = SIZES,
         *,
-        rounds: int = ROUNDS,
+        rounds: tuple[int, int] = ROUNDS,
         budget_seconds: float = BUDGET_SECONDS,
     ) -> ForwardCost:
         """Time `model`'s forward (every position projected, as a verification projects them)
@@ -98,8 +99,8 @@ class ForwardCost:
         began = time.perf_counter()
         wider = sorted(set(sizes) - {1})
         times: dict[int, list[float]] = {1: []}
-        for round_ in range(rounds):
-            if round_ and time.perf_counter() - began > budget_seconds:
+        for round_ in range(rounds[1]):
+            if round_ >= rounds[0] and time.perf_counter() - began > budget_seconds:
                 break
             times[1].append(forward(1))
             linear_steps, previous = 0, 1

@@ -52,8 +52,16 @@ def plain(model, tokenizer, prompt, params=GREEDY, **add):
     return run(generator)[uid]
 
 
+def width_is_free(tokens: int) -> float:
+    """A GPU-like forward cost, pinned so that whether drafts are verified does not turn on
+    how busy the machine was when the tiny model's forward was timed."""
+    return 1.0
+
+
 def speculated(model, tokenizer, prompt, params=GREEDY, *, prompt_lookup=True, **add):
-    generator = BatchGenerator(model, tokenizer, prompt_lookup=prompt_lookup)
+    generator = BatchGenerator(
+        model, tokenizer, prompt_lookup=prompt_lookup, forward_cost=width_is_free
+    )
     uid = generator.add(prompt, params, **add)
     events = []
     while generator.has_work:
@@ -182,7 +190,7 @@ def test_speculating_rows_beside_plain_rows_joining_and_leaving(tiny_model):
     params = [SamplingParams(temperature=0, max_tokens=m) for m in (30, 5, 24, 30, 9)]
     expected = [plain(model, tokenizer, p, sp) for p, sp in zip(ps, params)]
     predictions = [expected[0], None, edited(expected[2], 5), None, None]
-    generator = BatchGenerator(model, tokenizer, prefill_chunk=8)
+    generator = BatchGenerator(model, tokenizer, prefill_chunk=8, forward_cost=width_is_free)
     generator.prompt_lookup = False  # only rows 0 and 2 speculate; the others never draft
     tokens: dict[int, list[int]] = {}
     uids: dict[int, int] = {}
@@ -358,13 +366,10 @@ def test_where_width_is_free_a_good_draft_is_verified_whole():
     """A GPU decode step reads the weights whatever the rows: wide verification pays."""
     from mlx_mistral.speculative import verification_width
 
-    def flat(tokens: int) -> float:
-        return 1.0
-
-    assert verification_width([8], [0.95], flat) == 8
-    assert verification_width([8] * 8, [0.9] * 8, flat) == 8
-    assert verification_width([8, 3], [0.9, 0.9], flat) == 8
-    assert verification_width([8], [0.05], flat) == 0  # still never for drafts that fail
+    assert verification_width([8], [0.95], width_is_free) == 8
+    assert verification_width([8] * 8, [0.9] * 8, width_is_free) == 8
+    assert verification_width([8, 3], [0.9, 0.9], width_is_free) == 8
+    assert verification_width([8], [0.05], width_is_free) == 0  # still never for drafts that fail
 
 
 def test_forward_cost_is_monotone_interpolated_and_extrapolated_in_proportion():
@@ -387,7 +392,7 @@ def test_forward_cost_is_measured_once_per_model(tiny_model):
     from mlx_mistral.forward_cost import ForwardCost, forward_cost_of
 
     model, _ = tiny_model
-    cost = ForwardCost.measure(model, (1, 2, 4, 8, 16, 32, 64), repeats=2)
+    cost = ForwardCost.measure(model, (1, 2, 4, 8, 16, 32, 64), rounds=(2, 2))
     assert cost(1) == 1.0
     values = [cost(t) for t in range(1, 300)]
     assert all(v >= 1.0 for v in values)
