@@ -16,6 +16,10 @@ draft (its prefix is what the row has said when a position is reached), so
 :class:`Verification` settles all of them in one pass and one wait for the host; only a row
 under a grammar, whose mask for a position depends on the tokens before it, is walked position
 by position with :func:`choose_tokens`.
+
+Whether a step verifies, and how wide, is :func:`verification_width`'s call, from the forward's
+cost measured on the loaded model (:mod:`mlx_mistral.forward_cost`): where a forward's cost grows
+in proportion to its tokens, it never verifies.
 """
 
 from __future__ import annotations
