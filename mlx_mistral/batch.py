@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -32,6 +32,7 @@ from .cache import (
 )
 from .drafts import Speculator
 from .errors import ContextLengthExceededError, InvalidRequestError
+from .forward_cost import forward_cost_of
 from .model import Model
 from .prefix_cache import PrefixCache
 from .sampling.params import SamplingParams
@@ -134,6 +135,9 @@ class BatchGenerator:
         prompt_lookup: draft tokens from the sequence's own prompt and output (speculative
             decoding; see `mlx_mistral.drafts`). Exact: only the speed changes.
         kv_bits: store keys and values quantized to 8 or 4 bits (None: the compute dtype).
+        forward_cost: a forward of T tokens in one-token forwards, which decides how wide to
+            verify drafts (None: measured on the model at the first decision, once per model,
+            see `mlx_mistral.forward_cost`).
     """
 
     def __init__(
@@ -148,6 +152,7 @@ class BatchGenerator:
         open_reserve: int = 1024,
         prompt_lookup: bool = True,
         kv_bits: int | None = None,
+        forward_cost: Callable[[int], float] | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -160,6 +165,7 @@ class BatchGenerator:
         dtype_bytes = model.model.norm.weight.dtype.size
         self.kv_bytes_per_token = kv_bytes_per_token(self.args, dtype_bytes, kv_bits)
         self.kv_bits = kv_bits
+        self.forward_cost = forward_cost
         self.kv_budget_bytes = kv_budget_bytes
         self.prefix_cache = prefix_cache
         self.context_length = self.args.max_position_embeddings
@@ -433,7 +439,9 @@ class BatchGenerator:
             drafts = [self._draft(seq) for seq in self.running] if speculate else []
             if any(drafts):
                 rates = [seq.speculator.rate if d else 0.0 for seq, d in zip(self.running, drafts)]
-                width = verification_width([len(d) for d in drafts], rates)
+                if self.forward_cost is None:  # timed here, the first time it matters
+                    self.forward_cost = forward_cost_of(self.model)
+                width = verification_width([len(d) for d in drafts], rates, self.forward_cost)
                 if width:
                     self._speculate_pause = SPECULATE_PAUSE[0]
                     return events + self._speculate([d[:width] for d in drafts])

@@ -16,17 +16,19 @@ draft (its prefix is what the row has said when a position is reached), so
 :class:`Verification` settles all of them in one pass and one wait for the host; only a row
 under a grammar, whose mask for a position depends on the tokens before it, is walked position
 by position with :func:`choose_tokens`.
+
+Whether a step verifies, and how wide, is :func:`verification_width`'s call, from the forward's
+cost measured on the loaded model (:mod:`mlx_mistral.forward_cost`): where a forward's cost grows
+in proportion to its tokens, it never verifies.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 
-from .device import on_gpu
-from .padded_linear import MULTIPLE, ROWS
 from .sampling.sampler import TokenLogprobs, sample_async
 from .sampling.state import SamplerState
 
@@ -128,25 +130,15 @@ def _ahead(state: SamplerState, draft: Sequence[int]) -> list[SamplerState]:
 
 
 # -- when a draft is worth verifying -----------------------------------------------------------
-TOKENS_PER_FORWARD = 24 if not on_gpu() else 512
-"""Tokens (rows x positions) at which a forward costs twice a one-token forward. On this CPU a
-forward of 16 rows costs ~1.6x one row (docs/benchmarks.md): compute-bound soon. On a GPU a
-decode step reads the weights whatever the rows, so hundreds of tokens cost little more."""
-
 SYNC_COST = 0.1
-"""A verification step waits for its tokens (no pipelining), in one-token forwards."""
+"""A verification step waits for its tokens (no pipelining), in one-token forwards. Assumed, not
+measured: what pipelining hides is the host's bookkeeping per step (reading, detokenizing and
+emitting every row's tokens), which a timed forward alone does not contain, and which varies
+with the rows and the text. The forward itself is measured (:mod:`mlx_mistral.forward_cost`)."""
 
 SLOWDOWN = 0.05
 """How much slower than a plain step any row's expected token rate may get from a verification
 step: rows that do not speculate (free text) are never made noticeably slower by those that do."""
-
-
-def forward_cost(tokens: int) -> float:
-    """A forward of `tokens` tokens, in one-token forwards (rows padded as the CPU's linear
-    layers pad them, see :mod:`mlx_mistral.padded_linear`)."""
-    if not on_gpu() and tokens % MULTIPLE and tokens in ROWS:
-        tokens += MULTIPLE - tokens % MULTIPLE
-    return 1 + tokens / TOKENS_PER_FORWARD
 
 
 def expected_accepted(rate: float, length: int) -> float:
@@ -155,7 +147,9 @@ def expected_accepted(rate: float, length: int) -> float:
     return sum(rate**j for j in range(1, length + 1))
 
 
-def verification_width(draft_lengths: Sequence[int], rates: Sequence[float]) -> int:
+def verification_width(
+    draft_lengths: Sequence[int], rates: Sequence[float], cost: Callable[[int], float]
+) -> int:
     """How many drafted positions to verify this step (0: a plain step), by a cost model.
 
     Each row's expected tokens at width `w` are 1 plus its expected accepted draft tokens
@@ -163,16 +157,23 @@ def verification_width(draft_lengths: Sequence[int], rates: Sequence[float]) -> 
     width is allowed only if no row's expected rate falls more than `SLOWDOWN` below its plain
     step's (a row without a draft gets 1 token either way, so this caps the width by what the
     plain rows can afford); the allowed width with the most tokens per unit of cost wins.
+
+    Args:
+        draft_lengths: each row's draft length (0: no draft).
+        rates: each row's expected acceptance per drafted token.
+        cost: a forward of T tokens (rows x positions) in one-token forwards, as
+            :class:`~mlx_mistral.forward_cost.ForwardCost` measures it. Where T tokens cost T
+            one-token forwards (a CPU quantized model) no width ever pays.
     """
     rows = len(draft_lengths)
-    plain = forward_cost(rows)
+    plain = cost(rows)
     best, best_value = 0, rows / plain
     for width in range(1, max(draft_lengths, default=0) + 1):
-        cost = forward_cost(rows * (width + 1)) + SYNC_COST
+        step = cost(rows * (width + 1)) + SYNC_COST
         gains = [expected_accepted(r, min(d, width)) for d, r in zip(draft_lengths, rates)]
-        if min(1 + g for g in gains) * plain < (1 - SLOWDOWN) * cost:
+        if min(1 + g for g in gains) * plain < (1 - SLOWDOWN) * step:
             continue
-        value = (rows + sum(gains)) / cost
+        value = (rows + sum(gains)) / step
         if value > best_value:
             best, best_value = width, value
     return best

@@ -52,8 +52,16 @@ def plain(model, tokenizer, prompt, params=GREEDY, **add):
     return run(generator)[uid]
 
 
+def width_is_free(tokens: int) -> float:
+    """A GPU-like forward cost, pinned so that whether drafts are verified does not turn on
+    how busy the machine was when the tiny model's forward was timed."""
+    return 1.0
+
+
 def speculated(model, tokenizer, prompt, params=GREEDY, *, prompt_lookup=True, **add):
-    generator = BatchGenerator(model, tokenizer, prompt_lookup=prompt_lookup)
+    generator = BatchGenerator(
+        model, tokenizer, prompt_lookup=prompt_lookup, forward_cost=width_is_free
+    )
     uid = generator.add(prompt, params, **add)
     events = []
     while generator.has_work:
@@ -182,7 +190,7 @@ def test_speculating_rows_beside_plain_rows_joining_and_leaving(tiny_model):
     params = [SamplingParams(temperature=0, max_tokens=m) for m in (30, 5, 24, 30, 9)]
     expected = [plain(model, tokenizer, p, sp) for p, sp in zip(ps, params)]
     predictions = [expected[0], None, edited(expected[2], 5), None, None]
-    generator = BatchGenerator(model, tokenizer, prefill_chunk=8)
+    generator = BatchGenerator(model, tokenizer, prefill_chunk=8, forward_cost=width_is_free)
     generator.prompt_lookup = False  # only rows 0 and 2 speculate; the others never draft
     tokens: dict[int, list[int]] = {}
     uids: dict[int, int] = {}
@@ -319,24 +327,78 @@ def test_seeded_sampled_row_says_the_same_with_or_without_speculation(tiny_model
         assert last.accepted_prediction_tokens > 10  # the drafts were verified, and held
 
 
-def test_cost_model_verifies_only_what_pays():
-    from mlx_mistral.speculative import (
-        SLOWDOWN,
-        forward_cost,
-        verification_width,
-    )
+def cpu_like(tokens: int) -> float:
+    """A float32 forward on a few CPU cores: 16 rows cost ~1.6x one row, then compute-bound."""
+    return 1 + tokens / 24
 
-    assert verification_width([0, 0, 0], [0.0] * 3) == 0
-    assert verification_width([8], [0.05]) == 0  # drafts that keep failing: a plain step
-    assert verification_width([8], [0.95]) == 8  # a good prediction alone: verify it all
-    assert 0 < verification_width([8], [0.5]) < 8  # unsure: a short, cheap check first
+
+def test_cost_model_verifies_only_what_pays():
+    from mlx_mistral.speculative import SLOWDOWN, verification_width
+
+    assert verification_width([0, 0, 0], [0.0] * 3, cpu_like) == 0
+    assert verification_width([8], [0.05], cpu_like) == 0  # drafts that keep failing: plain
+    assert verification_width([8], [0.95], cpu_like) == 8  # a good prediction alone: verify it all
+    assert 0 < verification_width([8], [0.5], cpu_like) < 8  # unsure: a short, cheap check first
     # Rows without a draft never pay more than SLOWDOWN for their neighbours' drafts.
     for rows, drafting in ((8, 4), (16, 1), (4, 2), (2, 1)):
         lengths = [8] * drafting + [0] * (rows - drafting)
-        width = verification_width(lengths, [0.99] * drafting + [0.0] * (rows - drafting))
+        width = verification_width(lengths, [0.99] * drafting + [0.0] * (rows - drafting), cpu_like)
         if width:
-            step = forward_cost(rows * (width + 1))
-            assert step <= forward_cost(rows) / (1 - SLOWDOWN)
+            step = cpu_like(rows * (width + 1))
+            assert step <= cpu_like(rows) / (1 - SLOWDOWN)
+
+
+def test_where_tokens_cost_in_proportion_nothing_is_verified():
+    """A CPU quantized model (MLX's quantized matmul there is scalar code): T tokens cost T
+    one-token forwards, so a verification can only lose, whatever the drafts."""
+    from mlx_mistral.speculative import verification_width
+
+    def linear(tokens: int) -> float:
+        return float(tokens)
+
+    for rate in (0.0, 0.3, 0.9, 0.999, 1.0):
+        assert verification_width([8], [rate], linear) == 0
+        assert verification_width([8] * 8, [rate] * 8, linear) == 0
+        assert verification_width([8, 8, 0, 0], [rate, rate, 0.0, 0.0], linear) == 0
+
+
+def test_where_width_is_free_a_good_draft_is_verified_whole():
+    """A GPU decode step reads the weights whatever the rows: wide verification pays."""
+    from mlx_mistral.speculative import verification_width
+
+    assert verification_width([8], [0.95], width_is_free) == 8
+    assert verification_width([8] * 8, [0.9] * 8, width_is_free) == 8
+    assert verification_width([8, 3], [0.9, 0.9], width_is_free) == 8
+    assert verification_width([8], [0.05], width_is_free) == 0  # still never for drafts that fail
+
+
+def test_forward_cost_is_monotone_interpolated_and_extrapolated_in_proportion():
+    from mlx_mistral.forward_cost import ForwardCost
+
+    # 4 tokens timed slower than 8 (noise, or BLAS padding): never cheaper when wider.
+    cost = ForwardCost({1: 0.010, 2: 0.011, 4: 0.020, 8: 0.016, 16: 0.040})
+    assert cost(1) == 1.0
+    assert cost(2) == pytest.approx(1.1)
+    assert cost(3) == pytest.approx(1.55)  # halfway between 2 and 4
+    assert cost(8) == cost(4) == pytest.approx(2.0)
+    assert cost(32) == pytest.approx(8.0)  # past the last size: in proportion to the tokens
+    values = [cost(t) for t in range(1, 100)]
+    assert values == sorted(values)
+    with pytest.raises(ValueError, match="seconds"):
+        ForwardCost({2: 0.01, 4: 0.02})
+
+
+def test_forward_cost_is_measured_once_per_model(tiny_model):
+    from mlx_mistral.forward_cost import ForwardCost, forward_cost_of
+
+    model, _ = tiny_model
+    cost = ForwardCost.measure(model, (1, 2, 4, 8, 16, 32, 64), rounds=(2, 2))
+    assert cost(1) == 1.0
+    values = [cost(t) for t in range(1, 300)]
+    assert all(v >= 1.0 for v in values)
+    assert values == sorted(values)
+    assert 1 in cost.sizes and len(cost.sizes) >= 2
+    assert forward_cost_of(model) is forward_cost_of(model)  # kept, not timed again
 
 
 # -- the distribution --------------------------------------------------------------------------
