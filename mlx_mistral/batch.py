@@ -440,7 +440,8 @@ class BatchGenerator:
             if any(drafts):
                 rates = [seq.speculator.rate if d else 0.0 for seq, d in zip(self.running, drafts)]
                 if self.forward_cost is None:  # timed here, the first time it matters
-                    self.forward_cost = forward_cost_of(self.model)
+                    probe = None if self.replica is None else self.replica.probe
+                    self.forward_cost = forward_cost_of(self.model, probe)
                 width = verification_width([len(d) for d in drafts], rates, self.forward_cost)
                 if width:
                     self._speculate_pause = SPECULATE_PAUSE[0]

@@ -22,8 +22,10 @@ The in-memory prefix cache is mirrored by id: rank 0's `PrefixCache` decides wha
 what to evict, and announces it (an entry made of a prompt just prefilled or of a finished
 row's cache; an entry dropped; a prefill that starts from an entry's first L tokens), and each
 follower keeps the same entries of its own heads. Speculative decoding's verification forward
-and the cache trim after it are announced like a decode step. Not replicated: the disk prompt
-cache (each rank would need its own files, kept in step), so `--prompt-cache-dir` is refused.
+and the cache trim after it are announced like a decode step, and so are the forwards rank 0
+times once to learn what a wide forward costs (`forward_cost`: the timing includes the links).
+Not replicated: the disk prompt cache (each rank would need its own files, kept in step), so
+`--prompt-cache-dir` is refused.
 With `--kv-bits` every rank quantizes its own heads' cache alike.
 
 A rank that dies makes the next collective fail on the others ("connection to a peer was
@@ -59,6 +61,7 @@ STORE_ROW = 9  # a: entry, b: row; that row's cache (a finished sequence) become
 FORGET = 10  # a: entry; the prefix cache dropped it
 VERIFY = 11  # a: rows, b: positions; payload: each row's token and draft (speculation)
 TRIM = 12  # payload: per row, the positions its cache drops after a verification
+PROBE = 13  # a: tokens; a forward timed by rank 0 (`forward_cost`), on a fresh cache
 HEADER_INTS = 4
 
 
@@ -125,6 +128,9 @@ class Leader:
         """Announce a verification forward over `tokens` [B, W]; returns them to feed."""
         rows, width = tokens.shape
         return self._send(VERIFY, rows, width, tokens.reshape(-1)).reshape(rows, width)
+
+    def probe(self, tokens: int) -> None:
+        self._send(PROBE, tokens)
 
     def trim(self, drop: Sequence[int]) -> None:
         mx.eval(self._send(TRIM, payload=mx.array(list(drop), dtype=mx.int32)))
@@ -207,6 +213,9 @@ class Follower:
             mx.async_eval(h)
         elif op == TRIM:
             trim_cache_rows(self.cache, payload.tolist())
+        elif op == PROBE:
+            h = model.hidden_states(mx.zeros((1, a), dtype=mx.int32), model.make_cache())
+            mx.eval(h)
         else:
             raise RuntimeError(f"unknown lockstep op {op} from rank 0")
 

@@ -13,13 +13,20 @@ model's own forward, padding and all, once per loaded model (:func:`forward_cost
 
 from __future__ import annotations
 
+import logging
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import mlx.core as mx
 
 from .model import Model
+
+log = logging.getLogger("mlx_mistral.engine")
+
+Announce = Callable[[int], None]
+"""Called with a timed forward's token count before it runs: tensor-parallel serving's rank 0
+announces it, so that every rank runs the same forward (its all-reduces pair up)."""
 
 SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
 """Token counts timed: doublings up to past a full batch's widest verification (32 rows x 8
@@ -83,12 +90,15 @@ class ForwardCost:
         *,
         rounds: tuple[int, int] = ROUNDS,
         budget_seconds: float = BUDGET_SECONDS,
+        announce: Announce | None = None,
     ) -> ForwardCost:
         """Time `model`'s forward (every position projected, as a verification projects them)
         on one row of each size with a fresh cache, after a warm-up; see the module constants
-        for the rounds and when sizes stop being added."""
+        for the rounds and when sizes stop being added. `announce` is called before each."""
 
         def forward(tokens: int) -> float:
+            if announce is not None:
+                announce(tokens)
             cache = model.make_cache()
             start = time.perf_counter()
             h = model.hidden_states(mx.zeros((1, tokens), dtype=mx.int32), cache)
@@ -127,12 +137,19 @@ class ForwardCost:
 _measured: dict[int, tuple[weakref.ref, ForwardCost]] = {}
 
 
-def forward_cost_of(model: Model) -> ForwardCost:
-    """`model`'s measured forward cost, timed the first time it is asked for."""
+def forward_cost_of(model: Model, announce: Announce | None = None) -> ForwardCost:
+    """`model`'s measured forward cost, timed the first time it is asked for (a one-off stall
+    of the engine: ~0.1-10 s, the most on a busy CPU; logged)."""
     for key in [k for k, (ref, _) in _measured.items() if ref() is None]:
         del _measured[key]  # models since unloaded
     entry = _measured.get(id(model))
     if entry is None or entry[0]() is not model:
-        entry = (weakref.ref(model), ForwardCost.measure(model))
+        started = time.perf_counter()
+        entry = (weakref.ref(model), ForwardCost.measure(model, announce=announce))
         _measured[id(model)] = entry
+        log.info(
+            "speculation: measured the forward's cost in %.1f s: %r",
+            time.perf_counter() - started,
+            entry[1],
+        )
     return entry[1]
