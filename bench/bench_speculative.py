@@ -171,6 +171,14 @@ def main() -> None:
     path, draft_path = checkpoint(args.model, args.layers), checkpoint(args.draft, None)
 
     model, tok = mlx_mistral.load(path)
+    # The forward's cost is measured once per loaded model, at the first speculation decision
+    # (a one-off stall, logged by the server); here before the timed runs, and reported.
+    from mlx_mistral.forward_cost import forward_cost_of
+
+    started = time.perf_counter()
+    cost = forward_cost_of(model)
+    measured = f"measured in {time.perf_counter() - started:.1f} s: {cost!r}"
+    print(f"forward cost {measured}")
     params = SamplingParams(temperature=0, max_tokens=args.tokens, logit_bias={EOS: -100})
     prompts = [tok.encode_chat([{"role": "user", "content": f"Write about {t}."}]) for t in TOPICS]
     batch1_only = args.model == "7b4"
@@ -228,7 +236,7 @@ def main() -> None:
         for name, r in runs.items()
     ]
     if not args.only:
-        render(rows, args, where, path, answers[0])
+        render(rows, args, where, path, answers[0], measured)
 
 
 def summary(result: dict, ours: list[int]) -> str:
@@ -250,7 +258,7 @@ def peer_figures(peer: list[dict]) -> tuple[float, float, str]:
     return plain, drafted, f"{accepted}/~{proposed} ({accepted / max(proposed, 1):.0%})"
 
 
-def render(rows, args, where: str, path: Path, answer: list[int]) -> None:
+def render(rows, args, where: str, path: Path, answer: list[int], measured: str) -> None:
     import mlx_lm
 
     config = json.loads((path / "config.json").read_text())
@@ -275,7 +283,8 @@ def render(rows, args, where: str, path: Path, answer: list[int]) -> None:
             else ""
         )
         + ". Every speculative run gave the plain run's tokens exactly. Draft length at most 8; "
-        "the cost model (`mlx_mistral.speculative.verification_width`) picks each step's width. "
+        "the cost model (`mlx_mistral.speculative.verification_width`) picks each step's width "
+        f"from the forward's cost, {measured} (once per loaded model, before the timed runs). "
         f"mlx-lm {mlx_lm.__version__} (no prompt lookup or Predicted Outputs: it can only "
         "decode an edit plainly, or speculate with a draft model) runs the same prompt on the "
         f"same checkpoint in its own process with the same OpenBLAS, plain and with the tiny "

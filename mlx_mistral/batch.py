@@ -30,7 +30,7 @@ from .cache import (
     merge_caches,
     trim_cache_rows,
 )
-from .drafts import Speculator
+from .drafts import MAX_DRAFT, Speculator
 from .errors import ContextLengthExceededError, InvalidRequestError
 from .forward_cost import forward_cost_of
 from .model import Model
@@ -187,6 +187,7 @@ class BatchGenerator:
         self._decode_steps = 0
         self._speculate_at = 0
         self._speculate_pause = SPECULATE_PAUSE[0]
+        self._verifying_never_pays = False  # learnt from the forward cost: stop looking
 
     # -- submission ----------------------------------------------------------------------------
     def check(
@@ -429,8 +430,10 @@ class BatchGenerator:
         # A row that may propose a draft needs its newest token on the host; so does a grammar.
         lag = 0 if self._in_flight is None else 1
         self._decode_steps += 1
-        speculate = self._decode_steps >= self._speculate_at and any(
-            seq.speculator and seq.speculator.may_propose(lag) for seq in self.running
+        speculate = (
+            self._decode_steps >= self._speculate_at
+            and not self._verifying_never_pays
+            and any(seq.speculator and seq.speculator.may_propose(lag) for seq in self.running)
         )
         if speculate or any(seq.constraint is not None for seq in self.running):
             events = self._settle()
@@ -442,6 +445,11 @@ class BatchGenerator:
                 if self.forward_cost is None:  # timed here, the first time it matters
                     probe = None if self.replica is None else self.replica.probe
                     self.forward_cost = forward_cost_of(self.model, probe)
+                if verification_width([MAX_DRAFT], [1.0], self.forward_cost) == 0:
+                    # Not even one row's sure draft pays (a forward of T tokens costs about T
+                    # one-token forwards, as MLX's CPU quantized matmul does): stop looking,
+                    # since each look costs the pipelining of a step.
+                    self._verifying_never_pays = True
                 width = verification_width([len(d) for d in drafts], rates, self.forward_cost)
                 if width:
                     self._speculate_pause = SPECULATE_PAUSE[0]

@@ -144,6 +144,23 @@ def test_prediction_greedy_identity(which, kind, tiny_model, demo):
         assert accepted == 0 and rejected > 0
 
 
+def test_a_model_on_which_verifying_never_pays_stops_looking(demo):
+    """A forward of T tokens costing T one-token forwards (MLX's CPU quantized matmul): even a
+    perfect prediction is never verified, the output is the plain one, and after the first
+    decision the batch stops settling its pipeline to look for drafts."""
+    model, tokenizer = demo
+    prompt = chat(tokenizer, "Tell me a story about a cat.")
+    expected = plain(model, tokenizer, prompt)
+    generator = BatchGenerator(model, tokenizer, forward_cost=lambda tokens: float(tokens))
+    uid = generator.add(prompt, GREEDY, prediction=expected)
+    events = []
+    while generator.has_work:
+        events += [e for e in generator.step() if e.uid == uid]
+    assert [e.token for e in events if e.token is not None] == expected
+    assert events[-1].accepted_prediction_tokens == events[-1].rejected_prediction_tokens == 0
+    assert generator._verifying_never_pays
+
+
 def test_prediction_as_text_is_tokenized_and_used(demo):
     model, tokenizer = demo
     prompt = chat(tokenizer, "Hello!")
