@@ -138,6 +138,7 @@ class BatchGenerator:
         forward_cost: a forward of T tokens in one-token forwards, which decides how wide to
             verify drafts (None: measured on the model at the first decision, once per model,
             see `mlx_mistral.forward_cost`).
+        predictions: use requests' predictions as drafts (False: accepted and ignored).
     """
 
     def __init__(
@@ -153,6 +154,7 @@ class BatchGenerator:
         prompt_lookup: bool = True,
         kv_bits: int | None = None,
         forward_cost: Callable[[int], float] | None = None,
+        predictions: bool = True,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -161,6 +163,7 @@ class BatchGenerator:
         self.max_batch = max_batch
         self.open_reserve = open_reserve
         self.prompt_lookup = prompt_lookup
+        self.predictions = predictions  # False: a request's prediction is accepted, not used
         # The cache holds the compute dtype, which the norm weights carry.
         dtype_bytes = model.model.norm.weight.dtype.size
         self.kv_bytes_per_token = kv_bytes_per_token(self.args, dtype_bytes, kv_bits)
@@ -422,9 +425,10 @@ class BatchGenerator:
         return events
 
     def _speculator(self, request: _Request) -> Speculator | None:
-        if request.params.logprobs or not (self.prompt_lookup or request.prediction):
+        prediction = request.prediction if self.predictions else None
+        if request.params.logprobs or not (self.prompt_lookup or prediction):
             return None  # verified tokens carry no logprobs
-        return Speculator(request.prompt, request.prediction, prompt_lookup=self.prompt_lookup)
+        return Speculator(request.prompt, prediction, prompt_lookup=self.prompt_lookup)
 
     def _decode(self) -> list[TokenEvent]:
         # A row that may propose a draft needs its newest token on the host; so does a grammar.

@@ -59,6 +59,10 @@ class EngineConfig:
         prompt_cache: keep prompts' KV on disk too, so a restarted server reuses them; None
             turns the disk cache off.
         kv_bits: store the KV cache quantized to 8 or 4 bits; None keeps the compute dtype.
+        speculation: "auto" verifies drafts (prompt lookup, predictions) when the measured
+            forward cost says it pays; "always" whenever there is a draft (as if wide forwards
+            cost what one does); "off" never looks for drafts. Exact either way: only the speed
+            changes.
     """
 
     max_batch: int = 32
@@ -70,6 +74,7 @@ class EngineConfig:
     max_memory_bytes: int | None = None
     prompt_cache: DiskCacheSettings | None = None
     kv_bits: int | None = None
+    speculation: str = "auto"
 
 
 def _put_all(posts: list[tuple[RequestHandle, list]]) -> None:

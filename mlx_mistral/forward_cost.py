@@ -147,6 +147,9 @@ def forward_cost_of(model: Model, announce: Announce | None = None) -> ForwardCo
         started = time.perf_counter()
         entry = (weakref.ref(model), ForwardCost.measure(model, announce=announce))
         _measured[id(model)] = entry
+        # The widest forwards' buffers (the logits of 256 positions: 32 MiB) go back to the
+        # system, not to MLX's pool, where a server would keep them for good.
+        mx.clear_cache()
         log.info(
             "speculation: measured the forward's cost in %.1f s: %r",
             time.perf_counter() - started,

@@ -36,6 +36,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("mlx_mistral.engine")
 
 
+def _flat(tokens: int) -> float:
+    """`--speculation always`: a forward of any width costs what one token's does."""
+    return 1.0
+
+
 class ModelSlot:
     """The weights, the scheduler sized from them, and when they are freed.
 
@@ -91,6 +96,9 @@ class ModelSlot:
                 max_batch=config.max_batch,
                 prefix_cache=self._make_prefix_cache(model, prefix),
                 kv_bits=config.kv_bits,
+                prompt_lookup=config.speculation != "off",
+                predictions=config.speculation != "off",
+                forward_cost=_flat if config.speculation == "always" else None,
             )
             log.info(
                 "memory: weights %.0f MiB, KV budget %.0f MiB, prefix cache %.0f MiB%s; "

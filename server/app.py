@@ -192,6 +192,7 @@ def start_engine(config: ServerConfig, load: Callable[[], Any]) -> Engine:
             prefix_cache_bytes=prefix_bytes,
             prompt_cache=prompt_cache_settings(config),
             kv_bits=config.kv_bits,
+            speculation=config.speculation,
             keep_alive=config.keep_alive_seconds,
             max_memory_bytes=config.max_memory_bytes,
         ),

@@ -22,6 +22,7 @@ from mlx_mistral.errors import InvalidRequestError, MistralError
 from .config import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_HEADER_BYTES,
+    SPECULATION,
     ServerConfig,
     read_text_flag,
     served_name,
@@ -172,6 +173,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "token of float16 (default: not quantized)",
     )
     parser.add_argument(
+        "--speculation",
+        default="auto",
+        choices=SPECULATION,
+        help="speculative decoding (prompt lookup and requests' `prediction`; exact, only the "
+        "speed changes): auto verifies drafts when the forward's cost, measured once, says it "
+        "pays; always whenever there is one; off never (default: auto)",
+    )
+    parser.add_argument(
         "--warm-prompt",
         default=None,
         metavar="FILE",
@@ -299,6 +308,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         max_queue=args.max_queue,
         prefix_cache_mib=args.prefix_cache_mib,
         kv_bits=args.kv_bits,
+        speculation=args.speculation,
         prompt_cache_dir=None
         if (args.prompt_cache_dir or "").lower() == "off"
         else str(args.prompt_cache_dir or default_cache_dir()),

@@ -13,6 +13,7 @@ from mlx_mistral.disk_cache import DiskCacheSettings, model_identity
 from mlx_mistral.errors import InvalidRequestError
 from mlx_mistral.hub import DEFAULT_REPO, resolve_model_path
 
+SPECULATION = ("auto", "always", "off")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 CONTAINER_HOSTS = (
@@ -200,6 +201,7 @@ class ServerConfig:
     prompt_cache_disk_bytes: int = 10 * 2**30
     warm_prompt: str | None = None
     kv_bits: int | None = None
+    speculation: str = "auto"
     prompt_price: float = 0.0
     completion_price: float = 0.0
     default_max_tokens: int | None = None
@@ -262,6 +264,11 @@ class ServerConfig:
             self.prompt_cache_disk_bytes > 0,
             "--prompt-cache-disk-size",
             f"must be positive, got {self.prompt_cache_disk_bytes}",
+        )
+        need(
+            self.speculation in SPECULATION,
+            "--speculation",
+            f"must be one of {', '.join(SPECULATION)}, got {self.speculation!r}",
         )
         need(
             self.kv_bits in (None, *KV_BITS),

@@ -504,7 +504,8 @@ def test_http_prediction_reports_accepted_and_rejected_tokens(tiny_hf_checkpoint
     from tests.server_process import ServerProcess
 
     messages = [{"role": "user", "content": "Tell me a story about a cat."}]
-    with ServerProcess(tiny_hf_checkpoint) as server:
+    # `always`: whether verifying pays on this machine at this moment is not what is tested.
+    with ServerProcess(tiny_hf_checkpoint, "--speculation", "always") as server:
         client = openai.OpenAI(base_url=server.url("/v1"), api_key="any", max_retries=0)
         model = tiny_hf_checkpoint.name
         plain_answer = client.chat.completions.create(
@@ -579,3 +580,25 @@ def test_http_prediction_reports_accepted_and_rejected_tokens(tiny_hf_checkpoint
             proposed >= accepted + wrong.usage.completion_tokens_details.rejected_prediction_tokens
         )
         assert "Traceback" not in server.log()
+
+
+def test_speculation_off_ignores_the_prediction(tiny_hf_checkpoint):
+    import httpx
+
+    from tests.server_process import ServerProcess
+
+    body = {
+        "messages": [{"role": "user", "content": "Tell me a story about a cat."}],
+        "max_tokens": 20,
+        "temperature": 0,
+    }
+    with ServerProcess(tiny_hf_checkpoint, "--speculation", "off") as server:
+        plain = httpx.post(server.url("/v1/chat/completions"), json=body, timeout=60).json()
+        text = plain["choices"][0]["message"]["content"]
+        prediction = {"type": "content", "content": text}
+        predicted = httpx.post(
+            server.url("/v1/chat/completions"), json={**body, "prediction": prediction}, timeout=60
+        ).json()
+    assert predicted["choices"][0]["message"]["content"] == text
+    details = predicted["usage"]["completion_tokens_details"]
+    assert details["accepted_prediction_tokens"] == details["rejected_prediction_tokens"] == 0
