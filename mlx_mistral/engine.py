@@ -13,7 +13,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -75,6 +75,17 @@ class EngineConfig:
     prompt_cache: DiskCacheSettings | None = None
     kv_bits: int | None = None
     speculation: str = "auto"
+
+
+async def each_event(batches: AsyncIterator[list[TokenEvent]]) -> AsyncIterator[TokenEvent]:
+    """The events of `batches` (lists of events, as `RequestHandle.batches` yields them) one by
+    one; closing this closes `batches`."""
+    try:
+        async for batch in batches:
+            for event in batch:
+                yield event
+    finally:
+        await batches.aclose()  # type: ignore[attr-defined]
 
 
 def _put_all(posts: list[tuple[RequestHandle, list]]) -> None:
@@ -152,16 +163,7 @@ class RequestHandle:
             self.engine._commands.put(("cancel", self))
 
     def __aiter__(self):
-        return self._aiter()
-
-    async def _aiter(self):
-        batches = self.batches()
-        try:
-            async for batch in batches:
-                for event in batch:
-                    yield event
-        finally:
-            await batches.aclose()
+        return each_event(self.batches())
 
     async def batches(self):
         """Lists of the events that arrived since the previous list (never empty)."""

@@ -131,6 +131,12 @@ class ForwardCost:
         return f"ForwardCost({{{pairs}}})"
 
 
+def flat_cost(tokens: int) -> float:
+    """A forward of any width costing what one token's does (`--speculation always`; tests pin
+    it so that whether drafts are verified does not turn on how busy the machine is)."""
+    return 1.0
+
+
 # One measurement per loaded model, whichever generator asks (the engine, the Python API and
 # the benchmarks make several over the same weights). Keyed by id: an mlx Module is a dict,
 # so it cannot be hashed; the weak reference tells a reused id from the model measured.

@@ -25,6 +25,7 @@ from ._blas import reference_blas_warning
 from .batch import BatchGenerator
 from .disk_cache import DiskPrefixCache
 from .errors import MistralError, ModelLoadError
+from .forward_cost import flat_cost
 from .memory import Budgets, plan_budgets, unwire, weights_bytes, wire
 from .model import Model
 from .prefix_cache import PrefixCache
@@ -34,11 +35,6 @@ if TYPE_CHECKING:
     from .engine import EngineConfig
 
 log = logging.getLogger("mlx_mistral.engine")
-
-
-def _flat(tokens: int) -> float:
-    """`--speculation always`: a forward of any width costs what one token's does."""
-    return 1.0
 
 
 class ModelSlot:
@@ -98,7 +94,7 @@ class ModelSlot:
                 kv_bits=config.kv_bits,
                 prompt_lookup=config.speculation != "off",
                 predictions=config.speculation != "off",
-                forward_cost=_flat if config.speculation == "always" else None,
+                forward_cost=flat_cost if config.speculation == "always" else None,
             )
             log.info(
                 "memory: weights %.0f MiB, KV budget %.0f MiB, prefix cache %.0f MiB%s; "

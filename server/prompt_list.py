@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Sequence
 
 from mlx_mistral.batch import TokenEvent
-from mlx_mistral.engine import RequestHandle
+from mlx_mistral.engine import RequestHandle, each_event
 
 _ENDED = object()  # a handle's last batch has been passed on
 
@@ -67,13 +67,4 @@ class HandleGroup:
                     handle.cancel()
 
     def __aiter__(self) -> AsyncIterator[TokenEvent]:
-        return self._events()
-
-    async def _events(self) -> AsyncIterator[TokenEvent]:
-        batches = self.batches()
-        try:
-            async for batch in batches:
-                for event in batch:
-                    yield event
-        finally:
-            await batches.aclose()
+        return each_event(self.batches())

@@ -17,6 +17,7 @@ from mlx_mistral import SamplingParams
 from mlx_mistral.batch import BatchGenerator
 from mlx_mistral.cache import BatchKVCache
 from mlx_mistral.drafts import PredictionDraft, PromptLookup
+from mlx_mistral.forward_cost import flat_cost
 from mlx_mistral.sampling.state import SamplerState
 from mlx_mistral.speculative import choose_tokens
 from mlx_mistral.tools.grammar import make_constraints
@@ -52,10 +53,9 @@ def plain(model, tokenizer, prompt, params=GREEDY, **add):
     return run(generator)[uid]
 
 
-def width_is_free(tokens: int) -> float:
-    """A GPU-like forward cost, pinned so that whether drafts are verified does not turn on
-    how busy the machine was when the tiny model's forward was timed."""
-    return 1.0
+# A GPU-like forward cost, pinned so that whether drafts are verified does not turn on how busy
+# the machine was when the tiny model's forward was timed.
+width_is_free = flat_cost
 
 
 def speculated(model, tokenizer, prompt, params=GREEDY, *, prompt_lookup=True, **add):
