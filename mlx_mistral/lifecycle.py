@@ -57,6 +57,7 @@ class ModelSlot:
         self.keep_alive = config.keep_alive
         self._expires: float | None = None  # time.monotonic() of the unload, while idle
         self.expires_at: float | None = None  # the same as a time.time(), for /health
+        self._worked = False  # a step ran since the engine was last idle
         self.loads = self.unloads = 0
         # Tensor parallel: the other ranks hold the rest of the model and cannot reload in step
         # with this one, so the weights stay loaded whatever the keep-alive says.
@@ -171,11 +172,17 @@ class ModelSlot:
     def busy(self) -> None:
         """A step ran: the keep-alive counts from the end of the work; note the KV in use."""
         self._expires = self.expires_at = None
+        self._worked = True
         if self.generator is not None:
             self.kv_bytes = self.generator.kv_bytes_in_use
 
     def idle(self) -> None:
         """No request runs or waits: start the keep-alive clock; unload when it runs out."""
+        if self._worked:
+            # The finished requests' KV and activations sit in MLX's buffer pool, which would
+            # keep a long context's gigabytes from the rest of the Mac until the next unload.
+            self._worked = False
+            mx.clear_cache()
         if self.model is None or self.pinned:
             return
         now = time.monotonic()

@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import sys
 import threading
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -342,6 +343,12 @@ def test_engine_thread_serves_other_threads(tiny_hf_checkpoint):
         rest = asyncio.run(leave_early())
         assert rest[-1].finish_reason == "cancelled" and len(rest) < 1000
         assert engine.num_active == 0
+        # Idle again: the finished requests' buffers went back to the system, not to MLX's pool
+        # (where a long context's KV would otherwise stay until the model is unloaded).
+        deadline = time.monotonic() + 5
+        while mx.get_cache_memory() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert mx.get_cache_memory() == 0
     finally:
         engine.shutdown()
 
