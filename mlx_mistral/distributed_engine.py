@@ -65,14 +65,24 @@ PROBE = 13  # a: tokens; a forward timed by rank 0 (`forward_cost`), on a fresh 
 HEADER_INTS = 4
 
 
+def token_ids(received: mx.array, vocab_size: int) -> mx.array:
+    """Broadcast token ids made safe to embed. A broadcast that fails (a peer died) leaves its
+    buffer unwritten, and the embedding's gather reads wherever stale ids point: rank 0 crashed
+    with SIGSEGV there in ~1 of 20 killed peers, before it could tell its clients. Clipped, the
+    forward runs on harmless ids and the failure reaches the engine as the collective's error.
+    """
+    return mx.clip(received, 0, vocab_size - 1)
+
+
 class Leader:
     """Rank 0's side of the lockstep: `BatchGenerator` calls it before each model or cache op.
 
     `bytes_sent` counts what the messages carry (4 bytes an int), for the benchmark.
     """
 
-    def __init__(self, group: mx.distributed.Group):
+    def __init__(self, group: mx.distributed.Group, vocab_size: int):
         self.group = group
+        self.vocab_size = vocab_size
         self.bytes_sent = 0
         self.messages = 0
 
@@ -89,7 +99,8 @@ class Leader:
 
     def prefill(self, uid: int, chunk: mx.array, *, last: bool) -> mx.array:
         """Announce a prefill chunk (1, L); returns the chunk to feed the model."""
-        return self._send(PREFILL, uid, int(last), chunk.reshape(-1)).reshape(chunk.shape)
+        tokens = self._send(PREFILL, uid, int(last), chunk.reshape(-1))
+        return token_ids(tokens, self.vocab_size).reshape(chunk.shape)
 
     def join(self, uid: int, n: int, logits: mx.array) -> None:
         """Announce that a prefilled request's rows join the batch. `logits`, its last
@@ -100,7 +111,7 @@ class Leader:
 
     def decode(self, tokens: mx.array) -> mx.array:
         """Announce a decode step over `tokens` [B] (possibly not computed yet)."""
-        return self._send(DECODE, payload=tokens)
+        return token_ids(self._send(DECODE, payload=tokens), self.vocab_size)
 
     def filter(self, rows: Sequence[int]) -> None:
         if rows:
@@ -127,7 +138,8 @@ class Leader:
     def verify(self, tokens: mx.array) -> mx.array:
         """Announce a verification forward over `tokens` [B, W]; returns them to feed."""
         rows, width = tokens.shape
-        return self._send(VERIFY, rows, width, tokens.reshape(-1)).reshape(rows, width)
+        tokens = self._send(VERIFY, rows, width, tokens.reshape(-1))
+        return token_ids(tokens, self.vocab_size).reshape(rows, width)
 
     def probe(self, tokens: int) -> None:
         self._send(PROBE, tokens)
@@ -171,6 +183,7 @@ class Follower:
         model = self.model
         if op in (PREFILL, DECODE, VERIFY):
             self.joined = None  # past the point where rank 0 stores a joined prompt
+            payload = token_ids(payload, model.args.vocab_size)
         if op == PREFILL:
             cache = self.prefilling.get(a) or model.make_cache(kv_bits=self.kv_bits)
             self.prefilling[a] = cache
@@ -187,8 +200,9 @@ class Follower:
             h = model.hidden_states(payload[:, None], self.cache)
             mx.async_eval(h)  # the next header's all-reduce queues behind it, as on rank 0
         elif op == FILTER:
-            if payload is None:
+            if payload is None:  # the batch is empty: rank 0 has fallen idle, and so do we
                 self.cache = None
+                mx.clear_cache()
             else:
                 filter_caches(self.cache, payload.tolist())
         elif op == DROP:
@@ -238,7 +252,7 @@ def attach_leader(generator, group: mx.distributed.Group) -> Leader:
     prefix_cache = generator.prefix_cache
     if prefix_cache is not None and prefix_cache.disk is not None:
         raise ValueError("the disk prompt cache is not replicated across ranks: turn it off")
-    leader = Leader(group)
+    leader = Leader(group, generator.model.args.vocab_size)
     generator.kv_bytes_per_token //= group.size()
     generator.replica = leader
     if prefix_cache is not None:

@@ -101,6 +101,8 @@ class DistributedServer:
         except ProcessLookupError:
             pass
         self.proc.wait()
+        if exc and exc[0] is not None:
+            print(f"the group's log:\n{self.log()}")  # shown with the failure
         self._log.close()
         os.unlink(self._log_path)
 
