@@ -30,7 +30,7 @@ from .cache import (
     merge_caches,
     trim_cache_rows,
 )
-from .drafts import MAX_DRAFT, Speculator
+from .drafts import Speculator
 from .errors import ContextLengthExceededError, InvalidRequestError
 from .forward_cost import forward_cost_of
 from .model import Model
@@ -38,15 +38,12 @@ from .prefix_cache import PrefixCache
 from .sampling.params import SamplingParams
 from .sampling.sampler import PendingSample, TokenLogprobs, sample_async
 from .sampling.state import SamplerState
-from .speculative import Verification, choose_tokens, verification_width
+from .speculative import SpeculationSchedule, Verification, choose_tokens
 from .stopping import StopMatcher
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from .distributed_engine import Leader
-
-SPECULATE_PAUSE = (4, 64)
-"""Decode steps without looking for drafts after a look that verified none: first, most."""
 
 
 class TokenConstraint(Protocol):
@@ -168,7 +165,6 @@ class BatchGenerator:
         dtype_bytes = model.model.norm.weight.dtype.size
         self.kv_bytes_per_token = kv_bytes_per_token(self.args, dtype_bytes, kv_bits)
         self.kv_bits = kv_bits
-        self.forward_cost = forward_cost
         self.kv_budget_bytes = kv_budget_bytes
         self.prefix_cache = prefix_cache
         self.context_length = self.args.max_position_embeddings
@@ -185,12 +181,7 @@ class BatchGenerator:
         # Tensor-parallel serving (`distributed_engine.Leader`), a thin hook: every forward and
         # KV-cache change below is announced to the other ranks first, which replay it.
         self.replica: Leader | None = None
-        # Looking for drafts waits for the step's tokens (no pipelining), so after a look that
-        # verified nothing the batch skips looking for a number of steps that doubles.
-        self._decode_steps = 0
-        self._speculate_at = 0
-        self._speculate_pause = SPECULATE_PAUSE[0]
-        self._verifying_never_pays = False  # learnt from the forward cost: stop looking
+        self.speculation = SpeculationSchedule(forward_cost, self._measure_forward)
 
     # -- submission ----------------------------------------------------------------------------
     def check(
@@ -433,11 +424,8 @@ class BatchGenerator:
     def _decode(self) -> list[TokenEvent]:
         # A row that may propose a draft needs its newest token on the host; so does a grammar.
         lag = 0 if self._in_flight is None else 1
-        self._decode_steps += 1
-        speculate = (
-            self._decode_steps >= self._speculate_at
-            and not self._verifying_never_pays
-            and any(seq.speculator and seq.speculator.may_propose(lag) for seq in self.running)
+        speculate = self.speculation.look() and any(
+            seq.speculator and seq.speculator.may_propose(lag) for seq in self.running
         )
         if speculate or any(seq.constraint is not None for seq in self.running):
             events = self._settle()
@@ -446,24 +434,14 @@ class BatchGenerator:
             drafts = [self._draft(seq) for seq in self.running] if speculate else []
             if any(drafts):
                 rates = [seq.speculator.rate if d else 0.0 for seq, d in zip(self.running, drafts)]
-                if self.forward_cost is None:  # timed here, the first time it matters
-                    probe = None if self.replica is None else self.replica.probe
-                    self.forward_cost = forward_cost_of(self.model, probe)
-                if verification_width([MAX_DRAFT], [1.0], self.forward_cost) == 0:
-                    # Not even one row's sure draft pays (a forward of T tokens costs about T
-                    # one-token forwards, as MLX's CPU quantized matmul does): stop looking,
-                    # since each look costs the pipelining of a step.
-                    self._verifying_never_pays = True
-                width = verification_width([len(d) for d in drafts], rates, self.forward_cost)
+                width = self.speculation.width([len(d) for d in drafts], rates)
                 if width:
-                    self._speculate_pause = SPECULATE_PAUSE[0]
                     return events + self._speculate([d[:width] for d in drafts])
                 for seq, draft in zip(self.running, drafts):
                     if draft:  # not worth verifying in this batch: decode plainly a while
                         seq.speculator.decline()
-            if speculate:  # the look cost the pipeline and found nothing worth verifying
-                self._speculate_at = self._decode_steps + self._speculate_pause
-                self._speculate_pause = min(SPECULATE_PAUSE[1], self._speculate_pause * 2)
+            if speculate:
+                self.speculation.found_nothing()
             tokens = mx.array([seq.tokens[-1] for seq in self.running])
             return events + self._sample_and_emit(self._next_logits(tokens), list(self.running))
         # Schedule step t+1 on step t's pending tokens, then read step t's.
@@ -474,6 +452,10 @@ class BatchGenerator:
         if previous is None:
             return []
         return self._emit_all(previous, rows[: previous.tokens.shape[0]])
+
+    def _measure_forward(self) -> Callable[[int], float]:
+        """The loaded model's forward cost, timed the first time a decision needs it."""
+        return forward_cost_of(self.model, None if self.replica is None else self.replica.probe)
 
     def _next_logits(self, tokens: mx.array) -> mx.array:
         if self.replica is not None:

@@ -19,7 +19,8 @@ by position with :func:`choose_tokens`.
 
 Whether a step verifies, and how wide, is :func:`verification_width`'s call, from the forward's
 cost measured on the loaded model (:mod:`mlx_mistral.forward_cost`): where a forward's cost grows
-in proportion to its tokens, it never verifies.
+in proportion to its tokens, it never verifies. :class:`SpeculationSchedule` says when a batch
+looks for drafts at all.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 
+from .drafts import MAX_DRAFT
 from .sampling.sampler import TokenLogprobs, sample_async
 from .sampling.state import SamplerState
 
@@ -177,3 +179,56 @@ def verification_width(
         if value > best_value:
             best, best_value = width, value
     return best
+
+
+LOOK_PAUSE = (4, 64)
+"""Decode steps without looking for drafts after a look that verified none: first, most."""
+
+
+class SpeculationSchedule:
+    """When a batch looks for drafts, and how wide it verifies what it finds.
+
+    A look waits for the step in flight (the rows' newest tokens must be on the host), which
+    costs the batch its pipelining. So after a look that verified nothing the batch skips
+    looking for a number of steps that doubles, and where not even one row's sure draft would
+    pay (a forward of T tokens costs about T one-token forwards, as MLX's CPU quantized matmul
+    does) it stops looking for good.
+
+    Args:
+        forward_cost: a forward of T tokens in one-token forwards; None: `measure()` it at the
+            first decision (a one-off stall, so only once drafts exist).
+        measure: times the loaded model's forward (`forward_cost.forward_cost_of`).
+    """
+
+    def __init__(
+        self,
+        forward_cost: Callable[[int], float] | None,
+        measure: Callable[[], Callable[[int], float]],
+    ):
+        self.forward_cost = forward_cost
+        self._measure = measure
+        self.never_pays = False
+        self._steps = 0
+        self._look_at = 0
+        self._pause = LOOK_PAUSE[0]
+
+    def look(self) -> bool:
+        """A decode step begins: whether it may look for drafts."""
+        self._steps += 1
+        return self._steps >= self._look_at and not self.never_pays
+
+    def width(self, draft_lengths: Sequence[int], rates: Sequence[float]) -> int:
+        """How many drafted positions to verify (0: decode plainly), by the forward's cost."""
+        if self.forward_cost is None:
+            self.forward_cost = self._measure()
+        if verification_width([MAX_DRAFT], [1.0], self.forward_cost) == 0:
+            self.never_pays = True
+        width = verification_width(draft_lengths, rates, self.forward_cost)
+        if width:
+            self._pause = LOOK_PAUSE[0]
+        return width
+
+    def found_nothing(self) -> None:
+        """The look cost the pipeline and verified nothing: skip the next few."""
+        self._look_at = self._steps + self._pause
+        self._pause = min(LOOK_PAUSE[1], self._pause * 2)

@@ -19,7 +19,7 @@ from mlx_mistral.cache import BatchKVCache
 from mlx_mistral.drafts import PredictionDraft, PromptLookup
 from mlx_mistral.forward_cost import flat_cost
 from mlx_mistral.sampling.state import SamplerState
-from mlx_mistral.speculative import choose_tokens
+from mlx_mistral.speculative import SpeculationSchedule, choose_tokens
 from mlx_mistral.tools.grammar import make_constraints
 from mlx_mistral.tools.parsing import split_tool_calls
 from mlx_mistral.tools.validation import parse_structured_request
@@ -158,7 +158,7 @@ def test_a_model_on_which_verifying_never_pays_stops_looking(demo):
         events += [e for e in generator.step() if e.uid == uid]
     assert [e.token for e in events if e.token is not None] == expected
     assert events[-1].accepted_prediction_tokens == events[-1].rejected_prediction_tokens == 0
-    assert generator._verifying_never_pays
+    assert generator.speculation.never_pays
 
 
 def test_prediction_as_text_is_tokenized_and_used(demo):
@@ -602,3 +602,22 @@ def test_speculation_off_ignores_the_prediction(tiny_hf_checkpoint):
     assert predicted["choices"][0]["message"]["content"] == text
     details = predicted["usage"]["completion_tokens_details"]
     assert details["accepted_prediction_tokens"] == details["rejected_prediction_tokens"] == 0
+
+
+def test_the_schedule_backs_off_after_fruitless_looks_and_stops_where_verifying_never_pays():
+    measured = []
+    schedule = SpeculationSchedule(None, lambda: measured.append(1) or flat_cost)
+    assert schedule.look()  # the first step looks
+    assert schedule.width([0], [0.0]) == 0 and measured == [1]  # timed once, at the first need
+    schedule.found_nothing()
+    assert [schedule.look() for _ in range(5)] == [False] * 3 + [True] * 2  # 4 steps on, looks
+    schedule.found_nothing()
+    assert [schedule.look() for _ in range(8)] == [False] * 7 + [True]  # then 8 (doubled)
+    assert schedule.width([8], [1.0]) > 0  # a draft verified: the pause is short again
+    schedule.found_nothing()
+    assert [schedule.look() for _ in range(4)] == [False] * 3 + [True]
+    assert measured == [1] and not schedule.never_pays
+
+    linear = SpeculationSchedule(lambda tokens: float(tokens), lambda: flat_cost)
+    assert linear.look() and linear.width([8], [1.0]) == 0
+    assert linear.never_pays and not linear.look()
