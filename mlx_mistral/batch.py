@@ -417,8 +417,8 @@ class BatchGenerator:
 
     def _speculator(self, request: _Request) -> Speculator | None:
         prediction = request.prediction if self.predictions else None
-        if request.params.logprobs or not (self.prompt_lookup or prediction):
-            return None  # verified tokens carry no logprobs
+        if not (self.prompt_lookup or prediction):
+            return None
         return Speculator(request.prompt, prediction, prompt_lookup=self.prompt_lookup)
 
     def _decode(self) -> list[TokenEvent]:

@@ -51,7 +51,7 @@ def choose_tokens(
         allowed: ``[B, V]`` grammar masks for this position, or None.
 
     Returns:
-        The tokens, and their logprobs for rows that asked (rows that ask never propose).
+        The tokens, and their logprobs for rows that asked.
     """
     out = sample_async(logits, states, allowed).resolve()
     return out.tokens, out.logprobs

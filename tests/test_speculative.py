@@ -621,3 +621,37 @@ def test_the_schedule_backs_off_after_fruitless_looks_and_stops_where_verifying_
     linear = SpeculationSchedule(lambda tokens: float(tokens), lambda: flat_cost)
     assert linear.look() and linear.width([8], [1.0]) == 0
     assert linear.never_pays and not linear.look()
+
+
+def test_logprobs_of_verified_tokens_are_those_of_plain_decoding(demo):
+    """A row that asks for logprobs speculates too: each verified token carries the logprob
+    and alternatives that plain decoding gives it (the same position's distribution)."""
+    model, tokenizer = demo
+    prompt = chat(tokenizer, "Tell me a story about a cat.")
+    params = SamplingParams(temperature=0, max_tokens=40, logprobs=True, top_logprobs=3)
+
+    def events(prediction: list[int] | None = None) -> list:
+        generator = BatchGenerator(
+            model, tokenizer, prompt_lookup=False, forward_cost=width_is_free
+        )
+        uid = generator.add(prompt, params, prediction=prediction)
+        made = []
+        while generator.has_work:
+            made += [e for e in generator.step() if e.uid == uid]
+        return made
+
+    expected = [e for e in events() if e.token is not None]
+    prediction = [e.token for e in expected]
+    made = events(prediction)
+    assert made[-1].accepted_prediction_tokens >= len(prediction) - 8
+    verified = [e for e in made if e.token is not None]
+    for want, have in zip(
+        (e.logprobs for e in expected), (e.logprobs for e in verified), strict=True
+    ):
+        assert have.token == want.token
+        assert [t for t, _ in have.top] == [t for t, _ in want.top]
+        np.testing.assert_allclose(
+            [have.logprob, *(lp for _, lp in have.top)],
+            [want.logprob, *(lp for _, lp in want.top)],
+            atol=1e-4,
+        )
