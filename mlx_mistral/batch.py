@@ -406,7 +406,7 @@ class BatchGenerator:
             self.replica.join(request.uid, n, logits)
         request.cache = None
         self.running.extend(sequences)
-        self._speculate_at = 0  # a newcomer may bring a prediction: look at once
+        self.speculation.newcomer()
         events = self._sample_and_emit(mx.repeat(logits, n, axis=0), sequences)
         if self.prefix_cache is not None:  # after the first token: off the TTFT path
             # Concurrent requests share it; a restarted server finds it on disk.

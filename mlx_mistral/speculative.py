@@ -228,6 +228,10 @@ class SpeculationSchedule:
             self._pause = LOOK_PAUSE[0]
         return width
 
+    def newcomer(self) -> None:
+        """A request joined the batch: it may bring a prediction, so the next step looks."""
+        self._look_at = 0
+
     def found_nothing(self) -> None:
         """The look cost the pipeline and verified nothing: skip the next few."""
         self._look_at = self._steps + self._pause

@@ -616,6 +616,9 @@ def test_the_schedule_backs_off_after_fruitless_looks_and_stops_where_verifying_
     assert schedule.width([8], [1.0]) > 0  # a draft verified: the pause is short again
     schedule.found_nothing()
     assert [schedule.look() for _ in range(4)] == [False] * 3 + [True]
+    schedule.found_nothing()
+    schedule.newcomer()  # a request joined (it may bring a prediction): look at once
+    assert schedule.look()
     assert measured == [1] and not schedule.never_pays
 
     linear = SpeculationSchedule(lambda tokens: float(tokens), lambda: flat_cost)
