@@ -68,8 +68,9 @@ HEADER_INTS = 4
 def token_ids(received: mx.array, vocab_size: int) -> mx.array:
     """Broadcast token ids made safe to embed. A broadcast that fails (a peer died) leaves its
     buffer unwritten, and the embedding's gather reads wherever stale ids point: rank 0 crashed
-    with SIGSEGV there in ~1 of 20 killed peers, before it could tell its clients. Clipped, the
-    forward runs on harmless ids and the failure reaches the engine as the collective's error.
+    with SIGSEGV there in about 1 of 15 killed peers, before it could tell its clients.
+    Clipped, the forward runs on harmless ids and the failure reaches the engine as the
+    collective's error.
     """
     return mx.clip(received, 0, vocab_size - 1)
 
