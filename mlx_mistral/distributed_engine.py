@@ -44,7 +44,7 @@ import mlx.core as mx
 
 from .cache import BatchKVCache, cache_from_state, filter_caches, merge_caches, trim_cache_rows
 from .model import Model
-from .prefix_cache import LayerKV, kv_copy, kv_slice
+from .prefix_cache import LayerKV, layers_copy, layers_prefix
 
 log = logging.getLogger("mlx_mistral.distributed")
 
@@ -210,17 +210,16 @@ class Follower:
             self.prefilling.pop(a, None)
         elif op == REUSE:
             length = payload.item()
-            layers = self.entries[b]
             self.prefilling[a] = [
-                cache_from_state(kv_slice(k, length), kv_slice(v, length)) for k, v in layers
+                cache_from_state(k, v) for k, v in layers_prefix(self.entries[b], length)
             ]
         elif op == STORE_PROMPT:
             if self.joined is None or self.joined[0] != b:
                 raise RuntimeError(f"rank 0 stored the prompt of request {b}, not the last joined")
-            self._keep(a, self.joined[1])
+            self.entries[a] = layers_copy(self.joined[1])  # as rank 0's prefix cache keeps it
             self.joined = None
         elif op == STORE_ROW:
-            self._keep(a, [c.extract(b) for c in self.cache])
+            self.entries[a] = layers_copy([c.extract(b) for c in self.cache])
         elif op == FORGET:
             del self.entries[a]
         elif op == VERIFY:
@@ -233,12 +232,6 @@ class Follower:
             mx.eval(h)
         else:
             raise RuntimeError(f"unknown lockstep op {op} from rank 0")
-
-    def _keep(self, entry: int, layers: list[LayerKV]) -> None:
-        """A copy, as rank 0's prefix cache keeps one: an entry never pins the batch cache."""
-        copied = [(kv_copy(k), kv_copy(v)) for k, v in layers]
-        mx.eval(copied)
-        self.entries[entry] = copied
 
 
 def attach_leader(generator, group: mx.distributed.Group) -> Leader:

@@ -154,7 +154,8 @@ def forward_cost_of(model: Model, announce: Announce | None = None) -> ForwardCo
         entry = (weakref.ref(model), ForwardCost.measure(model, announce=announce))
         _measured[id(model)] = entry
         # The widest forwards' buffers (the logits of 256 positions: 32 MiB) go back to the
-        # system, not to MLX's pool, where a server would keep them for good.
+        # system, not to MLX's pool, where a script would keep them for good (a server empties
+        # the pool whenever it falls idle).
         mx.clear_cache()
         log.info(
             "speculation: measured the forward's cost in %.1f s: %r",

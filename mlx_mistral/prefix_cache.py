@@ -32,24 +32,36 @@ def kv_nbytes(part: KV) -> int:
     return sum(a.nbytes for a in part) if isinstance(part, tuple) else part.nbytes
 
 
-def kv_slice(part: KV, n: int) -> KV:
-    """The first `n` tokens."""
+def _kv_slice(part: KV, n: int) -> KV:
     if isinstance(part, tuple):
         return tuple(a[:, :, :n, :] for a in part)
     return part[:, :, :n, :]
 
 
-def kv_copy(part: KV) -> KV:
+def _kv_copy(part: KV) -> KV:
     if isinstance(part, tuple):
         return tuple(mx.contiguous(a) for a in part)
     return mx.contiguous(part)
+
+
+def layers_prefix(layers: list[LayerKV], n: int) -> list[LayerKV]:
+    """Every layer's keys and values for the first `n` tokens (views, not copies)."""
+    return [(_kv_slice(k, n), _kv_slice(v, n)) for k, v in layers]
+
+
+def layers_copy(layers: list[LayerKV]) -> list[LayerKV]:
+    """Evaluated copies, so that a kept entry never pins the (much larger) batch cache it was
+    sliced from; evaluated here, since the disk writer's thread cannot evaluate them."""
+    copied = [(_kv_copy(k), _kv_copy(v)) for k, v in layers]
+    mx.eval(copied)
+    return copied
 
 
 @dataclass
 class PrefixHit:
     length: int  # how many leading prompt tokens the stored state covers
     layers: list[LayerKV]
-    entry: int  # the id of the entry it came from (see `PrefixCache.store`)
+    entry: int | None  # the id of the entry in memory it came from (see `PrefixCache.store`)
 
 
 def common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
@@ -109,18 +121,12 @@ class PrefixCache:
             if found is not None:
                 length, stored, layers = found
                 entry = self._insert(tuple(stored.tolist()), stored, layers)  # for later turns
-                return PrefixHit(
-                    length,
-                    [(kv_slice(k, length), kv_slice(v, length)) for k, v in layers],
-                    -1 if entry is None else entry,
-                )
+                return PrefixHit(length, layers_prefix(layers, length), entry)
         if best_key is None:
             return None
         self._entries.move_to_end(best_key)
         _, layers, _, entry = self._entries[best_key]
-        return PrefixHit(
-            best_len, [(kv_slice(k, best_len), kv_slice(v, best_len)) for k, v in layers], entry
-        )
+        return PrefixHit(best_len, layers_prefix(layers, best_len), entry)
 
     def store(
         self, tokens: Sequence[int], layers: list[LayerKV], *, persist: bool = False
@@ -141,10 +147,7 @@ class PrefixCache:
         )
         if not (to_memory or to_disk):
             return None
-        # Copies, so an entry never pins the (much larger) batch cache it was sliced from;
-        # evaluated here, since the disk writer's thread cannot evaluate them.
-        layers = [(kv_copy(k), kv_copy(v)) for k, v in layers]
-        mx.eval(layers)
+        layers = layers_copy(layers)
         entry = self._insert(key, ids, layers) if to_memory else None
         if to_disk:
             self.disk.store(ids, layers)

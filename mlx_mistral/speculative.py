@@ -205,8 +205,9 @@ class SpeculationSchedule:
         forward_cost: Callable[[int], float] | None,
         measure: Callable[[], Callable[[int], float]],
     ):
-        self.forward_cost = forward_cost
+        self._given = forward_cost
         self._measure = measure
+        self.forward_cost: Callable[[int], float] | None = None  # decided at the first width
         self.never_pays = False
         self._steps = 0
         self._look_at = 0
@@ -220,9 +221,9 @@ class SpeculationSchedule:
     def width(self, draft_lengths: Sequence[int], rates: Sequence[float]) -> int:
         """How many drafted positions to verify (0: decode plainly), by the forward's cost."""
         if self.forward_cost is None:
-            self.forward_cost = self._measure()
-        if verification_width([MAX_DRAFT], [1.0], self.forward_cost) == 0:
-            self.never_pays = True
+            self.forward_cost = self._given if self._given is not None else self._measure()
+            # Not even one row's sure draft would pay: stop looking for good.
+            self.never_pays = verification_width([MAX_DRAFT], [1.0], self.forward_cost) == 0
         width = verification_width(draft_lengths, rates, self.forward_cost)
         if width:
             self._pause = LOOK_PAUSE[0]

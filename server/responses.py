@@ -46,6 +46,9 @@ class StoredResponse:
     input_items: tuple[dict[str, Any], ...] = ()  # the request's `input`, as items with ids
 
 
+_ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
+
+
 def input_items(raw: str | list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
     """A validated `input` as the input-items list shows it: a string is one user message, a
     message's string content one text part, and every item has an id (the client's, or new)."""
@@ -58,8 +61,7 @@ def input_items(raw: str | list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
             part = "output_text" if item.get("role") == "assistant" else "input_text"
             extra = {"annotations": []} if part == "output_text" else {}
             item["content"] = [{"type": part, "text": item["content"], **extra}]
-        prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
-        item.setdefault("id", new_item_id(prefix.get(kind, "item")))
+        item.setdefault("id", new_item_id(_ID_PREFIXES.get(kind, "item")))
         if kind != "reasoning":
             item.setdefault("status", "completed")
         out.append(item)
