@@ -88,3 +88,25 @@ def test_usage_mistakes_are_one_line(argv, words):
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert words in result.stderr and result.stderr.startswith("mlx-mistral")
+
+
+def test_no_large_file_is_tracked():
+    """Only the demo model's weights may exceed 1 MB in the repository (a wheel once slipped in)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=False
+    ).stdout.split(b"\0")
+    if not any(listed):
+        pytest.skip("not a git checkout")
+    large = [
+        name.decode()
+        for name in listed
+        if name
+        and (ROOT / name.decode()).is_file()
+        and (ROOT / name.decode()).stat().st_size > 1 << 20
+        and not name.decode().startswith("mlx_mistral/demo_model")
+    ]
+    assert large == []
+
+
+def test_the_licence_ships():
+    assert "Apache License" in (ROOT / "LICENSE").read_text()
