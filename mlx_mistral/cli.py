@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from .device import DTYPE_HELP, DTYPES, check_requested_dtype
 from .errors import MistralError
 from .sampling.params import FIELDS, SamplingParams
 
@@ -39,7 +40,11 @@ def _model_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(name: str | None):
+def _dtype_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help=DTYPE_HELP)
+
+
+def _load(name: str | None, dtype: str | None = None):
     from .demo import default_model
     from .loader import load
 
@@ -51,7 +56,7 @@ def _load(name: str | None):
                 "using the bundled demo model",
                 file=sys.stderr,
             )
-    return load(name)
+    return load(name, dtype=dtype)
 
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -67,7 +72,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from .generation import stream_generate
 
     params = _sampling_params(args)
-    model, tokenizer = _load(args.model)
+    check_requested_dtype(args.dtype)
+    model, tokenizer = _load(args.model, args.dtype)
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
     if args.system and not args.raw:
         prompt.insert(0, {"role": "system", "content": args.system})
@@ -81,7 +87,8 @@ def run_chat(args: argparse.Namespace) -> int:
     from .generation import stream_generate
 
     params = _sampling_params(args)
-    model, tokenizer = _load(args.model)
+    check_requested_dtype(args.dtype)
+    model, tokenizer = _load(args.model, args.dtype)
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     print("Type a message; an empty line or Ctrl-D quits, /reset starts over.", file=sys.stderr)
     while True:
@@ -127,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate an answer to one prompt")
     _model_argument(gen)
+    _dtype_argument(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--system", default=None, help="a system message")
     gen.add_argument(
@@ -136,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="chat in the terminal (multi-turn)")
     _model_argument(chat)
+    _dtype_argument(chat)
     chat.add_argument("--system", default=None, help="a system message")
     _add_sampling_arguments(chat)
     return parser

@@ -271,7 +271,13 @@ def leader_exit_hook(leader: Leader):
     return on_exit
 
 
-def run_follower(model: str, group: mx.distributed.Group, *, kv_bits: int | None = None) -> int:
+def run_follower(
+    model: str,
+    group: mx.distributed.Group,
+    *,
+    kv_bits: int | None = None,
+    dtype: str | None = None,
+) -> int:
     """A rank other than 0 of `serve --distributed`: load its shard, replay until rank 0 stops.
     Returns the exit status: 0 when rank 0 stopped the group, 1 when a rank was lost."""
     from .loader import load
@@ -283,7 +289,7 @@ def run_follower(model: str, group: mx.distributed.Group, *, kv_bits: int | None
     log.info(
         "rank %d of %d (pid %d): loading its shard of %s", rank, group.size(), os.getpid(), model
     )
-    follower = Follower(load(model, group=group)[0], group, kv_bits=kv_bits)
+    follower = Follower(load(model, group=group, dtype=dtype)[0], group, kv_bits=kv_bits)
     log.info("rank %d: following rank 0", rank)
     try:
         follower.run()

@@ -23,6 +23,7 @@ import mlx.core as mx
 
 from ._blas import reference_blas_warning
 from .batch import BatchGenerator
+from .device import name_of
 from .disk_cache import DiskPrefixCache
 from .errors import MistralError, ModelLoadError
 from .forward_cost import flat_cost
@@ -59,6 +60,7 @@ class ModelSlot:
         self.expires_at: float | None = None  # the same as a time.time(), for /health
         self._worked = False  # a step ran since the engine was last idle
         self.loads = self.unloads = 0
+        self.compute_dtype: str | None = None  # "float16", ... once a load has run
         # Tensor parallel: the other ranks hold the rest of the model and cannot reload in step
         # with this one, so the weights stay loaded whatever the keep-alive says.
         self.pinned = False
@@ -110,6 +112,7 @@ class ModelSlot:
             self.generator.model = model
             log.info("model loaded again in %.1fs", time.perf_counter() - started)
         self.model, self.weights_bytes = model, weights
+        self.compute_dtype = name_of(model.model.norm.weight.dtype)
         self.loads += 1
         assert self.budgets is not None
         wire(weights + self.budgets.kv_bytes + self.budgets.prefix_cache_bytes)

@@ -77,6 +77,7 @@ async def health(request: Request) -> Response:
             "model": state.config.model_name,
             "active": engine.num_active,
             "loaded": engine.loaded,
+            "dtype": engine.slot.compute_dtype,
             "memory": engine.slot.memory_usage(),
             "unloads_at": None if unloads_at is None else iso_time(unloads_at),
         }
@@ -147,7 +148,7 @@ def _lifespan(state: ServerState, load: Callable[[], Any] | None):
             if loader is None:
                 from mlx_mistral.loader import load as load_checkpoint
 
-                loader = functools.partial(load_checkpoint, config.model)
+                loader = functools.partial(load_checkpoint, config.model, dtype=config.dtype)
             state.engine = await asyncio.to_thread(start_engine, config, loader)
         tokenizer = state.engine.tokenizer
         state.served = Served(
@@ -198,7 +199,12 @@ def start_engine(config: ServerConfig, load: Callable[[], Any]) -> Engine:
         ),
     )
     engine.start()
-    log.info("model %s loaded in %.1fs", config.model_name, time.perf_counter() - started)
+    log.info(
+        "model %s loaded in %.1fs, computing in %s",
+        config.model_name,
+        time.perf_counter() - started,
+        engine.slot.compute_dtype,
+    )
     if config.warm_prompt is not None:
         warm_system_prompt(engine, config.warm_prompt)
     return engine

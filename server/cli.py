@@ -16,6 +16,7 @@ import socket
 import sys
 from types import FrameType
 
+from mlx_mistral.device import DTYPE_HELP, DTYPES, check_requested_dtype
 from mlx_mistral.disk_cache import default_cache_dir
 from mlx_mistral.errors import InvalidRequestError, MistralError
 
@@ -165,6 +166,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="most disk the prompt cache uses, e.g. 512MiB, 10GiB (default 10G); least recently "
         "used files go first",
     )
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help=DTYPE_HELP)
     parser.add_argument(
         "--kv-bits",
         type=int,
@@ -284,6 +286,7 @@ def read_api_key(args: argparse.Namespace) -> str | None:
 
 def build_config(args: argparse.Namespace) -> ServerConfig:
     """The validated settings. Raises MistralError (InvalidRequestError) on a bad flag."""
+    check_requested_dtype(args.dtype)
     if args.model is None:
         from mlx_mistral.demo import default_model
         from mlx_mistral.hub import DEFAULT_REPO
@@ -307,6 +310,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         prefix_cache_mib=args.prefix_cache_mib,
+        dtype=args.dtype,
         kv_bits=args.kv_bits,
         speculation=args.speculation,
         prompt_cache_dir=None
@@ -405,7 +409,7 @@ def run(args: argparse.Namespace) -> int:
             if group.rank() != 0:  # no HTTP here: replay rank 0's steps on this shard
                 from mlx_mistral.distributed_engine import run_follower
 
-                return run_follower(config.model, group, kv_bits=config.kv_bits)
+                return run_follower(config.model, group, kv_bits=config.kv_bits, dtype=config.dtype)
         # --ollama-port: a second listener of the same app, behind the same guards.
         for port in (config.port, config.ollama_port):
             if port is not None:
@@ -427,7 +431,7 @@ def run(args: argparse.Namespace) -> int:
     from .app import begin_drain, create_app, start_engine
 
     try:
-        engine = start_engine(config, lambda: load(config.model, group=group))
+        engine = start_engine(config, lambda: load(config.model, group=group, dtype=config.dtype))
         if group is not None:
             from mlx_mistral.distributed_engine import attach_leader, leader_exit_hook
 

@@ -200,6 +200,7 @@ class ServerConfig:
     prompt_cache_dir: str | None = None
     prompt_cache_disk_bytes: int = 10 * 2**30
     warm_prompt: str | None = None
+    dtype: str | None = None  # the compute dtype; None: $MLX_MISTRAL_DTYPE or the device's
     kv_bits: int | None = None
     speculation: str = "auto"
     prompt_price: float = 0.0
