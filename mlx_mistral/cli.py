@@ -1,4 +1,4 @@
-"""The `mlx-mistral` command: serve, convert, generate, chat.
+"""The `mlx-mistral` command: serve, convert, generate, chat, service.
 
 The CLI is the one place that stitches the layers together, so it imports the server and the
 converter lazily (inside their subcommands); the library itself never imports them.
@@ -111,6 +111,26 @@ def run_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": "".join(answer).strip()})
 
 
+def run_service(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import service
+
+    files = service.ServiceFiles(Path.home(), args.manager or service.default_manager())
+    if args.action == "install":
+        serve_args = [a for a in args.serve_args if a != "--"]
+        # The flags are checked as `serve` checks them, now rather than at the next login.
+        build_parser().parse_args(["serve", *serve_args])
+        lines = service.install(serve_args, files, start=not args.no_start)
+        code = 0
+    elif args.action == "uninstall":
+        lines, code = service.uninstall(files), 0
+    else:
+        code, lines = service.status(files)
+    print("\n".join(lines))
+    return code
+
+
 class OneLineErrors(argparse.ArgumentParser):
     """Usage mistakes get one line on stderr (argparse prints the whole usage block first)."""
 
@@ -147,6 +167,27 @@ def build_parser() -> argparse.ArgumentParser:
     _dtype_argument(chat)
     chat.add_argument("--system", default=None, help="a system message")
     _add_sampling_arguments(chat)
+
+    svc = sub.add_parser(
+        "service", help="run the server in the background from login (LaunchAgent, systemd)"
+    )
+    actions = svc.add_subparsers(dest="action", required=True)
+    install = actions.add_parser(
+        "install", help="write the service and start it: `service install -- [serve flags]`"
+    )
+    install.add_argument(
+        "--no-start", action="store_true", help="write the definition, do not load it"
+    )
+    install.add_argument("serve_args", nargs=argparse.REMAINDER, help="flags for `serve`")
+    actions.add_parser("uninstall", help="stop the service and remove it")
+    actions.add_parser("status", help="is it installed, loaded, and answering /health?")
+    for action in actions.choices.values():
+        action.add_argument(
+            "--manager",
+            choices=["launchd", "systemd"],
+            default=None,
+            help="launchd (macOS's default) or systemd (elsewhere)",
+        )
     return parser
 
 
@@ -163,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_convert(args)
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "service":
+            return run_service(args)
         return run_chat(args)
     except MistralError as exc:
         print(f"mlx-mistral: error: {exc.message}", file=sys.stderr)
