@@ -10,7 +10,7 @@ import torch
 from transformers import MistralForCausalLM
 
 from mlx_mistral.cache import BatchKVCache, filter_caches, merge_caches
-from mlx_mistral.device import on_gpu
+from mlx_mistral.device import DTYPE_ENV, on_gpu
 from mlx_mistral.padded_linear import PaddedLinear
 from mlx_mistral.weights import load_model
 from tests.checkpoints import write_hf_checkpoint
@@ -152,11 +152,12 @@ def test_padded_linear_gives_each_row_its_own_product():
     np.testing.assert_allclose(got, x @ weight.T, rtol=1e-4, atol=1e-4)
 
 
-def test_compute_dtype_follows_the_device_unless_given():
+def test_compute_dtype_follows_the_device_unless_given(monkeypatch):
     """The float16 demo checkpoint computes in float32 on the CPU backend (half precision is
     emulated on x86) and in float16 on a GPU; an explicit dtype wins."""
     import mlx_mistral
 
+    monkeypatch.delenv(DTYPE_ENV, raising=False)  # the half-precision pass sets it
     model, _ = mlx_mistral.load(mlx_mistral.demo_model_path())
     assert model.model.norm.weight.dtype == (mx.float16 if on_gpu() else mx.float32)
     model, _ = mlx_mistral.load(mlx_mistral.demo_model_path(), dtype="bfloat16")
