@@ -141,8 +141,12 @@ def load_sharded(
     for name, _ in tree_flatten(model.parameters()):
         axis = split.get(name)
         array = tensors.read(name, axis, group.rank(), group.size())
-        if mx.issubdtype(array.dtype, mx.floating):
+        if mx.issubdtype(array.dtype, mx.floating) and array.dtype != compute:
+            # Cast now, so the slice in the checkpoint's dtype is freed before the next is read:
+            # a lazy cast would hold every float32 slice until the end (a float32 checkpoint
+            # served in float16 peaked at the whole model's float32 bytes on each rank).
             array = array.astype(compute)
+            mx.eval(array)
         weights.append((name, array))
     model.load_weights(weights, strict=True)
     del weights

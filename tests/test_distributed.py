@@ -23,6 +23,7 @@ import pytest
 
 from mlx_mistral.config import ModelArgs
 from mlx_mistral.convert import convert
+from mlx_mistral.device import DTYPE_ENV
 from mlx_mistral.distributed import check_shardable
 from mlx_mistral.errors import ModelLoadError
 from mlx_mistral.model import Model
@@ -160,7 +161,16 @@ def test_two_ranks_give_the_one_process_logits(runs, name):
         # Without a cache, and through the KV cache (prefill then one token at a time).
         for key in ("logits", "cached"):
             assert arrays[key].shape == reference[key].shape
-            np.testing.assert_allclose(arrays[key], reference[key], rtol=1e-5, atol=1e-5)
+            if reference[key].dtype == np.float32:
+                np.testing.assert_allclose(arrays[key], reference[key], rtol=1e-5, atol=1e-5)
+            else:
+                # Half precision: the ranks add their partial sums in another order, each
+                # rounded to 11 significant bits, and MLX's CPU quantized matmul accumulates in
+                # the compute dtype. Measured: 0.013 (wide) and 0.077 (q4) on logits of scale
+                # 4.1, as far as one process's float16 logits are from its float32 ones.
+                scale = np.abs(reference[key].astype(np.float32)).max()
+                gap = np.abs(arrays[key].astype(np.float32) - reference[key].astype(np.float32))
+                assert gap.max() <= 32 * np.finfo(reference[key].dtype).eps * scale
     # Every rank gets the same all-reduced sums, so the same logits to the bit: what lets each
     # rank sample on its own and still agree.
     (_, first), (_, second) = ring[name]
@@ -174,6 +184,12 @@ def test_generation_is_identical(runs, name, kind):
     """Greedy, and sampled with a seed (temperature 0.8, top_p 0.95)."""
     single, ring = runs
     expected = single[name][0][0][kind]
+    if name == "q4" and os.environ.get(DTYPE_ENV, "float32") != "float32":
+        pytest.skip(
+            "a random 4-bit model in half precision: its logits differ between one process and "
+            "two ranks by ~2% of their scale (see the logits test), more than the gap between "
+            "its best tokens; float and float32 keep the tokens identical"
+        )
     assert len(expected) == 12
     assert [facts[kind] for facts, _ in ring[name]] == [expected, expected]
 
@@ -188,17 +204,25 @@ def test_each_rank_holds_half_of_every_layer(runs, name):
         assert facts["kv_heads"] * 2 == whole["kv_heads"]  # the KV cache holds half the heads
 
 
-def test_no_rank_ever_holds_the_whole_model(runs):
+def test_no_rank_ever_holds_the_whole_model(runs, checkpoints):
     """Measured on Linux: a rank's resident size, at its peak while loading too, grows by less
     than the whole model's weights, and by about half of what one process's grows (the wide
     model is almost all layers), so each rank read only its shard of the checkpoint."""
     single, ring = runs
     whole = single["wide"][0][0]
+    # The checkpoint is float32: in half precision (MLX_MISTRAL_DTYPE) the loaded model is half
+    # its bytes, and the rank's peak is bounded by the checkpoint's bytes, not the model's.
+    on_disk = sum(f.stat().st_size for f in checkpoints["wide"].glob("*.safetensors"))
     assert whole["rss_growth"] > whole["parameter_bytes"]  # the measure sees the weights
     for facts, _ in ring["wide"]:
         assert facts["parameter_bytes"] / whole["parameter_bytes"] < 0.53
-        assert facts["peak_growth"] < whole["parameter_bytes"]
-        assert facts["rss_growth"] < 0.65 * whole["rss_growth"]
+        assert facts["peak_growth"] < min(on_disk, 2 * whole["parameter_bytes"])
+        # The rank saves at least 40% of the model's bytes against one process (half, less
+        # what every process allocates alike, which weighs more in float16).
+        assert facts["rss_growth"] < whole["rss_growth"] - 0.4 * whole["parameter_bytes"], (
+            facts,
+            whole,
+        )
 
 
 def test_kv_heads_that_do_not_split_evenly_are_refused():
