@@ -211,3 +211,13 @@ def test_serve_refuses_a_bad_dtype_in_one_line():
     )
     assert done.returncode == 2
     assert "--dtype" in done.stderr and "Traceback" not in done.stderr
+
+
+# -- _blas.py: the reference-BLAS advice is for the CPU backend only -----------------------------
+def test_a_gpu_gets_no_blas_advice(on_a_mac, monkeypatch):
+    monkeypatch.setattr(_blas, "loaded", None)  # as on a machine without OpenBLAS
+    monkeypatch.setattr(sys, "platform", "linux")  # CUDA machines are Linux ones
+    monkeypatch.delenv("MLX_MISTRAL_BLAS", raising=False)
+    assert _blas.reference_blas_warning() is None
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.cpu))
+    assert "OpenBLAS" in _blas.reference_blas_warning()
