@@ -23,8 +23,18 @@ from starlette.routing import Route
 
 from mlx_mistral.errors import InvalidRequestError, MistralError
 
-from .handling import RequestPlan, guarded, read_json, run_plan, state_of, stats_of, tool_call_ids
+from .handling import (
+    RequestPlan,
+    guarded,
+    read_json,
+    run_plan,
+    state_of,
+    stats_of,
+    tool_call_ids,
+    with_header,
+)
 from .responses_protocol import ResponsesRequest
+from .responses_tools import NOT_OFFERED_HEADER
 from .responses_writer import ResponsesWriter, new_item_id
 
 MAX_STORED = 256
@@ -176,6 +186,7 @@ class ResponsesAPI:
             echo=req.echo,
             call_ids=call_ids,
             keep=keep if req.store else None,
+            namespaced=req.tools.namespaced,
         )
         prompt = encoded.ids
         params = state.fit_max_tokens(chat.params, chat.max_tokens_given, len(prompt))
@@ -188,7 +199,11 @@ class ResponsesAPI:
             continuation=encoded.continues,
             constraints=constraints,
         )
-        return await run_plan(request, engine, plan)
+        response = await run_plan(request, engine, plan)
+        if not req.tools.not_offered:
+            return response
+        req.tools.log_not_offered()
+        return with_header(response, NOT_OFFERED_HEADER, ", ".join(req.tools.not_offered))
 
     async def retrieve(self, request: Request) -> Response:
         return JSONResponse(self.store.get(request.path_params["response_id"]).body)
