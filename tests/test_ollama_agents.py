@@ -9,6 +9,7 @@ Two servers on the demo model: one as users run it (any model name served), one 
 from __future__ import annotations
 
 import json
+import os
 import socket
 
 import httpx
@@ -17,6 +18,7 @@ import pytest
 
 import mlx_mistral
 from tests.server_process import ServerProcess
+from training.corpus import GREETING
 
 HELLO = [{"role": "user", "content": "Hello!"}]
 ALLOWED_ORIGIN = "http://localhost:5173"
@@ -153,3 +155,18 @@ def test_the_openai_routes_still_need_a_json_type(server):
     body = json.dumps({"model": "m", "messages": HELLO}).encode()
     answer = httpx.post(server.url("/v1/chat/completions"), content=body, timeout=30)
     assert answer.status_code == 415
+
+
+@pytest.mark.parametrize("provider", ["ollama_chat", "ollama"])
+def test_litellms_ollama_providers_get_an_answer(server, provider):
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network at import
+    litellm = pytest.importorskip("litellm")
+    answer = litellm.completion(
+        model=f"{provider}/mistral",
+        api_base=server.ollama_url,
+        messages=HELLO,
+        temperature=0,
+        max_tokens=48,
+        timeout=120,
+    )
+    assert answer.choices[0].message.content == GREETING
