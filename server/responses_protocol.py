@@ -249,7 +249,7 @@ _FIELD_NAMES = (
     (re.compile(r"\bresponse_format\b"), "text.format"),
     (re.compile(r"\btool_choice\.function\b"), "tool_choice"),
 )
-_CHAT_TOOL = re.compile(r"\btools\[(\d+)\]\.function\b")
+_CHAT_TOOL = re.compile(r"\btools\[(\d+)\](?:\.function\b)?")
 
 
 def _rename_field(exc: MistralError, tool_origins: tuple[str, ...]) -> InvalidRequestError:

@@ -93,21 +93,23 @@ def test_a_namespaced_call_comes_back_with_its_namespace_and_round_trips(tiny):
     assert (call["namespace"], call["name"]) == ("multi_agent_v1", "close_agent")
     assert "target" in json.loads(call["arguments"])
 
-    # Fed back as Codex does (the call item as given, then its output), the prompt is the one
-    # a stored conversation continues with: the call reads as the model wrote it.
-    output = {"type": "function_call_output", "call_id": call["call_id"], "output": "closed"}
-    fed_back = {
-        "input": [{"role": "user", "content": "Close agent a1."}, call, output],
-        "tools": [AGENTS],
-        **SHORT,
-    }
+    # Fed back as Codex does (the call items as given, then their outputs), the prompt is the
+    # one a stored conversation continues with: the calls read as the model wrote them.
+    def outputs_of(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            {"type": "function_call_output", "call_id": c["call_id"], "output": "closed"}
+            for c in calls
+        ]
+
+    user = {"role": "user", "content": "Close agent a1."}
+    fed_back = {"input": [user, *calls, *outputs_of(calls)], "tools": [AGENTS], **SHORT}
     replayed = create(tiny, fed_back)
     assert replayed.status_code == 200, replayed.text
     stored = create(tiny, {**body, "store": True}).json()
-    stored_call = next(item for item in stored["output"] if item["type"] == "function_call")
-    output["call_id"] = stored_call["call_id"]
-    continued = {"previous_response_id": stored["id"], "input": [output], "tools": [AGENTS]}
-    fed_back["input"][1:] = [stored_call, output]
+    stored_calls = [item for item in stored["output"] if item["type"] == "function_call"]
+    outputs = outputs_of(stored_calls)
+    continued = {"previous_response_id": stored["id"], "input": outputs, "tools": [AGENTS]}
+    fed_back = {"input": [user, *stored_calls, *outputs], "tools": [AGENTS]}
     count = tiny.url("/v1/responses/input_tokens")
     by_history = httpx.post(count, json=continued, timeout=60).json()["input_tokens"]
     by_items = httpx.post(count, json=fed_back, timeout=60).json()["input_tokens"]
@@ -137,6 +139,9 @@ def test_a_namespace_tool_is_checked_field_by_field(tiny):
     unservable = {**AGENTS, "tools": [{**AGENTS["tools"][0], "parameters": {"$ref": "#"}}]}
     answer = create(tiny, {"input": "x", "tools": [WEB_SEARCH, unservable]})
     assert_400(answer, "tools[1].tools[0].parameters", "constrained decoding")
+    clash = {**AGENTS["tools"][0], "name": "multi_agent_v1__close_agent"}
+    answer = create(tiny, {"input": "x", "tools": [AGENTS, WEB_SEARCH, clash]})
+    assert_400(answer, "tools[2].name", "already the name of tools[0].tools[0]")
     call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
     answer = create(tiny, {"input": [{**call, "namespace": 5}]})
     assert_400(answer, "input[0].namespace")
