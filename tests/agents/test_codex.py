@@ -97,6 +97,8 @@ stream_idle_timeout_ms = {TURN_TIMEOUT * 1000}
     seen = requests_seen(server, since)
     assert ("POST /v1/responses", 200) in seen, seen
     assert all(status < 400 for _, status in seen), seen
+    # Its hosted web_search tool was left out of the prompt, and the log said so.
+    assert "('web_search') is not offered to the model" in server.log()
 
 
 def test_codex_oss_against_the_ollama_port_completes_a_turn(server, tmp_path):
