@@ -6,8 +6,8 @@ error event then `[DONE]`.
 
 from __future__ import annotations
 
-import difflib
 import json
+from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -31,10 +31,10 @@ def sse_data(payload: dict[str, Any]) -> bytes:
 
 def prediction_counts(prediction: Sequence[int], output: Sequence[int]) -> tuple[int, int]:
     """OpenAI's accepted and rejected prediction tokens: the prediction's tokens that appear in
-    the output (in order, as a diff of the two matches them) and those that do not. A perfect
-    prediction is all accepted, whatever speculative decoding did or did not verify."""
-    matcher = difflib.SequenceMatcher(None, prediction, output, autojunk=False)
-    accepted = sum(block.size for block in matcher.get_matching_blocks())
+    the output (each at most as often as it appears there) and those that do not. A perfect
+    prediction is all accepted, whatever speculative decoding did or did not verify. Linear in
+    the lengths: a prediction may be a whole file."""
+    accepted = sum((Counter(prediction) & Counter(output)).values())
     return accepted, len(prediction) - accepted
 
 

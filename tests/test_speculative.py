@@ -675,3 +675,11 @@ def test_logprobs_of_verified_tokens_are_those_of_plain_decoding(demo):
             [want.logprob, *(lp for _, lp in want.top)],
             atol=1e-4,
         )
+
+
+def test_prediction_counts_are_the_predicted_tokens_found_in_the_output():
+    from mlx_mistral.server.openai_writers import prediction_counts
+
+    assert prediction_counts([5, 6, 7], [5, 6, 7, 2]) == (3, 0)  # perfect: all accepted
+    assert prediction_counts([5, 6, 6, 9], [6, 5, 8]) == (2, 2)  # each as often as it appears
+    assert prediction_counts([5, 6], []) == (0, 2)
