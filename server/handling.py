@@ -18,6 +18,7 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Message, Receive, Scope, Send
 
 from mlx_mistral.chat import ChatPrompt, encode_chat_prompt
 from mlx_mistral.engine import Engine
@@ -254,3 +255,18 @@ async def run_plan(request: Request, engine: Engine, plan: RequestPlan) -> Respo
         cancel=handle.cancel,  # type: ignore[return-value]
         send_timeout=config.send_timeout_seconds,
     )
+
+
+def with_header(app: Response, name: str, value: str) -> Response:
+    """`app` (a JSON response or an event stream) answered with one more header."""
+    header = (name.lower().encode("latin-1"), value.encode("latin-1"))
+
+    async def answer(scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), header]}
+            await send(message)
+
+        await app(scope, receive, send_with_header)
+
+    return answer  # type: ignore[return-value]  # an ASGI app, which a route may answer with

@@ -3,9 +3,9 @@
 `/api/chat` and `/api/generate` run through the same chat prompt path, engine and constrained
 decoding as `/v1/chat/completions` (`handling.chat_prompt`, `handling.run_plan`); `ollama_protocol`
 validates their bodies and `ollama_writer` renders Ollama's NDJSON. `/api/tags`, `/api/show`,
-`/api/ps` describe the served model (`ollama_models`). The model-management endpoints (pull,
-push, create, copy, delete) and embeddings answer a clear error: this server serves one chat
-model.
+`/api/ps` describe the served model (`ollama_models`); `/api/pull` answers as for a model Ollama
+already has. The other model-management endpoints (push, create, copy, delete) and embeddings
+answer a clear error: this server serves one chat model.
 
 Every error is Ollama's `{"error": "<message>"}` with the HTTP status of the typed error: the
 guards, the router and `app.guarded` pick that shape for `/api/...` and `/`
@@ -21,7 +21,7 @@ import asyncio
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from mlx_mistral.errors import EngineDeadError, InvalidRequestError, MistralError
@@ -30,20 +30,27 @@ from .handling import (
     RequestPlan,
     ServerState,
     guarded,
-    read_json,
     run_plan,
     stats_of,
     tool_call_ids,
 )
-from .ollama_models import OLLAMA_VERSION, ModelDescription, describe
+from .ollama_models import OLLAMA_VERSION, ModelDescription, describe, ollama_name
 from .ollama_protocol import OllamaRequest
-from .ollama_writer import OllamaChatWriter, OllamaGenerateWriter, load_response
-from .schemas import ChatCompletionRequest
+from .ollama_writer import (
+    NDJSON,
+    OllamaChatWriter,
+    OllamaGenerateWriter,
+    load_response,
+    ndjson_line,
+)
+from .schemas import ChatCompletionRequest, check_content_type, parse_body
 
 RUNNING = "Ollama is running"
 """What `GET /` answers: apps probe for exactly this text to find a running server."""
 
-MODEL_MANAGEMENT = ("pull", "push", "create", "copy", "delete")
+MODEL_MANAGEMENT = ("push", "create", "copy", "delete")
+# What Ollama streams while pulling a model it already has, up to its final line.
+PULL_STATUSES = ("pulling manifest", "verifying sha256 digest", "writing manifest", "success")
 EMBEDDINGS = ("embed", "embeddings")
 
 
@@ -55,8 +62,29 @@ class NotServedError(MistralError):
     code = "not_implemented"
 
 
+class UnknownModelError(MistralError):
+    """A pull of a name this server does not serve, with --strict-model-names (HTTP 404)."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
 def state_of(request: Request) -> ServerState:
     return request.app.state.server
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The body as JSON, as Ollama reads it: whatever its Content-Type (clients such as litellm
+    and `curl -d` send none, or a form type), unless the request comes from a browser page whose
+    origin is not allowed. Such a page may send a form-typed POST without asking first (no CORS
+    preflight), so for it the body must still be declared JSON: a 415, which keeps web pages from
+    driving the server."""
+    origin = request.headers.get("origin")
+    allowed = state_of(request).config.cors_origins
+    if origin is not None and origin not in allowed and "*" not in allowed:
+        check_content_type(request.headers.get("content-type"))
+    return parse_body(await request.body())
 
 
 async def _description(request: Request) -> ModelDescription:
@@ -120,6 +148,35 @@ async def not_served(request: Request) -> Response:
     else:
         reason = f"models cannot be managed here: this server serves one model, {served}"
     raise NotServedError(f"/api/{what}: {reason}")
+
+
+@guarded
+async def pull(request: Request) -> Response:
+    """Ollama's pull of a model it already has: the served model is every name's (unless
+    --strict-model-names), so nothing is downloaded and the status lines end in `success`."""
+    state = state_of(request)
+    body = await read_json(request)
+    name = body.get("model", body.get("name"))  # "name": Ollama's older spelling
+    if not isinstance(name, str) or not name:
+        raise InvalidRequestError("model: is required (the name to pull)", param="model")
+    stream = body.get("stream", True)
+    if not isinstance(stream, bool):
+        raise InvalidRequestError("stream: must be a boolean", param="stream")
+    config = state.config
+    served = {*config.accepted_model_names, *map(ollama_name, config.accepted_model_names)}
+    if config.strict_model_names and name not in served:
+        error = UnknownModelError(
+            f"pull model manifest: file does not exist (this server serves {config.model_name!r} "
+            "and, with --strict-model-names, no other name)"
+        )
+        if not stream:
+            raise error
+        # Ollama streams the failure as a line of a 200 answer, and clients read it there.
+        return Response(ndjson_line({"error": error.message}), media_type=NDJSON.decode())
+    if not stream:
+        return JSONResponse({"status": "success"})
+    lines = [ndjson_line({"status": status}) for status in PULL_STATUSES]
+    return StreamingResponse(iter(lines), media_type=NDJSON.decode())
 
 
 # -- generation -------------------------------------------------------------------------------
@@ -199,6 +256,7 @@ def ollama_routes() -> list[Route]:
         Route("/api/show", show, methods=["POST"]),
         Route("/api/chat", chat, methods=["POST"]),
         Route("/api/generate", generate, methods=["POST"]),
+        Route("/api/pull", pull, methods=["POST"]),
     ]
     for name in (*MODEL_MANAGEMENT, *EMBEDDINGS):
         routes.append(Route(f"/api/{name}", not_served, methods=["POST", "DELETE"]))

@@ -25,8 +25,10 @@ from .ollama_protocol import DEFAULT_SAMPLING
 
 log = logging.getLogger("mlx_mistral.server")
 
-OLLAMA_VERSION = "0.12.0"
-"""The Ollama release whose API this dialect follows (apps gate features on it)."""
+OLLAMA_VERSION = "0.13.4"
+"""The Ollama release whose API this server follows: apps gate features on it. The newest one
+served is OpenAI's Responses API (`/v1/responses` on the Ollama port), which Ollama serves from
+0.13.4 on and Codex's `--oss` requires."""
 
 ARCHITECTURE = "llama"
 CAPABILITIES = ("completion", "tools")

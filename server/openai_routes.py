@@ -19,7 +19,16 @@ from mlx_mistral.engine import Engine
 from mlx_mistral.tokenizer import PromptBudget
 
 from .event_stream import EventStreamResponse
-from .handling import RequestPlan, guarded, read_json, run_plan, state_of, stats_of, tool_call_ids
+from .handling import (
+    RequestPlan,
+    ServerState,
+    guarded,
+    read_json,
+    run_plan,
+    state_of,
+    stats_of,
+    tool_call_ids,
+)
 from .openai_writers import ChatCompletionWriter, CompletionWriter
 from .prompt_list import HandleGroup
 from .schemas import (
@@ -27,6 +36,15 @@ from .schemas import (
     CompletionRequest,
 )
 from .streaming import with_keepalive
+
+
+async def prediction_ids(
+    state: ServerState, request: Request, engine: Engine, prediction: str
+) -> list[int]:
+    """A request's `prediction` as the tokens the model would write it with (off the event loop:
+    a prediction may be a whole file)."""
+    size = len(await request.body())
+    return await state.off_loop(size, functools.partial(engine.tokenizer.encode, prediction))
 
 
 @guarded
@@ -59,7 +77,8 @@ async def chat_completions(request: Request) -> Response:
         keep_alive=req.keep_alive,
         prediction=req.prediction,
     )
-    writer.predicted = req.prediction is not None
+    if req.prediction is not None:
+        writer.expect(await prediction_ids(state, request, engine, req.prediction))
     return await run_plan(request, engine, plan)
 
 
@@ -83,7 +102,8 @@ async def completions(request: Request) -> Response:
     writer = CompletionWriter(
         state.served, writer_params, include_usage=req.include_usage, stats=stats_of(request)
     )
-    writer.predicted = req.prediction is not None
+    if req.prediction is not None:
+        writer.expect(await prediction_ids(state, request, engine, req.prediction))
     plans = [
         RequestPlan(
             prompt,

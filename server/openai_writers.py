@@ -7,6 +7,8 @@ error event then `[DONE]`.
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from mlx_mistral.batch import TokenEvent
@@ -27,24 +29,50 @@ def sse_data(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
 
 
+def prediction_counts(prediction: Sequence[int], output: Sequence[int]) -> tuple[int, int]:
+    """OpenAI's accepted and rejected prediction tokens: the prediction's tokens that appear in
+    the output (each at most as often as it appears there) and those that do not. A perfect
+    prediction is all accepted, whatever speculative decoding did or did not verify. Linear in
+    the lengths: a prediction may be a whole file."""
+    accepted = sum((Counter(prediction) & Counter(output)).values())
+    return accepted, len(prediction) - accepted
+
+
 class OpenAIWriter(ResponseWriter):
     """What OpenAI's two formats share: the envelope, the usage object, `[DONE]`."""
 
     response_object = ""
     chunk_object = ""
-    predicted = False  # the request sent a `prediction`: usage reports what became of it
+    # The request's `prediction` as token ids (None: it sent none): usage reports what became of
+    # it, and each choice's output token ids are kept to count that.
+    prediction_ids: list[int] | None = None
+
+    def expect(self, prediction_ids: list[int]) -> None:
+        """Report in usage what became of this prediction (the request's, as token ids)."""
+        self.prediction_ids = prediction_ids
+        self.output_ids: dict[int, list[int]] = {}  # per choice, the tokens written
+
+    def _record(self, event: TokenEvent) -> None:
+        super()._record(event)
+        if self.prediction_ids is not None and event.token is not None:
+            self.output_ids.setdefault(event.index, []).append(event.token)
 
     def _usage(self) -> dict[str, Any]:
         prompt_price, completion_price = self.served.prices
-        drafted = self.drafted.values()
+        predicted = None
+        if self.prediction_ids is not None:
+            counts = [
+                prediction_counts(self.prediction_ids, ids) for ids in self.output_ids.values()
+            ]
+            predicted = (sum(a for a, _ in counts), sum(r for _, r in counts))
+            if not counts:  # nothing written (yet): none of the prediction appeared
+                predicted = (0, len(self.prediction_ids))
         totals = usage(
             self.prompt_tokens,
             sum(self.completion_tokens),
             prompt_price=prompt_price,
             completion_price=completion_price,
-            drafted=(sum(a for a, _ in drafted), sum(r for _, r in drafted))
-            if self.predicted
-            else None,
+            predicted=predicted,
         )
         # OpenAI's field for the prompt tokens served from a cache (here: the prefix cache).
         totals["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}

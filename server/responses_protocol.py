@@ -11,8 +11,7 @@ Translation:
   input_text / output_text parts), `function_call` items (consecutive ones, and the assistant
   message just before them, become one assistant message with `tool_calls`, exactly as the
   model wrote them) and `function_call_output` items (tool messages).
-- Tools are the flat Responses shape `{"type": "function", "name", "description", "parameters",
-  "strict"}`; built-in tools (web search, file search, computer use, ...) are refused by name.
+- Tools (function, namespace and hosted tools, `tool_choice`): see `responses_tools`.
 
 Errors name the Responses field (`tools[0].name`, `text.format.schema`, `max_output_tokens`,
 `input[2].call_id`), never the chat field the value was translated into.
@@ -27,6 +26,7 @@ from typing import Any
 
 from mlx_mistral.errors import InvalidRequestError, MistralError
 
+from .responses_tools import ResponsesTools, flat_name, responses_tools
 from .schemas import ChatCompletionRequest
 
 # Fields that tag, route or tune a request on a hosted service and change no output here.
@@ -37,6 +37,7 @@ NO_OP_FIELDS = frozenset(
         "store",  # decides whether the response is kept; read separately
         "service_tier",
         "prompt_cache_key",
+        "client_metadata",  # a client's tags for the request (Codex sends its session ids)
         "prompt_cache_retention",
         "prompt_cache_options",
         "safety_identifier",
@@ -73,23 +74,6 @@ REFUSED_FIELDS = {
     "context_management": "server-side context compaction is not supported",
     "background_options": "background responses are not supported",
 }
-BUILT_IN_TOOLS = {
-    "web_search": "web search",
-    "web_search_preview": "web search",
-    "web_search_2025_08_26": "web search",
-    "web_search_preview_2025_03_11": "web search",
-    "file_search": "file search",
-    "computer_use_preview": "computer use",
-    "computer": "computer use",
-    "code_interpreter": "code interpreter",
-    "image_generation": "image generation",
-    "mcp": "remote MCP",
-    "local_shell": "local shell",
-    "shell": "shell",
-    "apply_patch": "apply patch",
-    "custom": "custom (free-form grammar)",
-    "tool_search": "tool search",
-}
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 TEXT_PARTS = ("input_text", "output_text", "text")
 
@@ -111,6 +95,7 @@ class ResponsesRequest:
         previous_response_id: the response this one continues, or None.
         store: keep the response so it can be retrieved and continued.
         echo: the request fields the response object states back (tools, text, ...).
+        tools: the tools as offered to the model (namespaced names, hosted tools left out).
     """
 
     chat: ChatCompletionRequest
@@ -120,6 +105,7 @@ class ResponsesRequest:
     previous_response_id: str | None = None
     store: bool = True
     echo: dict[str, Any] = field(default_factory=dict)
+    tools: ResponsesTools = field(default_factory=ResponsesTools)
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> ResponsesRequest:
@@ -148,7 +134,9 @@ class ResponsesRequest:
         store = fields.get("store", True)
         if not isinstance(store, bool):
             raise _bad(f"store must be a boolean, got {store!r:.100}", "store")
-        chat = _chat_request(fields, messages)
+        _check_max_output_tokens(fields.get("max_output_tokens"))
+        tools = responses_tools(fields)
+        chat = _chat_request(fields, messages, tools)
         echo = {
             "instructions": instructions,
             "tools": fields.get("tools", []),
@@ -165,7 +153,7 @@ class ResponsesRequest:
             "previous_response_id": previous,
             "top_logprobs": chat.params.top_logprobs,
         }
-        return cls(chat, prompt, tuple(messages), tuple(origins), previous, store, echo)
+        return cls(chat, prompt, tuple(messages), tuple(origins), previous, store, echo, tools)
 
     def messages(self, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The chat messages to encode: the system prompt, `history` (a previous response's
@@ -179,7 +167,9 @@ class ResponsesRequest:
         """`exc` from the chat encoder (naming `messages[k]`) renamed to the input item."""
         match = re.match(r"messages\[(\d+)\]", exc.param or "")
         if match is None:
-            return _renamed(exc, "messages", "input") if exc.param == "messages" else exc
+            if exc.param == "messages":
+                return _renamed(exc, "messages", "input")
+            return _rename_field(exc, self.tools.origins)  # a tool or text.format schema
         k = int(match.group(1)) - (self.instructions is not None) - history_len
         where = self.origins[k] if 0 <= k < len(self.origins) else "previous_response_id"
         return _renamed(exc, match.group(0), where)
@@ -209,7 +199,7 @@ def _check_no_ops(fields: dict[str, Any]) -> None:
     include = fields.get("include", [])
     if not isinstance(include, list) or not all(isinstance(x, str) for x in include):
         raise _bad("include must be a list of strings", "include")
-    for name in ("metadata", "reasoning", "stream_options"):
+    for name in ("metadata", "client_metadata", "reasoning", "stream_options"):
         if name in fields and not isinstance(fields[name], dict):
             raise _bad(f"{name} must be an object", name)
     for name in ("user", "service_tier", "prompt_cache_key", "safety_identifier"):
@@ -220,7 +210,17 @@ def _check_no_ops(fields: dict[str, Any]) -> None:
         raise _bad(f"top_logprobs must be an integer in [0, 20], got {top!r:.100}", "top_logprobs")
 
 
-def _chat_request(fields: dict[str, Any], messages: list[dict[str, Any]]) -> ChatCompletionRequest:
+def _check_max_output_tokens(value: Any) -> None:
+    """OpenAI refuses a budget of no tokens at all (the chat path answers it with nothing)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+        raise _bad(
+            f"max_output_tokens must be a positive integer, got {value}", "max_output_tokens"
+        )
+
+
+def _chat_request(
+    fields: dict[str, Any], messages: list[dict[str, Any]], tools: ResponsesTools
+) -> ChatCompletionRequest:
     """The chat request the Responses fields translate into (errors renamed back)."""
     chat: dict[str, Any] = {"messages": messages, "stream": fields.get("stream", False)}
     for name in ("model", "temperature", "top_p", "parallel_tool_calls"):
@@ -231,84 +231,42 @@ def _chat_request(fields: dict[str, Any], messages: list[dict[str, Any]]) -> Cha
     if LOGPROBS_INCLUDE in fields.get("include", []):
         chat["logprobs"] = True
         chat["top_logprobs"] = fields.get("top_logprobs", 0)
-    if "tools" in fields:
-        chat["tools"] = _tools(fields["tools"])
-    if "tool_choice" in fields:
-        chat["tool_choice"] = _tool_choice(fields["tool_choice"])
+    if tools.chat_tools:
+        chat["tools"] = tools.chat_tools
+    if tools.tool_choice is not None:
+        chat["tool_choice"] = tools.tool_choice
     if "text" in fields:
         chat["response_format"] = _text_format(fields["text"])
     try:
         return ChatCompletionRequest.from_json(chat)
     except InvalidRequestError as exc:
-        raise _rename_field(exc) from None
+        raise _rename_field(exc, tools.origins) from None
 
 
 _FIELD_NAMES = (
     (re.compile(r"\bmax_tokens\b"), "max_output_tokens"),
     (re.compile(r"\bresponse_format\.json_schema\b"), "text.format"),
     (re.compile(r"\bresponse_format\b"), "text.format"),
-    (re.compile(r"\b(tools\[\d+\])\.function\b"), r"\1"),
     (re.compile(r"\btool_choice\.function\b"), "tool_choice"),
 )
+_CHAT_TOOL = re.compile(r"\btools\[(\d+)\](?:\.function\b)?")
 
 
-def _rename_field(exc: MistralError) -> InvalidRequestError:
+def _rename_field(exc: MistralError, tool_origins: tuple[str, ...]) -> InvalidRequestError:
+    """`exc` naming chat fields renamed to the Responses fields they came from: the k-th chat
+    tool is `tool_origins[k]` (hosted tools are left out, namespaces hold several)."""
+
+    def tool_origin(match: re.Match[str]) -> str:
+        k = int(match.group(1))
+        return tool_origins[k] if k < len(tool_origins) else f"tools[{k}]"
+
     message, param = exc.message, exc.param or ""
     for pattern, new in _FIELD_NAMES:
         message, param = pattern.sub(new, message), pattern.sub(new, param)
+    message, param = _CHAT_TOOL.sub(tool_origin, message), _CHAT_TOOL.sub(tool_origin, param)
     out = InvalidRequestError(message, param=param or None)
     out.code = exc.code
     return out
-
-
-def _tools(raw: Any) -> list[dict[str, Any]]:
-    """Flat Responses function tools -> chat tools; a built-in tool is refused by name."""
-    if not isinstance(raw, list):
-        raise _bad("tools must be a list of tool objects", "tools")
-    out = []
-    for i, tool in enumerate(raw):
-        where = f"tools[{i}]"
-        if not isinstance(tool, dict):
-            raise _bad(f"{where} must be an object", where)
-        kind = tool.get("type")
-        if isinstance(kind, str) and kind in BUILT_IN_TOOLS:
-            raise _bad(
-                f"{where}: the built-in {BUILT_IN_TOOLS[kind]} tool ({kind!r}) is not available "
-                "on this server; only function tools are",
-                f"{where}.type",
-            )
-        if kind != "function":
-            raise _bad(f'{where}.type must be "function", got {kind!r:.100}', f"{where}.type")
-        if "function" in tool:  # the chat shape sent to the wrong endpoint
-            raise _bad(
-                f"{where} uses the chat completions shape; Responses tools are flat: "
-                '{"type": "function", "name": ..., "parameters": ...}',
-                f"{where}.function",
-            )
-        fn = {k: tool[k] for k in ("name", "description", "parameters") if tool.get(k) is not None}
-        strict = tool.get("strict")
-        if strict is not None and not isinstance(strict, bool):
-            raise _bad(f"{where}.strict must be a boolean", f"{where}.strict")
-        out.append({"type": "function", "function": fn})  # always strict: calls are constrained
-    return out
-
-
-def _tool_choice(raw: Any) -> Any:
-    if isinstance(raw, str):
-        return raw
-    if isinstance(raw, dict) and raw.get("type") == "function":
-        return {"type": "function", "function": {"name": raw.get("name")}}
-    kind = raw.get("type") if isinstance(raw, dict) else None
-    if isinstance(kind, str) and kind in BUILT_IN_TOOLS:
-        raise _bad(
-            f"tool_choice names the built-in {BUILT_IN_TOOLS[kind]} tool, which is not "
-            "available on this server",
-            "tool_choice",
-        )
-    raise _bad(
-        'tool_choice must be "none", "auto", "required" or {"type": "function", "name": ...}',
-        "tool_choice",
-    )
 
 
 def _text_format(raw: Any) -> dict[str, Any]:
@@ -401,7 +359,11 @@ def _function_call(item: dict[str, Any], where: str) -> dict[str, Any]:
         raise _bad(f"{where}.arguments is not valid JSON: {exc}", f"{where}.arguments") from None
     if not isinstance(arguments, dict):
         raise _bad(f"{where}.arguments must be a JSON object", f"{where}.arguments")
-    fn = {"name": item["name"], "arguments": item["arguments"] or "{}"}
+    namespace = item.get("namespace")
+    if namespace is not None and (not isinstance(namespace, str) or not namespace):
+        raise _bad(f"{where}.namespace must be a non-empty string", f"{where}.namespace")
+    name = item["name"] if namespace is None else flat_name(namespace, item["name"])
+    fn = {"name": name, "arguments": item["arguments"] or "{}"}
     return {"id": item["call_id"], "type": "function", "function": fn}
 
 

@@ -27,6 +27,7 @@ from mlx_mistral.batch import TokenEvent
 from mlx_mistral.errors import MistralError
 from mlx_mistral.sampling.params import SamplingParams
 
+from .responses_tools import call_item_names, flat_name
 from .streaming import ChoiceTally, Delta, ResponseWriter, Served
 
 Keep = Callable[[dict[str, Any], dict[str, Any] | None], None]
@@ -53,6 +54,8 @@ class ResponsesWriter(ResponseWriter):
         served, params, stats, call_ids: as `ResponseWriter` (a response has one choice).
         echo: the request fields the response states back (`ResponsesRequest.echo`).
         keep: stores the finished response (None: `store: false`, nothing is kept).
+        namespaced: the offered tool names that stand for a namespace's function, each with its
+            (namespace, name): a call of one is an item with `namespace` and its own `name`.
     """
 
     id_prefix = "resp"
@@ -66,11 +69,13 @@ class ResponsesWriter(ResponseWriter):
         echo: dict[str, Any],
         call_ids: list[tuple[str, ...]] | None = None,
         keep: Keep | None = None,
+        namespaced: dict[str, tuple[str, str]] | None = None,
     ):
         super().__init__(served, params, include_usage=True, stats=stats, call_ids=call_ids)
         self.id = new_item_id("resp")  # OpenAI's ids use "_"
         self.echo = echo
         self.keep = keep
+        self.namespaced = namespaced or {}
         self.sequence_number = 0
         self.output: list[dict[str, Any]] = []  # finished items, streamed
         self.message: dict[str, Any] | None = None  # the message item being streamed
@@ -145,8 +150,18 @@ class ResponsesWriter(ResponseWriter):
             )
         for call in choice.tool_calls or ():
             fn = call["function"]
-            output.append(_call_item(call["id"], fn["name"], fn["arguments"], "completed"))
+            output.append(self._call_item(call["id"], fn["name"], fn["arguments"], "completed"))
         return self._finished(output)
+
+    def _call_item(self, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+        return {
+            "id": new_item_id("fc"),
+            "type": "function_call",
+            "status": status,
+            "call_id": call_id,
+            **call_item_names(name, self.namespaced),
+            "arguments": arguments,
+        }
 
     # -- the stream ------------------------------------------------------------------------------
     def _event(self, kind: str, **fields: Any) -> bytes:
@@ -193,7 +208,7 @@ class ResponsesWriter(ResponseWriter):
         for call in delta.tool_calls:
             if "id" in call:  # a call's first delta: its id and name
                 events += self._close_message() + self._close_call()
-                self.call = _call_item(call["id"], call["function"]["name"], "", "in_progress")
+                self.call = self._call_item(call["id"], call["function"]["name"], "", "in_progress")
                 events.append(
                     self._event("response.output_item.added", **self._where(), item=self.call)
                 )
@@ -274,17 +289,6 @@ class ResponsesWriter(ResponseWriter):
         return [self._event("error", **error), self._event("response.failed", response=failed)]
 
 
-def _call_item(call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
-    return {
-        "id": new_item_id("fc"),
-        "type": "function_call",
-        "status": status,
-        "call_id": call_id,
-        "name": name,
-        "arguments": arguments,
-    }
-
-
 def _as_chat_message(output: list[dict[str, Any]]) -> dict[str, Any] | None:
     """A response's output as the assistant message that continues the conversation (None when
     it is empty: the chat format cannot hold an empty answer)."""
@@ -295,7 +299,7 @@ def _as_chat_message(output: list[dict[str, Any]]) -> dict[str, Any] | None:
         {
             "id": item["call_id"],
             "type": "function",
-            "function": {"name": item["name"], "arguments": item["arguments"]},
+            "function": {"name": _offered_name(item), "arguments": item["arguments"]},
         }
         for item in output
         if item["type"] == "function_call"
@@ -306,3 +310,10 @@ def _as_chat_message(output: list[dict[str, Any]]) -> dict[str, Any] | None:
     if calls:
         message["tool_calls"] = calls
     return message
+
+
+def _offered_name(call: dict[str, Any]) -> str:
+    """The name the model wrote for a function_call item (a namespace's function is offered
+    under a joined name)."""
+    namespace = call.get("namespace")
+    return call["name"] if namespace is None else flat_name(namespace, call["name"])

@@ -506,12 +506,12 @@ def usage(
     *,
     prompt_price: float,
     completion_price: float,
-    drafted: tuple[int, int] | None = None,
+    predicted: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """The usage object of the hosted API: token counts and the estimated cost in dollars.
 
-    `drafted` (given for a request with a `prediction`): drafted tokens the model accepted and
-    rejected (from the prediction or the engine's own prompt lookup), reported in
+    `predicted` (given for a request with a `prediction`): the prediction's tokens that appeared
+    in the completion and those that did not (`prediction_counts`), reported in
     `completion_tokens_details` under OpenAI's names.
     """
     cost = prompt_tokens * prompt_price + completion_tokens * completion_price
@@ -520,10 +520,10 @@ def usage(
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
-    if drafted is not None:
+    if predicted is not None:
         out["completion_tokens_details"] = {
-            "accepted_prediction_tokens": drafted[0],
-            "rejected_prediction_tokens": drafted[1],
+            "accepted_prediction_tokens": predicted[0],
+            "rejected_prediction_tokens": predicted[1],
         }
     out["estimated_cost"] = round(cost, 12)
     return out

@@ -168,7 +168,6 @@ class ResponseWriter(ABC):
         self.prompt_tokens = 0
         self.cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
         self.completion_tokens = [0] * self.n
-        self.drafted: dict[int, tuple[int, int]] = {}  # per choice: accepted, rejected drafts
         self.text_offsets = [0] * self.n  # characters sent so far, per choice
         self.call_ids = call_ids
         self.streamers = [ToolCallStreamer(call_ids=ids) for ids in call_ids or ()]
@@ -211,10 +210,6 @@ class ResponseWriter(ABC):
         self.prompt_tokens = max(self.prompt_tokens, event.prompt_tokens)
         self.cached_tokens = max(self.cached_tokens, event.cached_tokens)
         self.completion_tokens[event.index] = event.completion_tokens
-        self.drafted[event.index] = (
-            event.accepted_prediction_tokens,
-            event.rejected_prediction_tokens,
-        )
         if event.token is not None and "ttft" not in self.stats:
             self.stats["ttft"] = time.perf_counter() - self.stats.get("start", time.perf_counter())
         self.stats["prompt_tokens"] = self.prompt_tokens

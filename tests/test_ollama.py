@@ -315,9 +315,7 @@ def test_body_errors_are_in_ollamas_shape(server):
     assert answer.status_code == 400 and "not valid JSON" in answer.json()["error"]
 
 
-@pytest.mark.parametrize(
-    "name", ["pull", "push", "create", "copy", "delete", "embed", "embeddings"]
-)
+@pytest.mark.parametrize("name", ["push", "create", "copy", "delete", "embed", "embeddings"])
 def test_model_management_and_embeddings_are_refused(server, name):
     method = "DELETE" if name == "delete" else "POST"
     answer = httpx.request(
@@ -328,8 +326,8 @@ def test_model_management_and_embeddings_are_refused(server, name):
     assert "demo_model:latest" in answer.json()["error"]
 
 
-def test_client_pull_raises_the_error(client):
+def test_client_push_raises_the_error(client):
     with pytest.raises(ollama.ResponseError, match="cannot be managed here"):
-        client.pull("llama3")
+        client.push("llama3")
     with pytest.raises(ollama.ResponseError, match="embeddings are not served"):
         client.embed("m", "text")

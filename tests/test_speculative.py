@@ -573,19 +573,21 @@ def test_http_prediction_reports_accepted_and_rejected_tokens(tiny_hf_checkpoint
             for line in metrics.splitlines()
             if line.startswith("mlx_mistral_draft_tokens_")
         }
+        # The metrics count what speculation verified (usage counts what became of predictions).
         proposed = counts["mlx_mistral_draft_tokens_proposed_total"]
         accepted = counts["mlx_mistral_draft_tokens_accepted_total"]
-        assert accepted >= details.accepted_prediction_tokens + 10 + 5  # three good predictions
-        assert (
-            proposed >= accepted + wrong.usage.completion_tokens_details.rejected_prediction_tokens
-        )
+        assert proposed >= accepted > 10
         assert "Traceback" not in server.log()
 
 
-def test_speculation_off_ignores_the_prediction(tiny_hf_checkpoint):
+def test_speculation_off_ignores_the_prediction(tiny_hf_checkpoint, tiny_model):
+    """...for decoding; usage still counts, as OpenAI defines it, the prediction's tokens that
+    appear in the completion (accepted) and those that do not (rejected)."""
     import httpx
 
     from tests.server_process import ServerProcess
+
+    tokenizer = tiny_model[1]
 
     body = {
         "messages": [{"role": "user", "content": "Tell me a story about a cat."}],
@@ -599,12 +601,24 @@ def test_speculation_off_ignores_the_prediction(tiny_hf_checkpoint):
         predicted = httpx.post(
             server.url("/v1/chat/completions"), json={**body, "prediction": prediction}, timeout=60
         ).json()
+        half = text[: len(text) // 2] + " Nope, something else entirely."
+        prediction = {"type": "content", "content": half}
+        partly = httpx.post(
+            server.url("/v1/chat/completions"), json={**body, "prediction": prediction}, timeout=60
+        ).json()
         log = server.log()
     assert predicted["choices"][0]["message"]["content"] == text
     # Never looked for a draft: the forward's cost, timed at the first look, never was.
     assert "measured the forward" not in log
     details = predicted["usage"]["completion_tokens_details"]
-    assert details["accepted_prediction_tokens"] == details["rejected_prediction_tokens"] == 0
+    # A perfect prediction: every one of its tokens is in the completion, though none was drafted.
+    assert details["accepted_prediction_tokens"] == len(tokenizer.encode(text)) > 5
+    assert details["rejected_prediction_tokens"] == 0
+    details = partly["usage"]["completion_tokens_details"]
+    assert 0 < details["accepted_prediction_tokens"] < len(tokenizer.encode(half))
+    assert details["rejected_prediction_tokens"] > 0
+    total = details["accepted_prediction_tokens"] + details["rejected_prediction_tokens"]
+    assert total == len(tokenizer.encode(half))
 
 
 def test_the_schedule_backs_off_after_fruitless_looks_and_stops_where_verifying_never_pays():
@@ -661,3 +675,11 @@ def test_logprobs_of_verified_tokens_are_those_of_plain_decoding(demo):
             [want.logprob, *(lp for _, lp in want.top)],
             atol=1e-4,
         )
+
+
+def test_prediction_counts_are_the_predicted_tokens_found_in_the_output():
+    from mlx_mistral.server.openai_writers import prediction_counts
+
+    assert prediction_counts([5, 6, 7], [5, 6, 7, 2]) == (3, 0)  # perfect: all accepted
+    assert prediction_counts([5, 6, 6, 9], [6, 5, 8]) == (2, 2)  # each as often as it appears
+    assert prediction_counts([5, 6], []) == (0, 2)
