@@ -186,10 +186,12 @@ def test_distinct_values_differ_from_every_default():
 
 
 # -- end to end ------------------------------------------------------------------------------
-def test_ollama_repeat_penalty_shapes_the_output_as_repetition_penalty(tiny_hf_checkpoint):
+def test_ollama_repeat_penalty_shapes_the_output_as_repetition_penalty(
+    tiny_hf_checkpoint, tiny_model
+):
     """Through a real server: the text equals the library's with repetition_penalty, which
     differs from what the same value as presence_penalty (or no penalty) gives."""
-    model, tokenizer = mlx_mistral.load(tiny_hf_checkpoint)
+    model, tokenizer = tiny_model
 
     def library(**penalty: float) -> str:
         params = SamplingParams(temperature=0, max_tokens=8, **penalty)
