@@ -431,6 +431,19 @@ def test_prefix_cache_budget_counts_keys_and_bounds_entries():
     assert len(cache) == 3 and cache.lookup(list(range(400, 440)) + [7, 8, 9, 1, 1, 1]).length == 45
 
 
+def test_prefix_cache_hit_makes_its_entry_the_most_recently_used():
+    """Store A, B, C in room for three; a hit on A refreshes it, so the fourth entry evicts B."""
+    layers = [(mx.zeros((1, 2, 20, 8)), mx.zeros((1, 2, 20, 8)))]
+    cache = PrefixCache(1 << 30, max_entries=3)
+    a, b, c, d = (list(range(start, start + 20)) for start in (0, 100, 200, 300))
+    for tokens in (a, b, c):
+        cache.store(tokens, layers)
+    assert cache.lookup(a + [1]).length == 20
+    cache.store(d, layers)
+    hits = [cache.lookup(tokens + [1]) for tokens in (a, b, c, d)]
+    assert [hit and hit.length for hit in hits] == [20, None, 20, 20]
+
+
 EXIT_AFTER_SHUTDOWN = """
 import sys
 import mlx_mistral

@@ -134,6 +134,47 @@ def test_wide_nucleus_beyond_sorted_head_falls_back_exactly():
     assert (~keep).sum() > 0 and len(set(tokens.tolist())) > HEAD_WIDTH // 2
 
 
+# A nucleus boundary that falls exactly on a token: probabilities 1/2, 1/4, 1/8, 1/8.
+HALVING = np.log(np.array([0.5, 0.25, 0.125, 0.125], np.float32))
+
+
+def mass_before(logits: np.ndarray, n: int) -> float:
+    """The mass of the `n` most likely tokens (`logits` sorted descending), computed with the
+    nucleus filter's own operations: on any device it then equals, bit for bit, the mass the
+    filter compares with top_p (exp rounds differently between kernels)."""
+    x = mx.array(logits)[None]
+    probs = mx.exp(x - mx.logsumexp(x, axis=-1, keepdims=True))
+    return (mx.cumsum(probs, axis=-1) - probs)[0, n].item()
+
+
+@pytest.mark.parametrize("n_kept", [1, 2])
+def test_top_p_drops_the_token_whose_preceding_mass_equals_top_p(n_kept):
+    """A token is kept only while the mass before it is strictly below top_p: with top_p equal
+    to the mass of the first `n_kept` tokens, the next one goes (random logits never land on
+    this edge)."""
+    top_p = mass_before(HALVING, n_kept)
+    assert top_p == pytest.approx([0.5, 0.75][n_kept - 1])
+    kept = np.isfinite(np.array(apply_top_p(mx.array(HALVING)[None], mx.array([[top_p]]))))[0]
+    assert kept.tolist() == [i < n_kept for i in range(4)]
+    # The batched sampler, each row its own seed: it draws from exactly those tokens.
+    drawn = set(draw_many(HALVING, SamplingParams(top_p=top_p), n=3000).tolist())
+    assert drawn == set(range(n_kept))
+
+
+def test_top_p_keeps_every_token_tied_at_its_edge():
+    """Four equal logits, top_p 0.5: two tokens reach the mass, but which two would depend on
+    their order in the vocabulary; tokens tied with the last one kept are all kept (as with
+    top_k), so the nucleus is the same whatever the order."""
+    equal = np.zeros(4, np.float32)
+    kept = np.isfinite(np.array(apply_top_p(mx.array(equal)[None], mx.array([[0.5]]))))[0]
+    assert kept.all()
+    assert set(draw_many(equal, SamplingParams(top_p=0.5), n=3000).tolist()) == set(range(4))
+    # Below the tie the boundary still cuts: 1/2, then three tokens of 1/6 tied.
+    split = np.log(np.array([0.5, 1 / 6, 1 / 6, 1 / 6], np.float32))
+    kept = np.isfinite(np.array(apply_top_p(mx.array(split)[None], mx.array([[0.4]]))))[0]
+    assert kept.tolist() == [True, False, False, False]
+
+
 # ----------------------------------------------------------------------------- processing
 def test_greedy_is_argmax_and_mixes_with_sampled_rows():
     rng = np.random.default_rng(2)

@@ -23,7 +23,8 @@ Order of operations (vLLM's documented order); :func:`sample` composes :func:`pr
    argmax of the processed logits and skip everything below);
 5. top_k: keep tokens whose logit is at least the k-th largest (ties at the edge are kept);
 6. top_p: on the distribution left by top_k, keep the most likely tokens until their mass reaches
-   top_p (a token is kept if the mass strictly before it is < top_p; top_p = 1 keeps all);
+   top_p (a token is kept if the mass of the tokens more likely than it is < top_p, so tokens
+   tied at the edge are all kept, as with top_k; top_p = 1 keeps all);
 7. min_p: keep tokens with ``p >= min_p * p_max`` under the temperature-scaled distribution;
    (5-7 each keep the tokens above a per-row logit floor, so they combine into one floor, found
    on the sorted head of each row, see :func:`truncation_floor`);
