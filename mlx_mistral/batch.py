@@ -136,6 +136,8 @@ class BatchGenerator:
             verify drafts (None: measured on the model at the first decision, once per model,
             see `mlx_mistral.forward_cost`).
         predictions: use requests' predictions as drafts (False: accepted and ignored).
+        defer_measurement: time the forward when the engine is idle, not at the first drafts
+            (the server: no answer stalls for it; see `SpeculationSchedule`).
     """
 
     def __init__(
@@ -152,6 +154,7 @@ class BatchGenerator:
         kv_bits: int | None = None,
         forward_cost: Callable[[int], float] | None = None,
         predictions: bool = True,
+        defer_measurement: bool = False,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -181,7 +184,9 @@ class BatchGenerator:
         # Tensor-parallel serving (`distributed_engine.Leader`), a thin hook: every forward and
         # KV-cache change below is announced to the other ranks first, which replay it.
         self.replica: Leader | None = None
-        self.speculation = SpeculationSchedule(forward_cost, self._measure_forward)
+        self.speculation = SpeculationSchedule(
+            forward_cost, self._measure_forward, defer=defer_measurement
+        )
 
     # -- submission ----------------------------------------------------------------------------
     def check(

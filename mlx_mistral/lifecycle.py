@@ -98,6 +98,7 @@ class ModelSlot:
                 prompt_lookup=config.speculation != "off",
                 predictions=config.speculation != "off",
                 forward_cost=flat_cost if config.speculation == "always" else None,
+                defer_measurement=True,
             )
             log.info(
                 "memory: weights %.0f MiB, KV budget %.0f MiB, prefix cache %.0f MiB%s; "
@@ -182,9 +183,12 @@ class ModelSlot:
     def idle(self) -> None:
         """No request runs or waits: start the keep-alive clock; unload when it runs out."""
         if self._worked:
+            self._worked = False
+            if self.generator is not None and self.model is not None:
+                # Drafts waited for the forward's cost: time it now, between requests.
+                self.generator.speculation.measure_if_wanted()
             # The finished requests' KV and activations sit in MLX's buffer pool, which would
             # keep a long context's gigabytes from the rest of the Mac until the next unload.
-            self._worked = False
             mx.clear_cache()
         if self.model is None or self.pinned:
             return

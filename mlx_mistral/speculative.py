@@ -196,19 +196,26 @@ class SpeculationSchedule:
 
     Args:
         forward_cost: a forward of T tokens in one-token forwards; None: `measure()` it at the
-            first decision (a one-off stall, so only once drafts exist).
+            first drafts.
         measure: times the loaded model's forward (`forward_cost.forward_cost_of`).
+        defer: measure not at the first drafts but when the engine is next idle
+            (`measure_if_wanted`), declining drafts until then. Timing takes seconds on a large
+            model; a server must not stall a running answer for it (an agent's next turn waited
+            2-3 s on the demo model with a 6k-token prompt).
     """
 
     def __init__(
         self,
         forward_cost: Callable[[int], float] | None,
         measure: Callable[[], Callable[[int], float]],
+        *,
+        defer: bool = False,
     ):
-        self._given = forward_cost
         self._measure = measure
-        self.forward_cost: Callable[[int], float] | None = None  # decided at the first width
-        self.never_pays = False
+        self._defer = defer
+        self.forward_cost: Callable[[int], float] | None = forward_cost
+        self.never_pays = self.forward_cost is not None and _never_pays(self.forward_cost)
+        self.wanted = False  # drafts appeared before the cost was known: measure when idle
         self._steps = 0
         self._look_at = 0
         self._pause = LOOK_PAUSE[0]
@@ -221,13 +228,25 @@ class SpeculationSchedule:
     def width(self, draft_lengths: Sequence[int], rates: Sequence[float]) -> int:
         """How many drafted positions to verify (0: decode plainly), by the forward's cost."""
         if self.forward_cost is None:
-            self.forward_cost = self._given if self._given is not None else self._measure()
-            # Not even one row's sure draft would pay: stop looking for good.
-            self.never_pays = verification_width([MAX_DRAFT], [1.0], self.forward_cost) == 0
+            if self._defer:
+                self.wanted = True
+                return 0
+            self.forward_cost = self._measure()
+            self.never_pays = _never_pays(self.forward_cost)
         width = verification_width(draft_lengths, rates, self.forward_cost)
         if width:
             self._pause = LOOK_PAUSE[0]
         return width
+
+    def measure_if_wanted(self) -> bool:
+        """Time the forward now if drafts have been waiting for it (the engine is idle).
+        Returns whether it measured."""
+        if not self.wanted or self.forward_cost is not None:
+            return False
+        self.forward_cost = self._measure()
+        self.never_pays = _never_pays(self.forward_cost)
+        self._look_at = 0
+        return True
 
     def newcomer(self) -> None:
         """A request joined the batch: it may bring a prediction, so the next step looks."""
@@ -237,3 +256,8 @@ class SpeculationSchedule:
         """The look cost the pipeline and verified nothing: skip the next few."""
         self._look_at = self._steps + self._pause
         self._pause = min(LOOK_PAUSE[1], self._pause * 2)
+
+
+def _never_pays(forward_cost: Callable[[int], float]) -> bool:
+    """Not even one row's sure draft would pay: stop looking for good."""
+    return verification_width([MAX_DRAFT], [1.0], forward_cost) == 0

@@ -217,15 +217,15 @@ def test_disconnect_storm_1000_cycles(tiny_hf_checkpoint):
             return rss_kib(pid)
 
         # Warm-up: the one-off timing of the forward's cost (wide buffers, +5-15% RSS once), which
-        # a long answer's prompt-lookup draft would otherwise set off in the middle of the storm:
-        # a predicted answer sets it off now.
+        # a long answer's prompt-lookup draft would otherwise set off in the storm's first idle
+        # moment: a predicted answer asks for it now, and the engine times it once idle.
         predicted = {
             **body,
             "max_tokens": 16,
             "prediction": {"type": "content", "content": "a " * 16},
         }
         assert httpx.post(server.url(CHAT), json=predicted, timeout=60).status_code == 200
-        assert "measured the forward" in server.log()
+        wait_for(lambda: "measured the forward" in server.log(), 60, "the forward's timing")
         for _ in range(50):  # then allocator pools, caches, the prefix cache entry
             read_one_chunk_and_close(server.port, request)
         baseline = settle()

@@ -638,9 +638,12 @@ def test_the_schedule_backs_off_after_fruitless_looks_and_stops_where_verifying_
     assert schedule.look()
     assert measured == [1] and not schedule.never_pays
 
+    # A cost known from the start to make verifying never pay: no look ever waits for it.
     linear = SpeculationSchedule(lambda tokens: float(tokens), lambda: flat_cost)
-    assert linear.look() and linear.width([8], [1.0]) == 0
     assert linear.never_pays and not linear.look()
+    measured_linear = SpeculationSchedule(None, lambda: lambda tokens: float(tokens))
+    assert measured_linear.look() and measured_linear.width([8], [1.0]) == 0
+    assert measured_linear.never_pays and not measured_linear.look()
 
 
 def test_logprobs_of_verified_tokens_are_those_of_plain_decoding(demo):
@@ -683,3 +686,18 @@ def test_prediction_counts_are_the_predicted_tokens_found_in_the_output():
     assert prediction_counts([5, 6, 7], [5, 6, 7, 2]) == (3, 0)  # perfect: all accepted
     assert prediction_counts([5, 6, 6, 9], [6, 5, 8]) == (2, 2)  # each as often as it appears
     assert prediction_counts([5, 6], []) == (0, 2)
+
+
+def test_a_server_times_the_forward_when_idle_not_inside_an_answer():
+    """Deferred (as the engine runs it): the first drafts are declined, nothing is timed until
+    the engine is idle, and then drafts are verified by the measured cost."""
+    measured = []
+    schedule = SpeculationSchedule(None, lambda: measured.append(1) or flat_cost, defer=True)
+    assert schedule.look()
+    assert schedule.width([8], [1.0]) == 0 and measured == []  # no stall inside the answer
+    assert schedule.wanted
+    assert schedule.measure_if_wanted() and measured == [1]  # the engine fell idle
+    assert not schedule.measure_if_wanted() and measured == [1]  # once
+    assert schedule.look() and schedule.width([8], [1.0]) > 0
+    idle_only = SpeculationSchedule(None, lambda: measured.append(1) or flat_cost, defer=True)
+    assert not idle_only.measure_if_wanted() and measured == [1]  # no drafts yet: nothing to time
