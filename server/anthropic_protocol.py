@@ -6,16 +6,26 @@ takes: OpenAI-shaped messages for `encode_chat`, a `StructuredRequest` (tools, t
 ("messages[2].content[0].type", "tools[1].input_schema", "stop_sequences").
 
 Translation:
-- `system` (a string or text blocks) is the system message.
+- `system` (a string or text blocks) is the system message, less any block that is only Claude
+  Code's attribution line (`ATTRIBUTION_PREFIX`): it carries no instruction and changes with
+  every session, so keeping it would make each new session miss the prefix cache.
+- A `role: "system"` message inside `messages` (Anthropic's mid-conversation system messages) is
+  a system message where it stands; the chat format folds every system text into the system
+  prompt, as it does for Chat Completions.
 - A user message's blocks become, in order, user messages (runs of text blocks) and tool
   messages (each `tool_result`); an assistant message's `text` and `tool_use` blocks become one
   assistant message with its `tool_calls`. `thinking` blocks in the history (from another
-  model) are dropped: this model has no thinking phase to continue.
-- `tools[i]` {name, description, input_schema} is a function; `tool_choice` auto / any / tool /
+  model) are dropped: this model has no thinking phase to continue, and an assistant turn that
+  held only those is left out. A final assistant message with no content is no prefill.
+- `tools[i]` {name, description, input_schema, strict} is a function (a tool that is not
+  `strict` has what the grammar cannot enforce relaxed: `mlx_mistral.tools.relaxing`);
+  `tool_choice` auto / any / tool /
   none is "auto" / "required" / the named function / "none", and `disable_parallel_tool_use`
   is `parallel_tool_calls` negated.
 - `max_tokens` (required), `stop_sequences`, `temperature`, `top_p`, `top_k` are the sampling
   parameters; `stream` asks for the event stream.
+- `output_format` (the structured-outputs beta's name, which litellm sends) is
+  `output_config.format`.
 
 Fields that change nothing here are accepted and dropped (`NO_OP_FIELDS`); fields that ask for
 what this server cannot do are a 400 naming them (`REFUSED_FIELDS`); any other field is a 400
@@ -31,6 +41,7 @@ from typing import Any
 
 from mlx_mistral.errors import InvalidRequestError
 from mlx_mistral.sampling.params import SamplingParams
+from mlx_mistral.tools.format import CALL_ID_PREFIX
 from mlx_mistral.tools.spec import StructuredRequest
 from mlx_mistral.tools.validation import parse_structured_request
 
@@ -68,6 +79,7 @@ _FIELDS = frozenset(
         "tool_choice",
         "thinking",
         "output_config",
+        "output_format",
         *_SAMPLING_FIELDS,
     }
 )
@@ -78,7 +90,7 @@ _TOOL_FIELDS = frozenset(
         "input_schema",
         "type",
         "cache_control",
-        "strict",  # calls are always grammar-constrained to the schema
+        "strict",  # the schema in full or a 400 (else what the grammar cannot enforce relaxes)
         "defer_loading",
         "eager_input_streaming",
         "input_examples",
@@ -89,6 +101,11 @@ _TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none", "tool": "fun
 _THINKING_TYPES = ("enabled", "disabled", "adaptive")
 # Blocks that an Anthropic model may have written into the history: nothing to replay here.
 _DROPPED_BLOCKS = frozenset({"thinking", "redacted_thinking"})
+TOOL_USE_ID_PREFIX = "toolu_"
+"""Anthropic's tool-use ids begin so; the grammar's "call_" ids are renamed on the way out and
+back (`tool_use_id`, `call_id_of`), so the prompt holds the very text the model wrote."""
+ATTRIBUTION_PREFIX = "x-anthropic-billing-header:"
+"""How Claude Code's per-session attribution line in `system` begins (left out of the prompt)."""
 
 
 @dataclass(frozen=True)
@@ -134,10 +151,12 @@ class MessagesRequest:
                 tools=tools,
                 tool_choice=choice,
                 parallel_tool_calls=parallel,
-                response_format=_output_format(fields.get("output_config")),
+                response_format=_output_format(
+                    fields.get("output_config"), fields.get("output_format")
+                ),
             )
         except InvalidRequestError as exc:
-            raise _in_anthropic_terms(exc) from None
+            raise _in_anthropic_terms(exc, "output_format" in fields) from None
         messages = _system(fields.get("system")) + _messages(fields["messages"])
         return cls(messages, _params(fields), structured, model, stream)
 
@@ -154,15 +173,29 @@ _RENAMES = (
     (".function.parameters", ".input_schema"),
     (".function.description", ".description"),
     (".function.name", ".name"),
+    (".function.strict", ".strict"),
     ("response_format.json_schema.schema", "output_config.format.schema"),
 )
 
 
-def _in_anthropic_terms(exc: InvalidRequestError) -> InvalidRequestError:
+def _in_anthropic_terms(exc: InvalidRequestError, beta_format: bool) -> InvalidRequestError:
     message, param = exc.message, exc.param or ""
-    for openai_name, name in _RENAMES:
+    renames = _RENAMES + ((("output_config.format", "output_format"),) if beta_format else ())
+    for openai_name, name in renames:
         message, param = message.replace(openai_name, name), param.replace(openai_name, name)
     return InvalidRequestError(message, param=param or None)
+
+
+def tool_use_id(call_id: str) -> str:
+    """The Anthropic id of a call the grammar named ("call_X" -> "toolu_X")."""
+    return TOOL_USE_ID_PREFIX + call_id.removeprefix(CALL_ID_PREFIX)
+
+
+def call_id_of(tool_use_id: str) -> str:
+    """The chat format's id of an Anthropic tool-use id ("toolu_X" -> "call_X")."""
+    if tool_use_id.startswith(TOOL_USE_ID_PREFIX):
+        return CALL_ID_PREFIX + tool_use_id.removeprefix(TOOL_USE_ID_PREFIX)
+    return tool_use_id
 
 
 def _fields(body: dict[str, Any]) -> dict[str, Any]:
@@ -231,7 +264,8 @@ def _system(system: Any) -> list[dict[str, Any]]:
             "system must be a string or a list of text blocks", param="system"
         )
     texts = [_text_block(block, f"system[{j}]") for j, block in enumerate(system)]
-    return [{"role": "system", "content": "\n\n".join(t for t in texts if t)}]
+    kept = [t for t in texts if t and not t.startswith(ATTRIBUTION_PREFIX)]
+    return [{"role": "system", "content": "\n\n".join(kept)}] if kept else []
 
 
 def _text_block(block: Any, where: str) -> str:
@@ -267,10 +301,9 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
         if not isinstance(message, dict):
             raise InvalidRequestError(f"{where} must be an object", param=where)
         role = message.get("role")
-        if role not in ("user", "assistant"):
+        if role not in ("user", "assistant", "system"):
             raise InvalidRequestError(
-                f'{where}.role must be "user" or "assistant", got {role!r:.100} (the system '
-                "prompt goes in the top-level system field)",
+                f'{where}.role must be "user", "assistant" or "system", got {role!r:.100}',
                 param=f"{where}.role",
             )
         content = message.get("content")
@@ -281,11 +314,21 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
                 f"{where}.content must be a string or a list of content blocks",
                 param=f"{where}.content",
             )
+        if not content and not (role == "assistant" and i == len(raw) - 1):
+            raise InvalidRequestError(
+                f"{where}.content is empty: every message needs content, except a final "
+                "assistant message",
+                param=f"{where}.content",
+            )
         blocks = [(f"{where}.content[{j}]", block) for j, block in enumerate(content)]
-        if role == "user":
+        if role == "system":
+            texts = [_text_block(block, at) for at, block in blocks]
+            out.append({"role": "system", "content": "\n\n".join(texts)})
+        elif role == "user":
             out += _user(blocks, call_ids)
-        else:
+        elif any(_block_type(block) not in _DROPPED_BLOCKS for _, block in blocks):
             out.append(_assistant(where, blocks, call_ids))
+        # else: a turn of thinking only (or an empty final prefill) leaves nothing to replay
     # A final assistant message is a prefill: the chat encoder ends the prompt inside that
     # answer and the model continues it (the response holds only the new text, as Anthropic's).
     return out
@@ -325,7 +368,7 @@ def _not_a_block(block: Any, where: str) -> InvalidRequestError:
 
 def _tool_result(block: dict[str, Any], where: str, call_ids: set[str]) -> dict[str, Any]:
     call_id = block.get("tool_use_id")
-    if not isinstance(call_id, str) or call_id not in call_ids:
+    if not isinstance(call_id, str) or call_id_of(call_id) not in call_ids:
         raise InvalidRequestError(
             f"{where}.tool_use_id {call_id!r:.100} does not name a tool_use block of an earlier "
             "assistant message",
@@ -342,7 +385,7 @@ def _tool_result(block: dict[str, Any], where: str, call_ids: set[str]) -> dict[
         )
     if block.get("is_error"):
         content = f"Error: {content}"  # the chat format has no error flag: say it in the text
-    return {"role": "tool", "tool_call_id": call_id, "content": content}
+    return {"role": "tool", "tool_call_id": call_id_of(call_id), "content": content}
 
 
 def _assistant(where: str, blocks: list[tuple[str, Any]], call_ids: set[str]) -> dict[str, Any]:
@@ -361,9 +404,9 @@ def _assistant(where: str, blocks: list[tuple[str, Any]], call_ids: set[str]) ->
                 )
             if not isinstance(arguments, dict):
                 raise InvalidRequestError(f"{at}.input must be an object", param=f"{at}.input")
-            call_ids.add(call_id)
+            call_ids.add(call_id_of(call_id))
             fn = {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}
-            calls.append({"id": call_id, "type": "function", "function": fn})
+            calls.append({"id": call_id_of(call_id), "type": "function", "function": fn})
         elif kind in _DROPPED_BLOCKS:
             continue
         elif kind is None:
@@ -413,6 +456,8 @@ def _tools(raw: Any) -> list[dict[str, Any]] | None:
         fn = {"name": tool.get("name"), "parameters": tool["input_schema"]}
         if tool.get("description") is not None:
             fn["description"] = tool["description"]
+        if tool.get("strict") is not None:
+            fn["strict"] = tool["strict"]
         out.append({"type": "function", "function": fn})
     return out
 
@@ -446,19 +491,23 @@ def _tool_choice(raw: Any, *, has_tools: bool) -> tuple[Any, bool | None]:
     return _TOOL_CHOICES[kind], parallel
 
 
-def _output_format(config: Any) -> dict[str, Any] | None:
-    """`output_config.format` {type: json_schema, schema} as an OpenAI response_format; `effort`
-    changes nothing here."""
-    if config is None:
-        return None
-    if not isinstance(config, dict):
+def _output_format(config: Any, beta_format: Any) -> dict[str, Any] | None:
+    """`output_config.format` (or the beta's top-level `output_format`) {type: json_schema,
+    schema} as an OpenAI response_format; `effort` changes nothing here."""
+    if config is not None and not isinstance(config, dict):
         raise InvalidRequestError("output_config must be an object", param="output_config")
-    fmt = config.get("format")
+    fmt, where = (config or {}).get("format"), "output_config.format"
+    if beta_format is not None:
+        if fmt is not None:
+            raise InvalidRequestError(
+                "output_format and output_config.format are the same field: send one",
+                param="output_format",
+            )
+        fmt, where = beta_format, "output_format"
     if fmt is None:
         return None
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or "schema" not in fmt:
         raise InvalidRequestError(
-            'output_config.format must be {"type": "json_schema", "schema": {...}}',
-            param="output_config.format",
+            f'{where} must be {{"type": "json_schema", "schema": {{...}}}}', param=where
         )
     return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
