@@ -129,7 +129,7 @@ class MessagesWriter(ResponseWriter):
             block = {
                 "id": tool_use_id(call["id"]),
                 "name": fn["name"],
-                "input": json.loads(fn["arguments"]),
+                "input": _arguments(fn["arguments"]),
             }
             content.append({"type": "tool_use", **block})
         return self._message(content, choice.finish_reason)
@@ -199,6 +199,14 @@ class MessagesWriter(ResponseWriter):
 
     def failure(self, exc: MistralError) -> list[bytes]:
         return [sse_event(anthropic_error_body(exc))]
+
+
+def _arguments(text: str) -> Any:
+    """A call's input; a call cut short by max_tokens (stop_reason says so) has input {}."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return {}
 
 
 # -- models ------------------------------------------------------------------------------------
