@@ -143,9 +143,8 @@ class MessagesWriter(ResponseWriter):
     def _chunks(self, batch: list[TokenEvent]) -> Iterator[bytes]:
         if not self.started:
             # How much of the prompt the prefix cache holds is known once the engine runs it.
-            for event in batch:
-                if event.finish_reason != "cancelled":
-                    self._record(event)
+            # (output_tokens stays 0 here, as Anthropic's message_start has it).
+            self.cached_tokens = max((event.cached_tokens for event in batch), default=0)
             yield from self._start()
         yield from super()._chunks(batch)
 

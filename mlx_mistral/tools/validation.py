@@ -152,9 +152,9 @@ def _tool_spec(
         return ToolSpec(name, description, parameters, strict)
     _check_schema(parameters, param, budget, must_take_object=True, relax=True)
     relaxed = relax_schema(arguments_schema(parameters))
+    _check_compiles(relaxed.schema, param)  # what no relaxation helps (an external $ref)
     if not relaxed.relaxations:
         return ToolSpec(name, description, parameters)
-    _check_compiles(relaxed.schema, param)
     log_relaxations(name, relaxed.relaxations)
     return ToolSpec(name, description, parameters, False, relaxed.schema, relaxed.relaxations)
 
