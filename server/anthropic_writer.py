@@ -38,7 +38,8 @@ from mlx_mistral.chat import encode_chat_request
 from mlx_mistral.errors import MistralError
 from mlx_mistral.sampling.params import SamplingParams
 
-from .anthropic_protocol import MessagesRequest, tool_use_id
+from .anthropic_protocol import MessagesRequest
+from .anthropic_tools import tool_use_id
 from .errors import anthropic_error_body
 from .handling import RequestPlan, guarded, read_json, run_plan, state_of, stats_of, tool_call_ids
 from .streaming import ChoiceTally, Delta, ResponseWriter, Served
