@@ -222,6 +222,8 @@ class BatchGenerator:
                 + (f" + {params.max_tokens} max_tokens" if params.max_tokens else "")
                 + f"), {asked - self.context_length} too many",
                 param=prompt_field if room < 0 else "max_tokens",
+                prompt_tokens=len(prompt) if room < 0 else None,
+                context_length=self.context_length,
             )
         max_new = room if params.max_tokens is None else params.max_tokens
         reserve = self._initial_reserve(params, len(prompt), max_new)

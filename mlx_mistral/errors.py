@@ -42,9 +42,25 @@ class InvalidRequestError(MistralError, ValueError):
 
 
 class ContextLengthExceededError(InvalidRequestError):
-    """The prompt (plus the tokens asked for) does not fit the model's context window."""
+    """The prompt (plus the tokens asked for) does not fit the model's context window.
+
+    `prompt_tokens` and `context_length` are set when the prompt alone is too long
+    (`prompt_tokens` may be a lower bound: a huge prompt is refused before it is tokenized).
+    """
 
     code = "context_length_exceeded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        prompt_tokens: int | None = None,
+        context_length: int | None = None,
+    ):
+        super().__init__(message, param=param)
+        self.prompt_tokens = prompt_tokens
+        self.context_length = context_length
 
 
 class AuthenticationError(MistralError):

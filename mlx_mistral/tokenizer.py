@@ -340,6 +340,8 @@ class PromptBudget:
                     f"{per_token} per token, after {self.tokens} tokens), "
                     f"{at_least - self.max_tokens} too many",
                     param=self.param,
+                    prompt_tokens=at_least,
+                    context_length=self.max_tokens,
                 )
         ids = self.tokenizer.encode(text, bos=bos)
         self.tokens += len(ids)
@@ -349,6 +351,8 @@ class PromptBudget:
                 f"{self.param} needs at least {self.tokens}, {self.tokens - self.max_tokens} too "
                 "many",
                 param=self.param,
+                prompt_tokens=self.tokens,
+                context_length=self.max_tokens,
             )
         return ids
 

@@ -6,14 +6,18 @@ takes: OpenAI-shaped messages for `encode_chat`, a `StructuredRequest` (tools, t
 ("messages[2].content[0].type", "tools[1].input_schema", "stop_sequences").
 
 Translation:
-- `system` (a string or text blocks) is the system message.
+- `system` (a string or text blocks) is the system message, less any block that is only Claude
+  Code's attribution line (`ATTRIBUTION_PREFIX`): it carries no instruction and changes with
+  every session, so keeping it would make each new session miss the prefix cache.
+- A `role: "system"` message inside `messages` (Anthropic's mid-conversation system messages) is
+  a system message where it stands; the chat format folds every system text into the system
+  prompt, as it does for Chat Completions.
 - A user message's blocks become, in order, user messages (runs of text blocks) and tool
   messages (each `tool_result`); an assistant message's `text` and `tool_use` blocks become one
   assistant message with its `tool_calls`. `thinking` blocks in the history (from another
-  model) are dropped: this model has no thinking phase to continue.
-- `tools[i]` {name, description, input_schema} is a function; `tool_choice` auto / any / tool /
-  none is "auto" / "required" / the named function / "none", and `disable_parallel_tool_use`
-  is `parallel_tool_calls` negated.
+  model) are dropped: this model has no thinking phase to continue, and an assistant turn that
+  held only those is left out. A final assistant message with no content is no prefill.
+- `tools`, `tool_choice`, `output_config.format` and `output_format`: `anthropic_tools`.
 - `max_tokens` (required), `stop_sequences`, `temperature`, `top_p`, `top_k` are the sampling
   parameters; `stream` asks for the event stream.
 
@@ -34,6 +38,12 @@ from mlx_mistral.sampling.params import SamplingParams
 from mlx_mistral.tools.spec import StructuredRequest
 from mlx_mistral.tools.validation import parse_structured_request
 
+from .anthropic_tools import (
+    call_id_of,
+    translate_output_format,
+    translate_tool_choice,
+    translate_tools,
+)
 from .schemas import ChatCompletionRequest
 
 NO_OP_FIELDS = frozenset(
@@ -68,27 +78,15 @@ _FIELDS = frozenset(
         "tool_choice",
         "thinking",
         "output_config",
+        "output_format",
         *_SAMPLING_FIELDS,
     }
 )
-_TOOL_FIELDS = frozenset(
-    {
-        "name",
-        "description",
-        "input_schema",
-        "type",
-        "cache_control",
-        "strict",  # calls are always grammar-constrained to the schema
-        "defer_loading",
-        "eager_input_streaming",
-        "input_examples",
-        "allowed_callers",
-    }
-)
-_TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none", "tool": "function"}
 _THINKING_TYPES = ("enabled", "disabled", "adaptive")
 # Blocks that an Anthropic model may have written into the history: nothing to replay here.
 _DROPPED_BLOCKS = frozenset({"thinking", "redacted_thinking"})
+ATTRIBUTION_PREFIX = "x-anthropic-billing-header:"
+"""How Claude Code's per-session attribution line in `system` begins (left out of the prompt)."""
 
 
 @dataclass(frozen=True)
@@ -127,17 +125,19 @@ class MessagesRequest:
                 f"stream must be a boolean, got {stream!r:.100}", param="stream"
             )
         _check_thinking(fields.get("thinking"))
-        tools = _tools(fields.get("tools"))
-        choice, parallel = _tool_choice(fields.get("tool_choice"), has_tools=bool(tools))
+        tools = translate_tools(fields.get("tools"))
+        choice, parallel = translate_tool_choice(fields.get("tool_choice"), has_tools=bool(tools))
         try:
             structured = parse_structured_request(
                 tools=tools,
                 tool_choice=choice,
                 parallel_tool_calls=parallel,
-                response_format=_output_format(fields.get("output_config")),
+                response_format=translate_output_format(
+                    fields.get("output_config"), fields.get("output_format")
+                ),
             )
         except InvalidRequestError as exc:
-            raise _in_anthropic_terms(exc) from None
+            raise _in_anthropic_terms(exc, "output_format" in fields) from None
         messages = _system(fields.get("system")) + _messages(fields["messages"])
         return cls(messages, _params(fields), structured, model, stream)
 
@@ -154,13 +154,15 @@ _RENAMES = (
     (".function.parameters", ".input_schema"),
     (".function.description", ".description"),
     (".function.name", ".name"),
+    (".function.strict", ".strict"),
     ("response_format.json_schema.schema", "output_config.format.schema"),
 )
 
 
-def _in_anthropic_terms(exc: InvalidRequestError) -> InvalidRequestError:
+def _in_anthropic_terms(exc: InvalidRequestError, beta_format: bool) -> InvalidRequestError:
     message, param = exc.message, exc.param or ""
-    for openai_name, name in _RENAMES:
+    renames = _RENAMES + ((("output_config.format", "output_format"),) if beta_format else ())
+    for openai_name, name in renames:
         message, param = message.replace(openai_name, name), param.replace(openai_name, name)
     return InvalidRequestError(message, param=param or None)
 
@@ -231,7 +233,8 @@ def _system(system: Any) -> list[dict[str, Any]]:
             "system must be a string or a list of text blocks", param="system"
         )
     texts = [_text_block(block, f"system[{j}]") for j, block in enumerate(system)]
-    return [{"role": "system", "content": "\n\n".join(t for t in texts if t)}]
+    kept = [t for t in texts if t and not t.startswith(ATTRIBUTION_PREFIX)]
+    return [{"role": "system", "content": "\n\n".join(kept)}] if kept else []
 
 
 def _text_block(block: Any, where: str) -> str:
@@ -267,10 +270,9 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
         if not isinstance(message, dict):
             raise InvalidRequestError(f"{where} must be an object", param=where)
         role = message.get("role")
-        if role not in ("user", "assistant"):
+        if role not in ("user", "assistant", "system"):
             raise InvalidRequestError(
-                f'{where}.role must be "user" or "assistant", got {role!r:.100} (the system '
-                "prompt goes in the top-level system field)",
+                f'{where}.role must be "user", "assistant" or "system", got {role!r:.100}',
                 param=f"{where}.role",
             )
         content = message.get("content")
@@ -281,11 +283,21 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
                 f"{where}.content must be a string or a list of content blocks",
                 param=f"{where}.content",
             )
+        if not content and not (role == "assistant" and i == len(raw) - 1):
+            raise InvalidRequestError(
+                f"{where}.content is empty: every message needs content, except a final "
+                "assistant message",
+                param=f"{where}.content",
+            )
         blocks = [(f"{where}.content[{j}]", block) for j, block in enumerate(content)]
-        if role == "user":
+        if role == "system":
+            texts = [_text_block(block, at) for at, block in blocks]
+            out.append({"role": "system", "content": "\n\n".join(texts)})
+        elif role == "user":
             out += _user(blocks, call_ids)
-        else:
+        elif any(_block_type(block) not in _DROPPED_BLOCKS for _, block in blocks):
             out.append(_assistant(where, blocks, call_ids))
+        # else: a turn of thinking only (or an empty final prefill) leaves nothing to replay
     # A final assistant message is a prefill: the chat encoder ends the prompt inside that
     # answer and the model continues it (the response holds only the new text, as Anthropic's).
     return out
@@ -325,7 +337,7 @@ def _not_a_block(block: Any, where: str) -> InvalidRequestError:
 
 def _tool_result(block: dict[str, Any], where: str, call_ids: set[str]) -> dict[str, Any]:
     call_id = block.get("tool_use_id")
-    if not isinstance(call_id, str) or call_id not in call_ids:
+    if not isinstance(call_id, str) or call_id_of(call_id) not in call_ids:
         raise InvalidRequestError(
             f"{where}.tool_use_id {call_id!r:.100} does not name a tool_use block of an earlier "
             "assistant message",
@@ -342,7 +354,7 @@ def _tool_result(block: dict[str, Any], where: str, call_ids: set[str]) -> dict[
         )
     if block.get("is_error"):
         content = f"Error: {content}"  # the chat format has no error flag: say it in the text
-    return {"role": "tool", "tool_call_id": call_id, "content": content}
+    return {"role": "tool", "tool_call_id": call_id_of(call_id), "content": content}
 
 
 def _assistant(where: str, blocks: list[tuple[str, Any]], call_ids: set[str]) -> dict[str, Any]:
@@ -361,9 +373,9 @@ def _assistant(where: str, blocks: list[tuple[str, Any]], call_ids: set[str]) ->
                 )
             if not isinstance(arguments, dict):
                 raise InvalidRequestError(f"{at}.input must be an object", param=f"{at}.input")
-            call_ids.add(call_id)
+            call_ids.add(call_id_of(call_id))
             fn = {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}
-            calls.append({"id": call_id, "type": "function", "function": fn})
+            calls.append({"id": call_id_of(call_id), "type": "function", "function": fn})
         elif kind in _DROPPED_BLOCKS:
             continue
         elif kind is None:
@@ -380,85 +392,3 @@ def _assistant(where: str, blocks: list[tuple[str, Any]], call_ids: set[str]) ->
     if calls:
         message["tool_calls"] = calls
     return message
-
-
-def _tools(raw: Any) -> list[dict[str, Any]] | None:
-    """Anthropic tools -> OpenAI function tools (client tools only)."""
-    if raw is None or raw == []:  # clients send an empty list for "no tools"
-        return None
-    if not isinstance(raw, list):
-        raise InvalidRequestError("tools must be a list of tools", param="tools")
-    out = []
-    for i, tool in enumerate(raw):
-        where = f"tools[{i}]"
-        if not isinstance(tool, dict):
-            raise InvalidRequestError(f"{where} must be an object", param=where)
-        kind = tool.get("type")
-        if kind not in (None, "custom"):
-            raise InvalidRequestError(
-                f"{where} is the built-in tool {kind!r:.100}, which this server does not run; "
-                "give client tools with a name and an input_schema",
-                param=f"{where}.type",
-            )
-        extra = sorted(set(tool) - _TOOL_FIELDS)
-        if extra:
-            raise InvalidRequestError(
-                f"{where}.{extra[0][:100]}: extra inputs are not permitted",
-                param=f"{where}.{extra[0][:100]}",
-            )
-        if not isinstance(tool.get("input_schema"), dict):
-            raise InvalidRequestError(
-                f"{where}.input_schema must be a JSON Schema object", param=f"{where}.input_schema"
-            )
-        fn = {"name": tool.get("name"), "parameters": tool["input_schema"]}
-        if tool.get("description") is not None:
-            fn["description"] = tool["description"]
-        out.append({"type": "function", "function": fn})
-    return out
-
-
-def _tool_choice(raw: Any, *, has_tools: bool) -> tuple[Any, bool | None]:
-    """(OpenAI tool_choice, parallel_tool_calls) for an Anthropic tool_choice."""
-    if raw is None:
-        return None, None
-    kind = _block_type(raw)
-    if kind not in _TOOL_CHOICES:
-        raise InvalidRequestError(
-            'tool_choice must be {"type": "auto"}, {"type": "any"}, {"type": "none"} or '
-            f'{{"type": "tool", "name": ...}}, got {raw!r:.100}',
-            param="tool_choice",
-        )
-    disable = raw.get("disable_parallel_tool_use")
-    if disable is not None and not isinstance(disable, bool):
-        raise InvalidRequestError(
-            "tool_choice.disable_parallel_tool_use must be a boolean",
-            param="tool_choice.disable_parallel_tool_use",
-        )
-    parallel = None if disable is None else not disable
-    if kind in ("any", "tool") and not has_tools:
-        raise InvalidRequestError(
-            f'tool_choice "{kind}" needs tools, but the request has none', param="tool_choice"
-        )
-    if not has_tools:  # "auto" or "none" without tools: a plain answer
-        return None, None
-    if kind == "tool":
-        return {"type": "function", "function": {"name": raw.get("name")}}, parallel
-    return _TOOL_CHOICES[kind], parallel
-
-
-def _output_format(config: Any) -> dict[str, Any] | None:
-    """`output_config.format` {type: json_schema, schema} as an OpenAI response_format; `effort`
-    changes nothing here."""
-    if config is None:
-        return None
-    if not isinstance(config, dict):
-        raise InvalidRequestError("output_config must be an object", param="output_config")
-    fmt = config.get("format")
-    if fmt is None:
-        return None
-    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or "schema" not in fmt:
-        raise InvalidRequestError(
-            'output_config.format must be {"type": "json_schema", "schema": {...}}',
-            param="output_config.format",
-        )
-    return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}

@@ -8,20 +8,25 @@ A stream is Anthropic's sequence of named events (`event: <type>` then `data: {j
     message_delta (stop_reason, stop_sequence, usage), message_stop
 
 Text comes as `text_delta`s and a call's arguments as `input_json_delta`s; keep-alives are
-`ping` events; a stream that fails ends with an `error` event. Errors are Anthropic's
-`{"type": "error", "error": {...}}` (`errors.anthropic_error_body`, which `app.guarded` and the
-guards pick for these paths). Usage follows Anthropic's split:
+`ping` events; a stream that fails ends with an `error` event. `message_start` waits for the
+engine's first event, which says how much of the prompt the prefix cache held, so that it and
+`message_delta` report the same usage (SSE comments keep the connection alive until then).
+Errors are Anthropic's `{"type": "error", "error": {...}}` (`errors.anthropic_error_body`, which
+`app.guarded` and the guards pick for these paths). Usage follows Anthropic's split:
 `input_tokens` are the prompt tokens the prefix cache did not hold, `cache_read_input_tokens`
-the ones it did (their sum is what `count_tokens` answers). Any model name is served: clients
-such as Claude Code send `claude-*` names, and `model` in the answer names what served it.
-`max_tokens` is a ceiling: past what the context window leaves, it is lowered to fit, and an
-answer that fills the window stops with "model_context_window_exceeded".
+the ones it did (their sum is what `count_tokens` answers), the same in `message_start`,
+`message_delta` and a whole body. Tool-use ids read "toolu_..." (`tool_use_id`). Any model
+name is served: clients such as Claude Code send `claude-*` names, and `model` in the answer
+names what served it. `max_tokens` is a ceiling: past what the context window leaves, it is
+lowered to fit, and an answer that fills the window stops with "model_context_window_exceeded".
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.requests import Request
@@ -34,6 +39,7 @@ from mlx_mistral.errors import MistralError
 from mlx_mistral.sampling.params import SamplingParams
 
 from .anthropic_protocol import MessagesRequest
+from .anthropic_tools import tool_use_id
 from .errors import anthropic_error_body
 from .handling import RequestPlan, guarded, read_json, run_plan, state_of, stats_of, tool_call_ids
 from .streaming import ChoiceTally, Delta, ResponseWriter, Served
@@ -55,7 +61,8 @@ class MessagesWriter(ResponseWriter):
     """
 
     id_prefix = "msg"
-    keepalive = sse_event({"type": "ping"})
+    ping = sse_event({"type": "ping"})
+    keepalive = b": waiting for the model\n\n"  # until message_start; `ping` events after
 
     def __init__(
         self,
@@ -75,6 +82,7 @@ class MessagesWriter(ResponseWriter):
         self.block = -1  # the index of the content block the stream has open (or last closed)
         self.block_open = False
         self.block_type: str | None = None
+        self.started = False  # message_start sent
 
     # -- the engine's side -----------------------------------------------------------------
     def _record(self, event: TokenEvent) -> None:
@@ -119,17 +127,27 @@ class MessagesWriter(ResponseWriter):
             content.append({"type": "text", "text": choice.text})
         for call in choice.tool_calls or ():
             fn = call["function"]
-            block = {"id": call["id"], "name": fn["name"], "input": json.loads(fn["arguments"])}
+            block = {
+                "id": tool_use_id(call["id"]),
+                "name": fn["name"],
+                "input": _arguments(fn["arguments"]),
+            }
             content.append({"type": "tool_use", **block})
         return self._message(content, choice.finish_reason)
 
     # -- the stream ------------------------------------------------------------------------
-    def opening(self) -> list[bytes]:
-        # How much of the prompt the prefix cache holds is known once the engine runs it: here
-        # the whole prompt counts as input, and the final message_delta states the split (the
-        # SDK takes message_delta's counts over message_start's).
+    def _start(self) -> list[bytes]:
+        self.started, self.keepalive = True, self.ping
         start = {"type": "message_start", "message": self._message([], None)}
-        return [sse_event(start), self.keepalive]
+        return [sse_event(start), self.ping]
+
+    def _chunks(self, batch: list[TokenEvent]) -> Iterator[bytes]:
+        if not self.started:
+            # How much of the prompt the prefix cache holds is known once the engine runs it.
+            # (output_tokens stays 0 here, as Anthropic's message_start has it).
+            self.cached_tokens = max((event.cached_tokens for event in batch), default=0)
+            yield from self._start()
+        yield from super()._chunks(batch)
 
     def _start_block(self, block: dict[str, Any]) -> list[bytes]:
         out = self._stop_block()
@@ -157,7 +175,8 @@ class MessagesWriter(ResponseWriter):
         for call in delta.tool_calls:
             fn = call["function"]
             if "id" in call:  # a call's first delta: its id and name
-                block = {"type": "tool_use", "id": call["id"], "name": fn["name"], "input": {}}
+                call_id = tool_use_id(call["id"])
+                block = {"type": "tool_use", "id": call_id, "name": fn["name"], "input": {}}
                 out += self._start_block(block)
             if fn.get("arguments"):
                 out.append(
@@ -175,10 +194,41 @@ class MessagesWriter(ResponseWriter):
         return None  # the Messages API has no logprobs (never asked for)
 
     def closing(self) -> list[bytes]:
-        return [sse_event({"type": "message_stop"})]
+        opening = [] if self.started else self._start()
+        return [*opening, sse_event({"type": "message_stop"})]
 
     def failure(self, exc: MistralError) -> list[bytes]:
         return [sse_event(anthropic_error_body(exc))]
+
+
+def _arguments(text: str) -> Any:
+    """A call's input; a call cut short by max_tokens (stop_reason says so) has input {}."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+
+
+# -- models ------------------------------------------------------------------------------------
+ANTHROPIC_VERSION_HEADER = "anthropic-version"
+"""Sent by every Anthropic client: `/v1/models` answers such a request in Anthropic's shape."""
+
+
+def anthropic_model(card: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI model card (`ServerState.model_card`) as Anthropic's model object."""
+    created = datetime.fromtimestamp(card["created"], tz=UTC)
+    return {
+        "type": "model",
+        "id": card["id"],
+        "display_name": card["id"],
+        "created_at": created.isoformat().replace("+00:00", "Z"),
+    }
+
+
+def anthropic_model_list(card: dict[str, Any]) -> dict[str, Any]:
+    """Anthropic's page of models (one page: this server serves one model)."""
+    model = anthropic_model(card)
+    return {"data": [model], "has_more": False, "first_id": model["id"], "last_id": model["id"]}
 
 
 # -- the endpoints -----------------------------------------------------------------------------

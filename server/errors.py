@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Scope, Send
 
-from mlx_mistral.errors import EngineOverloadedError, MistralError
+from mlx_mistral.errors import ContextLengthExceededError, EngineOverloadedError, MistralError
 
 log = logging.getLogger("mlx_mistral.server")
 
@@ -97,10 +97,17 @@ def _message_naming_the_field(exc: MistralError) -> str:
 
 
 def anthropic_error_body(exc: MistralError) -> dict[str, Any]:
-    """`{"type": "error", "error": {"type", "message"}}`; the message names the field."""
+    """`{"type": "error", "error": {"type", "message"}}`; the message names the field.
+
+    A prompt over the context window is said in Anthropic's words ("prompt is too long: N
+    tokens > M maximum"): agents such as Claude Code match them to compact their history.
+    """
     default = "api_error" if exc.status >= 500 else "invalid_request_error"
     kind = ANTHROPIC_ERROR_TYPES.get(exc.status, default)
-    return {"type": "error", "error": {"type": kind, "message": _message_naming_the_field(exc)}}
+    message = _message_naming_the_field(exc)
+    if isinstance(exc, ContextLengthExceededError) and exc.prompt_tokens is not None:
+        message = f"prompt is too long: {exc.prompt_tokens} tokens > {exc.context_length} maximum"
+    return {"type": "error", "error": {"type": kind, "message": message}}
 
 
 def ollama_error_body(exc: MistralError) -> dict[str, str]:

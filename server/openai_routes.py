@@ -18,6 +18,7 @@ from starlette.routing import Route
 from mlx_mistral.engine import Engine
 from mlx_mistral.tokenizer import PromptBudget
 
+from .anthropic_writer import ANTHROPIC_VERSION_HEADER, anthropic_model, anthropic_model_list
 from .event_stream import EventStreamResponse
 from .handling import (
     RequestPlan,
@@ -157,13 +158,18 @@ async def run_plan_group(request: Request, engine: Engine, plans: list[RequestPl
 
 @guarded
 async def list_models(request: Request) -> Response:
-    return JSONResponse({"object": "list", "data": [state_of(request).model_card()]})
+    card = state_of(request).model_card()
+    if ANTHROPIC_VERSION_HEADER in request.headers:  # an Anthropic client (Claude Code, SDKs)
+        return JSONResponse(anthropic_model_list(card))
+    return JSONResponse({"object": "list", "data": [card]})
 
 
 @guarded
 async def get_model(request: Request) -> Response:
     state = state_of(request)
     state.check_model(request.path_params["model"], lookup=True)
+    if ANTHROPIC_VERSION_HEADER in request.headers:
+        return JSONResponse(anthropic_model(state.model_card()))
     return JSONResponse(state.model_card())
 
 

@@ -298,7 +298,7 @@ BAD_REQUESTS = [
         },
         "messages[0].content[1]",
     ),
-    ({"messages": [{"role": "system", "content": "x"}, *HELLO]}, "messages[0].role"),
+    ({"messages": [{"role": "tool", "content": "x"}, *HELLO]}, "messages[0].role"),
     ({"messages": HELLO, "top_k": -1}, "top_k"),
     ({"messages": HELLO, "stop_sequences": [""]}, "stop_sequences"),
     ({"messages": HELLO, "frequency_penalty": 1}, "frequency_penalty"),

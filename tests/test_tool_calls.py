@@ -46,7 +46,8 @@ BAD_REQUESTS = [
     ),
     ({"tools": [tool(parameters=[])]}, "tools[0].function.parameters"),
     ({"tools": [tool(parameters={"type": "string"})]}, "tools[0].function.parameters"),
-    # Valid JSON Schema the grammar engine cannot compile: refused up front, not at decode time.
+    # Valid JSON Schema the grammar engine cannot compile: refused up front, not at decode time
+    # (for a strict tool; any other has the format relaxed: tests/test_tool_schema_relaxing.py).
     (
         {
             "tools": [
@@ -54,7 +55,8 @@ BAD_REQUESTS = [
                     parameters={
                         "type": "object",
                         "properties": {"d": {"type": "string", "format": "weird"}},
-                    }
+                    },
+                    strict=True,
                 )
             ]
         },

@@ -59,6 +59,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import InvalidRequestError
+from .arguments_check import ArgumentsCheck
 from .format import (
     ARGUMENTS_KEY,
     CALL_OPEN,
@@ -72,7 +73,7 @@ from .format import (
     dumps,
     new_call_id,
 )
-from .spec import StructuredRequest
+from .spec import StructuredRequest, arguments_schema
 
 if TYPE_CHECKING:  # the tokenizer's convenience `encode_chat` imports the tools
     from ..tokenizer import Tokenizer
@@ -221,18 +222,6 @@ def _json_rule(name: str, schema: Mapping[str, Any]) -> str:
     return f"{name}: %json {dumps(merged)}\n"
 
 
-def arguments_schema(parameters: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The schema a call's `arguments` must satisfy: the tool's parameters, always an object.
-
-    No parameters means a function without arguments (`{}`), as in the OpenAI API.
-    """
-    if parameters is None:
-        return {"type": "object", "properties": {}, "additionalProperties": False}
-    schema = dict(parameters)
-    schema.setdefault("type", "object")
-    return schema
-
-
 def calls_rules(
     tools: Sequence[tuple[str, Mapping[str, Any] | None]], call_ids: Sequence[str]
 ) -> str:
@@ -289,7 +278,7 @@ def build_grammar(spec: StructuredRequest, call_ids: Sequence[str]) -> str | Non
         rules.append(f"start: {answer}\n")
         return "".join(rules)
 
-    tools = [(t.name, t.parameters) for t in spec.tools]
+    tools = [(t.name, t.enforced_parameters) for t in spec.tools]
     if choice == "function":
         tools = [t for t in tools if t[0] == spec.function_name]
     rules.append(calls_rules(tools, call_ids))
@@ -315,8 +304,16 @@ class GrammarConstraint:
         grammar: The Lark grammar text.
     """
 
-    def __init__(self, grammar: str, tokenizer: Tokenizer, *, call_ids: Sequence[str] = ()):
-        """Compile `grammar` for `tokenizer`.
+    def __init__(
+        self,
+        grammar: str,
+        tokenizer: Tokenizer,
+        *,
+        call_ids: Sequence[str] = (),
+        arguments_check: ArgumentsCheck | None = None,
+    ):
+        """Compile `grammar` for `tokenizer`; `arguments_check` validates the finished calls of
+        tools whose grammar is relaxed.
 
         Raises:
             ValueError: If llguidance refuses the grammar (request validation should have
@@ -334,6 +331,8 @@ class GrammarConstraint:
         self._in_calls = False
         self._bos = tokenizer.bos_id
         self._failed = False  # the engine reported an error (logged once)
+        self._arguments_check = arguments_check or None
+        self._calls = b""  # the call array's bytes, kept only for `arguments_check`
 
     @property
     def error(self) -> str | None:
@@ -370,9 +369,17 @@ class GrammarConstraint:
     def advance(self, token: int) -> None:
         """Consume the token the sequence took."""
         self._matcher.consume_token(token)
-        if not self._in_calls and self.call_ids and token != self._eos:
-            self._tail = (self._tail + self._token_bytes[token])[-64:]
-            self._in_calls = TOOL_CALLS_MARKER.encode() in self._tail
+        if token == self._eos or not self.call_ids:
+            return
+        if self._in_calls:
+            if self._arguments_check is not None:
+                self._calls += self._token_bytes[token]
+            return
+        self._tail = (self._tail + self._token_bytes[token])[-64:]
+        marker = TOOL_CALLS_MARKER.encode()
+        self._in_calls = marker in self._tail
+        if self._in_calls:
+            self._calls = self._tail[self._tail.index(marker) + len(marker) :]
 
     def forced_finish_reason(self) -> str | None:
         """ "tool_calls" once the call array is closed; "stop" once a JSON answer is complete;
@@ -382,7 +389,12 @@ class GrammarConstraint:
             return "error"
         if not self._matcher.is_stopped():
             return None
-        return "tool_calls" if self._in_calls else "stop"
+        if not self._in_calls:
+            return "stop"
+        if self._arguments_check is not None:
+            self._arguments_check.check(self._calls.decode("utf-8", errors="replace"))
+            self._arguments_check = None  # once per answer
+        return "tool_calls"
 
 
 def make_constraints(
@@ -426,6 +438,7 @@ def make_constraints(
     _check_schemas_serve(spec, tokenizer)
     max_calls = MAX_PARALLEL_CALLS if spec.parallel_tool_calls else 1
     calls = bool(spec.tools) and spec.tool_choice != "none"
+    arguments_check = ArgumentsCheck(spec.tools) if calls else None
     constraints = []
     for choice in range(n):
         rng = None
@@ -436,7 +449,11 @@ def make_constraints(
         grammar = build_grammar(spec, call_ids)
         if grammar is None:
             return None
-        constraints.append(GrammarConstraint(grammar, tokenizer, call_ids=call_ids))
+        constraints.append(
+            GrammarConstraint(
+                grammar, tokenizer, call_ids=call_ids, arguments_check=arguments_check
+            )
+        )
     return constraints
 
 
@@ -446,9 +463,9 @@ def _check_schemas_serve(spec: StructuredRequest, tokenizer: Tokenizer) -> None:
         schemas.append(("response_format.json_schema.schema", spec.response_format.schema or {}))
     if spec.tool_choice != "none":
         schemas += [
-            (f"tools[{i}].function.parameters", arguments_schema(tool.parameters))
+            (f"tools[{i}].function.parameters", arguments_schema(tool.enforced_parameters))
             for i, tool in enumerate(spec.tools)
-            if tool.parameters is not None
+            if tool.enforced_parameters is not None
         ]
     for param, schema in schemas:
         error = schema_serving_error(schema, tokenizer)

@@ -44,8 +44,11 @@ class SchemaBudget:
     def __init__(self, values: int = MAX_SCHEMA_VALUES):
         self.values = values
 
-    def check(self, schema: Any, param: str) -> None:
+    def check(self, schema: Any, param: str, *, relaxable: bool = False) -> None:
         """Raise if `schema` exceeds a limit; its values are charged to the budget.
+
+        With `relaxable` (a tool that is not strict) the length counts and patterns are not
+        checked here: `mlx_mistral.tools.relaxing` drops those the grammar cannot serve.
 
         Raises:
             InvalidRequestError: naming `param` and the path inside the schema.
@@ -64,13 +67,13 @@ class SchemaBudget:
             if depth > MAX_SCHEMA_DEPTH:
                 raise _refuse(param, path, f"nested more than {MAX_SCHEMA_DEPTH} levels deep")
             if isinstance(value, dict):
-                _check_keywords(value, param, path)
+                _check_keywords(value, param, path, relaxable)
                 stack.extend((v, f"{path}.{k}", depth + 1) for k, v in value.items())
             elif isinstance(value, list):
                 stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value))
 
 
-def _check_keywords(schema: dict[str, Any], param: str, path: str) -> None:
+def _check_keywords(schema: dict[str, Any], param: str, path: str, relaxable: bool) -> None:
     for keyword in ("anyOf", "oneOf"):
         items = schema.get(keyword)
         if isinstance(items, list) and len(items) > MAX_ALTERNATIVES:
@@ -84,6 +87,8 @@ def _check_keywords(schema: dict[str, Any], param: str, path: str) -> None:
         raise _refuse(
             param, f"{path}.enum", f"has {len(enum)} values; at most {MAX_ENUM} are supported"
         )
+    if relaxable:
+        return
     for keyword in _COUNT_KEYWORDS:
         count = schema.get(keyword)
         if isinstance(count, int) and not isinstance(count, bool) and count > MAX_REPEAT:
@@ -100,21 +105,25 @@ def _check_keywords(schema: dict[str, Any], param: str, path: str) -> None:
 
 
 def _check_pattern(pattern: str, param: str, path: str) -> None:
+    problem = pattern_problem(pattern)
+    if problem is not None:
+        raise _refuse(param, path, problem)
+
+
+def pattern_problem(pattern: str) -> str | None:
+    """Why a `pattern` is past what this server serves (as "is ..." / "repeats ..."), or None."""
     try:
         parsed = sre_parse.parse(pattern)
     except (re.error, OverflowError, RecursionError, ValueError) as exc:
         # OverflowError: a count past 2^32 ("a{4294967296}"), which re reports that way.
-        raise _refuse(
-            param, path, f"is not a regular expression this server supports: {exc}"
-        ) from None
+        return f"is not a regular expression this server supports: {exc}"
     repeat = _repeat_product(parsed)
     if repeat > MAX_REPEAT:
-        raise _refuse(
-            param,
-            path,
+        return (
             f"repeats up to {repeat} times (counts multiplied through nesting); at most "
-            f"{MAX_REPEAT} is supported",
+            f"{MAX_REPEAT} is supported"
         )
+    return None
 
 
 def _repeat_product(parsed: Any) -> int:

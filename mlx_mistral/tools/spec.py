@@ -6,17 +6,49 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 
 @dataclass(frozen=True)
 class ToolSpec:
-    """One function the model may call."""
+    """One function the model may call.
+
+    Attributes:
+        name: The function's name.
+        description: What it does (shown to the model).
+        parameters: Its arguments' JSON schema, in full (None: no arguments): the prompt shows
+            it and relaxed calls are checked against it.
+        strict: The caller asked for the schema to be enforced in full (a 400 if it cannot be).
+        grammar_parameters: What the grammar enforces when it cannot enforce `parameters` in
+            full (`mlx_mistral.tools.relaxing`); None: `parameters` itself.
+        relaxations: What the grammar leaves out of `parameters`, one line per keyword.
+    """
 
     name: str
     description: str | None = None
-    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+    parameters: dict[str, Any] | None = None
+    strict: bool = False
+    grammar_parameters: dict[str, Any] | None = field(default=None, repr=False)
+    relaxations: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def enforced_parameters(self) -> dict[str, Any] | None:
+        """The schema the grammar enforces on this tool's arguments."""
+        return self.parameters if self.grammar_parameters is None else self.grammar_parameters
+
+
+def arguments_schema(parameters: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The schema a call's `arguments` must satisfy: the tool's parameters, always an object.
+
+    No parameters means a function without arguments (`{}`), as in the OpenAI API.
+    """
+    if parameters is None:
+        return {"type": "object", "properties": {}, "additionalProperties": False}
+    schema = dict(parameters)
+    schema.setdefault("type", "object")
+    return schema
 
 
 @dataclass(frozen=True)

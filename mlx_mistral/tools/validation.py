@@ -24,9 +24,10 @@ from jsonschema.exceptions import SchemaError
 
 from ..errors import InvalidRequestError
 from .format import check_name
-from .grammar import arguments_schema, check_schema_compiles
+from .grammar import check_schema_compiles
+from .relaxing import log_relaxations, relax_schema
 from .schema_limits import SchemaBudget
-from .spec import ResponseFormat, StructuredRequest, ToolSpec
+from .spec import ResponseFormat, StructuredRequest, ToolSpec, arguments_schema
 
 TOOL_CHOICES = ("none", "auto", "required")
 FORMAT_TYPES = ("text", "json_object", "json_schema")
@@ -88,7 +89,7 @@ def parse_tools(raw: Any, budget: SchemaBudget | None = None) -> tuple[ToolSpec,
 
     Example:
         >>> parse_tools([{"type": "function", "function": {"name": "now"}}])
-        (ToolSpec(name='now', description=None, parameters=None),)
+        (ToolSpec(name='now', description=None, parameters=None, strict=False),)
     """
     if not isinstance(raw, list) or not raw:
         raise InvalidRequestError("tools must be a non-empty list of tool objects", param="tools")
@@ -122,11 +123,40 @@ def parse_tools(raw: Any, budget: SchemaBudget | None = None) -> tuple[ToolSpec,
                 f"{where}.function.description must be a string",
                 param=f"{where}.function.description",
             )
-        parameters = fn.get("parameters")
-        if parameters is not None:
-            _check_schema(parameters, f"{where}.function.parameters", budget, must_take_object=True)
-        specs.append(ToolSpec(name, description, parameters))
+        strict = fn.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise InvalidRequestError(
+                f"{where}.function.strict must be a boolean", param=f"{where}.function.strict"
+            )
+        specs.append(
+            _tool_spec(name, description, fn.get("parameters"), bool(strict), where, budget)
+        )
     return tuple(specs)
+
+
+def _tool_spec(
+    name: str,
+    description: str | None,
+    parameters: Any,
+    strict: bool,
+    where: str,
+    budget: SchemaBudget,
+) -> ToolSpec:
+    """A strict tool's schema is served in full or refused; any other's grammar relaxes what it
+    cannot enforce (`mlx_mistral.tools.relaxing`)."""
+    if parameters is None:
+        return ToolSpec(name, description, None, strict)
+    param = f"{where}.function.parameters"
+    if strict:
+        _check_schema(parameters, param, budget, must_take_object=True)
+        return ToolSpec(name, description, parameters, strict)
+    _check_schema(parameters, param, budget, must_take_object=True, relax=True)
+    relaxed = relax_schema(arguments_schema(parameters))
+    _check_compiles(relaxed.schema, param)  # what no relaxation helps (an external $ref)
+    if not relaxed.relaxations:
+        return ToolSpec(name, description, parameters)
+    log_relaxations(name, relaxed.relaxations)
+    return ToolSpec(name, description, parameters, False, relaxed.schema, relaxed.relaxations)
 
 
 def _tool_choice(raw: Any, tools: tuple[ToolSpec, ...]) -> tuple[Any, str | None]:
@@ -201,12 +231,15 @@ def _response_format(raw: Any, budget: SchemaBudget) -> ResponseFormat:
     return ResponseFormat("json_schema", js["name"], js["schema"], strict)
 
 
-def _check_schema(schema: Any, param: str, budget: SchemaBudget, *, must_take_object: bool) -> None:
+def _check_schema(
+    schema: Any, param: str, budget: SchemaBudget, *, must_take_object: bool, relax: bool = False
+) -> None:
     """A JSON Schema (2020-12) within the limits, that the grammar engine compiles; parameters
-    describe an object."""
+    describe an object. With `relax` (a tool that is not strict) what the grammar cannot serve
+    is left for `relax_schema`: only the limits that bound the work are checked here."""
     if not isinstance(schema, dict):
         raise InvalidRequestError(f"{param} must be a JSON Schema object", param=param)
-    budget.check(schema, param)
+    budget.check(schema, param, relaxable=relax)
     try:
         Draft202012Validator.check_schema(schema)
     except RecursionError:
@@ -231,6 +264,11 @@ def _check_schema(schema: Any, param: str, budget: SchemaBudget, *, must_take_ob
                 param=param,
             )
         schema = arguments_schema(schema)
+    if not relax:
+        _check_compiles(schema, param)
+
+
+def _check_compiles(schema: dict[str, Any], param: str) -> None:
     error = check_schema_compiles(schema)
     if error is not None:
         raise InvalidRequestError(

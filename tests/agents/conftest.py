@@ -47,3 +47,26 @@ def long_window_demo(tmp_path_factory) -> Path:
     config["max_position_embeddings"] = AGENT_WINDOW
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+# -- Claude Code ------------------------------------------------------------------------------
+# Claude Code's first request on a cold server prefills ~13-20k tokens: ~45 s on a quiet 2-core
+# CPU, minutes on a busy one. Its own request timeout (API_TIMEOUT_MS) and the tests' waits are
+# set far above that.
+CLAUDE_TIMEOUT_SECONDS = 1200
+
+
+def claude_code_env(base_url: str, home: Path) -> dict[str, str]:
+    """The environment Claude Code runs in as a user of this server has it: the server's URL
+    and a key, its configuration in `home`, and nothing that calls Anthropic's services."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE_"))}
+    return {
+        **env,
+        "HOME": str(home),
+        "CLAUDE_CONFIG_DIR": str(home / ".claude"),
+        "ANTHROPIC_BASE_URL": base_url,
+        "ANTHROPIC_API_KEY": "sk-local",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",  # no telemetry, updates, error reports
+        "DISABLE_AUTOUPDATER": "1",
+        "API_TIMEOUT_MS": str(CLAUDE_TIMEOUT_SECONDS * 1000),
+    }
