@@ -51,9 +51,12 @@ export async function* streamChat(body, signal) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
+  let finished = false;
   for (;;) {
+    // Read on after [DONE] to the body's end, so the connection is left clean for reuse.
     const { value, done } = await reader.read();
     if (done) return;
+    if (finished) continue;
     buffer += decoder.decode(value, { stream: true }).replaceAll("\r\n", "\n");
     let end;
     while ((end = buffer.indexOf("\n\n")) >= 0) {
@@ -65,7 +68,10 @@ export async function* streamChat(body, signal) {
         .map((line) => line.slice(5).trimStart())
         .join("\n");
       if (!data) continue; // a keep-alive comment
-      if (data === "[DONE]") return;
+      if (data === "[DONE]") {
+        finished = true;
+        break;
+      }
       const chunk = JSON.parse(data);
       if (chunk.error) throw new ApiError(0, chunk.error.message ?? "the stream failed");
       yield chunk;
