@@ -66,6 +66,20 @@ def _rate(part: int, whole: int) -> float | None:
     return None if whole <= 0 else round(part / whole, 4)
 
 
+def disk_cache(state: ServerState) -> dict[str, Any] | None:
+    """The disk prompt cache's prompts and size cap (None when it is off)."""
+    generator = state.engine.generator if state.engine is not None else None
+    cache = None if generator is None else generator.prefix_cache
+    disk = None if cache is None else cache.disk
+    if disk is None:
+        return None
+    return {
+        "entries": len(disk),  # a dict's len(): safe while the writer thread adds
+        "limit_bytes": state.config.prompt_cache_disk_bytes,
+        "directory": state.config.prompt_cache_dir,
+    }
+
+
 def base_urls(request: Request, config: ServerConfig) -> dict[str, Any]:
     """The addresses a client is configured with, as this request reached the server."""
     origin = f"{request.url.scheme}://{request.url.netloc}"
@@ -103,6 +117,7 @@ def status_body(request: Request, state: ServerState) -> dict[str, Any]:
         "unloads_at": None if unloads_at is None else iso_time(unloads_at),
         "started_at": iso_time(state.started),
         "memory": engine.slot.memory_usage(),
+        "disk_cache": disk_cache(state),
         "requests": {
             "active": engine.num_active,
             "waiting": engine.num_waiting,

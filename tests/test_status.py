@@ -27,6 +27,7 @@ def test_status_reports_the_model_memory_queue_and_addresses(server):
     assert status["state"] == "loaded"
     assert status["memory"]["limit_bytes"] == 2**30
     assert status["memory"]["weights_bytes"] > 0
+    assert status["disk_cache"] is None  # ServerProcess turns it off
     assert status["requests"]["active"] == 0
     assert len(status["tokens_per_second"]["counts"]) == 180
     assert status["served"]["base_urls"]["openai"] == server.url("/v1")
@@ -58,6 +59,19 @@ def test_status_is_behind_the_key_and_the_host_check(server):
     assert wrong.status_code == 401
     foreign = httpx.get(server.url("/v1/status"), headers={**AUTH, "Host": "evil.example"})
     assert foreign.status_code == 403
+
+
+def test_status_reports_the_disk_prompt_cache(tmp_path):
+    with ServerProcess(demo_model_path(), "--prompt-cache-dir", str(tmp_path)) as server:
+        httpx.post(
+            server.url("/v1/chat/completions"),
+            json={"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4},
+            timeout=60,
+        ).raise_for_status()
+        disk = httpx.get(server.url("/v1/status")).json()["disk_cache"]
+    assert disk["directory"] == str(tmp_path)
+    assert disk["limit_bytes"] == 10 * 2**30
+    assert disk["entries"] >= 0  # written in the background: may not be counted yet
 
 
 def test_activity_keeps_per_second_counts_for_its_window():

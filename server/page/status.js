@@ -30,6 +30,7 @@ function rows(status) {
     ["Context window", model.context_length ? `${model.context_length} tokens` : "unknown until loaded"],
     ["State", status.state + (status.unloads_at ? `, unloads at ${new Date(status.unloads_at).toLocaleTimeString()}` : "")],
     ["Memory", `${bytes(memory.total_bytes)} (weights ${bytes(memory.weights_bytes)}, KV ${bytes(memory.kv_bytes)}, prefix cache ${bytes(memory.prefix_cache_bytes)})`],
+    ["Disk prompt cache", status.disk_cache ? `${status.disk_cache.entries} prompts, up to ${bytes(status.disk_cache.limit_bytes)}` : "off"],
     ["Memory budget", memory.limit_bytes ? bytes(memory.limit_bytes) : "no cap (--max-memory)"],
     ["Requests", `${requests.active} active, ${requests.running} decoding, ${requests.waiting} waiting`],
     ["Tokens per second", `${status.tokens_per_second.now} now; ${status.tokens.generated} generated in all`],
@@ -52,10 +53,15 @@ function clients(status) {
 }
 
 function drawChart(canvas, counts) {
+  // Drawn at the screen's pixel density, in CSS pixels.
+  const scale = window.devicePixelRatio || 1;
+  const width = canvas.clientWidth || 600;
+  const height = canvas.clientHeight || 120;
+  if (canvas.width !== Math.round(width * scale)) canvas.width = Math.round(width * scale);
+  if (canvas.height !== Math.round(height * scale)) canvas.height = Math.round(height * scale);
   const context = canvas.getContext("2d");
+  context.setTransform(scale, 0, 0, scale, 0, 0);
   const style = getComputedStyle(canvas);
-  const width = canvas.width;
-  const height = canvas.height;
   context.clearRect(0, 0, width, height);
   const peak = Math.max(1, ...counts);
   const bar = width / Math.max(1, counts.length);
