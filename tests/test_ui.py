@@ -130,6 +130,43 @@ def test_a_message_streams_in_with_its_figures_and_survives_a_reload(server, wat
     assert watched.problems == []
 
 
+def test_keyboard_regenerate_edit_and_a_refused_request(server, watched):
+    page = watched.page
+    page.goto(server.url("/"))
+    page.get_by_role("button", name="New chat").click()
+    box = page.get_by_role("textbox", name="Message")
+    box.fill("Hello")
+    box.press("Shift+Enter")  # a new line, not a send
+    box.type("there")
+    assert box.input_value() == "Hello\nthere"
+    assert page.locator("#messages li").count() == 0
+    box.fill("Hello")
+    box.press("Enter")
+    figures = page.locator("#messages li.assistant .figures")
+    sync_api.expect(figures).to_contain_text("finish: stop", timeout=30_000)
+
+    page.get_by_role("button", name="Regenerate").click()
+    sync_api.expect(figures).to_contain_text("finish: stop", timeout=30_000)
+    assert page.locator("#messages li").count() == 2  # the answer replaced, not added
+
+    assert watched.problems == []
+
+    # A request the server refuses shows its error, naming the field; the question can then
+    # be edited and sent again.
+    page.get_by_text("Settings").click()
+    page.get_by_role("spinbutton", name="Temperature").fill("5")
+    send(page, "Hello again")
+    sync_api.expect(page.locator("#chat-error")).to_contain_text("temperature")
+    sync_api.expect(page.get_by_role("button", name="Send")).to_be_enabled()
+    page.get_by_role("spinbutton", name="Temperature").fill("0")
+    page.get_by_role("button", name="Edit").click()
+    assert box.input_value() == "Hello again"
+    assert page.locator("#messages li").count() == 2
+    box.press("Enter")
+    sync_api.expect(figures.nth(1)).to_contain_text("finish: stop", timeout=30_000)
+    sync_api.expect(page.locator("#chat-error")).to_be_empty()
+
+
 def test_html_in_an_answer_is_shown_as_text_never_run(server, watched):
     page = watched.page
     page.goto(server.url("/"))
