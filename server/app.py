@@ -40,7 +40,9 @@ from .schemas import (
     LogprobFormatter,
 )
 from .security import build_middleware, is_authenticated
+from .status import status
 from .streaming import Served
+from .ui import ui_routes
 
 log = logging.getLogger("mlx_mistral.server")
 access_log = logging.getLogger("mlx_mistral.server.access")
@@ -230,6 +232,8 @@ def create_app(
     """
     state = ServerState(config, engine=engine)
     routes = [
+        *(ui_routes() if config.ui else ()),  # before Ollama's `GET /`: a browser gets the page
+        Route("/v1/status", status, methods=["GET"]),
         *openai_routes(),
         *ResponsesAPI().routes(),
         *anthropic_routes,

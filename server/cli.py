@@ -212,6 +212,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "when --api-key is set; behind the API key when one is set)",
     )
     parser.add_argument(
+        "--no-ui",
+        action="store_true",
+        help="do not serve the chat and status page at / (docs/ui.md)",
+    )
+    parser.add_argument(
         "--prompt-price",
         type=float,
         default=0.0,
@@ -338,6 +343,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         if args.max_memory is None
         else parse_size(args.max_memory, name="--max-memory"),
         metrics=args.metrics,
+        ui=not args.no_ui,
     )
 
 

@@ -178,6 +178,7 @@ class ServerConfig:
             one loads it again); 0 after each request, `math.inf` never.
         max_memory_bytes: cap on weights + KV + prefix cache; None: no cap.
         metrics: serve /metrics; None: when bound to loopback or behind an API key.
+        ui: serve the chat and status page at / (docs/ui.md).
 
     Raises:
         InvalidRequestError: a setting out of range, or a public bind without a key; `param`
@@ -218,6 +219,7 @@ class ServerConfig:
     keep_alive_seconds: float = 300.0  # Ollama's default: a laptop gets its memory back
     max_memory_bytes: int | None = None
     metrics: bool | None = None
+    ui: bool = True
     accepted_model_names: frozenset[str] = field(default=frozenset(), compare=False)
 
     def __post_init__(self) -> None:

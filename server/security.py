@@ -18,6 +18,7 @@ from mlx_mistral.errors import AuthenticationError, InvalidRequestError, Permiss
 
 from .config import ServerConfig, host_allowed, host_name
 from .errors import PayloadTooLargeError, send_error
+from .ui import is_page_request
 
 UNAUTHENTICATED_PATHS = frozenset({"/health"})
 """Paths served without a key: liveness probes carry none. /health tells a caller without the
@@ -121,9 +122,10 @@ class ApiKeyAuth:
     openai package always send one).
     """
 
-    def __init__(self, app: ASGIApp, *, api_key: str | None):
+    def __init__(self, app: ASGIApp, *, api_key: str | None, page: bool = False):
         self.app = app
         self.key = api_key.encode() if api_key is not None else None
+        self.page = page  # the page's shell and assets load without the key (they ask for it)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -135,7 +137,7 @@ class ApiKeyAuth:
             scope[AUTHENTICATED] = True
             await self.app(scope, receive, send)
             return
-        if scope["path"] in UNAUTHENTICATED_PATHS:
+        if scope["path"] in UNAUTHENTICATED_PATHS or (self.page and is_page_request(scope)):
             await self.app(scope, receive, send)
             return
         if header is None and api_key is None:
@@ -211,6 +213,6 @@ def build_middleware(config: ServerConfig) -> list[Middleware]:
         )
     else:
         stack.append(Middleware(PreflightWithoutCors))
-    stack.append(Middleware(ApiKeyAuth, api_key=config.api_key))
+    stack.append(Middleware(ApiKeyAuth, api_key=config.api_key, page=config.ui))
     stack.append(Middleware(BodyLimit, max_bytes=config.max_body_bytes))
     return stack

@@ -25,6 +25,7 @@ from mlx_mistral.errors import MistralError
 from mlx_mistral.sampling.params import SamplingParams
 from mlx_mistral.tools.parsing import StreamDelta, ToolCallStreamer, assemble_tool_calls
 
+from .activity import Activity
 from .schemas import LogprobFormatter, new_id, now
 
 if TYPE_CHECKING:
@@ -85,6 +86,7 @@ class Served:
     prices: tuple[float, float]
     formatter: LogprobFormatter
     spaced_tokens: frozenset[int] = frozenset()
+    activity: Activity = field(default_factory=Activity)  # tokens as they come, for /v1/status
 
 
 @dataclass(frozen=True)
@@ -207,9 +209,15 @@ class ResponseWriter(ABC):
 
     # -- the shared part -------------------------------------------------------------------------
     def _record(self, event: TokenEvent) -> None:
+        before = (self.prompt_tokens, self.cached_tokens, self.completion_tokens[event.index])
         self.prompt_tokens = max(self.prompt_tokens, event.prompt_tokens)
         self.cached_tokens = max(self.cached_tokens, event.cached_tokens)
         self.completion_tokens[event.index] = event.completion_tokens
+        self.served.activity.record(
+            prompt=self.prompt_tokens - before[0],
+            cached=self.cached_tokens - before[1],
+            generated=max(0, event.completion_tokens - before[2]),
+        )
         if event.token is not None and "ttft" not in self.stats:
             self.stats["ttft"] = time.perf_counter() - self.stats.get("start", time.perf_counter())
         self.stats["prompt_tokens"] = self.prompt_tokens

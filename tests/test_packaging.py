@@ -27,6 +27,10 @@ def test_wheel_layout(tmp_path):
     assert "mlx_mistral/server/app.py" in names
     assert "mlx_mistral/convert/cli.py" in names
     assert "mlx_mistral/demo_model/config.json" in names
+    from mlx_mistral.server.ui import ASSETS  # the page's files: data the wheel must carry
+
+    for name in ("index.html", *ASSETS):
+        assert f"mlx_mistral/server/page/{name}" in names, name
     assert not any(n.startswith(("server/", "convert/", "tests/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert (
