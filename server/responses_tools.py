@@ -147,7 +147,11 @@ def _function_tool(tool: dict[str, Any], where: str) -> dict[str, Any]:
     strict = tool.get("strict")
     if strict is not None and not isinstance(strict, bool):
         raise _bad(f"{where}.strict must be a boolean", f"{where}.strict")
-    return {"type": "function", "function": fn}  # always strict: calls are constrained
+    if strict:
+        # Only an explicit `strict: true` refuses a schema the grammar cannot enforce in full:
+        # OpenAI's default is strict, but agents (Codex) send schemas that need relaxing.
+        fn["strict"] = True
+    return {"type": "function", "function": fn}
 
 
 def _namespace(tool: dict[str, Any], where: str) -> list[tuple[tuple[str, str], dict[str, Any]]]:

@@ -201,13 +201,17 @@ def test_a_tool_that_is_not_strict_is_served_relaxed(server, dialect):
     assert "properties.city.maxLength 524288: no bound" in server.log()
 
 
-@pytest.mark.parametrize("dialect", ["chat", "anthropic"])
+@pytest.mark.parametrize("dialect", DIALECTS)
 def test_a_strict_tool_keeps_the_400_naming_the_keyword(server, dialect):
     path, body_of, _ = DIALECTS[dialect]
     response = post(server, path, body_of(AGENT_SCHEMA, True))
     assert response.status_code == 400, response.text
     message = json.dumps(response.json())
-    field = "tools[0].input_schema" if dialect == "anthropic" else "tools[0].function.parameters"
+    field = {
+        "anthropic": "tools[0].input_schema",
+        "responses": "tools[0].parameters",
+        "chat": "tools[0].function.parameters",
+    }[dialect]
     assert field in message and "properties.city.maxLength" in message
 
 
