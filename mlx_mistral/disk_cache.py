@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import itertools
-import json
 import logging
 import os
 import queue
@@ -34,6 +32,18 @@ import mlx.core as mx
 import numpy as np
 
 from .checkpoint_files import INDEX_FILE, safetensors_files
+from .disk_cache_files import (
+    SUFFIX,
+    all_entries,
+    claim_cache_dir,
+    create_private_file,
+    entry_files,
+    make_model_dir,
+    open_regular_file,
+    parse_header,
+    remove_stale_temp_files,
+    temp_name,
+)
 from .prefix_cache import KV, LayerKV, common_prefix_length
 
 if TYPE_CHECKING:
@@ -43,7 +53,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("mlx_mistral.disk_cache")
 
 FORMAT = "mlx-mistral-prompt-cache/1"
-SUFFIX = ".safetensors"
 DEFAULT_DISK_BYTES = 10 * 2**30
 MAX_PENDING_WRITES = 2  # beyond this the engine outruns the disk: later prefixes are skipped
 
@@ -125,25 +134,14 @@ def checksum(tensors: dict[str, mx.array]) -> str:
     return f"{crc:08x}"
 
 
-def read_header(path: Path) -> tuple[dict[str, str], int]:
-    """A safetensors file's metadata and the size its header says the file has.
+def read_header(path: Path) -> tuple[dict[str, str], dict[str, dict], int]:
+    """A cache file's metadata, its tensors' entries and the size its header says it has.
 
     Raises:
-        ValueError: not a safetensors file.
+        OSError, ValueError: not a regular file, or not a well-formed safetensors file.
     """
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError("shorter than a safetensors header")
-        n = int.from_bytes(head, "little")
-        if n > 100 * 2**20:
-            raise ValueError("header length out of range")
-        raw = f.read(n)
-    if len(raw) != n:
-        raise ValueError("truncated header")
-    header = json.loads(raw)
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    return header.get("__metadata__") or {}, 8 + n + end
+    with open_regular_file(path) as f:
+        return parse_header(f)
 
 
 class DiskPrefixCache:
@@ -163,8 +161,8 @@ class DiskPrefixCache:
             f"{settings.model_identity}\0{kv_format}".encode()
         ).hexdigest()
         self.root = Path(settings.directory)
-        self.dir = self.root / self.identity[:24]
-        self.dir.mkdir(parents=True, exist_ok=True)
+        claim_cache_dir(self.root)
+        self.dir = make_model_dir(self.root, self.identity[:24])
         self.num_layers = num_layers
         self._lock = threading.Lock()  # the index: read on the engine thread, grown by the writer
         self._index: dict[str, _Entry] = {}
@@ -174,14 +172,12 @@ class DiskPrefixCache:
             target=self._write_loop, name="prompt-cache-writer", daemon=True
         )
         self._writer.start()
-        self._names = itertools.count()
 
     # -- the index -------------------------------------------------------------------------------
     def _scan(self) -> None:
-        for path in sorted(self.dir.glob("*" + SUFFIX)):
-            if path.name.startswith("."):  # a write a crash interrupted
-                path.unlink(missing_ok=True)
-                continue
+        remove_stale_temp_files(self.dir)
+        for item in sorted(entry_files(self.dir), key=lambda item: item.name):
+            path = Path(item.path)
             ids = self._check_header(path)
             if ids is not None:
                 self._index[path.name] = _Entry(path, ids)
@@ -189,7 +185,7 @@ class DiskPrefixCache:
     def _check_header(self, path: Path) -> np.ndarray | None:
         """The token ids of a file made for this model, else None (logged, file removed)."""
         try:
-            meta, size = read_header(path)
+            meta, _, size = read_header(path)
             if meta.get("format") != FORMAT:
                 raise ValueError("not a prompt-cache file")
             if meta.get("model") != self.identity:
@@ -292,7 +288,7 @@ class DiskPrefixCache:
             return
         key = hashlib.sha256(ids.astype("<i4").tobytes()).hexdigest()[:32]
         path = self.dir / f"{len(ids)}-{key}{SUFFIX}"
-        temp = self.dir / f".{os.getpid()}-{next(self._names)}-{path.name}"
+        temp = self.dir / temp_name(path.name)
         tensors = _flatten(layers)
         metadata = {
             "crc32": checksum(tensors),
@@ -300,6 +296,7 @@ class DiskPrefixCache:
             "model": self.identity,
             "tokens": base64.b64encode(ids.astype("<i4").tobytes()).decode(),
         }
+        create_private_file(temp)
         mx.save_safetensors(str(temp), tensors, metadata=metadata)
         if temp.stat().st_size > self.settings.max_bytes:
             temp.unlink()
@@ -315,14 +312,9 @@ class DiskPrefixCache:
         self._evict()
 
     def _evict(self) -> None:
-        """Remove the least recently used files (of every model) until under the byte cap."""
-        files = []
-        for path in self.root.glob("*/*" + SUFFIX):
-            try:
-                stat = path.stat()
-            except OSError:
-                continue
-            files.append((stat.st_mtime_ns, stat.st_size, path))
+        """Remove the least recently used entries (of every model) until under the byte cap:
+        only the cache's own names, regular files, never through a symlink."""
+        files = list(all_entries(self.root))
         total = sum(size for _, size, _ in files)
         for _, size, path in sorted(files):
             if total <= self.settings.max_bytes:
