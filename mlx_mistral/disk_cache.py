@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 import numpy as np
 
+from .cache import QuantizedKVCache
 from .checkpoint_files import INDEX_FILE, safetensors_files
 from .disk_cache_files import (
     SUFFIX,
@@ -38,6 +39,7 @@ from .disk_cache_files import (
     claim_cache_dir,
     create_private_file,
     entry_files,
+    hash_weights,
     make_model_dir,
     open_regular_file,
     parse_header,
@@ -66,16 +68,17 @@ def default_cache_dir() -> Path:
 
 
 def model_identity(model_dir: str | os.PathLike[str]) -> str:
-    """A hash naming one checkpoint: its config.json, index and weight files' names, sizes and
-    mtimes (cheap: no weight is read). A re-downloaded or converted checkpoint gets a new one."""
+    """A hash naming one checkpoint by its content: config.json, the index, and each weight
+    file's name, size, header and a sample of every tensor's bytes (`hash_weights`). Two
+    fine-tunes of one base model (same config, sizes and, after `cp -p`, times) differ."""
     root = Path(model_dir)
     digest = hashlib.sha256()
     for name in ("config.json", INDEX_FILE):
         if (root / name).is_file():
             digest.update(name.encode() + b"\0" + (root / name).read_bytes())
     for path in safetensors_files(root):
-        stat = path.stat()
-        digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{path.name}\0{path.stat().st_size}\n".encode())
+        hash_weights(digest, path)
     return digest.hexdigest()
 
 
@@ -88,6 +91,69 @@ class DiskCacheSettings:
     model_identity: str
     max_bytes: int = DEFAULT_DISK_BYTES
     min_tokens: int = 256
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What the model's KV is: every file's tensors are checked against it before use."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: mx.Dtype
+    kv_bits: int | None = None  # quantized as (packed uint32, scales, biases) per QuantizedKVCache
+
+    @property
+    def kv_format(self) -> str:
+        """Part of the identity: a float16 cache must not load into a float32 or 8-bit one."""
+        return f"{self.dtype}/kv_bits={self.kv_bits}"
+
+    def expected(self, tokens: int) -> dict[str, tuple[mx.Dtype, tuple[int, ...]]]:
+        """Every tensor a file holding `tokens` positions must have: name -> (dtype, shape)."""
+        rows = (1, self.kv_heads, tokens)
+        if self.kv_bits is None:
+            parts = {"": (self.dtype, (*rows, self.head_dim))}
+        else:
+            groups = self.head_dim // QuantizedKVCache.group_size
+            packed = (mx.uint32, (*rows, self.head_dim * self.kv_bits // 32))
+            parts = {".0": packed, ".1": (self.dtype, (*rows, groups))}
+            parts[".2"] = parts[".1"]
+        return {
+            f"{i}.{name}{suffix}": part
+            for i in range(self.num_layers)
+            for name in ("keys", "values")
+            for suffix, part in parts.items()
+        }
+
+    def check(self, tokens: int, found: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+        """Raise ValueError unless `found` (name -> (dtype name, shape)) is exactly the tensors
+        of `tokens` positions (dtype names as MLX or safetensors spell them)."""
+        expected = self.expected(tokens)
+        if set(found) != set(expected):
+            extra = sorted(set(found) ^ set(expected))[:3]
+            raise ValueError(f"its tensors are not this model's KV (differing: {extra})")
+        for name, (dtype, shape) in expected.items():
+            short = str(dtype).removeprefix("mlx.core.")
+            names = {str(dtype), short, _SAFETENSORS_DTYPES[dtype]}
+            if found[name][0] not in names or tuple(found[name][1]) != shape:
+                raise ValueError(
+                    f"{name} is {found[name][0]} {list(found[name][1])} where this model's KV "
+                    f"is {short} {list(shape)}"
+                )
+
+
+_SAFETENSORS_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32"}
+
+
+def _check_values(tensors: dict[str, mx.array]) -> None:
+    """Raise ValueError when a float tensor holds NaN or infinity (it would poison every
+    answer that attends to it) or only zeros (no model's keys, values or scales are)."""
+    for name, a in tensors.items():
+        if mx.issubdtype(a.dtype, mx.floating):
+            if not mx.all(mx.isfinite(a)).item():
+                raise ValueError(f"{name} holds values that are not finite")
+            if not mx.any(a).item():
+                raise ValueError(f"{name} holds only zeros")
 
 
 @dataclass
@@ -150,20 +216,19 @@ class DiskPrefixCache:
 
     Args:
         settings: directory, byte cap, model identity.
-        kv_format: what a layer's KV is (dtype, quantization); part of the identity, since a
-            float16 cache must not load into a float32 or 8-bit one.
-        num_layers: the model's layer count (a file with another count is refused).
+        layout: the model's KV (layers, heads, head size, dtype, quantization); part of the
+            identity, and every file's tensors must match it.
     """
 
-    def __init__(self, settings: DiskCacheSettings, *, kv_format: str, num_layers: int):
+    def __init__(self, settings: DiskCacheSettings, layout: KVLayout):
         self.settings = settings
+        self.layout = layout
         self.identity = hashlib.sha256(
-            f"{settings.model_identity}\0{kv_format}".encode()
+            f"{settings.model_identity}\0{layout.kv_format}".encode()
         ).hexdigest()
         self.root = Path(settings.directory)
         claim_cache_dir(self.root)
         self.dir = make_model_dir(self.root, self.identity[:24])
-        self.num_layers = num_layers
         self._lock = threading.Lock()  # the index: read on the engine thread, grown by the writer
         self._index: dict[str, _Entry] = {}
         self._scan()
@@ -185,14 +250,16 @@ class DiskPrefixCache:
     def _check_header(self, path: Path) -> np.ndarray | None:
         """The token ids of a file made for this model, else None (logged, file removed)."""
         try:
-            meta, _, size = read_header(path)
+            meta, tensors, size = read_header(path)
             if meta.get("format") != FORMAT:
                 raise ValueError("not a prompt-cache file")
             if meta.get("model") != self.identity:
                 raise ValueError("made for another model or KV format")
             if path.stat().st_size != size:
                 raise ValueError(f"{path.stat().st_size} bytes where its header says {size}")
-            return np.frombuffer(base64.b64decode(meta["tokens"]), dtype="<i4").astype(np.int64)
+            ids = _token_ids(meta)
+            self.layout.check(len(ids), {k: (t["dtype"], t["shape"]) for k, t in tensors.items()})
+            return ids
         except (OSError, ValueError, KeyError, TypeError) as exc:
             self._discard(path, exc)
             return None
@@ -230,19 +297,17 @@ class DiskPrefixCache:
             tensors, meta = mx.load(str(entry.path), format="safetensors", return_metadata=True)
             if meta.get("model") != self.identity:
                 raise ValueError("made for another model or KV format")
-            ids = np.frombuffer(base64.b64decode(meta["tokens"]), dtype="<i4")
-            if not np.array_equal(ids, entry.ids):
+            if not np.array_equal(_token_ids(meta), entry.ids):
                 raise ValueError("its token ids changed since it was indexed")
-            layers = _unflatten(tensors, self.num_layers)
-            for pair in layers:
-                for part in pair:
-                    for a in part if isinstance(part, tuple) else (part,):
-                        if a.ndim != 4 or a.shape[2] != len(ids):
-                            raise ValueError(f"a tensor of shape {a.shape} for {len(ids)} tokens")
+            self.layout.check(
+                len(entry.ids), {k: (str(a.dtype), a.shape) for k, a in tensors.items()}
+            )
+            layers = _unflatten(tensors, self.layout.num_layers)
             mx.eval(tensors)
             if checksum(tensors) != meta.get("crc32"):
                 raise ValueError("its data does not match its checksum")
-        except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+            _check_values(tensors)
+        except Exception as exc:  # noqa: BLE001 - whatever a file does, it is a miss, never a crash
             self._discard(entry.path, exc)
             return None
         os.utime(entry.path)  # least recently used goes first
@@ -334,6 +399,13 @@ class DiskPrefixCache:
         if self._writer.is_alive():
             self._writes.put(None)
             self._writer.join()
+
+
+def _token_ids(meta: dict[str, str]) -> np.ndarray:
+    ids = np.frombuffer(base64.b64decode(meta["tokens"], validate=True), dtype="<i4")
+    if len(ids) == 0 or ids.min() < 0:
+        raise ValueError("its token ids are not a prompt's")
+    return ids.astype(np.int64)
 
 
 def system_prompt_prefix(tokenizer: Tokenizer, system: str) -> list[int]:

@@ -19,6 +19,7 @@ from mlx_mistral.cache import BatchKVCache
 from mlx_mistral.disk_cache import (
     DiskCacheSettings,
     DiskPrefixCache,
+    KVLayout,
     default_cache_dir,
     model_identity,
     system_prompt_prefix,
@@ -28,7 +29,7 @@ from tests.server_process import ServerProcess
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
 SYSTEM = "You are a careful assistant. Answer briefly and cite your sources. " * 30
-KV_FORMAT = "float32"
+LAYOUT = KVLayout(num_layers=2, kv_heads=2, head_dim=16, dtype=mx.float32)  # the tiny model's
 
 
 def chat(tokenizer, user: str) -> list[int]:
@@ -43,7 +44,7 @@ def mlx_tree_leaves(tree) -> list[mx.array]:
 
 def disk_cache(directory, identity="model-a", **kw) -> DiskPrefixCache:
     settings = DiskCacheSettings(directory, identity, **kw)
-    return DiskPrefixCache(settings, kv_format=KV_FORMAT, num_layers=2)
+    return DiskPrefixCache(settings, LAYOUT)
 
 
 def run(generator: BatchGenerator, prompt: list[int]):
