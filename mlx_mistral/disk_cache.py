@@ -30,11 +30,13 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from .cache import QuantizedKVCache
 from .checkpoint_files import INDEX_FILE, safetensors_files
 from .disk_cache_files import (
     SUFFIX,
+    WriteBackoff,
     all_entries,
     claim_cache_dir,
     create_private_file,
@@ -91,6 +93,7 @@ class DiskCacheSettings:
     model_identity: str
     max_bytes: int = DEFAULT_DISK_BYTES
     min_tokens: int = 256
+    write_retry_seconds: float = 60.0  # after a failed write (e.g. a full disk)
 
 
 @dataclass(frozen=True)
@@ -232,6 +235,7 @@ class DiskPrefixCache:
         self._lock = threading.Lock()  # the index: read on the engine thread, grown by the writer
         self._index: dict[str, _Entry] = {}
         self._scan()
+        self._backoff = WriteBackoff(self.dir, settings.write_retry_seconds)
         self._writes: queue.Queue = queue.Queue()
         self._writer = threading.Thread(
             target=self._write_loop, name="prompt-cache-writer", daemon=True
@@ -327,6 +331,8 @@ class DiskPrefixCache:
         `tokens`; False when it is too short, already stored, or the writer is behind."""
         if len(tokens) < self.settings.min_tokens or self.covers(tokens):
             return False
+        if not self._backoff.allows(_nbytes(layers)):
+            return False
         if self._writes.qsize() >= MAX_PENDING_WRITES:
             log.info(
                 "prompt cache: the disk writer is behind; not storing a %d-token prefix",
@@ -343,8 +349,9 @@ class DiskPrefixCache:
                 if item is None:
                     return
                 self._write(*item)
-            except Exception:  # noqa: BLE001 - a full disk must not take the server down
-                log.exception("prompt cache: writing an entry failed")
+                self._backoff.succeeded()
+            except Exception as exc:  # noqa: BLE001 - a full disk must not take the server down
+                self._backoff.failed(_nbytes(item[1]), exc)
             finally:
                 self._writes.task_done()
 
@@ -361,12 +368,16 @@ class DiskPrefixCache:
             "model": self.identity,
             "tokens": base64.b64encode(ids.astype("<i4").tobytes()).decode(),
         }
-        create_private_file(temp)
-        mx.save_safetensors(str(temp), tensors, metadata=metadata)
-        if temp.stat().st_size > self.settings.max_bytes:
-            temp.unlink()
-            return
-        os.replace(temp, path)
+        try:
+            create_private_file(temp)
+            mx.save_safetensors(str(temp), tensors, metadata=metadata)
+            if temp.stat().st_size > self.settings.max_bytes:
+                temp.unlink()
+                return
+            os.replace(temp, path)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
         with self._lock:
             # Entries that are prefixes of the new one are redundant now.
             for name, entry in list(self._index.items()):
@@ -399,6 +410,10 @@ class DiskPrefixCache:
         if self._writer.is_alive():
             self._writes.put(None)
             self._writer.join()
+
+
+def _nbytes(layers: list[LayerKV]) -> int:
+    return sum(a.nbytes for _, a in tree_flatten(layers))
 
 
 def _token_ids(meta: dict[str, str]) -> np.ndarray:

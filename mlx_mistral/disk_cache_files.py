@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import stat
 import time
 from collections.abc import Iterator
@@ -301,3 +302,50 @@ def hash_weights(digest, path: Path) -> None:
             for offset in sorted({start, (start + end - size) // 2, end - size}):
                 f.seek(base + offset)
                 digest.update(f.read(size))
+
+
+class WriteBackoff:
+    """What a failed write (a full disk, a file-size limit) changes: one log line, then no write
+    for `retry_seconds`, and after that only once the disk has room for twice the entry that
+    failed; a write that succeeds again is logged too."""
+
+    def __init__(self, folder: Path, retry_seconds: float):
+        self.folder = folder
+        self.retry_seconds = retry_seconds
+        self.failing = False
+        self._until = 0.0  # time.monotonic() before which nothing is written
+        self._needed = 0
+
+    def allows(self, nbytes: int) -> bool:
+        """Whether to try writing an entry of about `nbytes` now."""
+        if not self.failing:
+            return True
+        now = time.monotonic()
+        if now < self._until:
+            return False
+        try:
+            free = shutil.disk_usage(self.folder).free
+        except OSError:
+            free = 0
+        if free < 2 * max(nbytes, self._needed):
+            self._until = now + self.retry_seconds
+            return False
+        return True
+
+    def failed(self, nbytes: int, exc: BaseException) -> None:
+        if not self.failing:
+            reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+            log.warning(
+                "prompt cache: cannot write to %s (%s); trying again in %gs once %.0f MiB are free",
+                self.folder,
+                reason,
+                self.retry_seconds,
+                2 * nbytes / 2**20,
+            )
+        self.failing, self._needed = True, nbytes
+        self._until = time.monotonic() + self.retry_seconds
+
+    def succeeded(self) -> None:
+        if self.failing:
+            log.info("prompt cache: writing to %s again", self.folder)
+            self.failing = False

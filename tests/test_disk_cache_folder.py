@@ -4,6 +4,7 @@ another server, and keeps its files private."""
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import subprocess
@@ -134,3 +135,32 @@ def test_files_are_private(tiny_model, tmp_path):
     for path in root.rglob("*"):
         expected = 0o700 if path.is_dir() else 0o600
         assert stat.S_IMODE(path.stat().st_mode) == expected, path
+
+
+def test_a_failed_write_leaves_nothing_and_backs_off(tiny_model, tmp_path, caplog):
+    resource = pytest.importorskip("resource")
+    model, tokenizer = tiny_model
+    root = tmp_path / "cache"
+    disk = disk_cache(root, write_retry_seconds=0.5)
+    generator = BatchGenerator(model, tokenizer, prefix_cache=PrefixCache(0, disk=disk))
+    # A file-size limit far below one entry (~220 KB) fails every write as a full disk would
+    # (Python ignores SIGXFSZ, so the write gets EFBIG); only for this process, root or not.
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    with caplog.at_level(logging.INFO, "mlx_mistral.disk_cache"):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+        try:
+            run(generator, chat(tokenizer, "First?"))
+            disk.flush()
+            run(generator, chat(tokenizer, "Second, while writes are paused?"))
+            disk.flush()
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        failures = [r for r in caplog.records if "cannot write" in r.getMessage()]
+        assert len(failures) == 1 and failures[0].exc_info is None
+        assert sorted(p.name for p in disk.dir.iterdir()) == []  # no temporary file left
+        time.sleep(0.6)  # the back-off is over and the disk has room: writes resume
+        run(generator, chat(tokenizer, "Third?"))
+        disk.flush()
+    assert len(list(disk.dir.glob("*.safetensors"))) == 1 and len(disk) == 1
+    assert "writing to" in caplog.text and "again" in caplog.text
+    disk.close()
