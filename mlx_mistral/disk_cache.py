@@ -1,17 +1,20 @@
 """Prompt KV on disk, so a long system prompt is not prefilled again after a restart.
 
 Each entry is one safetensors file: the KV of every layer for a token prefix, with the token ids
-and the model's identity in the file's header. Files live in a directory of their own per model
-identity (a hash of config.json and the weight files' names, sizes and mtimes, plus the KV
-format), and a file is loaded only when its header names this identity and its token ids are
-the prompt's: another checkpoint, or a file edited by hand, is never reused. A file that cannot
-be read is ignored with a log line and removed.
+and the model's identity in the file's header. Files live in a folder of their own per model
+identity (a hash of config.json and the weights' content, see `model_identity`, plus the KV
+format), inside one folder the cache owns (see `disk_cache_files`: it deletes nothing else).
+No file is trusted: its header must name this identity, its tensors must be exactly the model's
+KV layout (names, dtypes, every dimension), its data must match its checksum and be finite and
+not all zero, and its token ids must be the prompt's. Any failure is a miss: the file is logged
+once and removed, and the request is prefilled as a cold one.
 
 Writes run on a writer thread (a prompt of 4,000 tokens on v0.2 is 512 MiB of float16 KV), so
 the engine only hands over evaluated arrays (MLX's streams are per thread: a lazy array cannot be
-evaluated off the thread that made it). A file is written under a temporary name and renamed,
-so a crash leaves no torn entry. The directory is kept under a byte cap, least recently used
-(file mtime, touched on each hit) first.
+evaluated off the thread that made it). A file is written 0600 under a temporary name of this
+process's own and renamed, so a crash leaves no torn entry and two servers sharing the folder
+never write into one file; a failed write (a full disk) is removed and writing backs off. The
+folder is kept under a byte cap, least recently used (file mtime, touched on each hit) first.
 """
 
 from __future__ import annotations
@@ -148,14 +151,26 @@ class KVLayout:
 _SAFETENSORS_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32"}
 
 
+# (unsigned view, all bits but the sign, exponent all ones): a value whose bits without the sign
+# reach the last is infinite or NaN. On bits, since MLX's float16 on an x86 CPU is ~30x slower.
+_FLOAT_BITS = {
+    mx.float16: (np.uint16, 0x7FFF, 0x7C00),
+    mx.bfloat16: (np.uint16, 0x7FFF, 0x7F80),
+    mx.float32: (np.uint32, 0x7FFFFFFF, 0x7F800000),
+}
+
+
 def _check_values(tensors: dict[str, mx.array]) -> None:
-    """Raise ValueError when a float tensor holds NaN or infinity (it would poison every
-    answer that attends to it) or only zeros (no model's keys, values or scales are)."""
+    """Raise ValueError when a float tensor (evaluated, contiguous) holds NaN or infinity (it
+    would poison every answer that attends to it) or only zeros (no model's keys, values or
+    scales are)."""
     for name, a in tensors.items():
-        if mx.issubdtype(a.dtype, mx.floating):
-            if not mx.all(mx.isfinite(a)).item():
+        if a.dtype in _FLOAT_BITS:
+            unsigned, magnitude, exponent = _FLOAT_BITS[a.dtype]
+            largest = int(np.bitwise_and(np.frombuffer(memoryview(a), unsigned), magnitude).max())
+            if largest >= exponent:
                 raise ValueError(f"{name} holds values that are not finite")
-            if not mx.any(a).item():
+            if largest == 0:
                 raise ValueError(f"{name} holds only zeros")
 
 
@@ -385,16 +400,19 @@ class DiskPrefixCache:
                     del self._index[name]
                     entry.path.unlink(missing_ok=True)
             self._index[path.name] = _Entry(path, ids)
-        self._evict()
+        self._evict(keep=path)
 
-    def _evict(self) -> None:
+    def _evict(self, *, keep: Path) -> None:
         """Remove the least recently used entries (of every model) until under the byte cap:
-        only the cache's own names, regular files, never through a symlink."""
+        only the cache's own names, regular files, never through a symlink; never `keep`, the
+        entry just written (a coarse file clock can give it an older entry's time)."""
         files = list(all_entries(self.root))
         total = sum(size for _, size, _ in files)
         for _, size, path in sorted(files):
             if total <= self.settings.max_bytes:
                 return
+            if path == keep:
+                continue
             if path.parent == self.dir:
                 with self._lock:
                     self._index.pop(path.name, None)
