@@ -20,6 +20,7 @@ folder is kept under a byte cap, least recently used (file mtime, touched on eac
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import os
@@ -219,13 +220,17 @@ def checksum(tensors: dict[str, mx.array]) -> str:
 
 
 def read_header(path: Path) -> tuple[dict[str, str], dict[str, dict], int]:
-    """A cache file's metadata, its tensors' entries and the size its header says it has.
+    """A cache file's metadata and its tensors' entries, checked against its size.
 
     Raises:
         OSError, ValueError: not a regular file, or not a well-formed safetensors file.
     """
     with open_regular_file(path) as f:
-        return parse_header(f)
+        meta, tensors, size = parse_header(f)
+        actual = os.fstat(f.fileno()).st_size
+    if actual != size:
+        raise ValueError(f"{actual} bytes where its header says {size}")
+    return meta, tensors
 
 
 class DiskPrefixCache:
@@ -269,13 +274,11 @@ class DiskPrefixCache:
     def _check_header(self, path: Path) -> np.ndarray | None:
         """The token ids of a file made for this model, else None (logged, file removed)."""
         try:
-            meta, tensors, size = read_header(path)
+            meta, tensors = read_header(path)
             if meta.get("format") != FORMAT:
                 raise ValueError("not a prompt-cache file")
             if meta.get("model") != self.identity:
                 raise ValueError("made for another model or KV format")
-            if path.stat().st_size != size:
-                raise ValueError(f"{path.stat().st_size} bytes where its header says {size}")
             ids = _token_ids(meta)
             self.layout.check(len(ids), {k: (t["dtype"], t["shape"]) for k, t in tensors.items()})
             return ids
@@ -313,23 +316,24 @@ class DiskPrefixCache:
 
     def _load(self, entry: _Entry) -> list[LayerKV] | None:
         try:
-            tensors, meta = mx.load(str(entry.path), format="safetensors", return_metadata=True)
-            if meta.get("model") != self.identity:
-                raise ValueError("made for another model or KV format")
-            if not np.array_equal(_token_ids(meta), entry.ids):
-                raise ValueError("its token ids changed since it was indexed")
-            self.layout.check(
-                len(entry.ids), {k: (str(a.dtype), a.shape) for k, a in tensors.items()}
-            )
+            with open_regular_file(entry.path) as f:  # it may have been swapped since the scan
+                tensors, meta = mx.load(f, format="safetensors", return_metadata=True)
+                if meta.get("model") != self.identity:
+                    raise ValueError("made for another model or KV format")
+                if not np.array_equal(_token_ids(meta), entry.ids):
+                    raise ValueError("its token ids changed since it was indexed")
+                found = {k: (str(a.dtype), a.shape) for k, a in tensors.items()}
+                self.layout.check(len(entry.ids), found)  # before reading the data
+                mx.eval(tensors)
             layers = _unflatten(tensors, self.layout.num_layers)
-            mx.eval(tensors)
             if checksum(tensors) != meta.get("crc32"):
                 raise ValueError("its data does not match its checksum")
             _check_values(tensors)
         except Exception as exc:  # noqa: BLE001 - whatever a file does, it is a miss, never a crash
             self._discard(entry.path, exc)
             return None
-        os.utime(entry.path)  # least recently used goes first
+        with contextlib.suppress(OSError):  # another server may have evicted it meanwhile
+            os.utime(entry.path, follow_symlinks=False)  # least recently used goes first
         return layers
 
     def covers(self, ids: np.ndarray) -> bool:

@@ -164,3 +164,19 @@ def test_a_failed_write_leaves_nothing_and_backs_off(tiny_model, tmp_path, caplo
     assert len(list(disk.dir.glob("*.safetensors"))) == 1 and len(disk) == 1
     assert "writing to" in caplog.text and "again" in caplog.text
     disk.close()
+
+
+def test_an_entry_swapped_for_a_symlink_is_not_followed(tiny_model, tmp_path):
+    model, tokenizer = tiny_model
+    prompt = fill(tiny_model, tmp_path / "cache")
+    (entry,) = (tmp_path / "cache").glob("*/*.safetensors")
+    disk = disk_cache(tmp_path / "cache")  # indexed while it was a regular file
+    outside = tmp_path / "elsewhere.safetensors"
+    entry.rename(outside)
+    entry.symlink_to(outside)
+    before = outside.stat()
+    generator = BatchGenerator(model, tokenizer, prefix_cache=PrefixCache(0, disk=disk))
+    assert run(generator, prompt)[1] == 0
+    disk.close()
+    after = outside.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
