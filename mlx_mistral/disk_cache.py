@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -98,6 +99,9 @@ class DiskCacheSettings:
     max_bytes: int = DEFAULT_DISK_BYTES
     min_tokens: int = 256
     write_retry_seconds: float = 60.0  # after a failed write (e.g. a full disk)
+    # The checkpoint: its identity is computed again when the model is loaded again after an
+    # idle unload, since its weights may have changed meanwhile.
+    model_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -244,32 +248,49 @@ class DiskPrefixCache:
     """
 
     def __init__(self, settings: DiskCacheSettings, layout: KVLayout):
-        self.settings = settings
         self.layout = layout
-        self.identity = hashlib.sha256(
-            f"{settings.model_identity}\0{layout.kv_format}".encode()
-        ).hexdigest()
         self.root = Path(settings.directory)
         claim_cache_dir(self.root)
-        self.dir = make_model_dir(self.root, self.identity[:24])
         self._lock = threading.Lock()  # the index: read on the engine thread, grown by the writer
         self._index: dict[str, _Entry] = {}
-        self._scan()
-        self._backoff = WriteBackoff(self.dir, settings.write_retry_seconds)
+        self._use_identity(settings)
+        self._backoff = WriteBackoff(self.root, settings.write_retry_seconds)
         self._writes: queue.Queue = queue.Queue()
         self._writer = threading.Thread(
             target=self._write_loop, name="prompt-cache-writer", daemon=True
         )
         self._writer.start()
 
+    def _use_identity(self, settings: DiskCacheSettings) -> None:
+        self.settings = settings
+        self.identity = hashlib.sha256(
+            f"{settings.model_identity}\0{self.layout.kv_format}".encode()
+        ).hexdigest()
+        self.dir = make_model_dir(self.root, self.identity[:24])
+        self._scan()
+
+    def follow_model(self) -> None:
+        """After the model was loaded again: when its weights changed meanwhile, use the new
+        weights' folder, so no answer starts from the old weights' KV."""
+        if self.settings.model_path is None:
+            return
+        identity = model_identity(self.settings.model_path)
+        if identity != self.settings.model_identity:
+            log.info("prompt cache: the checkpoint changed on disk; using its own entries")
+            self.flush()  # the old weights' queued KV goes to the old folder
+            self._use_identity(dataclasses.replace(self.settings, model_identity=identity))
+
     # -- the index -------------------------------------------------------------------------------
     def _scan(self) -> None:
         remove_stale_temp_files(self.dir)
+        index = {}
         for item in sorted(entry_files(self.dir), key=lambda item: item.name):
             path = Path(item.path)
             ids = self._check_header(path)
             if ids is not None:
-                self._index[path.name] = _Entry(path, ids)
+                index[path.name] = _Entry(path, ids)
+        with self._lock:
+            self._index = index
 
     def _check_header(self, path: Path) -> np.ndarray | None:
         """The token ids of a file made for this model, else None (logged, file removed)."""

@@ -108,6 +108,8 @@ class ModelSlot:
             )
         else:
             self.generator.model = model
+            if (cache := self.generator.prefix_cache) is not None and cache.disk is not None:
+                cache.disk.follow_model()  # the checkpoint may have changed while unloaded
             log.info("model loaded again in %.1fs", time.perf_counter() - started)
         self.model, self.weights_bytes = model, weights
         self.loads += 1

@@ -18,7 +18,7 @@ from mlx_mistral.disk_cache import DiskCacheSettings, DiskPrefixCache, checksum,
 from mlx_mistral.prefix_cache import PrefixCache
 from tests.checkpoints import write_hf_checkpoint
 from tests.server_process import ServerProcess
-from tests.test_disk_cache import LAYOUT, SYSTEM, disk_cache, fill, run, usage
+from tests.test_disk_cache import LAYOUT, SYSTEM, chat, disk_cache, fill, run, usage
 
 
 def craft(path, change) -> None:
@@ -155,3 +155,32 @@ def test_checkpoints_differing_only_in_values_share_nothing(tiny_hf_checkpoint, 
     assert a.dir != b.dir
     a.close()
     b.close()
+
+
+def test_weights_changed_while_unloaded_get_their_own_entries(tmp_path):
+    import mlx_mistral
+    from mlx_mistral.engine import EngineConfig
+    from mlx_mistral.lifecycle import ModelSlot
+
+    checkpoint = write_hf_checkpoint(tmp_path / "model", seed=0)
+    settings = DiskCacheSettings(
+        tmp_path / "cache", model_identity(checkpoint), model_path=checkpoint
+    )
+    slot = ModelSlot(lambda: mlx_mistral.load(checkpoint), EngineConfig(prompt_cache=settings))
+    slot.load()
+    disk = slot.generator.prefix_cache.disk
+    prompt = chat(slot.tokenizer, "Hello?")
+    run(slot.generator, prompt)
+    disk.flush()
+    first_dir = disk.dir
+    slot.unload()
+    # Replaced in place by a fine-tune of the same shape, with the old files' times.
+    times = {p.name: p.stat() for p in checkpoint.iterdir()}
+    shutil.rmtree(checkpoint)
+    write_hf_checkpoint(checkpoint, seed=1)
+    for name, stat in times.items():
+        os.utime(checkpoint / name, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    slot.load()
+    assert disk.dir != first_dir and len(disk) == 0
+    assert run(slot.generator, prompt)[1] == 0  # prefilled with the new weights
+    disk.close()
