@@ -24,7 +24,7 @@ import mlx.core as mx
 from ._blas import reference_blas_warning
 from .batch import BatchGenerator
 from .device import name_of
-from .disk_cache import DiskPrefixCache
+from .disk_cache import DiskPrefixCache, KVLayout
 from .errors import MistralError, ModelLoadError
 from .forward_cost import flat_cost
 from .memory import Budgets, plan_budgets, unwire, weights_bytes, wire
@@ -111,6 +111,8 @@ class ModelSlot:
             )
         else:
             self.generator.model = model
+            if (cache := self.generator.prefix_cache) is not None and cache.disk is not None:
+                cache.disk.follow_model()  # the checkpoint may have changed while unloaded
             log.info("model loaded again in %.1fs", time.perf_counter() - started)
         self.model, self.weights_bytes = model, weights
         self.compute_dtype = name_of(model.model.norm.weight.dtype)
@@ -123,10 +125,15 @@ class ModelSlot:
         if settings is None:
             return PrefixCache(budget_bytes) if budget_bytes else None
         # The cache's dtype (see batch.py) and quantization: files of another format never load.
-        kv_format = f"{model.model.norm.weight.dtype}/kv_bits={self.config.kv_bits}"
-        disk = DiskPrefixCache(
-            settings, kv_format=kv_format, num_layers=model.args.num_hidden_layers
+        args = model.args
+        layout = KVLayout(
+            num_layers=args.num_hidden_layers,
+            kv_heads=args.num_key_value_heads,
+            head_dim=args.head_dim,
+            dtype=model.model.norm.weight.dtype,
+            kv_bits=self.config.kv_bits,
         )
+        disk = DiskPrefixCache(settings, layout)
         log.info("prompt cache: %d file(s) in %s", len(disk), disk.dir)
         return PrefixCache(budget_bytes, disk=disk)
 

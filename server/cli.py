@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 from types import FrameType
 
 from mlx_mistral.device import DTYPE_HELP, DTYPES, check_requested_dtype
@@ -416,6 +417,10 @@ def run(args: argparse.Namespace) -> int:
                 from mlx_mistral.distributed_engine import run_follower
 
                 return run_follower(config.model, group, kv_bits=config.kv_bits, dtype=config.dtype)
+        if config.prompt_cache_dir is not None:  # a folder the cache cannot own: before loading
+            from mlx_mistral.disk_cache_files import claim_cache_dir
+
+            claim_cache_dir(Path(config.prompt_cache_dir).expanduser())
         # --ollama-port: a second listener of the same app, behind the same guards.
         for port in (config.port, config.ollama_port):
             if port is not None:

@@ -344,8 +344,10 @@ def prompt_cache_settings(config: ServerConfig) -> DiskCacheSettings | None:
     """The disk prompt cache's settings for the served checkpoint (None: turned off)."""
     if config.prompt_cache_dir is None:
         return None
+    checkpoint = resolve_model_path(config.model)
     return DiskCacheSettings(
         Path(config.prompt_cache_dir).expanduser(),
-        model_identity(resolve_model_path(config.model)),
+        model_identity(checkpoint),
         max_bytes=config.prompt_cache_disk_bytes,
+        model_path=Path(checkpoint),
     )

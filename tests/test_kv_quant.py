@@ -16,7 +16,7 @@ import mlx_mistral
 from mlx_mistral import SamplingParams
 from mlx_mistral.batch import BatchGenerator
 from mlx_mistral.cache import QuantizedKVCache, cache_from_state
-from mlx_mistral.disk_cache import DiskCacheSettings, DiskPrefixCache
+from mlx_mistral.disk_cache import DiskCacheSettings, DiskPrefixCache, KVLayout
 from mlx_mistral.errors import InvalidRequestError
 from mlx_mistral.model import attention_mask, quantized_attention
 from mlx_mistral.prefix_cache import PrefixCache
@@ -137,14 +137,14 @@ def test_prefix_and_disk_caches_hold_quantized_kv(model64, tmp_path):
         for u in ("Hi", "Hello there")
     )
     settings = DiskCacheSettings(tmp_path, "model-64")
-    disk = DiskPrefixCache(settings, kv_format="float32/kv_bits=8", num_layers=2)
+    disk = DiskPrefixCache(settings, KVLayout(2, 2, 64, mx.float32, kv_bits=8))
     generator = BatchGenerator(
         model, tokenizer, kv_bits=8, prefix_cache=PrefixCache(1 << 30, disk=disk)
     )
     run(generator, [first])
     disk.close()
-    # A restart: the quantized prefix comes back from disk, bit for bit.
-    disk = DiskPrefixCache(settings, kv_format="float32/kv_bits=8", num_layers=2)
+    # A restart: the quantized prefix comes back from disk.
+    disk = DiskPrefixCache(settings, KVLayout(2, 2, 64, mx.float32, kv_bits=8))
     hit = PrefixCache(1 << 30, disk=disk).lookup(second)
     assert hit is not None and isinstance(hit.layers[0][0], tuple)
     warm = [cache_from_state(k, v) for k, v in hit.layers]
@@ -152,10 +152,13 @@ def test_prefix_and_disk_caches_hold_quantized_kv(model64, tmp_path):
     model(mx.array([second[: hit.length]]), cold)
     warm_logits = model(mx.array([second[hit.length :]]), warm)[0, -1]
     cold_logits = model(mx.array([second[hit.length :]]), cold)[0, -1]
-    assert np.array_equal(np.array(warm_logits), np.array(cold_logits))
+    # Close, not bit for bit: the stored KV was computed in the first prompt's matmul shapes,
+    # so other kernels ran (and 8-bit rounding can amplify a last-digit difference).
+    scale = np.abs(np.array(cold_logits)).max()
+    assert np.abs(np.array(warm_logits) - np.array(cold_logits)).max() < 1e-3 * scale
     disk.close()
     # A float cache over the same directory never sees the 8-bit files.
-    assert len(DiskPrefixCache(settings, kv_format="float32/kv_bits=None", num_layers=2)) == 0
+    assert len(DiskPrefixCache(settings, KVLayout(2, 2, 64, mx.float32))) == 0
 
 
 def test_kv_bits_refused_clearly(model64, tiny_model):
