@@ -16,6 +16,7 @@ from mlx.utils import tree_flatten
 from mlx_mistral import SamplingParams
 from mlx_mistral.batch import BatchGenerator
 from mlx_mistral.cache import BatchKVCache
+from mlx_mistral.device import default_compute_dtype
 from mlx_mistral.disk_cache import (
     DiskCacheSettings,
     DiskPrefixCache,
@@ -29,7 +30,8 @@ from tests.server_process import ServerProcess
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
 SYSTEM = "You are a careful assistant. Answer briefly and cite your sources. " * 30
-LAYOUT = KVLayout(num_layers=2, kv_heads=2, head_dim=16, dtype=mx.float32)  # the tiny model's
+# The tiny model's KV, in the compute dtype the suite runs (float32; float16 in CI's second pass).
+LAYOUT = KVLayout(num_layers=2, kv_heads=2, head_dim=16, dtype=default_compute_dtype())
 
 
 def chat(tokenizer, user: str) -> list[int]:

@@ -16,6 +16,7 @@ import mlx_mistral
 from mlx_mistral import SamplingParams
 from mlx_mistral.batch import BatchGenerator
 from mlx_mistral.cache import QuantizedKVCache, cache_from_state
+from mlx_mistral.device import default_compute_dtype
 from mlx_mistral.disk_cache import DiskCacheSettings, DiskPrefixCache, KVLayout
 from mlx_mistral.errors import InvalidRequestError
 from mlx_mistral.model import attention_mask, quantized_attention
@@ -137,14 +138,14 @@ def test_prefix_and_disk_caches_hold_quantized_kv(model64, tmp_path):
         for u in ("Hi", "Hello there")
     )
     settings = DiskCacheSettings(tmp_path, "model-64")
-    disk = DiskPrefixCache(settings, KVLayout(2, 2, 64, mx.float32, kv_bits=8))
+    disk = DiskPrefixCache(settings, KVLayout(2, 2, 64, default_compute_dtype(), kv_bits=8))
     generator = BatchGenerator(
         model, tokenizer, kv_bits=8, prefix_cache=PrefixCache(1 << 30, disk=disk)
     )
     run(generator, [first])
     disk.close()
     # A restart: the quantized prefix comes back from disk.
-    disk = DiskPrefixCache(settings, KVLayout(2, 2, 64, mx.float32, kv_bits=8))
+    disk = DiskPrefixCache(settings, KVLayout(2, 2, 64, default_compute_dtype(), kv_bits=8))
     hit = PrefixCache(1 << 30, disk=disk).lookup(second)
     assert hit is not None and isinstance(hit.layers[0][0], tuple)
     warm = [cache_from_state(k, v) for k, v in hit.layers]
@@ -158,7 +159,7 @@ def test_prefix_and_disk_caches_hold_quantized_kv(model64, tmp_path):
     assert np.abs(np.array(warm_logits) - np.array(cold_logits)).max() < 1e-3 * scale
     disk.close()
     # A float cache over the same directory never sees the 8-bit files.
-    assert len(DiskPrefixCache(settings, KVLayout(2, 2, 64, mx.float32))) == 0
+    assert len(DiskPrefixCache(settings, KVLayout(2, 2, 64, default_compute_dtype()))) == 0
 
 
 def test_kv_bits_refused_clearly(model64, tiny_model):
