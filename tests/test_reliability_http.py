@@ -280,7 +280,15 @@ def test_health_details_need_the_key(server):
     wrong = {"Authorization": "Bearer nope"}
     assert httpx.get(server.url("/health"), headers=wrong).json() == {"status": "ok"}
     detailed = httpx.get(server.url("/health"), headers={"Authorization": f"Bearer {KEY}"})
-    assert set(detailed.json()) == {"status", "model", "active", "loaded", "memory", "unloads_at"}
+    assert set(detailed.json()) == {
+        "status",
+        "model",
+        "active",
+        "loaded",
+        "dtype",
+        "memory",
+        "unloads_at",
+    }
 
 
 @pytest.mark.parametrize("stream", [False, True])
