@@ -441,6 +441,17 @@ def paused(hf_f32, tmp_path):
             proc.communicate()
 
 
+def _sigint_as_from_a_terminal() -> None:
+    """Give the converter SIGINT's default disposition, as a shell in a terminal does.
+
+    A job a non-interactive shell starts in the background (`pytest &` in a CI script) inherits
+    SIGINT ignored, and Python then leaves it ignored, as every Unix program should (nohup relies
+    on it): the converter would shrug off the test's Ctrl-C, convert its next shard and wait on
+    the FIFO forever. Measured: both SIGINT tests time out that way, with or without load.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_paused(
     src: Path, out: Path, fifo: Path, started: list[subprocess.Popen]
 ) -> tuple[subprocess.Popen, int]:
@@ -454,7 +465,7 @@ def start_paused(
            "--max-shard-size", "100KB", "--no-progress"]  # fmt: skip
     env = {**os.environ, PAUSE_FIFO_ENV: str(fifo)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)  # fmt: skip
+                            env=env, preexec_fn=_sigint_as_from_a_terminal)  # fmt: skip
     started.append(proc)
     # Waiting for a state, not racing: the converter stays blocked until the FIFO is closed.
     deadline = time.monotonic() + 120
