@@ -35,6 +35,7 @@ from .metrics import ServerMetrics, metrics_endpoint
 from .ollama import ollama_routes
 from .openai_routes import openai_routes
 from .openapi import openapi_json
+from .response_store import ResponseStore
 from .responses import ResponsesAPI
 from .schemas import (
     LogprobFormatter,
@@ -78,6 +79,7 @@ async def health(request: Request) -> Response:
             "active": engine.num_active,
             "loaded": engine.loaded,
             "memory": engine.slot.memory_usage(),
+            "responses_store": request.app.state.responses_store.usage(),
             "unloads_at": None if unloads_at is None else iso_time(unloads_at),
         }
     )
@@ -223,9 +225,10 @@ def create_app(
         >>> # uvicorn.run(app, host="127.0.0.1", port=8000)
     """
     state = ServerState(config, engine=engine)
+    responses_store = ResponseStore(config.responses_store_bytes)
     routes = [
         *openai_routes(),
-        *ResponsesAPI().routes(),
+        *ResponsesAPI(responses_store).routes(),
         *anthropic_routes,
         *ollama_routes(),
         Route("/health", health, methods=["GET"]),
@@ -241,5 +244,11 @@ def create_app(
         exception_handlers=EXCEPTION_HANDLERS,
     )  # type: ignore[arg-type]
     app.state.server = state
+    app.state.responses_store = responses_store
     app.state.metrics = ServerMetrics(lambda: state.engine, routes)
+    app.state.metrics.gauge(
+        "responses_store_bytes",
+        "Bytes of kept Responses (bounded by --responses-store-size).",
+        lambda: responses_store.nbytes,
+    )
     return app

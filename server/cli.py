@@ -203,6 +203,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the KV cache may use 60%% of the memory free after loading)",
     )
     parser.add_argument(
+        "--responses-store-size",
+        default="64MiB",
+        metavar="SIZE",
+        help="most memory the Responses API's kept responses (for retrieval and "
+        "previous_response_id) may hold, e.g. 256MiB; least recently used go first (default "
+        "64MiB, and at most 256 responses)",
+    )
+    parser.add_argument(
         "--metrics",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -333,6 +341,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         max_memory_bytes=None
         if args.max_memory is None
         else parse_size(args.max_memory, name="--max-memory"),
+        responses_store_bytes=parse_size(args.responses_store_size, name="--responses-store-size"),
         metrics=args.metrics,
     )
 

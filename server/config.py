@@ -13,6 +13,8 @@ from mlx_mistral.disk_cache import DiskCacheSettings, model_identity
 from mlx_mistral.errors import InvalidRequestError
 from mlx_mistral.hub import DEFAULT_REPO, resolve_model_path
 
+from .response_store import DEFAULT_STORE_BYTES
+
 SPECULATION = ("auto", "always", "off")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
@@ -177,6 +179,7 @@ class ServerConfig:
         keep_alive_seconds: free the model's memory after this long without requests (the next
             one loads it again); 0 after each request, `math.inf` never.
         max_memory_bytes: cap on weights + KV + prefix cache; None: no cap.
+        responses_store_bytes: most memory kept Responses may hold (their JSON size).
         metrics: serve /metrics; None: when bound to loopback or behind an API key.
 
     Raises:
@@ -216,6 +219,7 @@ class ServerConfig:
     strict_model_names: bool = False
     keep_alive_seconds: float = 300.0  # Ollama's default: a laptop gets its memory back
     max_memory_bytes: int | None = None
+    responses_store_bytes: int = DEFAULT_STORE_BYTES
     metrics: bool | None = None
     accepted_model_names: frozenset[str] = field(default=frozenset(), compare=False)
 
