@@ -24,6 +24,7 @@ from .config import (
     DEFAULT_MAX_HEADER_BYTES,
     SPECULATION,
     ServerConfig,
+    context_bytes,
     read_text_flag,
     served_name,
 )
@@ -325,7 +326,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         ),
         warm_prompt=None
         if args.warm_prompt is None
-        else read_text_flag(args.warm_prompt, "--warm-prompt"),
+        else read_text_flag(args.warm_prompt, "--warm-prompt", max_bytes=context_bytes(model)),
         prompt_price=args.prompt_price,
         completion_price=args.completion_price,
         default_max_tokens=args.default_max_tokens,
@@ -495,6 +496,11 @@ def run(args: argparse.Namespace) -> int:
             "--api-key is visible to every user of this machine (ps, /proc); prefer $%s or "
             "--api-key-file",
             API_KEY_ENV,
+        )
+    if "*" in config.cors_origins and config.api_key is None:
+        log.warning(
+            "--cors-origins '*' without an API key: any web page open in a browser on this "
+            "machine can use this server; set --api-key, or name the origins that may"
         )
     for sock in sockets:  # before saying so: a client that reads the line is not refused
         sock.listen(uv_config.backlog)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +19,8 @@ from mlx_mistral.hub import DEFAULT_REPO, resolve_model_path
 from .response_store import DEFAULT_STORE_BYTES
 
 SPECULATION = ("auto", "always", "off")
+MISTRAL_CONTEXT_TOKENS = 32768
+MAX_BYTES_PER_TOKEN = 48  # the longest piece of Mistral's 32,000 (UTF-8, measured)
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 CONTAINER_HOSTS = (
@@ -122,11 +127,24 @@ def host_allowed(name: str, allowed: frozenset[str]) -> bool:
     return "*" in allowed or name in allowed or _PRIVATE_NAME.fullmatch(name) is not None
 
 
-def read_text_flag(path: str, flag: str) -> str:
-    """The text of the file a flag names. Raises InvalidRequestError naming the flag."""
+def read_text_flag(path: str, flag: str, *, max_bytes: int | None = None) -> str:
+    """The text of the regular file a flag names, refused unread beyond `max_bytes`.
+
+    Raises:
+        InvalidRequestError: naming the flag (`/dev/zero` or a FIFO would never end a read).
+    """
     try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidRequestError(f"{flag}: {path} is not a regular file", param=flag)
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise InvalidRequestError(
+                f"{flag}: {path} has {info.st_size} bytes, more than the model's context could "
+                f"hold ({max_bytes} bytes)",
+                param=flag,
+            )
+        with open(path, "rb") as file:
+            text = file.read(-1 if max_bytes is None else max_bytes + 1).decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(
             f"{flag}: cannot read {path}: {getattr(exc, 'strerror', None) or exc}", param=flag
@@ -134,6 +152,19 @@ def read_text_flag(path: str, flag: str) -> str:
     if not text.strip():
         raise InvalidRequestError(f"{flag}: {path} is empty", param=flag)
     return text
+
+
+def context_bytes(model: str) -> int:
+    """Bytes of text beyond which a prompt cannot fit `model`'s context window, whatever its
+    words: the window (from a local checkpoint's config.json, else Mistral-7B-v0.2's) times the
+    most bytes one token of the Mistral vocabulary stands for."""
+    tokens = MISTRAL_CONTEXT_TOKENS
+    try:
+        config = json.loads((Path(model).expanduser() / "config.json").read_text())
+        tokens = int(config.get("max_position_embeddings", tokens))
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    return tokens * MAX_BYTES_PER_TOKEN
 
 
 def served_name(model: str) -> str:
