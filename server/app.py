@@ -91,6 +91,14 @@ def iso_time(timestamp: float) -> str:
 
 
 # -- access log -------------------------------------------------------------------------------
+def log_safe(text: str) -> str:
+    """`text` with every byte outside printable ASCII, and the quote and backslash, as `\\xHH`,
+    as nginx writes its access log: a decoded path such as `/a%0aFORGED` cannot start a line of
+    its own, nor `%1b[2J` clear the terminal of someone tailing the log."""
+    raw = text.encode("utf-8", "surrogateescape")
+    return "".join(chr(b) if 0x20 <= b < 0x7F and b not in b'"\\' else f"\\x{b:02X}" for b in raw)
+
+
 class AccessLog:
     """One line per request: client, method, path, status, tokens, time to first token, total.
 
@@ -123,7 +131,7 @@ class AccessLog:
                 metrics.record(scope, status, stats, elapsed)
             client = scope.get("client") or ("-", 0)
             parts = [
-                f'{client[0]}:{client[1]} "{scope["method"]} {scope["path"]}"',
+                f'{client[0]}:{client[1]} "{log_safe(scope["method"])} {log_safe(scope["path"])}"',
                 str(status or "-"),
             ]
             if "prompt_tokens" in stats:
