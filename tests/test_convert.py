@@ -345,6 +345,13 @@ def test_refusals_about_the_output_and_the_source_path(hf_f32, tmp_path):
     result = run_cli(tmp_path / "nowhere", "--out", tmp_path / "x")
     assert result.returncode == 1 and result.stderr.count("\n") == 1
     assert (out / "keep").read_text() == "x" and leftovers(tmp_path) == []
+    src = _copy(hf_f32, tmp_path / "src")
+    before = sorted(p.name for p in src.iterdir())
+    for inside in (src / "mlx", src / "a" / "b"):
+        result = run_cli(src, "--out", inside, "--no-progress")
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert f"output {inside} is inside the source checkpoint {src}" in result.stderr
+    assert sorted(p.name for p in src.iterdir()) == before
     assert run_cli(hf_f32).returncode == 2  # usage: --out is required
     assert run_cli(hf_f32, "--out", tmp_path / "y", "--max-shard-size", "5XB").returncode == 2
 
