@@ -79,6 +79,10 @@ def _check_out(out: Path, src: Path, force: bool) -> None:
     src_real, out_real = src.resolve(), out.resolve()
     if src_real == out_real or out_real in src_real.parents:
         raise ConversionError(f"output {out} would overwrite the source checkpoint {src}")
+    if src_real in out_real.parents:  # it would be written into the checkpoint it reads
+        raise ConversionError(
+            f"output {out} is inside the source checkpoint {src}; choose a folder outside it"
+        )
     if exists:
         check_replaceable(out, SIDE_FILES)
 

@@ -230,21 +230,30 @@ class BatchGenerator:
         if self.kv_budget_bytes is not None:
             need = params.n * (len(prompt) + reserve) * self.kv_bytes_per_token
             if need > self.kv_budget_bytes:  # retrying cannot help: a 400, not a 503
-                budget = f"more than this server's {self.kv_budget_bytes / 2**20:.0f} MiB"
-                if params.max_tokens is None:
-                    raise InvalidRequestError(
-                        f"the prompt needs {need / 2**20:.0f} MiB of KV cache, {budget}; shorten "
-                        f"it or lower n",
-                        param=prompt_field,
-                        code="context_length_exceeded",  # too long for this server's memory
-                    )
-                raise InvalidRequestError(
-                    f"the request needs {need / 2**20:.0f} MiB of KV cache for its prompt plus "
-                    f"max_tokens, {budget}; lower max_tokens or n",
-                    param="max_tokens",
-                    code="context_length_exceeded",
-                )
+                self._refuse_over_budget(params, len(prompt), need, prompt_field)
         return max_new, reserve
+
+    def _refuse_over_budget(
+        self, params: SamplingParams, prompt_len: int, need: int, prompt_field: str
+    ) -> None:
+        """Raise the 400 for a request whose KV `need` exceeds the whole budget, naming what
+        to change: the prompt when it cannot fit even with one generated token, else max_tokens."""
+        budget = f"more than this server's {_mib(self.kv_budget_bytes or 0)} (--max-memory)"
+        rows = f" for n={params.n}" if params.n > 1 else ""
+        prompt_need = params.n * (prompt_len + 1) * self.kv_bytes_per_token
+        if params.max_tokens is None or prompt_need > (self.kv_budget_bytes or 0):
+            raise InvalidRequestError(
+                f"the prompt's {prompt_len} tokens need {_mib(prompt_need)} of KV cache{rows}, "
+                f"{budget}; shorten the prompt" + (" or lower n" if params.n > 1 else ""),
+                param=prompt_field,
+                code="context_length_exceeded",  # too long for this server's memory
+            )
+        raise InvalidRequestError(
+            f"the request needs {_mib(need)} of KV cache for its prompt plus max_tokens{rows}, "
+            f"{budget}; lower max_tokens" + (" or n" if params.n > 1 else ""),
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
 
     def _initial_reserve(self, params: SamplingParams, prompt_len: int, max_new: int) -> int:
         """Generated tokens to hold KV room for at admission: all of max_tokens when given,
@@ -715,3 +724,7 @@ class BatchGenerator:
     @property
     def kv_bytes_in_use(self) -> int:
         return sum(c.nbytes for c in self.cache) if self.cache else 0
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"

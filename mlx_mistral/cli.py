@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from .device import DTYPE_HELP, DTYPES, check_requested_dtype
-from .errors import MistralError
+from .errors import InvalidRequestError, MistralError
 from .sampling.params import FIELDS, SamplingParams
 
 # Defaults of the terminal's own: a little variety in a chat, and an answer that ends.
@@ -68,9 +68,30 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(**{f.name: getattr(args, f.name) for f in FIELDS if f.cli})
 
 
+def _checked_text(text: str, what: str) -> str:
+    """`text` if it is valid Unicode; bytes that were not UTF-8 (which Python decodes from argv
+    and stdin as lone surrogates) are a one-line error, not a tokenizer's traceback.
+
+    Raises:
+        InvalidRequestError: naming `what` and the first bad byte.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = ord(text[exc.start])
+        byte = f"byte 0x{bad - 0xDC00:02X}" if 0xDC80 <= bad <= 0xDCFF else f"U+{bad:04X}"
+        raise InvalidRequestError(
+            f"{what} is not valid UTF-8 text ({byte} at character {exc.start})", param=what
+        ) from None
+    return text
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from .generation import stream_generate
 
+    _checked_text(args.prompt, "--prompt")
+    if args.system is not None:
+        _checked_text(args.system, "--system")
     params = _sampling_params(args)
     check_requested_dtype(args.dtype)
     model, tokenizer = _load(args.model, args.dtype)
@@ -86,11 +107,15 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     from .generation import stream_generate
 
+    if args.system is not None:
+        _checked_text(args.system, "--system")
     params = _sampling_params(args)
     check_requested_dtype(args.dtype)
     model, tokenizer = _load(args.model, args.dtype)
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     print("Type a message; an empty line or Ctrl-D quits, /reset starts over.", file=sys.stderr)
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach `_checked_text`
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
             line = input(">>> ")
@@ -102,7 +127,11 @@ def run_chat(args: argparse.Namespace) -> int:
         if line.strip() == "/reset":
             messages = messages[:1] if args.system else []
             continue
-        messages.append({"role": "user", "content": line})
+        try:
+            messages.append({"role": "user", "content": _checked_text(line, "the message")})
+        except InvalidRequestError as exc:  # the conversation goes on: type it again
+            print(f"mlx-mistral: error: {exc.message}", file=sys.stderr)
+            continue
         answer = []
         for chunk in stream_generate(model, tokenizer, messages, params=params):
             print(chunk.text, end="", flush=True)

@@ -35,6 +35,7 @@ from .metrics import ServerMetrics, metrics_endpoint
 from .ollama import ollama_routes
 from .openai_routes import openai_routes
 from .openapi import openapi_json
+from .response_store import ResponseStore
 from .responses import ResponsesAPI
 from .schemas import (
     LogprobFormatter,
@@ -81,6 +82,7 @@ async def health(request: Request) -> Response:
             "loaded": engine.loaded,
             "dtype": engine.slot.compute_dtype,
             "memory": engine.slot.memory_usage(),
+            "responses_store": request.app.state.responses_store.usage(),
             "unloads_at": None if unloads_at is None else iso_time(unloads_at),
         }
     )
@@ -92,6 +94,14 @@ def iso_time(timestamp: float) -> str:
 
 
 # -- access log -------------------------------------------------------------------------------
+def log_safe(text: str) -> str:
+    """`text` with every byte outside printable ASCII, and the quote and backslash, as `\\xHH`,
+    as nginx writes its access log: a decoded path such as `/a%0aFORGED` cannot start a line of
+    its own, nor `%1b[2J` clear the terminal of someone tailing the log."""
+    raw = text.encode("utf-8", "surrogateescape")
+    return "".join(chr(b) if 0x20 <= b < 0x7F and b not in b'"\\' else f"\\x{b:02X}" for b in raw)
+
+
 class AccessLog:
     """One line per request: client, method, path, status, tokens, time to first token, total.
 
@@ -124,7 +134,7 @@ class AccessLog:
                 metrics.record(scope, status, stats, elapsed)
             client = scope.get("client") or ("-", 0)
             parts = [
-                f'{client[0]}:{client[1]} "{scope["method"]} {scope["path"]}"',
+                f'{client[0]}:{client[1]} "{log_safe(scope["method"])} {log_safe(scope["path"])}"',
                 str(status or "-"),
             ]
             if "prompt_tokens" in stats:
@@ -231,11 +241,12 @@ def create_app(
         >>> # uvicorn.run(app, host="127.0.0.1", port=8000)
     """
     state = ServerState(config, engine=engine)
+    responses_store = ResponseStore(config.responses_store_bytes)
     routes = [
         *(ui_routes() if config.ui else ()),  # before Ollama's `GET /`: a browser gets the page
         Route("/v1/status", status, methods=["GET"]),
         *openai_routes(),
-        *ResponsesAPI().routes(),
+        *ResponsesAPI(responses_store).routes(),
         *anthropic_routes,
         *ollama_routes(),
         Route("/health", health, methods=["GET"]),
@@ -251,5 +262,11 @@ def create_app(
         exception_handlers=EXCEPTION_HANDLERS,
     )  # type: ignore[arg-type]
     app.state.server = state
+    app.state.responses_store = responses_store
     app.state.metrics = ServerMetrics(lambda: state.engine, routes)
+    app.state.metrics.gauge(
+        "responses_store_bytes",
+        "Bytes of kept Responses (bounded by --responses-store-size).",
+        lambda: responses_store.nbytes,
+    )
     return app

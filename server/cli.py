@@ -26,6 +26,7 @@ from .config import (
     DEFAULT_MAX_HEADER_BYTES,
     SPECULATION,
     ServerConfig,
+    context_bytes,
     read_text_flag,
     served_name,
 )
@@ -206,6 +207,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the KV cache may use 60%% of the memory free after loading)",
     )
     parser.add_argument(
+        "--responses-store-size",
+        default="64MiB",
+        metavar="SIZE",
+        help="most memory the Responses API's kept responses (for retrieval and "
+        "previous_response_id) may hold, e.g. 256MiB; least recently used go first (default "
+        "64MiB, and at most 256 responses)",
+    )
+    parser.add_argument(
         "--metrics",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -327,7 +336,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         ),
         warm_prompt=None
         if args.warm_prompt is None
-        else read_text_flag(args.warm_prompt, "--warm-prompt"),
+        else read_text_flag(args.warm_prompt, "--warm-prompt", max_bytes=context_bytes(model)),
         prompt_price=args.prompt_price,
         completion_price=args.completion_price,
         default_max_tokens=args.default_max_tokens,
@@ -343,6 +352,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         max_memory_bytes=None
         if args.max_memory is None
         else parse_size(args.max_memory, name="--max-memory"),
+        responses_store_bytes=parse_size(args.responses_store_size, name="--responses-store-size"),
         metrics=args.metrics,
         ui=not args.no_ui,
     )
@@ -501,6 +511,11 @@ def run(args: argparse.Namespace) -> int:
             "--api-key is visible to every user of this machine (ps, /proc); prefer $%s or "
             "--api-key-file",
             API_KEY_ENV,
+        )
+    if "*" in config.cors_origins and config.api_key is None:
+        log.warning(
+            "--cors-origins '*' without an API key: any web page open in a browser on this "
+            "machine can use this server; set --api-key, or name the origins that may"
         )
     for sock in sockets:  # before saying so: a client that reads the line is not refused
         sock.listen(uv_config.backlog)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +16,11 @@ from mlx_mistral.disk_cache import DiskCacheSettings, model_identity
 from mlx_mistral.errors import InvalidRequestError
 from mlx_mistral.hub import DEFAULT_REPO, resolve_model_path
 
+from .response_store import DEFAULT_STORE_BYTES
+
 SPECULATION = ("auto", "always", "off")
+MISTRAL_CONTEXT_TOKENS = 32768
+MAX_BYTES_PER_TOKEN = 48  # the longest piece of Mistral's 32,000 (UTF-8, measured)
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 CONTAINER_HOSTS = (
@@ -120,11 +127,24 @@ def host_allowed(name: str, allowed: frozenset[str]) -> bool:
     return "*" in allowed or name in allowed or _PRIVATE_NAME.fullmatch(name) is not None
 
 
-def read_text_flag(path: str, flag: str) -> str:
-    """The text of the file a flag names. Raises InvalidRequestError naming the flag."""
+def read_text_flag(path: str, flag: str, *, max_bytes: int | None = None) -> str:
+    """The text of the regular file a flag names, refused unread beyond `max_bytes`.
+
+    Raises:
+        InvalidRequestError: naming the flag (`/dev/zero` or a FIFO would never end a read).
+    """
     try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidRequestError(f"{flag}: {path} is not a regular file", param=flag)
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise InvalidRequestError(
+                f"{flag}: {path} has {info.st_size} bytes, more than the model's context could "
+                f"hold ({max_bytes} bytes)",
+                param=flag,
+            )
+        with open(path, "rb") as file:
+            text = file.read(-1 if max_bytes is None else max_bytes + 1).decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(
             f"{flag}: cannot read {path}: {getattr(exc, 'strerror', None) or exc}", param=flag
@@ -132,6 +152,19 @@ def read_text_flag(path: str, flag: str) -> str:
     if not text.strip():
         raise InvalidRequestError(f"{flag}: {path} is empty", param=flag)
     return text
+
+
+def context_bytes(model: str) -> int:
+    """Bytes of text beyond which a prompt cannot fit `model`'s context window, whatever its
+    words: the window (from a local checkpoint's config.json, else Mistral-7B-v0.2's) times the
+    most bytes one token of the Mistral vocabulary stands for."""
+    tokens = MISTRAL_CONTEXT_TOKENS
+    try:
+        config = json.loads((Path(model).expanduser() / "config.json").read_text())
+        tokens = int(config.get("max_position_embeddings", tokens))
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    return tokens * MAX_BYTES_PER_TOKEN
 
 
 def served_name(model: str) -> str:
@@ -177,6 +210,7 @@ class ServerConfig:
         keep_alive_seconds: free the model's memory after this long without requests (the next
             one loads it again); 0 after each request, `math.inf` never.
         max_memory_bytes: cap on weights + KV + prefix cache; None: no cap.
+        responses_store_bytes: most memory kept Responses may hold (their JSON size).
         metrics: serve /metrics; None: when bound to loopback or behind an API key.
         ui: serve the chat and status page at / (docs/ui.md).
 
@@ -218,6 +252,7 @@ class ServerConfig:
     strict_model_names: bool = False
     keep_alive_seconds: float = 300.0  # Ollama's default: a laptop gets its memory back
     max_memory_bytes: int | None = None
+    responses_store_bytes: int = DEFAULT_STORE_BYTES
     metrics: bool | None = None
     ui: bool = True
     accepted_model_names: frozenset[str] = field(default=frozenset(), compare=False)

@@ -15,6 +15,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -127,6 +128,10 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.registry.register(EngineCollector(engine))
+
+    def gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        """A gauge whose value `read()` gives at scrape time."""
+        Gauge(PREFIX + name, doc, registry=self.registry).set_function(read)
 
     def endpoint(self, scope: dict[str, Any]) -> str:
         """The route path that serves `scope` ("/v1/models/{model:path}"), else "other"."""

@@ -26,6 +26,7 @@ from typing import Any
 
 from mlx_mistral.errors import InvalidRequestError, MistralError
 
+from .response_items import check_input_item
 from .responses_tools import ResponsesTools, flat_name, responses_tools
 from .schemas import ChatCompletionRequest
 
@@ -294,10 +295,12 @@ def _input_messages(raw: Any) -> tuple[list[dict[str, Any]], list[str], list[str
     origins: list[str] = []
     system: list[str] = []
     open_call = False  # messages[-1] is an assistant message that function_call items extend
+    ids: set[str] = set()
     for i, item in enumerate(raw):
         where = f"input[{i}]"
         if not isinstance(item, dict):
             raise _bad(f"{where} must be an object", where)
+        check_input_item(item, where, ids)
         kind = item.get("type", "message")
         if kind == "message":
             role = item.get("role")

@@ -345,6 +345,13 @@ def test_refusals_about_the_output_and_the_source_path(hf_f32, tmp_path):
     result = run_cli(tmp_path / "nowhere", "--out", tmp_path / "x")
     assert result.returncode == 1 and result.stderr.count("\n") == 1
     assert (out / "keep").read_text() == "x" and leftovers(tmp_path) == []
+    src = _copy(hf_f32, tmp_path / "src")
+    before = sorted(p.name for p in src.iterdir())
+    for inside in (src / "mlx", src / "a" / "b"):
+        result = run_cli(src, "--out", inside, "--no-progress")
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert f"output {inside} is inside the source checkpoint {src}" in result.stderr
+    assert sorted(p.name for p in src.iterdir()) == before
     assert run_cli(hf_f32).returncode == 2  # usage: --out is required
     assert run_cli(hf_f32, "--out", tmp_path / "y", "--max-shard-size", "5XB").returncode == 2
 
@@ -441,6 +448,17 @@ def paused(hf_f32, tmp_path):
             proc.communicate()
 
 
+def _sigint_as_from_a_terminal() -> None:
+    """Give the converter SIGINT's default disposition, as a shell in a terminal does.
+
+    A job a non-interactive shell starts in the background (`pytest &` in a CI script) inherits
+    SIGINT ignored, and Python then leaves it ignored, as every Unix program should (nohup relies
+    on it): the converter would shrug off the test's Ctrl-C, convert its next shard and wait on
+    the FIFO forever. Measured: both SIGINT tests time out that way, with or without load.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_paused(
     src: Path, out: Path, fifo: Path, started: list[subprocess.Popen]
 ) -> tuple[subprocess.Popen, int]:
@@ -454,7 +472,7 @@ def start_paused(
            "--max-shard-size", "100KB", "--no-progress"]  # fmt: skip
     env = {**os.environ, PAUSE_FIFO_ENV: str(fifo)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)  # fmt: skip
+                            env=env, preexec_fn=_sigint_as_from_a_terminal)  # fmt: skip
     started.append(proc)
     # Waiting for a state, not racing: the converter stays blocked until the FIFO is closed.
     deadline = time.monotonic() + 120

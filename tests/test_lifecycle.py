@@ -222,6 +222,12 @@ def test_max_memory_refuses_what_cannot_fit_and_queues_or_503s_the_rest(
         error = never.json()["error"]
         assert error["param"] == "max_tokens" and error["code"] == "context_length_exceeded"
         assert "KV cache" in error["message"]
+        # A prompt that alone needs more than the budget: the prompt is named, not max_tokens.
+        alone = chat(server, messages=[{"role": "user", "content": "hello " * 800}], max_tokens=1)
+        assert alone.status_code == 400, alone.text
+        error = alone.json()["error"]
+        assert error["param"] == "messages" and error["code"] == "context_length_exceeded"
+        assert error["message"].startswith("the prompt's ") and "max_tokens" not in error["message"]
 
         # Each fits alone, two do not fit together: one runs, one waits, the rest get 503.
         body = {"max_tokens": 300, "logit_bias": {str(tokenizer.eos_id): -100}}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -114,3 +115,30 @@ def test_no_large_file_is_tracked():
 
 def test_the_licence_ships():
     assert "Apache License" in (ROOT / "LICENSE").read_text()
+
+
+def test_text_that_is_not_utf8_is_one_line_not_a_traceback():
+    cli = [sys.executable, "-m", "mlx_mistral.cli"]
+    for locale in ("C.UTF-8", "C"):
+        env = {**os.environ, "LC_ALL": locale, "PYTHONUTF8": "0"}
+        result = subprocess.run(
+            [*cli, "generate", "--prompt", b"caf\xe9 \xff", "--max-tokens", "2"],
+            capture_output=True,
+            env=env,
+        )
+        stderr = result.stderr.decode()
+        assert result.returncode == 1 and "Traceback" not in stderr, stderr
+        assert (
+            stderr
+            == "mlx-mistral: error: --prompt is not valid UTF-8 text (byte 0xE9 at character 3)\n"
+        )
+        result = subprocess.run(
+            [*cli, "chat", "--max-tokens", "2"],
+            input=b"caf\xe9\nHello!\n",
+            capture_output=True,
+            env=env,
+        )
+        stderr = result.stderr.decode()
+        assert result.returncode == 0 and "Traceback" not in stderr, stderr
+        assert "mlx-mistral: error: the message is not valid UTF-8 text (byte 0xE9" in stderr
+        assert result.stdout.count(b">>> ") == 3  # the bad line, the good one, then the end

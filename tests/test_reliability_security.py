@@ -642,3 +642,27 @@ def test_the_package_source_uses_no_template_engine():
     assert TEMPLATE_USE.search("from jinja2 import Template") and not TEMPLATE_USE.search(
         "mx.eval(x)"
     )
+
+
+@pytest.mark.parametrize(
+    "path, escaped",
+    [
+        ("/v1/models/a%0aFORGED%20LINE", "/v1/models/a\\x0AFORGED LINE"),
+        ("/v1/models/a%0d%0aFORGED", "/v1/models/a\\x0D\\x0AFORGED"),
+        ("/v1/models/%1b[2J%1b]0;pwned%07", "/v1/models/\\x1B[2J\\x1B]0;pwned\\x07"),
+        ("/v1/models/q%22%5c%c3%a9", "/v1/models/q\\x22\\x5C\\xC3\\xA9"),
+    ],
+)
+def test_access_log_escapes_control_characters_in_the_path(server, path, escaped):
+    """The decoded path goes to the log as nginx writes it (`\\xHH`): no forged line, no escape
+    sequence for a terminal tailing the log."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+        )
+        while sock.recv(65536):
+            pass
+    log = server.log()
+    assert f'"GET {escaped}"' in log
+    assert "\x1b" not in log and "\x07" not in log
+    assert not any(line.startswith("FORGED") for line in log.splitlines())
