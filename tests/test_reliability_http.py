@@ -287,6 +287,7 @@ def test_health_details_need_the_key(server):
         "loaded",
         "dtype",
         "memory",
+        "responses_store",
         "unloads_at",
     }
 

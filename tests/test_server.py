@@ -64,7 +64,7 @@ def test_health_and_models(server, client, name):
         "model": name,
         "active": 0,
     }
-    assert set(health) == {"loaded", "dtype", "memory", "unloads_at"}  # see test_lifecycle
+    assert set(health) == {"loaded", "dtype", "memory", "responses_store", "unloads_at"}
     models = client.models.list()
     assert [m.id for m in models.data] == [name]
     card = models.data[0].model_dump()
